@@ -1,0 +1,197 @@
+"""BEIR-layout loader with validation.
+
+A BEIR collection is a folder with ``corpus.jsonl`` (``_id``, ``title``, ``text``),
+``queries.jsonl`` (``_id``, ``text``) and ``qrels/<split>.tsv`` (header
+``query-id  corpus-id  score``). Every problem is reported with the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Malformed collection input; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Doc:
+    id: str
+    title: str
+    text: str
+
+    @property
+    def full_text(self) -> str:
+        """Title and text joined the way every model in the project sees a document."""
+        return f"{self.title}. {self.text}" if self.title else self.text
+
+
+@dataclass
+class Collection:
+    """A corpus with optional queries and qrels (``qrels[split][qid][docid] = grade``)."""
+
+    root: Path
+    docs: list[Doc]
+    queries: dict[str, str] = field(default_factory=dict)
+    qrels: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.doc_index = {d.id: i for i, d in enumerate(self.docs)}
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return [d.id for d in self.docs]
+
+    def doc_texts(self) -> list[str]:
+        return [d.full_text for d in self.docs]
+
+    def split_queries(self, split: str) -> dict[str, str]:
+        """Queries that have judgments in ``split`` (order of the queries file)."""
+        judged = self.qrels.get(split, {})
+        return {qid: text for qid, text in self.queries.items() if qid in judged}
+
+    def checksum(self) -> str:
+        """Content hash of the corpus (ids, titles, texts), independent of file layout."""
+        h = hashlib.sha256()
+        for d in self.docs:
+            for part in (d.id, d.title, d.text):
+                h.update(part.encode("utf-8"))
+                h.update(b"\x00")
+        return h.hexdigest()
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.queries) and bool(self.qrels)
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _required_str(obj: dict, key: str, path: Path, lineno: int, *, allow_empty: bool = False) -> str:
+    if key not in obj:
+        raise DataError(f"{path}:{lineno}: missing field {key!r}")
+    value = obj[key]
+    if isinstance(value, int) and key == "_id":
+        value = str(value)
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{lineno}: field {key!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{path}:{lineno}: field {key!r} is empty")
+    return value
+
+
+def load_corpus(path: Path) -> list[Doc]:
+    docs: list[Doc] = []
+    seen: dict[str, int] = {}
+    for lineno, obj in _iter_jsonl(path):
+        doc_id = _required_str(obj, "_id", path, lineno)
+        if doc_id in seen:
+            raise DataError(f"{path}:{lineno}: duplicate document id {doc_id!r} (first seen on line {seen[doc_id]})")
+        seen[doc_id] = lineno
+        title = obj.get("title") or ""
+        if not isinstance(title, str):
+            raise DataError(f"{path}:{lineno}: field 'title' must be a string")
+        text = _required_str(obj, "text", path, lineno, allow_empty=True)
+        if not (title.strip() or text.strip()):
+            raise DataError(f"{path}:{lineno}: document {doc_id!r} has neither title nor text")
+        docs.append(Doc(doc_id, title.strip(), text.strip()))
+    if not docs:
+        raise DataError(f"{path}: corpus is empty")
+    return docs
+
+
+def load_queries(path: Path) -> dict[str, str]:
+    queries: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for lineno, obj in _iter_jsonl(path):
+        qid = _required_str(obj, "_id", path, lineno)
+        if qid in queries:
+            raise DataError(f"{path}:{lineno}: duplicate query id {qid!r} (first seen on line {lines[qid]})")
+        queries[qid] = _required_str(obj, "text", path, lineno).strip()
+        lines[qid] = lineno
+    return queries
+
+
+def load_qrels(path: Path, doc_ids: set[str], query_ids: set[str] | None = None) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t") if "\t" in line else line.split()
+            if lineno == 1 and parts[0].strip().lower() in {"query-id", "query_id", "qid"}:
+                continue
+            if len(parts) == 4:  # TREC qrels: qid iter docid grade
+                parts = [parts[0], parts[2], parts[3]]
+            if len(parts) != 3:
+                raise DataError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(parts)}")
+            qid, did, grade_s = (p.strip() for p in parts)
+            try:
+                grade = int(float(grade_s))
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: relevance grade {grade_s!r} is not a number") from None
+            if did not in doc_ids:
+                raise DataError(f"{path}:{lineno}: qrels point at unknown document {did!r}")
+            if query_ids is not None and qid not in query_ids:
+                raise DataError(f"{path}:{lineno}: qrels point at unknown query {qid!r}")
+            qrels.setdefault(qid, {})[did] = grade
+    return qrels
+
+
+def load_collection(root: str | Path, *, splits: list[str] | None = None) -> Collection:
+    """Load a BEIR folder. Queries and qrels are optional (a bare corpus is valid)."""
+    root = Path(root)
+    corpus_path = root / "corpus.jsonl"
+    if not corpus_path.is_file():
+        raise DataError(f"{corpus_path}: corpus file not found")
+    docs = load_corpus(corpus_path)
+    queries_path = root / "queries.jsonl"
+    queries = load_queries(queries_path) if queries_path.is_file() else {}
+    qrels: dict[str, dict[str, dict[str, int]]] = {}
+    qrels_dir = root / "qrels"
+    if qrels_dir.is_dir() and queries:
+        doc_ids = {d.id for d in docs}
+        for tsv in sorted(qrels_dir.glob("*.tsv")):
+            if splits is not None and tsv.stem not in splits:
+                continue
+            qrels[tsv.stem] = load_qrels(tsv, doc_ids, set(queries))
+    return Collection(root=root, docs=docs, queries=queries, qrels=qrels)
+
+
+def load_trec_run(path: str | Path, depth: int | None = None) -> dict[str, list[tuple[str, float]]]:
+    """Read a TREC run file (``qid Q0 docid rank score tag``) into ranked lists."""
+    path = Path(path)
+    run: dict[str, list[tuple[str, float]]] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 6:
+                raise DataError(f"{path}:{lineno}: expected 6 columns in a TREC run line")
+            try:
+                score = float(parts[4])
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: score {parts[4]!r} is not a number") from None
+            run.setdefault(parts[0], []).append((parts[2], score))
+    for qid, hits in run.items():
+        hits.sort(key=lambda h: -h[1])
+        if depth is not None:
+            run[qid] = hits[:depth]
+    return run

@@ -1,0 +1,193 @@
+"""ONNX Runtime inference for the exported students (torch-free).
+
+An exported model directory holds ``model.onnx``, ``tokenizer.json`` and ``encoder.json``
+(:class:`EncoderConfig`). The graphs take ``input_ids``, ``attention_mask``,
+``token_type_ids`` and return:
+
+- dense: ``embeddings [batch, dim]`` (pooled, L2-normalized when ``similarity == "cos"``)
+- colbert: ``token_embeddings [batch, length, dim]`` (projected and L2-normalized)
+- cross-encoder: ``scores [batch]`` (relevance logits)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from models.tokenization import Batch, TextTokenizer
+
+Kind = Literal["dense", "colbert", "cross-encoder"]
+CONFIG_NAME = "encoder.json"
+ONNX_NAME = "model.onnx"
+TOKENIZER_NAME = "tokenizer.json"
+
+
+@dataclass
+class EncoderConfig:
+    kind: Kind
+    max_query_len: int = 64
+    max_doc_len: int = 256
+    pooling: Literal["mean", "cls"] = "mean"
+    similarity: Literal["cos", "dot"] = "cos"
+    dim: int = 384
+    colbert_query_len: int = 32
+    base_model: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def save(self, directory: Path) -> None:
+        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> EncoderConfig:
+        path = directory / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: encoder config missing") from None
+        return cls(**data)
+
+
+def make_session(path: Path, threads: int = 0, providers: list[str] | None = None):
+    """An ONNX Runtime session with explicit thread settings (0 = library default)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    available = ort.get_available_providers()
+    chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Indices in batches of similar length (longest first), to waste little padding."""
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+class OnnxEncoder:
+    """Base: loads the graph, tokenizer and config from one exported directory."""
+
+    kind: Kind
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        onnx_file: str = ONNX_NAME,
+        threads: int = 0,
+        providers: list[str] | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.config = EncoderConfig.load(self.directory)
+        if self.config.kind != self.kind:
+            raise ValueError(f"{self.directory}: expected a {self.kind} model, found {self.config.kind}")
+        self.tokenizer = TextTokenizer.from_file(self.directory / TOKENIZER_NAME)
+        self.session = make_session(self.directory / onnx_file, threads=threads, providers=providers)
+        self._input_names = {i.name for i in self.session.get_inputs()}
+
+    def _run(self, batch: Batch) -> np.ndarray:
+        feed = {k: v for k, v in batch.as_dict().items() if k in self._input_names}
+        return self.session.run(None, feed)[0]
+
+
+class DenseEncoder(OnnxEncoder):
+    kind: Kind = "dense"
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return self._run(self.tokenizer.encode(texts, self.config.max_query_len)).astype(np.float32, copy=False)
+
+    def encode_docs(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        lengths = self.tokenizer.token_lengths(texts)
+        batches = list(length_sorted_batches(lengths, batch_size))
+        for idx in _maybe_tqdm(batches, progress, "encode docs (dense)"):
+            out[idx] = self._run(self.tokenizer.encode([texts[i] for i in idx], self.config.max_doc_len))
+        return out
+
+
+class ColbertEncoder(OnnxEncoder):
+    kind: Kind = "colbert"
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """``[n, query_len, dim]`` float32, including the [MASK] augmentation tokens."""
+        batch = self.tokenizer.encode_colbert_queries(texts, self.config.colbert_query_len)
+        return self._run(batch).astype(np.float32, copy=False)
+
+    def encode_docs(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> list[np.ndarray]:
+        """One ``[n_tokens_i, dim]`` float32 array per document, skiplist applied."""
+        out: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)] * len(texts)
+        lengths = self.tokenizer.token_lengths(texts)
+        for idx in _maybe_tqdm(list(length_sorted_batches(lengths, batch_size)), progress, "encode docs (colbert)"):
+            batch = self.tokenizer.encode_colbert_docs([texts[i] for i in idx], self.config.max_doc_len)
+            vecs = self._run(batch)
+            keep = self.tokenizer.colbert_doc_keep_mask(batch)
+            for row, i in enumerate(idx):
+                out[i] = np.ascontiguousarray(vecs[row][keep[row]], dtype=np.float32)
+        return out
+
+
+class CrossEncoderScorer(OnnxEncoder):
+    kind: Kind = "cross-encoder"
+
+    def score(self, query: str, docs: list[str], batch_size: int = 32) -> np.ndarray:
+        return self.score_pairs([query] * len(docs), docs, batch_size=batch_size)
+
+    def score_pairs(self, queries: list[str], docs: list[str], batch_size: int = 32) -> np.ndarray:
+        out = np.zeros(len(docs), dtype=np.float32)
+        lengths = self.tokenizer.token_lengths(docs)
+        for idx in length_sorted_batches(lengths, batch_size):
+            batch = self.tokenizer.encode_pairs(
+                [queries[i] for i in idx], [docs[i] for i in idx], self.config.max_doc_len, self.config.max_query_len
+            )
+            out[idx] = self._run(batch).reshape(-1)
+        return out
+
+
+def maxsim(query: np.ndarray, doc_tokens: np.ndarray, doc_offsets: np.ndarray) -> np.ndarray:
+    """ColBERT MaxSim of one query against several documents stored back to back.
+
+    ``query`` is ``[Lq, dim]``; ``doc_tokens`` is ``[T, dim]`` with document ``i`` in rows
+    ``doc_offsets[i]:doc_offsets[i+1]``. Returns ``[n_docs]`` scores: for each query token
+    the best dot product over the document's tokens, summed over query tokens.
+
+    >>> q = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    >>> d = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], np.float32)
+    >>> [round(float(x), 3) for x in maxsim(q, d, np.array([0, 2, 3]))]
+    [1.8, 1.0]
+    """
+    n_docs = len(doc_offsets) - 1
+    if n_docs <= 0:
+        return np.zeros(0, np.float32)
+    sims = doc_tokens.astype(np.float32, copy=False) @ query.astype(np.float32, copy=False).T  # [T, Lq]
+    lengths = np.diff(doc_offsets)
+    scores = np.zeros((n_docs, query.shape[0]), np.float32)
+    nonempty = lengths > 0
+    if sims.shape[0]:
+        starts = doc_offsets[:-1][nonempty]
+        scores[nonempty] = np.maximum.reduceat(sims, starts, axis=0)
+    return scores.sum(axis=1)
+
+
+def _maybe_tqdm(items: list, progress: bool, desc: str):
+    if not progress:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="batch")
