@@ -127,7 +127,9 @@ def _from_hub(name: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise ModelSourceError(f"loading {name!r} from the hub needs huggingface_hub (pip install huggingface_hub)") from None
+        raise ModelSourceError(
+            f"loading {name!r} from the hub needs huggingface_hub (pip install huggingface_hub)"
+        ) from None
     try:
         return Path(snapshot_download(repo_id=name))
     except Exception as e:  # network errors come in many types

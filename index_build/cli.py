@@ -1,0 +1,79 @@
+"""``index-build``: one subcommand per stage; ``all`` runs them in order with stage caching."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML/YAML build config")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. train.dense.epochs=2")]
+
+
+def _pipeline(config: Path | None, overrides: list[str] | None):
+    from index_build.config import load_config
+    from index_build.stages import Pipeline
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return Pipeline(load_config(config, overrides))
+
+
+@app.command()
+def mine(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Candidate pools, hard negatives and teacher scores for the training queries."""
+    typer.echo(json.dumps(_pipeline(config, set_).mine().result, indent=2))
+
+
+@app.command()
+def distill(kind: str = typer.Argument(..., help="dense | colbert | cross-encoder"),
+            config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Train one student with Margin-MSE."""
+    p = _pipeline(config, set_)
+    p.mine()
+    typer.echo(json.dumps(p.distill(kind).result, indent=2))
+
+
+@app.command()
+def export(kind: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Export a distilled student to ONNX (+ int8), with a parity check."""
+    p = _pipeline(config, set_)
+    p.mine()
+    p.distill(kind)
+    typer.echo(json.dumps(p.export(kind).result, indent=2))
+
+
+@app.command()
+def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Evaluate every system and write benchmarks/results/<collection>.json (+ trec-dl.json)."""
+    p = _pipeline(config, set_)
+    p.run_all()
+
+
+@app.command("all")
+def all_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Run the whole pipeline; stages whose inputs did not change are skipped."""
+    res = _pipeline(config, set_).run_all()
+    typer.echo(json.dumps(res["systems"], indent=2))
+
+
+@app.command()
+def check_data(path: Path) -> None:
+    """Validate a BEIR folder and print its counts (errors name file and line)."""
+    from index_build.data import DataError, load_collection
+
+    try:
+        c = load_collection(path)
+    except DataError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps({"docs": len(c.docs), "queries": len(c.queries),
+                           "qrels": {k: len(v) for k, v in c.qrels.items()}, "checksum": c.checksum()}, indent=2))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,132 @@
+"""Typed build configuration, read from a TOML (or YAML) file plus command-line overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from index_build.train import TrainConfig
+
+
+@dataclass
+class DataConfig:
+    path: str = "../shared/data/scifact"
+    train_split: str = "train"
+    test_split: str = "test"
+    dev_fraction: float = 0.1
+    label_free: bool = False     # ignore queries/qrels even when present
+
+
+@dataclass
+class TeacherConfig:
+    members: list[dict] = field(default_factory=lambda: [
+        {"kind": "bm25", "weight": 1.0},
+        {"kind": "bi-encoder", "model": "packaged:minilm", "weight": 1.0},
+    ])
+    norm: str = "zscore"
+    pool_depth: int = 100        # per miner: candidates pooled per query, and normalization set
+
+
+@dataclass
+class StudentConfig:
+    base: str = "packaged:minilm"
+    kinds: list[str] = field(default_factory=lambda: ["dense", "colbert", "cross-encoder"])
+    max_query_len: int = 64
+    max_doc_len: int = 256
+    colbert_dim: int = 128
+    colbert_query_len: int = 32
+    neg_depth: int = 50
+    dev_pool_depth: int = 20
+
+
+@dataclass
+class EvalConfig:
+    rerank_depth: int = 100
+    trec_dl: list[str] = field(default_factory=lambda: ["../shared/data/trec-dl/dl19", "../shared/data/trec-dl/dl20"])
+    results_dir: str = "benchmarks/results"
+    name: str = ""               # results file stem (default: the collection folder name)
+
+
+@dataclass
+class IndexConfig:
+    factory: str | None = None   # FAISS factory string; None = chosen from corpus size
+    colbert_bits: int = 2
+    nprobe: int | None = None
+
+
+@dataclass
+class BuildConfig:
+    work_dir: str = "work/scifact"
+    cache_path: str = ""         # content-keyed array cache; "" = <user cache dir>/arrays.sqlite
+    artifact_dir: str = "artifacts/scifact"
+    threads: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    students: StudentConfig = field(default_factory=StudentConfig)
+    train: dict[str, TrainConfig] = field(default_factory=lambda: {
+        "dense": TrainConfig(),
+        "colbert": TrainConfig(head_lr=1e-3),
+        "cross-encoder": TrainConfig(lr=3e-5, head_lr=1e-3),
+    })
+    export_int8: bool = True
+    index: IndexConfig = field(default_factory=IndexConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def section_hash(self, *names: str) -> str:
+        data = asdict(self)
+        payload = json.dumps({n: data[n] for n in names}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _merge(obj: Any, data: dict, where: str) -> Any:
+    known = {f.name: f for f in fields(obj)}
+    for key, value in data.items():
+        if key not in known:
+            raise ValueError(f"config: unknown key {where}{key!r}; known: {', '.join(sorted(known))}")
+        current = getattr(obj, key)
+        if key == "train" and isinstance(value, dict):
+            for kind, sub in value.items():
+                base = current.get(kind, TrainConfig())
+                current[kind] = _merge(base, sub, f"{where}train.{kind}.")
+        elif is_dataclass(current) and isinstance(value, dict):
+            _merge(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, value)
+    return obj
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> BuildConfig:
+    """Defaults, then the file (TOML or YAML), then ``key.sub=value`` overrides (JSON values)."""
+    cfg = BuildConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} not found")
+        if p.suffix in {".yaml", ".yml"}:
+            import yaml
+
+            data = yaml.safe_load(p.read_text()) or {}
+        else:
+            data = tomllib.loads(p.read_text())
+        _merge(cfg, data, "")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        nested: dict = {}
+        cursor = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+        _merge(cfg, nested, "")
+    return cfg

@@ -1,0 +1,495 @@
+"""The build pipeline: mine -> distill -> export -> encode -> evaluate (-> index -> artifact).
+
+Each stage writes its outputs under ``work_dir/<stage>/`` with a ``stage.json`` holding
+the hash of everything it depends on (its config sections and upstream stage keys), its
+wall time and peak memory. A rerun skips a stage whose key is unchanged, so changing one
+setting redoes only the stages downstream of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index_build.cache import ArrayCache, content_key
+from index_build.config import BuildConfig
+from index_build.data import Collection, load_collection
+from index_build.evaluate import metrics, run_from_arrays
+
+log = logging.getLogger(__name__)
+
+
+class PeakMemory:
+    """Samples this process's RSS in a thread; ``peak`` is the maximum seen."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+@dataclass
+class StageRecord:
+    name: str
+    key: str
+    seconds: float
+    peak_rss_bytes: int
+    result: dict = field(default_factory=dict)
+    cached: bool = False
+
+
+class Pipeline:
+    def __init__(self, cfg: BuildConfig, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.work = Path(cfg.work_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.records: dict[str, StageRecord] = {}
+        if cfg.threads:
+            import os
+
+            os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+
+    # ----------------------------------------------------------------- plumbing
+    def stage(self, name: str, key: str, fn: Callable[[Path], dict], force: bool = False) -> StageRecord:
+        out = self.work / name
+        meta = out / "stage.json"
+        if not force and meta.is_file():
+            saved = json.loads(meta.read_text())
+            if saved.get("key") == key and saved.get("complete"):
+                rec = StageRecord(name, key, saved["seconds"], saved["peak_rss_bytes"], saved.get("result", {}), True)
+                self.records[name] = rec
+                log.info("stage %s: up to date (key %s)", name, key)
+                return rec
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        log.info("stage %s: running", name)
+        t0 = time.perf_counter()
+        with PeakMemory() as mem:
+            result = fn(out)
+        rec = StageRecord(name, key, round(time.perf_counter() - t0, 2), int(mem.peak), result or {})
+        tmp = meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "complete": True, "seconds": rec.seconds,
+                                   "peak_rss_bytes": rec.peak_rss_bytes, "result": rec.result}, indent=2))
+        tmp.replace(meta)
+        self.records[name] = rec
+        return rec
+
+    @cached_property
+    def collection(self) -> Collection:
+        return load_collection(self.cfg.data.path)
+
+    @cached_property
+    def corpus_texts(self) -> list[str]:
+        return self.collection.doc_texts()
+
+    @cached_property
+    def cache(self) -> ArrayCache:
+        from models.sources import cache_dir
+
+        return ArrayCache(self.cfg.cache_path or cache_dir() / "arrays.sqlite")
+
+    @cached_property
+    def bm25(self):
+        from models.sparse_index import BM25Index
+
+        return BM25Index.build(self.corpus_texts)
+
+    @cached_property
+    def base_dense(self):
+        from index_build.teachers import BiEncoderTeacher
+
+        return BiEncoderTeacher(self.cfg.students.base, self.corpus_texts, self.cache,
+                                max_doc_len=self.cfg.students.max_doc_len, threads=self.cfg.threads,
+                                progress=self.progress, name="base-dense")
+
+    @cached_property
+    def teacher(self):
+        from index_build.teachers import EnsembleTeacher, TeacherSpec, build_teacher
+
+        spec = TeacherSpec.from_dict({"kind": "ensemble", "members": self.cfg.teacher.members,
+                                      "norm": self.cfg.teacher.norm})
+        teacher = build_teacher(spec, self.corpus_texts, self.collection.checksum(), self.cache, bm25=self.bm25,
+                                threads=self.cfg.threads)
+        assert isinstance(teacher, EnsembleTeacher)
+        # share the already-built base encoder when a member is the same checkpoint
+        return teacher
+
+    @property
+    def label_free(self) -> bool:
+        c = self.collection
+        return self.cfg.data.label_free or not (c.has_labels and self.cfg.data.train_split in c.qrels)
+
+    def candidate_pools(self, queries: list[str], depth: int, extra: list[list[int]] | None = None):
+        """Union of BM25 and base-dense top-``depth`` per query, plus the two rankings."""
+        from index_build.sampling import union_pools
+
+        _, bm_idx = self.bm25.search(queries, depth)
+        _, de_idx = self.base_dense.retrieve(queries, depth)
+        return union_pools([bm_idx, de_idx], extra), [bm_idx, de_idx]
+
+    def key(self, *parts: str) -> str:
+        return content_key(self.collection.checksum(), *parts)[:16]
+
+    # ----------------------------------------------------------------- stages
+    def mine_key(self) -> str:
+        return self.key("mine", self.cfg.section_hash("data", "teacher", "students"))
+
+    def mine(self) -> StageRecord:
+        def run(out: Path) -> dict:
+            from index_build.sampling import make_examples
+            from index_build.teachers import cached_teacher_scores
+
+            if self.label_free:
+                raise RuntimeError(
+                    f"{self.cfg.data.path}: no training queries with qrels in split {self.cfg.data.train_split!r}; "
+                    "the label-free path (pseudo-queries) is not available in this build yet"
+                )
+            col = self.collection
+            train_q = col.split_queries(self.cfg.data.train_split)
+            qids = list(train_q)
+            rng = random.Random(0)
+            rng.shuffle(qids)
+            n_dev = max(1, int(round(self.cfg.data.dev_fraction * len(qids)))) if len(qids) > 10 else 0
+            dev_ids, train_ids = sorted(qids[:n_dev]), sorted(qids[n_dev:])
+            qrels = col.qrels[self.cfg.data.train_split]
+
+            def positives(ids: list[str]) -> list[set[int]]:
+                return [{col.doc_index[d] for d, g in qrels[q].items() if g > 0} for q in ids]
+
+            texts = [train_q[q] for q in train_ids]
+            pos = positives(train_ids)
+            pools, rankings = self.candidate_pools(texts, self.cfg.teacher.pool_depth, [sorted(p) for p in pos])
+            t_scores = cached_teacher_scores(self.teacher, self.cache, texts, pools, progress=self.progress)
+            examples = make_examples(train_ids, texts, pools, t_scores, rankings, positives=pos,
+                                     neg_depth=self.cfg.students.neg_depth)
+            dev_texts = [train_q[q] for q in dev_ids]
+            dev_pools, _ = self.candidate_pools(dev_texts, self.cfg.students.dev_pool_depth,
+                                                [sorted(p) for p in positives(dev_ids)])
+            with (out / "examples.pkl").open("wb") as f:
+                pickle.dump({"examples": examples, "dev": {"qids": dev_ids, "queries": dev_texts,
+                                                           "pools": dev_pools}}, f)
+            return {"train_queries": len(train_ids), "examples": len(examples), "dev_queries": len(dev_ids),
+                    "mean_pool": float(np.mean([len(p) for p in pools])),
+                    "mean_negatives": float(np.mean([len(e.negatives) for e in examples]))}
+
+        return self.stage("mine", self.mine_key(), run)
+
+    def load_mined(self) -> dict:
+        with (self.work / "mine" / "examples.pkl").open("rb") as f:
+            return pickle.load(f)
+
+    def distill_key(self, kind: str) -> str:
+        from dataclasses import asdict
+
+        return self.key("distill", kind, self.mine_key(), json.dumps(asdict(self.cfg.train[kind]), sort_keys=True))
+
+    def distill(self, kind: str) -> StageRecord:
+        def run(out: Path) -> dict:
+            from index_build.sampling import cluster_queries
+            from index_build.students import new_student
+            from index_build.train import train
+            from models.sources import resolve_model
+
+            mined = self.load_mined()
+            s = self.cfg.students
+            overrides: dict[str, Any] = {"max_query_len": s.max_query_len, "max_doc_len": s.max_doc_len}
+            if kind == "colbert":
+                overrides.update(dim=s.colbert_dim, colbert_query_len=s.colbert_query_len)
+            student = new_student(kind, resolve_model(s.base), **overrides)
+            tcfg = self.cfg.train[kind]
+            clusters = None
+            if tcfg.tas_balanced:
+                emb = self.base_dense.encode_queries([e.query for e in mined["examples"]])
+                clusters = cluster_queries(emb, tcfg.tas_clusters, seed=tcfg.seed)
+            dev_eval = self.dev_evaluator(mined["dev"])
+            res = train(student, mined["examples"], self.corpus_texts, tcfg, self.work / f"train-{kind}",
+                        dev_eval=dev_eval, clusters=clusters, progress=self.progress)
+            shutil.copytree(self.work / f"train-{kind}" / "best", out / "student")
+            return {"steps": res.steps, "best_dev_nDCG@10": round(res.best_dev, 4),
+                    "dev_history": res.dev_history, "train_seconds": round(res.seconds, 1),
+                    "final_loss": float(np.mean(res.loss_history[-20:])) if res.loss_history else None}
+
+        return self.stage(f"distill-{kind}", self.distill_key(kind), run)
+
+    def dev_evaluator(self, dev: dict) -> Callable | None:
+        if not dev["qids"]:
+            return None
+        qrels = {q: {d: g for d, g in self.collection.qrels[self.cfg.data.train_split][q].items()}
+                 for q in dev["qids"]}
+        doc_ids = self.collection.doc_ids
+
+        def evaluate(student) -> float:
+            from tqdm import tqdm
+
+            from index_build.train import student_scores
+
+            run = {}
+            items = list(zip(dev["qids"], dev["queries"], dev["pools"]))
+            for qid, q, pool in tqdm(items, desc="dev eval", unit="query", disable=not self.progress, leave=False):
+                scores = []
+                for start in range(0, len(pool), 32):
+                    chunk = [self.corpus_texts[int(d)] for d in pool[start : start + 32]]
+                    s, _ = student_scores(student, [q], [chunk])
+                    scores.append(s[0].numpy())
+                sc = np.concatenate(scores)
+                run[qid] = {doc_ids[int(d)]: float(v) for d, v in zip(pool, sc)}
+            return metrics(qrels, run)["nDCG@10"]
+
+        return evaluate
+
+    def export_key(self, kind: str) -> str:
+        return self.key("export", kind, self.distill_key(kind), str(self.cfg.export_int8))
+
+    def export(self, kind: str) -> StageRecord:
+        def run(out: Path) -> dict:
+            from index_build.export import export_student
+
+            step = max(1, len(self.corpus_texts) // 8)
+            texts = [self.corpus_texts[i] for i in range(0, len(self.corpus_texts), step)][:8]
+            rep = export_student(self.work / f"distill-{kind}" / "student", out / "onnx", int8=self.cfg.export_int8,
+                                 parity_texts=texts)
+            return {"parity_max_abs_diff": rep.max_abs_diff, "int8_max_abs_diff": rep.int8_max_abs_diff}
+
+        return self.stage(f"export-{kind}", self.export_key(kind), run)
+
+    def onnx_dir(self, kind: str) -> Path:
+        return self.work / f"export-{kind}" / "onnx"
+
+    # ----------------------------------------------------------------- encoders used by evaluation
+    def dense_corpus(self, onnx_file: str = "model.onnx") -> np.ndarray:
+        from index_build.teachers import encode_corpus_cached
+        from models.encoders import DenseEncoder
+
+        enc = DenseEncoder(self.onnx_dir("dense"), onnx_file=onnx_file, threads=self.cfg.threads)
+        fp = self.key("dense-corpus", self.export_key("dense"), onnx_file)
+        return encode_corpus_cached(enc, self.corpus_texts, self.cache, fp, progress=self.progress)
+
+    def colbert_corpus(self, onnx_file: str = "model.onnx", subset: np.ndarray | None = None) -> dict[int, np.ndarray]:
+        from models.encoders import ColbertEncoder
+
+        enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=onnx_file, threads=self.cfg.threads)
+        fp = self.key("colbert-corpus", self.export_key("colbert"), onnx_file)
+        idx = np.arange(len(self.corpus_texts)) if subset is None else np.unique(subset)
+        keys = [content_key(fp, self.corpus_texts[i]) for i in idx]
+        found = self.cache.get_many(keys)
+        todo = [int(i) for i, k in zip(idx, keys) if k not in found]
+        for start in range(0, len(todo), 1024):
+            part = todo[start : start + 1024]
+            vecs = enc.encode_docs([self.corpus_texts[i] for i in part], progress=self.progress)
+            new = [(content_key(fp, self.corpus_texts[i]), v) for i, v in zip(part, vecs)]
+            self.cache.put_many(new)
+            found.update(new)
+        return {int(i): found[k] for i, k in zip(idx, keys)}
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate_key(self) -> str:
+        kinds = self.cfg.students.kinds
+        return self.key("evaluate", self.cfg.section_hash("evaluate"), *[self.export_key(k) for k in kinds])
+
+    def evaluate(self) -> StageRecord:
+        def run(out: Path) -> dict:
+            collection_result = self.evaluate_collection()
+            trec = {}
+            for path in self.cfg.evaluate.trec_dl:
+                if Path(path).is_dir():
+                    trec[Path(path).name] = self.evaluate_trec(Path(path))
+                else:
+                    log.warning("TREC DL folder %s not found: skipped", path)
+            (out / "eval.json").write_text(json.dumps({"collection": collection_result, "trec": trec}, indent=2))
+            return {"collection": collection_result, "trec": trec}
+
+        return self.stage("evaluate", self.evaluate_key(), run)
+
+    def evaluate_collection(self) -> dict[str, dict[str, float]]:
+        """Every system on the test split: first stages over the whole corpus, rerankers on
+        the distilled dense student's top-``rerank_depth``."""
+        from index_build.export import INT8_NAME
+        from index_build.teachers import cached_teacher_scores, exact_topk
+        from models.encoders import ColbertEncoder, CrossEncoderScorer, DenseEncoder, maxsim
+
+        col, depth = self.collection, self.cfg.evaluate.rerank_depth
+        split = self.cfg.data.test_split
+        tq = col.split_queries(split)
+        qids, texts = list(tq), list(tq.values())
+        qrels, doc_ids = col.qrels[split], col.doc_ids
+        systems: dict[str, dict[str, float]] = {}
+        bm_s, bm_i = self.bm25.search(texts, depth)
+        systems["bm25"] = metrics(qrels, run_from_arrays(qids, doc_ids, bm_s, bm_i))
+        base_s, base_i = self.base_dense.retrieve(texts, depth)
+        systems["base-dense"] = metrics(qrels, run_from_arrays(qids, doc_ids, base_s, base_i))
+        pools, _ = self.candidate_pools(texts, self.cfg.teacher.pool_depth)
+        t_scores = cached_teacher_scores(self.teacher, self.cache, texts, pools, progress=self.progress)
+        systems["teacher"] = metrics(qrels, {q: {doc_ids[int(d)]: float(s) for d, s in zip(p, ts)}
+                                              for q, p, ts in zip(qids, pools, t_scores)})
+        kinds = self.cfg.students.kinds
+        if "dense" not in kinds:
+            return systems
+        dense = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads)
+        d_s, d_i = exact_topk(self.dense_corpus(), dense.encode_queries(texts), depth)
+        systems["dense"] = metrics(qrels, run_from_arrays(qids, doc_ids, d_s, d_i))
+        if self.cfg.export_int8:
+            dense8 = DenseEncoder(self.onnx_dir("dense"), onnx_file=INT8_NAME, threads=self.cfg.threads)
+            s8, i8 = exact_topk(self.dense_corpus(INT8_NAME), dense8.encode_queries(texts), depth)
+            systems["dense-int8"] = metrics(qrels, run_from_arrays(qids, doc_ids, s8, i8))
+        if "colbert" in kinds:
+            files = ["model.onnx"] + ([INT8_NAME] if self.cfg.export_int8 else [])
+            for f in files:
+                enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=f, threads=self.cfg.threads)
+                toks = self.colbert_corpus(f, subset=d_i.reshape(-1))
+                qv = enc.encode_queries(texts)
+                run = {}
+                for r, qid in enumerate(qids):
+                    cands = [int(j) for j in d_i[r] if j >= 0]
+                    offsets = np.cumsum([0] + [len(toks[j]) for j in cands])
+                    sc = maxsim(qv[r], np.concatenate([toks[j] for j in cands]), offsets)
+                    run[qid] = {doc_ids[j]: float(s) for j, s in zip(cands, sc)}
+                systems["dense+colbert" + ("-int8" if f == INT8_NAME else "")] = metrics(qrels, run)
+        if "cross-encoder" in kinds:
+            ce = CrossEncoderScorer(self.onnx_dir("cross-encoder"), threads=self.cfg.threads)
+            run = {}
+            from tqdm import tqdm
+
+            for r, qid in enumerate(tqdm(qids, desc="cross-encoder rerank", disable=not self.progress)):
+                cands = [int(j) for j in d_i[r] if j >= 0]
+                sc = ce.score(texts[r], [self.corpus_texts[j] for j in cands])
+                run[qid] = {doc_ids[j]: float(s) for j, s in zip(cands, sc)}
+            systems["dense+cross-encoder"] = metrics(qrels, run)
+        return systems
+
+    def evaluate_trec(self, path: Path) -> dict[str, dict[str, float]]:
+        """Rerank the BM25 run's top-100 of a TREC DL pool with every scoring model."""
+        from index_build.data import load_trec_run
+        from index_build.export import INT8_NAME
+        from index_build.export_cache import base_dense_onnx
+        from models.encoders import ColbertEncoder, CrossEncoderScorer, DenseEncoder, maxsim
+        from models.fusion import normalize
+        from models.sparse_index import BM25Index
+
+        col = load_collection(path)
+        split = next(iter(col.qrels))
+        qrels = col.qrels[split]
+        run_in = load_trec_run(path / "runs" / "BM25.trec", depth=self.cfg.evaluate.rerank_depth)
+        qids = [q for q in col.queries if q in qrels and q in run_in]
+        texts = [col.queries[q] for q in qids]
+        cands = [[d for d, _ in run_in[q]] for q in qids]
+        docs = {d.id: d.full_text for d in col.docs}
+        systems: dict[str, dict[str, float]] = {}
+
+        def score_all(fn) -> dict[str, dict[str, float]]:
+            run = {}
+            for qid, q, cs in zip(qids, texts, cands):
+                run[qid] = dict(zip(cs, map(float, fn(q, cs))))
+            return run
+
+        systems["bm25"] = metrics(qrels, {q: dict(run_in[q]) for q in qids}, min_rel=2)
+
+        def dense_fn(enc: DenseEncoder):
+            def fn(q: str, cs: list[str]) -> np.ndarray:
+                return enc.encode_docs([docs[c] for c in cs]) @ enc.encode_queries([q])[0]
+            return fn
+
+        base = DenseEncoder(base_dense_onnx(self.cfg.students.base, max_doc_len=self.cfg.students.max_doc_len)[0],
+                            threads=self.cfg.threads)
+        base_run = score_all(dense_fn(base))
+        systems["base-dense"] = metrics(qrels, base_run, min_rel=2)
+        # teacher: the same recipe as for training (BM25 + base bi-encoder, z-scored per query)
+        bm = BM25Index.build(col.doc_texts())
+        w = [float(m.get("weight", 1.0)) for m in self.cfg.teacher.members]
+        teacher_run = {}
+        for qid, q, cs in zip(qids, texts, cands):
+            s_bm = bm.scores(q)[[col.doc_index[c] for c in cs]]
+            s_de = np.array([base_run[qid][c] for c in cs])
+            fused = w[0] * normalize(s_bm) + w[-1] * normalize(s_de)
+            teacher_run[qid] = dict(zip(cs, map(float, fused)))
+        systems["teacher"] = metrics(qrels, teacher_run, min_rel=2)
+        kinds = self.cfg.students.kinds
+        if "dense" in kinds:
+            systems["dense"] = metrics(qrels, score_all(dense_fn(DenseEncoder(self.onnx_dir("dense")))), min_rel=2)
+            if self.cfg.export_int8:
+                enc8 = DenseEncoder(self.onnx_dir("dense"), onnx_file=INT8_NAME)
+                systems["dense-int8"] = metrics(qrels, score_all(dense_fn(enc8)), min_rel=2)
+        if "colbert" in kinds:
+            cb = ColbertEncoder(self.onnx_dir("colbert"))
+
+            def colbert_fn(q: str, cs: list[str]) -> np.ndarray:
+                toks = cb.encode_docs([docs[c] for c in cs])
+                offsets = np.cumsum([0] + [len(t) for t in toks])
+                return maxsim(cb.encode_queries([q])[0], np.concatenate(toks), offsets)
+
+            systems["dense+colbert"] = metrics(qrels, score_all(colbert_fn), min_rel=2)
+        if "cross-encoder" in kinds:
+            ce = CrossEncoderScorer(self.onnx_dir("cross-encoder"))
+            systems["dense+cross-encoder"] = metrics(
+                qrels, score_all(lambda q, cs: ce.score(q, [docs[c] for c in cs])), min_rel=2)
+        return systems
+
+    # ----------------------------------------------------------------- orchestration
+    def run_all(self) -> dict:
+        self.mine()
+        for kind in self.cfg.students.kinds:
+            self.distill(kind)
+            self.export(kind)
+        self.evaluate()
+        return self.write_results()
+
+    def write_results(self) -> dict:
+        from index_build.evaluate import markdown_table, write_json_atomic
+
+        ev = self.records.get("evaluate")
+        if ev is None:
+            raise RuntimeError("evaluate has not run")
+        stages = {n: {"seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes, "cached": r.cached,
+                      **{k: v for k, v in r.result.items() if k not in {"collection", "trec"}}}
+                  for n, r in self.records.items()}
+        name = self.cfg.evaluate.name or Path(self.cfg.data.path).name
+        results_dir = Path(self.cfg.evaluate.results_dir)
+        main = {"collection": name, "split": self.cfg.data.test_split, "rerank_depth": self.cfg.evaluate.rerank_depth,
+                "systems": ev.result["collection"], "stages": stages,
+                "teacher": {"members": self.cfg.teacher.members, "norm": self.cfg.teacher.norm,
+                            "pool_depth": self.cfg.teacher.pool_depth},
+                "command": "index-build all --config configs/scifact.toml"}
+        write_json_atomic(results_dir / f"{name}.json", main)
+        md = markdown_table(main["systems"], f"{name} ({self.cfg.data.test_split})")
+        if ev.result["trec"]:
+            trec: dict[str, Any] = {k: {"systems": v} for k, v in ev.result["trec"].items()}
+            trec["note"] = ("every system reranks runs/BM25.trec top-100; RR@10 and R@100 count grade >= 2 "
+                            "as relevant; students distilled on " + name)
+            write_json_atomic(results_dir / "trec-dl.json", trec)
+            for k, v in ev.result["trec"].items():
+                md += "\n" + markdown_table(v, f"TREC {k} (rerank BM25 top-100)")
+        md += "\n### stages\n\n| stage | seconds | peak RSS (MiB) |\n|---|---|---|\n"
+        for n, s in stages.items():
+            md += f"| {n} | {s['seconds']} | {s['peak_rss_bytes'] / 2**20:.0f} |\n"
+        (results_dir / f"{name}.md").write_text(md)
+        return main

@@ -1,0 +1,211 @@
+"""Torch student models: dense bi-encoder, ColBERT, cross-encoder.
+
+Every student wraps a Hugging Face encoder loaded from a checkpoint directory
+(default: the packaged all-MiniLM-L6-v2) and saves itself as::
+
+    DIR/encoder.json      models.encoders.EncoderConfig (kind, lengths, pooling, ...)
+    DIR/tokenizer.json    the tokenizer the ONNX runtime uses
+    DIR/hf/               the Hugging Face encoder (save_pretrained)
+    DIR/head.pt           extra weights (ColBERT projection, cross-encoder classifier)
+
+so ``load_student(DIR)`` rebuilds the exact module (used by export parity checks).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.encoders import EncoderConfig
+from models.tokenization import Batch, TextTokenizer
+
+
+def _tokenizer_file(checkpoint: Path) -> Path:
+    path = checkpoint / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint}: tokenizer.json missing (a fast tokenizer file is required)")
+    return path
+
+
+def to_torch(batch: Batch, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v).to(device) for k, v in batch.as_dict().items()}
+
+
+class Student(nn.Module):
+    """Base: a transformer encoder plus the config that the ONNX runtime reads back."""
+
+    kind: str = ""
+
+    def __init__(self, checkpoint: Path, config: EncoderConfig) -> None:
+        super().__init__()
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self.checkpoint = Path(checkpoint)
+        self.config = config
+        self.encoder = AutoModel.from_pretrained(str(checkpoint), add_pooling_layer=False)
+        self.tokenizer = TextTokenizer.from_file(_tokenizer_file(self.checkpoint))
+        self._tokenizer_path = _tokenizer_file(self.checkpoint)
+
+    def hidden(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if getattr(self.encoder.config, "type_vocab_size", 0) > 1:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.encoder(**kwargs).last_hidden_state
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(str(directory / "hf"))
+        shutil.copyfile(self._tokenizer_path, directory / "tokenizer.json")
+        shutil.copyfile(self._tokenizer_path, directory / "hf" / "tokenizer.json")
+        head = self.head_state()
+        if head:
+            torch.save(head, directory / "head.pt")
+        self.config.save(directory)
+
+
+class DenseStudent(Student):
+    """Bi-encoder: pooled token states (mean or CLS), L2-normalized for cosine similarity."""
+
+    kind = "dense"
+
+    def forward(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        h = self.hidden(input_ids, attention_mask, token_type_ids)
+        if self.config.pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        if self.config.similarity == "cos":
+            pooled = F.normalize(pooled, dim=-1)
+        return pooled
+
+    def encode_queries(self, texts: list[str]) -> torch.Tensor:
+        return self(**to_torch(self.tokenizer.encode(texts, self.config.max_query_len)))
+
+    def encode_docs(self, texts: list[str]) -> torch.Tensor:
+        return self(**to_torch(self.tokenizer.encode(texts, self.config.max_doc_len)))
+
+
+class ColbertStudent(Student):
+    """ColBERT: token states projected to ``dim`` (128) and L2-normalized; MaxSim scoring."""
+
+    kind = "colbert"
+
+    def __init__(self, checkpoint: Path, config: EncoderConfig) -> None:
+        super().__init__(checkpoint, config)
+        self.proj = nn.Linear(self.encoder.config.hidden_size, config.dim, bias=False)
+
+    def forward(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        h = self.hidden(input_ids, attention_mask, token_type_ids)
+        return F.normalize(self.proj(h), dim=-1)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {"proj.weight": self.proj.weight.detach().cpu()}
+
+    def encode_queries(self, texts: list[str]) -> torch.Tensor:
+        return self(**to_torch(self.tokenizer.encode_colbert_queries(texts, self.config.colbert_query_len)))
+
+    def encode_docs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token vectors ``[n, L, dim]`` and the keep mask (real, non-punctuation tokens)."""
+        batch = self.tokenizer.encode_colbert_docs(texts, self.config.max_doc_len)
+        keep = torch.from_numpy(self.tokenizer.colbert_doc_keep_mask(batch))
+        return self(**to_torch(batch)), keep
+
+    @staticmethod
+    def maxsim(q: torch.Tensor, d: torch.Tensor, d_keep: torch.Tensor) -> torch.Tensor:
+        """Score query ``i`` against doc ``i``: ``q [n, Lq, dim]``, ``d [n, Ld, dim]`` -> ``[n]``."""
+        sims = torch.einsum("nqd,ntd->nqt", q, d)
+        sims = sims.masked_fill(~d_keep.unsqueeze(1), -1e4)
+        return sims.max(dim=-1).values.sum(dim=-1)
+
+
+class CrossEncoderStudent(Student):
+    """Cross-encoder: a linear head on the [CLS] state of ``[CLS] q [SEP] d [SEP]``."""
+
+    kind = "cross-encoder"
+
+    def __init__(self, checkpoint: Path, config: EncoderConfig) -> None:
+        super().__init__(checkpoint, config)
+        self.classifier = nn.Linear(self.encoder.config.hidden_size, 1)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        h = self.hidden(input_ids, attention_mask, token_type_ids)
+        return self.classifier(h[:, 0]).squeeze(-1)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.classifier.state_dict().items()}
+
+    def score_pairs(self, queries: list[str], docs: list[str]) -> torch.Tensor:
+        batch = self.tokenizer.encode_pairs(queries, docs, self.config.max_doc_len, self.config.max_query_len)
+        return self(**to_torch(batch))
+
+
+STUDENTS: dict[str, type[Student]] = {
+    "dense": DenseStudent,
+    "colbert": ColbertStudent,
+    "cross-encoder": CrossEncoderStudent,
+}
+
+
+def new_student(kind: str, checkpoint: Path, **config_overrides) -> Student:
+    """A student initialized from ``checkpoint`` (a local HF directory)."""
+    if kind not in STUDENTS:
+        raise ValueError(f"unknown student kind {kind!r}; choose from {sorted(STUDENTS)}")
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(str(checkpoint))
+    defaults = {"dim": 128 if kind == "colbert" else hf_config.hidden_size, "base_model": str(checkpoint)}
+    if kind == "dense":
+        defaults["pooling"] = _checkpoint_pooling(checkpoint)
+    config = EncoderConfig(kind=kind, **{**defaults, **config_overrides})  # type: ignore[arg-type]
+    return STUDENTS[kind](Path(checkpoint), config)
+
+
+def load_student(directory: Path) -> Student:
+    """Rebuild a saved student exactly (weights of encoder and head)."""
+    directory = Path(directory)
+    config = EncoderConfig.load(directory)
+    student = STUDENTS[config.kind](directory / "hf", config)
+    head = directory / "head.pt"
+    if head.is_file():
+        state = torch.load(head, map_location="cpu", weights_only=True)
+        if isinstance(student, ColbertStudent):
+            student.proj.weight.data.copy_(state["proj.weight"])
+        elif isinstance(student, CrossEncoderStudent):
+            student.classifier.load_state_dict(state)
+    student.eval()
+    return student
+
+
+def _checkpoint_pooling(checkpoint: Path) -> str:
+    """Read sentence-transformers' pooling choice when the checkpoint has one."""
+    import json
+
+    cfg = Path(checkpoint) / "1_Pooling" / "config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text())
+        if data.get("pooling_mode_cls_token"):
+            return "cls"
+    return "mean"
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

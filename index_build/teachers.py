@@ -1,0 +1,264 @@
+"""Teachers: pluggable scorers of (query, document) pairs.
+
+- :class:`BM25Teacher` (``bm25s``)
+- :class:`BiEncoderTeacher` (any sentence-embedding checkpoint, run through our ONNX export)
+- :class:`CrossEncoderTeacher` (any HF sequence-classification checkpoint, torch)
+- :class:`EnsembleTeacher`: normalizes each member's scores per query over the candidate
+  list and sums them with weights (as the dense + sparse teacher aggregation of
+  "Towards Competitive Search Relevance for Inference-Free Learned Sparse Retrievers").
+
+Every teacher scores a list of queries, each against its own candidate list of corpus
+indices: ``score(queries, candidates) -> list[np.ndarray]`` (raw scores, one array per
+query). Scores are cached on disk keyed by content (model fingerprint, query text,
+candidate ids), so reruns only compute what is new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from index_build.cache import ArrayCache, content_key
+from models.fusion import Norm, normalize
+from models.sparse_index import BM25Config, BM25Index
+
+
+class Teacher(Protocol):
+    name: str
+
+    def fingerprint(self) -> str: ...
+
+    def score(self, queries: Sequence[str], candidates: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+
+
+class Retriever(Protocol):
+    def retrieve(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class BM25Teacher:
+    def __init__(self, corpus_texts: list[str], corpus_checksum: str, config: BM25Config | None = None,
+                 index: BM25Index | None = None) -> None:
+        self.config = config or BM25Config()
+        self.index = index or BM25Index.build(corpus_texts, self.config)
+        self._fp = content_key("bm25", repr(self.config), corpus_checksum)[:16]
+        self.name = "bm25"
+
+    def fingerprint(self) -> str:
+        return self._fp
+
+    def score(self, queries: Sequence[str], candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [self.index.scores(q)[np.asarray(c, dtype=np.int64)] for q, c in zip(queries, candidates)]
+
+    def retrieve(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(list(queries), k)
+
+
+class BiEncoderTeacher:
+    """A sentence-embedding model; the corpus is encoded once (ONNX, cached per document)."""
+
+    def __init__(self, model_ref: str, corpus_texts: list[str], cache: ArrayCache, *, max_doc_len: int = 256,
+                 threads: int = 0, progress: bool = True, name: str | None = None) -> None:
+        from index_build.export_cache import base_dense_onnx
+
+        self.model_ref = model_ref
+        self.onnx_dir, model_fp = base_dense_onnx(model_ref, max_doc_len=max_doc_len)
+        from models.encoders import DenseEncoder
+
+        self.encoder = DenseEncoder(self.onnx_dir, threads=threads)
+        self._fp = content_key("bi-encoder", model_fp, str(max_doc_len))[:16]
+        self.name = name or f"bi-encoder:{model_ref}"
+        self.doc_embeddings = encode_corpus_cached(self.encoder, corpus_texts, cache, self._fp, progress=progress)
+
+    def fingerprint(self) -> str:
+        return self._fp
+
+    def encode_queries(self, queries: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        parts = [self.encoder.encode_queries(list(queries[i : i + batch_size]))
+                 for i in range(0, len(queries), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), np.float32)
+
+    def score(self, queries: Sequence[str], candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
+        q = self.encode_queries(queries)
+        return [self.doc_embeddings[np.asarray(c, dtype=np.int64)] @ q[i] for i, c in enumerate(candidates)]
+
+    def retrieve(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = self.encode_queries(queries)
+        return exact_topk(self.doc_embeddings, q, k)
+
+
+class CrossEncoderTeacher:
+    """Any Hugging Face sequence-classification checkpoint scoring ``(query, doc)`` pairs."""
+
+    def __init__(self, model_ref: str, corpus_texts: list[str], cache: ArrayCache, *, max_len: int = 512,
+                 batch_size: int = 32, name: str | None = None) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from models.sources import fingerprint, resolve_model
+
+        path = resolve_model(model_ref)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+        self.corpus_texts = corpus_texts
+        self.cache = cache
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self._fp = content_key("cross-encoder", fingerprint(path), str(max_len))[:16]
+        self.name = name or f"cross-encoder:{model_ref}"
+        self._torch = torch
+
+    def fingerprint(self) -> str:
+        return self._fp
+
+    def _score_pairs(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        torch = self._torch
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(pairs), self.batch_size):
+                chunk = pairs[i : i + self.batch_size]
+                enc = self.tokenizer([p[0] for p in chunk], [p[1] for p in chunk], truncation="only_second",
+                                     max_length=self.max_len, padding=True, return_tensors="pt")
+                logits = self.model(**enc).logits
+                # one logit: relevance; two or more: log-odds of the last ("relevant") class
+                s = logits[:, 0] if logits.shape[-1] == 1 else logits[:, -1] - logits[:, 0]
+                out.append(s.float().numpy())
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def score(self, queries: Sequence[str], candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
+        keys = [[content_key(self._fp, q, self.corpus_texts[int(d)]) for d in c] for q, c in zip(queries, candidates)]
+        flat = [k for ks in keys for k in ks]
+        cached = self.cache.get_many(flat)
+        todo = [(qi, j) for qi, ks in enumerate(keys) for j, k in enumerate(ks) if k not in cached]
+        if todo:
+            pairs = [(queries[qi], self.corpus_texts[int(candidates[qi][j])]) for qi, j in todo]
+            scores = self._score_pairs(pairs)
+            new = {keys[qi][j]: np.array(s, np.float32) for (qi, j), s in zip(todo, scores)}
+            self.cache.put_many(new.items())
+            cached.update(new)
+        return [np.array([float(cached[k]) for k in ks], np.float32) for ks in keys]
+
+
+@dataclass
+class EnsembleTeacher:
+    """Per-query normalized, weighted sum of member scores over each candidate list."""
+
+    members: list[Teacher]
+    weights: list[float] = field(default_factory=list)
+    norm: Norm = "zscore"
+    name: str = "ensemble"
+
+    def __post_init__(self) -> None:
+        if not self.weights:
+            self.weights = [1.0] * len(self.members)
+        if len(self.weights) != len(self.members):
+            raise ValueError(f"ensemble: {len(self.members)} members but {len(self.weights)} weights")
+
+    def fingerprint(self) -> str:
+        parts = [m.fingerprint() for m in self.members] + [repr(self.weights), self.norm]
+        return content_key("ensemble", *parts)[:16]
+
+    def score(self, queries: Sequence[str], candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
+        per_member = [m.score(queries, candidates) for m in self.members]
+        out = []
+        for i in range(len(queries)):
+            total = np.zeros(len(candidates[i]), np.float64)
+            for w, scores in zip(self.weights, per_member):
+                total += w * normalize(scores[i], self.norm)
+            out.append(total.astype(np.float32))
+        return out
+
+
+def cached_teacher_scores(teacher: Teacher, cache: ArrayCache, queries: Sequence[str],
+                          candidates: Sequence[np.ndarray], batch_size: int = 64,
+                          progress: bool = True) -> list[np.ndarray]:
+    """Teacher scores per (query, candidate list), computed once and cached by content."""
+    from tqdm import tqdm
+
+    fp = teacher.fingerprint()
+    keys = [content_key(fp, q, np.asarray(c, np.int64).tobytes()) for q, c in zip(queries, candidates)]
+    found = cache.get_many(keys)
+    todo = [i for i, k in enumerate(keys) if k not in found]
+    bar = tqdm(total=len(todo), desc=f"teacher {teacher.name}", unit="query", disable=not progress or not todo)
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
+        scores = teacher.score([queries[i] for i in idx], [candidates[i] for i in idx])
+        new = [(keys[i], s.astype(np.float32)) for i, s in zip(idx, scores)]
+        cache.put_many(new)
+        found.update(new)
+        bar.update(len(idx))
+    bar.close()
+    return [found[k] for k in keys]
+
+
+def encode_corpus_cached(encoder, texts: list[str], cache: ArrayCache, model_fp: str, *,
+                         batch_size: int = 32, progress: bool = True) -> np.ndarray:
+    """Dense corpus embeddings; each document's vector cached under (model, text)."""
+    keys = [content_key(model_fp, t) for t in texts]
+    found = cache.get_many(keys)
+    todo = [i for i, k in enumerate(keys) if k not in found]
+    if todo:
+        chunk = 1024
+        for start in range(0, len(todo), chunk):
+            idx = todo[start : start + chunk]
+            vecs = encoder.encode_docs([texts[i] for i in idx], batch_size=batch_size, progress=progress)
+            new = [(keys[i], v) for i, v in zip(idx, vecs)]
+            cache.put_many(new)
+            found.update(new)
+    return np.stack([found[k] for k in keys]).astype(np.float32)
+
+
+def exact_topk(doc_embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    k = min(k, len(doc_embeddings))
+    scores = queries @ doc_embeddings.T
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    part = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-part, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(top, order, axis=1).astype(np.int64)
+
+
+@dataclass
+class TeacherSpec:
+    """Config of a teacher: ``kind`` in bm25 | bi-encoder | cross-encoder | ensemble."""
+
+    kind: str = "ensemble"
+    model: str = ""
+    weight: float = 1.0
+    members: list[TeacherSpec] = field(default_factory=list)
+    norm: str = "zscore"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TeacherSpec:
+        members = [cls.from_dict(m) for m in d.get("members", [])]
+        return cls(kind=d.get("kind", "ensemble"), model=d.get("model", ""), weight=float(d.get("weight", 1.0)),
+                   members=members, norm=d.get("norm", "zscore"))
+
+
+def build_teacher(spec: TeacherSpec, corpus_texts: list[str], corpus_checksum: str, cache: ArrayCache, *,
+                  bm25: BM25Index | None = None, threads: int = 0) -> Teacher:
+    if spec.kind == "bm25":
+        return BM25Teacher(corpus_texts, corpus_checksum, index=bm25)
+    if spec.kind == "bi-encoder":
+        return BiEncoderTeacher(spec.model, corpus_texts, cache, threads=threads, name=f"bi-encoder:{spec.model}")
+    if spec.kind == "cross-encoder":
+        return CrossEncoderTeacher(spec.model, corpus_texts, cache)
+    if spec.kind == "ensemble":
+        if not spec.members:
+            raise ValueError("ensemble teacher needs at least one member")
+        members = [build_teacher(m, corpus_texts, corpus_checksum, cache, bm25=bm25, threads=threads)
+                   for m in spec.members]
+        names = "+".join(m.name.split(":")[-1] for m in members)
+        return EnsembleTeacher(members, [m.weight for m in spec.members], spec.norm,  # type: ignore[arg-type]
+                               name=f"ensemble({names})")
+    raise ValueError(f"unknown teacher kind {spec.kind!r}; choose bm25, bi-encoder, cross-encoder, ensemble")
+
+
+def default_teacher_spec() -> TeacherSpec:
+    """BM25 + all-MiniLM-L6-v2, z-score fused with equal weights (the best offline teacher
+    that is cheap enough to run here; add ``packaged:mpnet`` for the three-member one)."""
+    return TeacherSpec(kind="ensemble", members=[TeacherSpec(kind="bm25"),
+                                                  TeacherSpec(kind="bi-encoder", model="packaged:minilm")])
+
+

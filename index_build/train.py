@@ -1,0 +1,200 @@
+"""One Margin-MSE training loop for every student kind.
+
+Resumable (a checkpoint every ``checkpoint_every`` steps holds model, optimizer,
+scheduler, RNG state and the best dev score), seeded, warmup + linear decay, and model
+selection on a held-out dev slice (the best dev checkpoint is the one saved).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from index_build.losses import in_batch_negatives, margin_mse
+from index_build.sampling import Example, batches, sample_negatives
+from index_build.students import ColbertStudent, CrossEncoderStudent, DenseStudent, Student, set_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    batch_queries: int = 4
+    negatives: int = 7
+    lr: float = 2e-5
+    head_lr: float = 1e-3
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    seed: int = 13
+    score_scale: float | None = None   # student score multiplier (None: 20 for dense cos, else 1)
+    in_batch_weight: float = 0.0       # dense only: add in-batch-negatives loss with this weight
+    tas_balanced: bool = False
+    tas_clusters: int = 32
+    eval_every: int = 0                # steps between dev evaluations (0: end of each epoch)
+    checkpoint_every: int = 50
+    max_grad_norm: float = 1.0
+    dropout: bool = False              # dropout during distillation (off: ~2x faster on CPU, no loss seen)
+    threads: int = 0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best_dev: float
+    dev_history: list[tuple[int, float]]
+    seconds: float
+    loss_history: list[float]
+
+
+def student_scores(student: Student, queries: list[str], docs: list[list[str]]
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Scores ``[B, n_docs]`` of each query against its own documents (first one is the positive),
+    plus ``(query_emb, doc_emb)`` for dense students (for in-batch negatives)."""
+    b, n = len(queries), len(docs[0])
+    flat = [d for ds in docs for d in ds]
+    if isinstance(student, DenseStudent):
+        q = student.encode_queries(queries)
+        d = student.encode_docs(flat)
+        return torch.einsum("bd,bnd->bn", q, d.view(b, n, -1)), (q, d)
+    if isinstance(student, ColbertStudent):
+        q = student.encode_queries(queries)
+        d, keep = student.encode_docs(flat)
+        qq = q.repeat_interleave(n, dim=0)
+        return ColbertStudent.maxsim(qq, d, keep).view(b, n), None
+    if isinstance(student, CrossEncoderStudent):
+        qs = [q for q in queries for _ in range(n)]
+        return student.score_pairs(qs, flat).view(b, n), None
+    raise TypeError(f"unsupported student {type(student).__name__}")
+
+
+def train(student: Student, examples: list[Example], corpus_texts: list[str], cfg: TrainConfig, work_dir: Path,
+          dev_eval: Callable[[Student], float] | None = None, clusters: np.ndarray | None = None,
+          progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Distill ``student`` on ``examples``; the best-on-dev model is saved to ``work_dir/best``.
+
+    A checkpoint in ``work_dir`` written for the same config is resumed. ``stop_after``
+    ends this call after that many steps (as a preemption would); call again to go on.
+    """
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    if not examples:
+        raise ValueError("no training examples (no query has both a positive and a negative)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    scale = cfg.score_scale if cfg.score_scale is not None else (20.0 if isinstance(student, DenseStudent) else 1.0)
+
+    head_params = [p for n, p in student.named_parameters() if not n.startswith("encoder.")]
+    body_params = [p for n, p in student.named_parameters() if n.startswith("encoder.")]
+    optimizer = torch.optim.AdamW([{"params": body_params, "lr": cfg.lr},
+                                   {"params": head_params, "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
+    steps_per_epoch = -(-len(examples) // cfg.batch_queries)
+    total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total_steps), total_steps)
+    eval_every = cfg.eval_every or steps_per_epoch
+
+    ckpt_path = work_dir / "checkpoint.pt"
+    state: dict[str, Any] = {"step": 0, "best_dev": -1.0, "dev_history": [], "loss_history": [], "seconds": 0.0}
+    if ckpt_path.is_file():
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if saved.get("config") == asdict(cfg) and saved.get("n_examples") == len(examples):
+            student.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            rng.setstate(saved["rng"])
+            torch.set_rng_state(saved["torch_rng"])
+            state = saved["state"]
+            log.info("resumed %s at step %d", work_dir, state["step"])
+        else:
+            log.warning("ignoring checkpoint %s: written for another config", ckpt_path)
+
+    def save_checkpoint() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"config": asdict(cfg), "n_examples": len(examples), "model": student.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "state": state}, tmp)
+        tmp.replace(ckpt_path)
+
+    def evaluate_and_keep() -> None:
+        if dev_eval is None:
+            return
+        student.eval()
+        with torch.inference_mode():
+            score = float(dev_eval(student))
+        student.train(cfg.dropout)
+        state["dev_history"].append((state["step"], score))
+        log.info("step %d dev %.4f (best %.4f)", state["step"], score, state["best_dev"])
+        if score > state["best_dev"]:
+            state["best_dev"] = score
+            student.save(work_dir / "best")
+
+    # Deterministic order of batches: regenerate the schedule from the seed, skip done steps.
+    order_rng = random.Random(cfg.seed + 1)
+    schedule: list[list[int]] = []
+    while len(schedule) < total_steps:
+        schedule.extend(batches(examples, cfg.batch_queries, order_rng, clusters))
+    schedule = schedule[:total_steps]
+
+    if state["step"] == 0 and dev_eval is not None and not state["dev_history"]:
+        evaluate_and_keep()  # the initial model competes too: distillation must not make it worse
+    student.train(cfg.dropout)
+    t0 = time.perf_counter() - state["seconds"]
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"distill {student.kind}", unit="step",
+               disable=not progress)
+    stop_at = total_steps if stop_after is None else min(total_steps, state["step"] + stop_after)
+    while state["step"] < stop_at:
+        batch = [examples[i] for i in schedule[state["step"]]]
+        docs, t_rows = [], []
+        for ex in batch:
+            pos = rng.choice(ex.positives)
+            negs = sample_negatives(ex, cfg.negatives, rng, balanced=cfg.tas_balanced)
+            cols = [pos, *negs]
+            docs.append([corpus_texts[int(ex.pool[j])] for j in cols])
+            t_rows.append([float(ex.teacher[j]) for j in cols])
+        s, emb = student_scores(student, [ex.query for ex in batch], docs)
+        s = s * scale
+        t = torch.tensor(t_rows, dtype=s.dtype)
+        n = s.shape[1] - 1
+        loss = margin_mse(s[:, :1].expand(-1, n), s[:, 1:], t[:, :1].expand(-1, n), t[:, 1:])
+        if cfg.in_batch_weight and emb is not None:
+            # every scored document of the batch is a candidate for every query; query i's positive is row i*(n+1)
+            q_emb, d_emb = emb
+            loss = loss + cfg.in_batch_weight * in_batch_negatives(
+                q_emb, d_emb, torch.arange(len(batch)) * (n + 1), scale=scale)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["loss_history"].append(float(loss.detach()))
+        state["seconds"] = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(state['loss_history'][-20:]):.3f}")
+        if state["step"] % eval_every == 0 or state["step"] == total_steps:
+            evaluate_and_keep()
+        if state["step"] % cfg.checkpoint_every == 0 or state["step"] in (total_steps, stop_at):
+            save_checkpoint()
+    bar.close()
+    if state["step"] < total_steps:
+        return TrainResult(state["step"], state["best_dev"], state["dev_history"], state["seconds"],
+                           state["loss_history"])
+    if dev_eval is None:
+        student.save(work_dir / "best")
+    (work_dir / "train_log.json").write_text(json.dumps(state, indent=1))
+    return TrainResult(state["step"], state["best_dev"], state["dev_history"], state["seconds"],
+                       state["loss_history"])
+

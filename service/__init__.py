@@ -1,0 +1,1 @@
+"""Online search service (FastAPI); torch-free."""

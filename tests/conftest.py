@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import write_tiny_beir, write_tiny_bert
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("NRS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_beir(tmp_path_factory) -> Path:
+    return write_tiny_beir(tmp_path_factory.mktemp("beir"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, tiny_beir) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("bert"), tiny_beir)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared data not found at {SHARED_DATA} (set NRS_SHARED_DATA)")
+    return SHARED_DATA
+
+
+def tiny_overrides(data: Path, model: Path, root: Path, *extra: str) -> list[str]:
+    """Config overrides that run the whole pipeline on the tiny corpus and model in seconds."""
+    return [
+        f'data.path="{data}"', f'work_dir="{root}/work"', f'cache_path="{root}/cache.sqlite"',
+        f'artifact_dir="{root}/artifacts"',
+        f'students.base="{model}"', "students.max_doc_len=64",
+        f'teacher.members=[{{"kind":"bm25"}},{{"kind":"bi-encoder","model":"{model}"}}]',
+        "teacher.pool_depth=20", "evaluate.trec_dl=[]", f'evaluate.results_dir="{root}/results"', *extra,
+    ]

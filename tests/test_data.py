@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from index_build.data import DataError, load_collection, load_trec_run
+
+
+def _write(root, corpus, queries=None, qrels=None):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "corpus.jsonl").write_text("\n".join(corpus) + "\n")
+    if queries is not None:
+        (root / "queries.jsonl").write_text("\n".join(queries) + "\n")
+    if qrels is not None:
+        (root / "qrels").mkdir(exist_ok=True)
+        (root / "qrels" / "test.tsv").write_text(qrels)
+    return root
+
+
+def doc(i, text="some text", title="t"):
+    return json.dumps({"_id": i, "title": title, "text": text})
+
+
+def test_loads_tiny_collection(tiny_beir):
+    c = load_collection(tiny_beir)
+    assert len(c.docs) == 60
+    assert set(c.qrels) == {"train", "test"}
+    assert len(c.split_queries("test")) == 6
+    assert c.docs[0].full_text.startswith(c.docs[0].title)
+    assert c.checksum() == load_collection(tiny_beir).checksum()
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    root = _write(tmp_path / "c", [doc("a"), "{not json", doc("b")])
+    with pytest.raises(DataError, match=r"corpus\.jsonl:2: invalid JSON"):
+        load_collection(root)
+
+
+def test_duplicate_doc_id(tmp_path):
+    root = _write(tmp_path / "c", [doc("a"), doc("b"), doc("a")])
+    with pytest.raises(DataError, match=r"corpus\.jsonl:3: duplicate document id 'a' \(first seen on line 1\)"):
+        load_collection(root)
+
+
+def test_missing_field_and_empty_doc(tmp_path):
+    root = _write(tmp_path / "c", [json.dumps({"title": "x", "text": "y"})])
+    with pytest.raises(DataError, match=r":1: missing field '_id'"):
+        load_collection(root)
+    root = _write(tmp_path / "d", [json.dumps({"_id": "a", "title": "", "text": "  "})])
+    with pytest.raises(DataError, match="neither title nor text"):
+        load_collection(root)
+
+
+def test_duplicate_query_id(tmp_path):
+    q = json.dumps({"_id": "q1", "text": "hello"})
+    root = _write(tmp_path / "c", [doc("a")], [q, q])
+    with pytest.raises(DataError, match=r"queries\.jsonl:2: duplicate query id 'q1'"):
+        load_collection(root)
+
+
+def test_qrels_unknown_doc_and_query(tmp_path):
+    q = json.dumps({"_id": "q1", "text": "hello"})
+    root = _write(tmp_path / "c", [doc("a")], [q], "query-id\tcorpus-id\tscore\nq1\ta\t1\nq1\tzzz\t1\n")
+    with pytest.raises(DataError, match=r"test\.tsv:3: qrels point at unknown document 'zzz'"):
+        load_collection(root)
+    root = _write(tmp_path / "d", [doc("a")], [q], "query-id\tcorpus-id\tscore\nq9\ta\t1\n")
+    with pytest.raises(DataError, match=r"test\.tsv:2: qrels point at unknown query 'q9'"):
+        load_collection(root)
+    root = _write(tmp_path / "e", [doc("a")], [q], "query-id\tcorpus-id\tscore\nq1\ta\tx\n")
+    with pytest.raises(DataError, match=r"test\.tsv:2: relevance grade 'x'"):
+        load_collection(root)
+
+
+def test_corpus_only_has_no_labels(tmp_path):
+    root = _write(tmp_path / "c", [doc("a"), doc("b")])
+    c = load_collection(root)
+    assert not c.has_labels and c.queries == {} and c.qrels == {}
+
+
+def test_trec_run(tmp_path):
+    p = tmp_path / "run.trec"
+    p.write_text("1 Q0 a 1 2.0 x\n1 Q0 b 2 3.0 x\n2 Q0 c 1 1.0 x\n")
+    run = load_trec_run(p, depth=1)
+    assert run == {"1": [("b", 3.0)], "2": [("c", 1.0)]}
+    p.write_text("1 Q0 a 1\n")
+    with pytest.raises(DataError, match=r"run\.trec:1"):
+        load_trec_run(p)

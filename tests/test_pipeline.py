@@ -1,0 +1,104 @@
+"""The whole offline pipeline on the tiny corpus and model: stages, caching, results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from index_build.config import load_config  # noqa: E402
+from index_build.stages import Pipeline  # noqa: E402
+from tests.conftest import tiny_overrides  # noqa: E402
+
+SYSTEMS = {"bm25", "teacher", "base-dense", "dense", "dense-int8", "dense+colbert", "dense+cross-encoder"}
+
+
+@pytest.fixture(scope="module")
+def built(tiny_beir, tiny_bert, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, root, "train.dense.epochs=2"))
+    p = Pipeline(cfg, progress=False)
+    result = p.run_all()
+    return root, cfg, p, result
+
+
+def test_results_file_has_every_system(built, tiny_beir):
+    root, _, p, result = built
+    assert SYSTEMS <= set(result["systems"])
+    saved = json.loads((root / "results" / f"{tiny_beir.name}.json").read_text())
+    assert saved["systems"] == result["systems"]
+    for m in saved["systems"].values():
+        assert set(m) == {"nDCG@10", "RR@10", "R@100"}
+        assert all(0.0 <= v <= 1.0 for v in m.values())
+    assert {"mine", "distill-dense", "export-dense", "evaluate"} <= set(saved["stages"])
+    assert all(s["seconds"] >= 0 and s["peak_rss_bytes"] > 0 for s in saved["stages"].values())
+    assert (root / "results" / f"{tiny_beir.name}.md").read_text().startswith("###")
+
+
+def test_export_parity_recorded(built):
+    _, _, p, _ = built
+    for kind in ["dense", "colbert", "cross-encoder"]:
+        assert p.records[f"export-{kind}"].result["parity_max_abs_diff"] <= 1e-4
+
+
+def test_rerun_is_cached_and_change_redoes_only_downstream(built, tiny_beir, tiny_bert):
+    root, cfg, _, _ = built
+    again = Pipeline(cfg, progress=False)
+    again.run_all()
+    assert all(r.cached for r in again.records.values())
+    changed = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, root, "train.dense.epochs=2",
+                                                   "train.colbert.lr=3e-5"))
+    p3 = Pipeline(changed, progress=False)
+    p3.run_all()
+    ran = {n for n, r in p3.records.items() if not r.cached}
+    assert ran == {"distill-colbert", "export-colbert", "evaluate"}
+
+
+def test_training_loss_falls(tiny_beir, tiny_bert, tmp_path):
+    """Margin-MSE on a toy problem: the loss falls as the dense student learns the teacher."""
+    import numpy as np
+
+    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "train.dense.epochs=12",
+                                               "train.dense.lr=1e-3", "train.dense.warmup=0.0",
+                                               'students.kinds=["dense"]'))
+    p = Pipeline(cfg, progress=False)
+    p.mine()
+    res = p.distill("dense").result
+    log = json.loads((tmp_path / "work" / "train-dense" / "train_log.json").read_text())["loss_history"]
+    first, last = np.mean(log[:5]), np.mean(log[-5:])
+    assert last < 0.5 * first, (first, last)
+    assert res["steps"] == len(log)
+
+
+def test_training_resumes_from_checkpoint(tiny_beir, tiny_bert, tmp_path):
+    from index_build.students import new_student
+    from index_build.train import TrainConfig, train
+
+    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path))
+    p = Pipeline(cfg, progress=False)
+    p.mine()
+    examples = p.load_mined()["examples"]
+    tcfg = TrainConfig(epochs=2, checkpoint_every=2, batch_queries=4)
+    full = train(new_student("dense", tiny_bert, max_doc_len=64), examples, p.corpus_texts, tcfg,
+                 tmp_path / "a", progress=False)
+    # an interrupted run (stopped after 3 steps) resumes from its checkpoint and ends identical
+    part = train(new_student("dense", tiny_bert, max_doc_len=64), examples, p.corpus_texts, tcfg,
+                 tmp_path / "b", progress=False, stop_after=3)
+    assert part.steps == 3
+    resumed = train(new_student("dense", tiny_bert, max_doc_len=64), examples, p.corpus_texts, tcfg,
+                    tmp_path / "b", progress=False)
+    assert resumed.steps == full.steps
+    assert resumed.loss_history[:3] == part.loss_history
+    assert resumed.loss_history == pytest.approx(full.loss_history, rel=1e-3)
+
+
+def test_label_free_corpus_is_refused_clearly(tmp_path, tiny_bert):
+    from tests.tiny import write_tiny_beir
+
+    data = write_tiny_beir(tmp_path / "bare", with_labels=False)
+    p = Pipeline(load_config(overrides=tiny_overrides(data, tiny_bert, tmp_path)), progress=False)
+    assert p.label_free
+    with pytest.raises(RuntimeError, match="no training queries"):
+        p.mine()

@@ -1,0 +1,87 @@
+"""Tiny, self-contained fixtures: a BEIR corpus about a few topics and a random-init BERT
+(with a WordPiece tokenizer trained on that corpus) built from a config in seconds."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+TOPICS = {
+    "vitamin": ["vitamin", "deficiency", "bone", "fracture", "calcium", "elderly"],
+    "cancer": ["tumor", "cancer", "metastasis", "chemotherapy", "cells", "colorectal"],
+    "heart": ["cardiac", "heart", "artery", "blood", "pressure", "hypertension"],
+    "brain": ["neurons", "brain", "cortex", "memory", "synapse", "cognitive"],
+    "virus": ["virus", "infection", "immune", "vaccine", "antibody", "influenza"],
+    "gene": ["gene", "mutation", "dna", "expression", "genome", "protein"],
+}
+FILLER = ["the", "study", "shows", "patients", "with", "results", "increase", "reduced", "trial", "effect",
+          "analysis", "significant", "risk", "associated", "data", "observed", "in", "of", "and", "a"]
+
+
+def write_tiny_beir(root: Path, n_docs: int = 60, seed: int = 0, with_labels: bool = True) -> Path:
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    topics = list(TOPICS)
+    docs = []
+    for i in range(n_docs):
+        topic = topics[i % len(topics)]
+        words = [rng.choice(TOPICS[topic]) if rng.random() < 0.4 else rng.choice(FILLER) for _ in range(40)]
+        docs.append({"_id": f"d{i}", "title": f"{topic} study {i}", "text": " ".join(words) + ".", "topic": topic})
+    with (root / "corpus.jsonl").open("w") as f:
+        for d in docs:
+            f.write(json.dumps({k: d[k] for k in ("_id", "title", "text")}) + "\n")
+    if not with_labels:
+        return root
+    queries, qrels = [], {"train": [], "test": []}
+    for qi in range(24):
+        topic = topics[qi % len(topics)]
+        text = " ".join(rng.sample(TOPICS[topic], 3))
+        queries.append({"_id": f"q{qi}", "text": text})
+        split = "train" if qi < 18 else "test"
+        rel = [d["_id"] for d in docs if d["topic"] == topic][:3]
+        qrels[split].extend((f"q{qi}", r, 1) for r in rel)
+    with (root / "queries.jsonl").open("w") as f:
+        for q in queries:
+            f.write(json.dumps(q) + "\n")
+    (root / "qrels").mkdir(exist_ok=True)
+    for split, rows in qrels.items():
+        with (root / "qrels" / f"{split}.tsv").open("w") as f:
+            f.write("query-id\tcorpus-id\tscore\n")
+            for q, d, s in rows:
+                f.write(f"{q}\t{d}\t{s}\n")
+    return root
+
+
+def write_tiny_bert(root: Path, corpus_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and a WordPiece vocab trained on the corpus."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel
+
+    root.mkdir(parents=True, exist_ok=True)
+    texts = []
+    for line in (corpus_dir / "corpus.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        texts.append(f"{d['title']}. {d['text']}")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]", "[unused1]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts + [".,;:!?()-"], trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tok.save(str(root / "tokenizer.json"))
+    (root / "vocab.txt").write_text("\n".join(t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])))
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(str(root))
+    (root / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizerFast",
+                                                            "do_lower_case": True}))
+    return root
