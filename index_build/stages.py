@@ -454,6 +454,52 @@ class Pipeline:
                 qrels, score_all(lambda q, cs: ce.score(q, [docs[c] for c in cs])), min_rel=2)
         return systems
 
+    # ----------------------------------------------------------------- artifact
+    def artifact_key(self) -> str:
+        return self.key("artifact", self.cfg.section_hash("index"), self.cfg.artifact_dir,
+                        *[self.export_key(k) for k in self.cfg.students.kinds])
+
+    def artifact(self) -> StageRecord:
+        """Encode the corpus with the ONNX students, build the indexes, write the artifact dir."""
+        from index_build.artifact import build_artifact
+        from models.artifacts import ArtifactError, verify
+
+        key = self.artifact_key()
+        final = Path(self.cfg.artifact_dir)
+
+        def run(out: Path) -> dict:
+            kinds = self.cfg.students.kinds
+            if "dense" not in kinds:
+                raise RuntimeError("an artifact needs the dense student (students.kinds must include 'dense')")
+            dense = self.dense_corpus()
+            colbert = None
+            if "colbert" in kinds:
+                toks = self.colbert_corpus()
+                colbert = [toks[i] for i in range(len(self.corpus_texts))]
+            stages = {n: {"seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes}
+                      for n, r in self.records.items()}
+            build_artifact(
+                final, collection=self.collection, onnx_dirs={k: self.onnx_dir(k) for k in kinds},
+                dense_vectors=dense, colbert_vectors=colbert, bm25=self.bm25, factory=self.cfg.index.factory,
+                colbert_bits=self.cfg.index.colbert_bits, nprobe=self.cfg.index.nprobe,
+                training={"label_free": self.label_free, "teacher": self.cfg.teacher.members,
+                          "students": {k: self.records[f"distill-{k}"].result for k in kinds
+                                       if f"distill-{k}" in self.records}},
+                build={"key": key, "config": _jsonable(self.cfg), "stages": stages},
+                progress=self.progress,
+            )
+            manifest = verify(final, deep=True)
+            return {"artifact_dir": str(final), "artifact_version": manifest.artifact_version}
+
+        rec_path = self.work / "artifact" / "stage.json"
+        if rec_path.is_file() and json.loads(rec_path.read_text()).get("key") == key:
+            try:
+                verify(final, deep=False)
+            except ArtifactError as e:
+                log.warning("artifact dir %s no longer valid (%s): rebuilding", final, e)
+                return self.stage("artifact", key, run, force=True)
+        return self.stage("artifact", key, run)
+
     # ----------------------------------------------------------------- orchestration
     def run_all(self) -> dict:
         self.mine()
@@ -461,7 +507,9 @@ class Pipeline:
             self.distill(kind)
             self.export(kind)
         self.evaluate()
-        return self.write_results()
+        self.write_results()
+        self.artifact()
+        return self.write_results()  # again, so the artifact stage's time is in the results
 
     def write_results(self) -> dict:
         from index_build.evaluate import markdown_table, write_json_atomic
@@ -493,3 +541,9 @@ class Pipeline:
             md += f"| {n} | {s['seconds']} | {s['peak_rss_bytes'] / 2**20:.0f} |\n"
         (results_dir / f"{name}.md").write_text(md)
         return main
+
+
+def _jsonable(cfg: BuildConfig) -> dict:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(cfg), default=str))

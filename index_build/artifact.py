@@ -1,0 +1,90 @@
+"""Assemble a self-describing artifact directory that the online service loads.
+
+Layout (all paths relative to the artifact root, all listed with checksums in the manifest)::
+
+    manifest.json
+    models/<kind>/{model.onnx, model.int8.onnx, tokenizer.json, encoder.json}
+    dense/index.faiss          FAISS IVF-PQ (or flat) over the dense student's vectors
+    colbert/                   ColBERT token index (residual-compressed token vectors)
+    bm25/                      bm25s index (sparse / hybrid first stage)
+    docs.sqlite                document store (ids, titles, texts)
+
+The directory is written into a temporary sibling and renamed into place (see
+:class:`models.artifacts.ArtifactWriter`), so a crashed build never leaves a directory
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index_build.data import Collection
+from models.encoders import CONFIG_NAME, ONNX_NAME, TOKENIZER_NAME
+
+INT8_NAME = "model.int8.onnx"
+
+
+def build_artifact(
+    final_dir: Path,
+    *,
+    collection: Collection,
+    onnx_dirs: dict[str, Path],
+    dense_vectors: np.ndarray,
+    colbert_vectors: list[np.ndarray] | None = None,
+    bm25=None,
+    factory: str | None = None,
+    colbert_bits: int | None = 2,
+    nprobe: int | None = None,
+    training: dict[str, Any] | None = None,
+    build: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> Path:
+    from models.artifacts import ArtifactWriter
+    from models.dense_index import DenseIndex
+    from models.docstore import DocStore
+    from models.token_index import TokenIndex
+
+    if len(dense_vectors) != len(collection.docs):
+        raise ValueError(f"{len(dense_vectors)} dense vectors for {len(collection.docs)} documents")
+    models: dict[str, dict[str, Any]] = {}
+    indexes: dict[str, dict[str, Any]] = {}
+    with ArtifactWriter(Path(final_dir)) as w:
+        root = w.path
+        for kind, src in onnx_dirs.items():
+            dst = root / "models" / kind
+            dst.mkdir(parents=True)
+            for name in (ONNX_NAME, INT8_NAME, TOKENIZER_NAME, CONFIG_NAME):
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, dst / name)
+            enc = json.loads((src / CONFIG_NAME).read_text())
+            models[kind] = {**enc, "path": f"models/{kind}", "onnx_file": ONNX_NAME,
+                            "int8_onnx_file": INT8_NAME if (src / INT8_NAME).is_file() else None,
+                            "tokenizer_file": TOKENIZER_NAME}
+        dense = DenseIndex.build(dense_vectors, factory, progress=progress)
+        if nprobe:
+            dense.default_nprobe = nprobe
+        dense.save(root / "dense" / "index.faiss")
+        indexes["dense"] = {"type": "faiss", "path": "dense/index.faiss", "model": "dense", **dense.params(),
+                            "bytes_per_vector": dense.bytes_per_vector()}
+        if colbert_vectors is not None:
+            tok = TokenIndex.build(colbert_vectors, root / "colbert", bits=colbert_bits, progress=progress)
+            indexes["colbert"] = {"type": "colbert-token-index", "path": "colbert", "model": "colbert",
+                                  **tok.params(), "bytes_per_token": tok.bytes_per_token()}
+        if bm25 is not None:
+            bm25.save(root / "bm25")
+            indexes["bm25"] = {"type": "bm25s", "path": "bm25", **bm25.config.__dict__}
+        DocStore.build(root / "docs.sqlite", ((d.id, d.title, d.text) for d in collection.docs), progress=progress)
+        return w.finalize({
+            "corpus": {"checksum": collection.checksum(), "n_docs": len(collection.docs),
+                       "source": str(collection.root)},
+            "models": models,
+            "indexes": indexes,
+            "docstore": {"path": "docs.sqlite"},
+            "training": training or {},
+            "build": build or {},
+        })
