@@ -1,0 +1,598 @@
+"""ColBERT token index: every document's token vectors, memory-mapped, for MaxSim reranking.
+
+Two storage modes:
+
+- ``bits=None``: the reference, tokens stored as float16 (``tokens_fp16.npy``).
+- ``bits in {1, 2, 4}``: ColBERTv2-style residual compression (:class:`ResidualCodec`).
+  Each token is stored as the id of its nearest centroid (``codes.npy``) plus its residual
+  quantized to ``bits`` per dimension and bit-packed (``residuals.npy``). Unlike
+  ColBERTv2's global cutoffs, bucket cutoffs and weights are computed per dimension.
+
+Files in an index directory::
+
+    token_index.json      bits, dim, n_docs, n_tokens, n_centroids, bytes (written last)
+    offsets.npy           int64 [n_docs + 1]; doc i owns tokens offsets[i]:offsets[i+1]
+    tokens_fp16.npy       float16 [n_tokens, dim]                  (bits=None)
+    codes.npy             uint16 (or int32 for > 65536 centroids) [n_tokens]
+    residuals.npy         uint8 [n_tokens, dim * bits / 8]
+    centroids.npy         float32 [n_centroids, dim]
+    bucket_cutoffs.npy    float32 [2**bits - 1, dim]
+    bucket_weights.npy    float32 [2**bits, dim]
+    ivf.npy, ivf_offsets.npy   centroid -> sorted doc ids (PLAID-style candidates)
+
+Every file is written under a temporary name and moved into place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from models.encoders import maxsim
+
+META_NAME = "token_index.json"
+OFFSETS_NAME = "offsets.npy"
+FP16_NAME = "tokens_fp16.npy"
+CODES_NAME = "codes.npy"
+RESIDUALS_NAME = "residuals.npy"
+CENTROIDS_NAME = "centroids.npy"
+CUTOFFS_NAME = "bucket_cutoffs.npy"
+WEIGHTS_NAME = "bucket_weights.npy"
+IVF_NAME = "ivf.npy"
+IVF_OFFSETS_NAME = "ivf_offsets.npy"
+CODEC_FILES = (CENTROIDS_NAME, CUTOFFS_NAME, WEIGHTS_NAME)
+FORMAT_VERSION = 1
+_CHUNK_TOKENS = 65536
+
+
+def _tmp_name(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to a temporary file in the same directory, then ``os.replace``."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _code_dtype(n_centroids: int) -> np.dtype:
+    return np.dtype(np.uint16) if n_centroids <= 1 << 16 else np.dtype(np.int32)
+
+
+class ResidualCodec:
+    """Centroid + per-dimension quantized residual (ColBERTv2 compression).
+
+    Parameters
+    ----------
+    centroids
+        ``[n_centroids, dim]`` float32, L2-normalized.
+    cutoffs
+        ``[2**bits - 1, dim]`` bucket boundaries of the residual, per dimension.
+    weights
+        ``[2**bits, dim]`` value decoded for each bucket, per dimension.
+    """
+
+    def __init__(self, centroids: np.ndarray, cutoffs: np.ndarray, weights: np.ndarray) -> None:
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.cutoffs = np.ascontiguousarray(cutoffs, dtype=np.float32)
+        self.weights = np.ascontiguousarray(weights, dtype=np.float32)
+        n_buckets = self.weights.shape[0]
+        bits = int(round(math.log2(n_buckets))) if n_buckets > 0 else 0
+        if bits not in (1, 2, 4) or 1 << bits != n_buckets:
+            raise ValueError(f"bucket weights must have 2, 4 or 16 rows, got {n_buckets}")
+        if self.cutoffs.shape != (n_buckets - 1, self.dim) or self.weights.shape[1] != self.dim:
+            raise ValueError(
+                f"codec shapes disagree: centroids {self.centroids.shape}, cutoffs {self.cutoffs.shape}, "
+                f"weights {self.weights.shape}"
+            )
+        if (self.dim * bits) % 8:
+            raise ValueError(f"dim * bits must be a multiple of 8 (dim={self.dim}, bits={bits})")
+        self.bits = bits
+        self._centroid_index: Any = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.centroids.shape[1])
+
+    @property
+    def n_centroids(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def packed_dim(self) -> int:
+        """Bytes per packed residual row: ``dim * bits / 8``."""
+        return self.dim * self.bits // 8
+
+    @property
+    def code_dtype(self) -> np.dtype:
+        return _code_dtype(self.n_centroids)
+
+    # -- training -----------------------------------------------------------------------------
+    @classmethod
+    def train(cls, sample: np.ndarray, n_centroids: int, bits: int, seed: int = 0) -> ResidualCodec:
+        """Spherical k-means centroids, then per-dimension residual quantiles.
+
+        Cutoffs sit at the quantiles ``i / 2**bits`` (``i = 1 .. 2**bits - 1``) of each
+        dimension's residual on ``sample``; weights at the mid-quantiles
+        ``(i + 0.5) / 2**bits`` (``i = 0 .. 2**bits - 1``).
+        """
+        import faiss
+
+        if bits not in (1, 2, 4):
+            raise ValueError(f"bits must be 1, 2 or 4, got {bits}")
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        if sample.ndim != 2 or sample.shape[0] == 0:
+            raise ValueError(f"need a non-empty [n, dim] sample, got {sample.shape}")
+        n, dim = sample.shape
+        n_centroids = int(max(1, min(n_centroids, n)))
+        kmeans = faiss.Kmeans(dim, n_centroids, niter=20, seed=seed, spherical=True, verbose=False)
+        kmeans.cp.min_points_per_centroid = 1
+        kmeans.train(sample)
+        centroids = _normalize(np.asarray(kmeans.centroids, dtype=np.float32).reshape(n_centroids, dim))
+        n_buckets = 1 << bits
+        dummy = cls(centroids, np.zeros((n_buckets - 1, dim), np.float32), np.zeros((n_buckets, dim), np.float32))
+        residuals = sample - centroids[dummy.assign(sample)]
+        cut_q = np.arange(1, n_buckets) / n_buckets
+        weight_q = (np.arange(n_buckets) + 0.5) / n_buckets
+        cutoffs = np.quantile(residuals, cut_q, axis=0).astype(np.float32)
+        weights = np.quantile(residuals, weight_q, axis=0).astype(np.float32)
+        return cls(centroids, cutoffs, weights)
+
+    # -- encode / decode ----------------------------------------------------------------------
+    def assign(self, vectors: np.ndarray) -> np.ndarray:
+        """Nearest centroid (max inner product) per vector, as :attr:`code_dtype`."""
+        import faiss
+
+        if self._centroid_index is None:
+            index = faiss.IndexFlatIP(self.dim)
+            index.add(self.centroids)
+            self._centroid_index = index
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape[0] == 0:
+            return np.zeros(0, self.code_dtype)
+        _, ids = self._centroid_index.search(vectors, 1)
+        return ids[:, 0].astype(self.code_dtype)
+
+    def compress(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[n, dim]`` float -> (centroid ids ``[n]``, packed residuals uint8 ``[n, dim*bits/8]``)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"expected [n, {self.dim}] vectors, got {vectors.shape}")
+        n = vectors.shape[0]
+        codes = np.zeros(n, self.code_dtype)
+        packed = np.zeros((n, self.packed_dim), np.uint8)
+        step = max(1, _CHUNK_TOKENS // max(1, self.cutoffs.shape[0]))
+        for start in range(0, n, step):
+            chunk = vectors[start : start + step]
+            c = self.assign(chunk)
+            residual = chunk - self.centroids[c]
+            # bucket = number of cutoffs below the value: [m, dim] in [0, 2**bits)
+            buckets = (residual[:, :, None] > self.cutoffs.T[None, :, :]).sum(axis=2, dtype=np.uint8)
+            codes[start : start + step] = c
+            packed[start : start + step] = self._pack(buckets)
+        return codes, packed
+
+    def decompress(self, codes: np.ndarray, packed: np.ndarray) -> np.ndarray:
+        """Centroid + bucket weights, L2-normalized: ``[n, dim]`` float32."""
+        codes = np.asarray(codes)
+        packed = np.asarray(packed, dtype=np.uint8)
+        if packed.ndim != 2 or packed.shape != (codes.shape[0], self.packed_dim):
+            raise ValueError(f"packed residuals must be [{codes.shape[0]}, {self.packed_dim}], got {packed.shape}")
+        buckets = self._unpack(packed)
+        out = self.centroids[codes.astype(np.int64, copy=False)]
+        out += self.weights[buckets, np.arange(self.dim)]
+        return _normalize(out)
+
+    def _pack(self, buckets: np.ndarray) -> np.ndarray:
+        n = buckets.shape[0]
+        shifts = np.arange(self.bits - 1, -1, -1, dtype=np.uint8)
+        bit_planes = (buckets[:, :, None] >> shifts) & 1  # [n, dim, bits], most significant first
+        return np.packbits(bit_planes.reshape(n, self.dim * self.bits), axis=1)
+
+    def _unpack(self, packed: np.ndarray) -> np.ndarray:
+        n = packed.shape[0]
+        bit_planes = np.unpackbits(packed, axis=1).reshape(n, self.dim, self.bits)
+        if self.bits == 1:
+            return bit_planes[:, :, 0]
+        powers = (1 << np.arange(self.bits - 1, -1, -1)).astype(np.uint8)
+        return (bit_planes * powers).sum(axis=2, dtype=np.uint8)
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Write ``centroids.npy``, ``bucket_cutoffs.npy``, ``bucket_weights.npy``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_npy_atomic(directory / CENTROIDS_NAME, self.centroids)
+        save_npy_atomic(directory / CUTOFFS_NAME, self.cutoffs)
+        save_npy_atomic(directory / WEIGHTS_NAME, self.weights)
+
+    @classmethod
+    def load(cls, directory: Path) -> ResidualCodec:
+        directory = Path(directory)
+        arrays = []
+        for name in CODEC_FILES:
+            try:
+                arrays.append(np.load(directory / name, allow_pickle=False))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{directory / name}: residual codec file missing") from None
+        return cls(*arrays)
+
+
+def default_n_centroids(n_tokens: int) -> int:
+    """ColBERTv2's rule: ``2 ** floor(log2(16 * sqrt(n_tokens)))``, at most ``n_tokens``.
+
+    >>> default_n_centroids(1_000_000), default_n_centroids(500), default_n_centroids(3)
+    (8192, 256, 3)
+    """
+    if n_tokens <= 0:
+        return 1
+    n = 1 << int(math.floor(math.log2(16 * math.sqrt(n_tokens))))
+    return int(max(1, min(n, n_tokens)))
+
+
+def _doc_chunks(offsets: np.ndarray, chunk_tokens: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ``[doc_start, doc_end)`` ranges of about ``chunk_tokens`` tokens each."""
+    n_docs = len(offsets) - 1
+    start = 0
+    while start < n_docs:
+        end = int(np.searchsorted(offsets, offsets[start] + chunk_tokens, side="right")) - 1
+        end = min(max(end, start + 1), n_docs)
+        yield start, end
+        start = end
+
+
+def _gather_index(offsets: np.ndarray, doc_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows of ``doc_indices`` back to back, and their offsets (no per-token loop)."""
+    starts = offsets[doc_indices]
+    lengths = offsets[doc_indices + 1] - starts
+    out_offsets = np.zeros(len(doc_indices) + 1, np.int64)
+    np.cumsum(lengths, out=out_offsets[1:])
+    total = int(out_offsets[-1])
+    rows = np.arange(total, dtype=np.int64) + np.repeat(starts - out_offsets[:-1], lengths)
+    return rows, out_offsets
+
+
+class TokenIndex:
+    """Memory-mapped token store with MaxSim reranking (see the module docstring for files)."""
+
+    def __init__(
+        self,
+        path: Path,
+        meta: dict[str, Any],
+        offsets: np.ndarray,
+        *,
+        tokens: np.ndarray | None = None,
+        codes: np.ndarray | None = None,
+        residuals: np.ndarray | None = None,
+        codec: ResidualCodec | None = None,
+        ivf: np.ndarray | None = None,
+        ivf_offsets: np.ndarray | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.offsets = offsets
+        self.tokens = tokens
+        self.codes = codes
+        self.residuals = residuals
+        self.codec = codec
+        self.ivf = ivf
+        self.ivf_offsets = ivf_offsets
+
+    # -- build --------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        doc_vectors: Sequence[np.ndarray],
+        path: Path,
+        *,
+        bits: int | None = 2,
+        n_centroids: int | None = None,
+        sample_tokens: int = 200_000,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> TokenIndex:
+        """Write a token index for ``doc_vectors`` into directory ``path``.
+
+        Parameters
+        ----------
+        doc_vectors
+            One ``[n_tokens_i, dim]`` float array (L2-normalized rows) per document, in
+            corpus order; a document may have zero tokens.
+        path
+            Output directory (created; existing index files in it are replaced).
+        bits
+            Residual bits per dimension (1, 2 or 4), or ``None`` for float16 storage.
+        n_centroids
+            Codec centroids; default :func:`default_n_centroids` of the token count.
+        sample_tokens
+            Tokens (sampled uniformly) used to train the codec.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if bits not in (None, 1, 2, 4):
+            raise ValueError(f"bits must be None, 1, 2 or 4, got {bits}")
+        if len(doc_vectors) == 0:
+            raise ValueError("no documents")
+        dims = {int(np.shape(v)[1]) for v in doc_vectors if np.ndim(v) == 2}
+        if len(dims) != 1 or any(np.ndim(v) != 2 for v in doc_vectors):
+            raise ValueError(f"every document needs a [n_tokens, dim] array with one common dim, got dims {dims}")
+        dim = dims.pop()
+        lengths = np.fromiter((len(v) for v in doc_vectors), dtype=np.int64, count=len(doc_vectors))
+        offsets = np.zeros(len(doc_vectors) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        n_tokens = int(offsets[-1])
+        chunks = list(_doc_chunks(offsets, _CHUNK_TOKENS))
+
+        def concat(a: int, b: int) -> np.ndarray:
+            parts = [np.asarray(v, dtype=np.float32) for v in doc_vectors[a:b]]
+            return np.concatenate(parts, axis=0) if parts else np.zeros((0, dim), np.float32)
+
+        def bar(items: list, desc: str):
+            if not progress:
+                return items
+            from tqdm import tqdm
+
+            return tqdm(items, desc=desc, unit="chunk")
+
+        for stale in (FP16_NAME, CODES_NAME, RESIDUALS_NAME, IVF_NAME, IVF_OFFSETS_NAME, *CODEC_FILES):
+            (path / stale).unlink(missing_ok=True)
+        (path / META_NAME).unlink(missing_ok=True)
+        payload: dict[str, np.ndarray] = {}
+        writers = _TmpArrays(path)
+        try:
+            codec: ResidualCodec | None = None
+            if bits is None:
+                tokens = writers.new(FP16_NAME, (n_tokens, dim), np.float16)
+                for a, b in bar(chunks, "token index (fp16)"):
+                    tokens[offsets[a] : offsets[b]] = concat(a, b)
+                n_centroids_used = 0
+            else:
+                if n_tokens == 0:
+                    raise ValueError("cannot train a residual codec without tokens; use bits=None")
+                rng = np.random.default_rng(seed)
+                n_sample = min(sample_tokens, n_tokens)
+                picked = np.sort(rng.choice(n_tokens, size=n_sample, replace=False))
+                sample_parts = []
+                for a, b in chunks:
+                    lo, hi = np.searchsorted(picked, [offsets[a], offsets[b]])
+                    if hi > lo:
+                        sample_parts.append(concat(a, b)[picked[lo:hi] - offsets[a]])
+                sample = np.concatenate(sample_parts, axis=0)
+                k = default_n_centroids(n_tokens) if n_centroids is None else int(n_centroids)
+                codec = ResidualCodec.train(sample, min(k, n_sample), bits, seed=seed)
+                del sample, sample_parts
+                codes = writers.new(CODES_NAME, (n_tokens,), codec.code_dtype)
+                residuals = writers.new(RESIDUALS_NAME, (n_tokens, codec.packed_dim), np.uint8)
+                for a, b in bar(chunks, f"token index ({bits}-bit)"):
+                    c, r = codec.compress(concat(a, b))
+                    codes[offsets[a] : offsets[b]] = c
+                    residuals[offsets[a] : offsets[b]] = r
+                payload[IVF_NAME], payload[IVF_OFFSETS_NAME] = _build_ivf(np.asarray(codes), offsets, codec.n_centroids)
+                n_centroids_used = codec.n_centroids
+                codec.save(path)
+            save_npy_atomic(path / OFFSETS_NAME, offsets)
+            for name, array in payload.items():
+                save_npy_atomic(path / name, array)
+            writers.commit()
+        finally:
+            writers.discard()
+        payload_names = (FP16_NAME, CODES_NAME, RESIDUALS_NAME)
+        token_bytes = sum((path / n).stat().st_size for n in payload_names if (path / n).exists())
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "type": "colbert-token-index",
+            "bits": bits,
+            "dim": dim,
+            "n_docs": len(doc_vectors),
+            "n_tokens": n_tokens,
+            "n_centroids": n_centroids_used,
+            "bytes_per_token": _bytes_per_token(bits, dim, n_centroids_used),
+            "token_bytes": token_bytes,
+            "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != META_NAME),
+            "compression": "per-dimension residual quantiles" if bits else "float16",
+        }
+        tmp = _tmp_name(path / META_NAME)
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path / META_NAME)
+        return cls.load(path)
+
+    # -- load ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Path, mmap: bool = True) -> TokenIndex:
+        """Open an index directory; arrays are memory-mapped read-only unless ``mmap=False``."""
+        path = Path(path)
+        meta_path = path / META_NAME
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{meta_path}: token index metadata missing (incomplete build?)") from None
+        mode: Literal["r"] | None = "r" if mmap else None
+
+        def arr(name: str) -> np.ndarray:
+            try:
+                return np.load(path / name, mmap_mode=mode, allow_pickle=False)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{path / name}: token index file missing") from None
+
+        offsets = np.asarray(arr(OFFSETS_NAME), dtype=np.int64)
+        n_docs, n_tokens, dim = int(meta["n_docs"]), int(meta["n_tokens"]), int(meta["dim"])
+        if offsets.shape != (n_docs + 1,) or int(offsets[-1]) != n_tokens:
+            raise ValueError(f"{path / OFFSETS_NAME}: shape {offsets.shape} disagrees with {META_NAME}")
+        if meta["bits"] is None:
+            tokens = arr(FP16_NAME)
+            if tokens.shape != (n_tokens, dim):
+                raise ValueError(f"{path / FP16_NAME}: shape {tokens.shape}, expected {(n_tokens, dim)}")
+            return cls(path, meta, offsets, tokens=tokens)
+        codec = ResidualCodec.load(path)
+        codes, residuals = arr(CODES_NAME), arr(RESIDUALS_NAME)
+        if codes.shape != (n_tokens,) or residuals.shape != (n_tokens, codec.packed_dim):
+            raise ValueError(f"{path}: codes {codes.shape} / residuals {residuals.shape} disagree with {META_NAME}")
+        ivf = ivf_offsets = None
+        if (path / IVF_NAME).exists():
+            ivf, ivf_offsets = arr(IVF_NAME), np.asarray(arr(IVF_OFFSETS_NAME))
+        return cls(path, meta, offsets, codes=codes, residuals=residuals, codec=codec, ivf=ivf, ivf_offsets=ivf_offsets)
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def n_docs(self) -> int:
+        return int(self.meta["n_docs"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.meta["n_tokens"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def bits(self) -> int | None:
+        return self.meta["bits"]
+
+    def bytes_per_token(self) -> int:
+        """On-disk payload bytes per token: code + packed residual, or ``2 * dim`` for fp16."""
+        return _bytes_per_token(self.bits, self.dim, int(self.meta.get("n_centroids") or 0))
+
+    def index_bytes(self) -> int:
+        """Total size of the files in the index directory."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def params(self) -> dict[str, Any]:
+        """Build parameters and sizes, for the artifact manifest."""
+        return {
+            "type": "colbert-token-index",
+            "bits": self.bits,
+            "dim": self.dim,
+            "n_docs": self.n_docs,
+            "n_tokens": self.n_tokens,
+            "n_centroids": int(self.meta.get("n_centroids") or 0),
+            "bytes_per_token": self.bytes_per_token(),
+            "index_bytes": self.index_bytes(),
+        }
+
+    # -- access -------------------------------------------------------------------------------
+    def doc_tokens(self, doc_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token vectors of ``doc_indices`` back to back (float32 ``[T, dim]``) and their
+        offsets ``[len(doc_indices) + 1]``; only those documents' rows are read."""
+        docs = np.asarray(doc_indices, dtype=np.int64).reshape(-1)
+        if docs.size and (docs.min() < 0 or docs.max() >= self.n_docs):
+            raise IndexError(f"document index out of range [0, {self.n_docs})")
+        rows, out_offsets = _gather_index(self.offsets, docs)
+        if self.tokens is not None:
+            return np.asarray(self.tokens[rows], dtype=np.float32), out_offsets
+        assert self.codec is not None and self.codes is not None and self.residuals is not None
+        return self.codec.decompress(self.codes[rows], self.residuals[rows]), out_offsets
+
+    def rerank(self, query_vectors: np.ndarray, doc_indices: np.ndarray) -> np.ndarray:
+        """MaxSim score (:func:`models.encoders.maxsim`) of one query ``[Lq, dim]`` against
+        each of ``doc_indices``; float32 ``[len(doc_indices)]`` in the given order."""
+        query = np.asarray(query_vectors, dtype=np.float32)
+        if query.ndim != 2 or query.shape[1] != self.dim:
+            raise ValueError(f"query must be [Lq, {self.dim}], got {query.shape}")
+        tokens, offsets = self.doc_tokens(doc_indices)
+        return maxsim(query, tokens, offsets)
+
+    def centroid_candidates(self, query_vectors: np.ndarray, k: int, ncells: int = 4) -> tuple[np.ndarray, np.ndarray]:
+        """PLAID-style first stage from centroid interaction alone (no residuals read).
+
+        Each query token probes its ``ncells`` best centroids; documents with a token in
+        any probed cell are candidates, scored by MaxSim over their tokens' *centroid*
+        scores. Returns the top-``k`` ``(doc_indices int64, approx_scores float32)``.
+        Needs a compressed index (``bits`` set).
+        """
+        if self.codec is None or self.ivf is None or self.ivf_offsets is None or self.codes is None:
+            raise ValueError("centroid_candidates needs a compressed token index (bits set)")
+        query = np.asarray(query_vectors, dtype=np.float32)
+        cscores = query @ self.codec.centroids.T  # [Lq, C]
+        ncells = max(1, min(ncells, cscores.shape[1]))
+        cells = np.unique(np.argpartition(-cscores, ncells - 1, axis=1)[:, :ncells])
+        positions, _ = _gather_index(np.asarray(self.ivf_offsets), cells)
+        docs = np.unique(np.asarray(self.ivf)[positions]).astype(np.int64)
+        if docs.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        rows, offsets = _gather_index(self.offsets, docs)
+        token_scores = cscores.T[np.asarray(self.codes[rows], dtype=np.int64)]  # [T, Lq]
+        lengths = np.diff(offsets)
+        approx = np.zeros((len(docs), query.shape[0]), np.float32)
+        nonempty = lengths > 0
+        approx[nonempty] = np.maximum.reduceat(token_scores, offsets[:-1][nonempty], axis=0)
+        total = approx.sum(axis=1)
+        k = min(k, len(docs))
+        top = np.argpartition(-total, k - 1)[:k]
+        top = top[np.argsort(-total[top], kind="stable")]
+        return docs[top], total[top]
+
+    def __repr__(self) -> str:
+        return f"TokenIndex({self.path}, bits={self.bits}, n_docs={self.n_docs}, n_tokens={self.n_tokens})"
+
+
+class _TmpArrays:
+    """``.npy`` files filled in place through ``open_memmap`` under temporary names, then
+    moved into place together by :meth:`commit` (or deleted by :meth:`discard`)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.pending: dict[str, tuple[Path, np.ndarray]] = {}
+
+    def new(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        tmp = _tmp_name(self.directory / name)
+        if int(np.prod(shape)) == 0:  # numpy cannot map an empty array
+            array = np.zeros(shape, dtype)
+        else:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        self.pending[name] = (tmp, array)
+        return array
+
+    def commit(self) -> None:
+        for name, (tmp, array) in list(self.pending.items()):
+            if isinstance(array, np.memmap):
+                array.flush()
+            else:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, array, allow_pickle=False)
+            os.replace(tmp, self.directory / name)
+            del self.pending[name]
+
+    def discard(self) -> None:
+        for tmp, _ in self.pending.values():
+            tmp.unlink(missing_ok=True)
+        self.pending.clear()
+
+
+def _bytes_per_token(bits: int | None, dim: int, n_centroids: int) -> int:
+    if bits is None:
+        return 2 * dim
+    return _code_dtype(n_centroids).itemsize + dim * bits // 8
+
+
+def _build_ivf(codes: np.ndarray, offsets: np.ndarray, n_centroids: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centroid -> sorted unique doc ids (``ivf``), with ``ivf_offsets [n_centroids + 1]``."""
+    n_docs = len(offsets) - 1
+    doc_of_token = np.repeat(np.arange(n_docs, dtype=np.int64), np.diff(offsets))
+    keys = np.unique(codes.astype(np.int64) * n_docs + doc_of_token)
+    cells, docs = np.divmod(keys, n_docs)
+    ivf_offsets = np.zeros(n_centroids + 1, np.int64)
+    np.cumsum(np.bincount(cells, minlength=n_centroids), out=ivf_offsets[1:])
+    doc_dtype = np.int32 if n_docs < 2**31 else np.int64
+    return docs.astype(doc_dtype), ivf_offsets
