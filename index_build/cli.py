@@ -62,6 +62,28 @@ def all_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def artifact(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Build (or refresh) the artifact directory after the students are exported."""
+    p = _pipeline(config, set_)
+    p.run_all()
+    typer.echo(json.dumps(p.records["artifact"].result, indent=2))
+
+
+@app.command()
+def verify(path: Path, quick: bool = typer.Option(False, help="sizes only, skip hashing")) -> None:
+    """Check every checksum and cross-reference of an artifact dir; fail on the first problem."""
+    from models.artifacts import ArtifactError
+    from models.artifacts import verify as verify_dir
+
+    try:
+        m = verify_dir(path, deep=not quick)
+    except ArtifactError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"ok: {path} artifact_version={m.artifact_version} docs={m.corpus.n_docs} files={len(m.files)}")
+
+
+@app.command()
 def check_data(path: Path) -> None:
     """Validate a BEIR folder and print its counts (errors name file and line)."""
     from index_build.data import DataError, load_collection

@@ -53,7 +53,38 @@ def test_rerun_is_cached_and_change_redoes_only_downstream(built, tiny_beir, tin
     p3 = Pipeline(changed, progress=False)
     p3.run_all()
     ran = {n for n, r in p3.records.items() if not r.cached}
-    assert ran == {"distill-colbert", "export-colbert", "evaluate"}
+    assert ran == {"distill-colbert", "export-colbert", "evaluate", "artifact"}
+
+
+def test_artifact_is_verified_and_complete(built):
+    from models.artifacts import verify
+    from models.dense_index import DenseIndex
+    from models.docstore import DocStore
+    from models.token_index import TokenIndex
+
+    root, cfg, p, _ = built
+    art = root / "artifacts"
+    m = verify(art)
+    assert m.corpus.n_docs == 60 and set(m.models) == {"dense", "colbert", "cross-encoder"}
+    assert {"dense", "colbert", "bm25"} <= set(m.indexes)
+    assert DenseIndex.load(art / m.indexes["dense"]["path"]).ntotal == 60
+    assert TokenIndex.load(art / m.indexes["colbert"]["path"]).n_docs == 60
+    with DocStore.open(art / m.docstore["path"]) as ds:
+        assert ds.ids == p.collection.doc_ids
+    assert m.training["label_free"] is False
+    assert m.build["stages"]["distill-dense"]["seconds"] >= 0
+
+
+def test_verify_cli(built):
+    from typer.testing import CliRunner
+
+    from index_build.cli import app
+
+    root = built[0]
+    res = CliRunner().invoke(app, ["verify", str(root / "artifacts")])
+    assert res.exit_code == 0 and "ok:" in res.output
+    res = CliRunner().invoke(app, ["verify", str(root / "nowhere")])
+    assert res.exit_code == 1
 
 
 def test_training_loss_falls(tiny_beir, tiny_bert, tmp_path):
