@@ -40,6 +40,7 @@ def build_artifact(
     factory: str | None = None,
     colbert_bits: int | None = 2,
     nprobe: int | None = None,
+    hybrid: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     build: dict[str, Any] | None = None,
     progress: bool = False,
@@ -78,6 +79,8 @@ def build_artifact(
         if bm25 is not None:
             bm25.save(root / "bm25")
             indexes["bm25"] = {"type": "bm25s", "path": "bm25", **bm25.config.__dict__}
+        if hybrid is not None:
+            indexes["hybrid"] = {"type": "fusion", "members": ["dense", "bm25"], **hybrid}
         DocStore.build(root / "docs.sqlite", ((d.id, d.title, d.text) for d in collection.docs), progress=progress)
         return w.finalize({
             "corpus": {"checksum": collection.checksum(), "n_docs": len(collection.docs),

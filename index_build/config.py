@@ -23,6 +23,21 @@ class DataConfig:
 
 
 @dataclass
+class LabelFreeConfig:
+    """Pseudo-queries for corpora without training queries/qrels."""
+
+    generators: list[dict] = field(default_factory=lambda: [
+        {"kind": "title"}, {"kind": "sentence", "per_doc": 2}, {"kind": "keyphrase", "n_terms": 5},
+    ])
+    per_doc: int = 2
+    budget: int | None = None    # None: default_budget(n_docs)
+    round_trip_top_k: int = 3    # keep a query if its source doc is in the teacher's top-k
+    min_words: int = 2
+    max_words: int = 48
+    dev_queries: int = 200       # held-out pseudo-queries for model selection and hybrid tuning
+
+
+@dataclass
 class TeacherConfig:
     members: list[dict] = field(default_factory=lambda: [
         {"kind": "bm25", "weight": 1.0},
@@ -67,6 +82,7 @@ class BuildConfig:
     threads: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    label_free: LabelFreeConfig = field(default_factory=LabelFreeConfig)
     students: StudentConfig = field(default_factory=StudentConfig)
     train: dict[str, TrainConfig] = field(default_factory=lambda: {
         "dense": TrainConfig(),

@@ -163,6 +163,8 @@ class Pipeline:
 
     # ----------------------------------------------------------------- stages
     def mine_key(self) -> str:
+        if self.label_free:
+            return self.key("mine", self.cfg.section_hash("data", "teacher", "students", "label_free"), "label-free")
         return self.key("mine", self.cfg.section_hash("data", "teacher", "students"))
 
     def mine(self) -> StageRecord:
@@ -171,10 +173,7 @@ class Pipeline:
             from index_build.teachers import cached_teacher_scores
 
             if self.label_free:
-                raise RuntimeError(
-                    f"{self.cfg.data.path}: no training queries with qrels in split {self.cfg.data.train_split!r}; "
-                    "the label-free path (pseudo-queries) is not available in this build yet"
-                )
+                return self.mine_label_free(out)
             col = self.collection
             train_q = col.split_queries(self.cfg.data.train_split)
             qids = list(train_q)
@@ -198,12 +197,66 @@ class Pipeline:
                                                 [sorted(p) for p in positives(dev_ids)])
             with (out / "examples.pkl").open("wb") as f:
                 pickle.dump({"examples": examples, "dev": {"qids": dev_ids, "queries": dev_texts,
-                                                           "pools": dev_pools}}, f)
+                                                           "pools": dev_pools,
+                                                           "qrels": {q: qrels[q] for q in dev_ids}}}, f)
             return {"train_queries": len(train_ids), "examples": len(examples), "dev_queries": len(dev_ids),
                     "mean_pool": float(np.mean([len(p) for p in pools])),
                     "mean_negatives": float(np.mean([len(e.negatives) for e in examples]))}
 
         return self.stage("mine", self.mine_key(), run)
+
+    def mine_label_free(self, out: Path) -> dict:
+        """GPL-style: pseudo-queries from the corpus, filtered (incl. round trip through the
+        teacher), BM25 + base-dense hard negatives, the teacher scores every pair."""
+        from index_build.pseudo_queries import (
+            default_budget,
+            filter_queries,
+            make_generator,
+            round_trip_filter,
+        )
+        from index_build.sampling import make_examples
+        from index_build.teachers import cached_teacher_scores
+
+        lf = self.cfg.label_free
+        docs = self.collection.docs
+        generated = [q for spec in lf.generators for q in make_generator(spec).generate(docs)]
+        budget = lf.budget or default_budget(len(docs))
+        # over-generate before the round trip (it drops a share), then cap to the budget
+        kept, stats = filter_queries(generated, docs, min_words=lf.min_words, max_words=lf.max_words,
+                                     per_doc=lf.per_doc, budget=int(budget * 1.5) + lf.dev_queries)
+        texts = [q.text for q in kept]
+        pools, rankings = self.candidate_pools(texts, self.cfg.teacher.pool_depth, [[q.doc] for q in kept])
+        t_scores = cached_teacher_scores(self.teacher, self.cache, texts, pools, progress=self.progress)
+        keep = round_trip_filter(kept, pools, t_scores, top_k=lf.round_trip_top_k)
+        stats["round_trip_dropped"] = int(len(keep) - sum(keep))
+        idx = [i for i, k in enumerate(keep) if k]
+        rng = random.Random(0)
+        rng.shuffle(idx)
+        n_dev = min(lf.dev_queries, len(idx) // 5)
+        dev_idx, train_idx = sorted(idx[:n_dev]), sorted(idx[n_dev : n_dev + budget])
+        qids = [f"pq{i}" for i in range(len(kept))]
+        examples = make_examples([qids[i] for i in train_idx], [texts[i] for i in train_idx],
+                                 [pools[i] for i in train_idx], [t_scores[i] for i in train_idx],
+                                 [r[train_idx] for r in rankings], positives=[{kept[i].doc} for i in train_idx],
+                                 neg_depth=self.cfg.students.neg_depth)
+        dev_texts = [texts[i] for i in dev_idx]
+        dev_pools, _ = self.candidate_pools(dev_texts, self.cfg.students.dev_pool_depth,
+                                            [[kept[i].doc] for i in dev_idx])
+        doc_ids = self.collection.doc_ids
+        dev = {"qids": [qids[i] for i in dev_idx], "queries": dev_texts, "pools": dev_pools,
+               "qrels": {qids[i]: {doc_ids[kept[i].doc]: 1} for i in dev_idx}}
+        with (out / "examples.pkl").open("wb") as f:
+            pickle.dump({"examples": examples, "dev": dev}, f)
+        by_gen: dict[str, int] = {}
+        for i in train_idx:
+            by_gen[kept[i].generator] = by_gen.get(kept[i].generator, 0) + 1
+        with (out / "pseudo_queries.tsv").open("w") as f:
+            for i in train_idx + dev_idx:
+                f.write(f"{qids[i]}\t{doc_ids[kept[i].doc]}\t{kept[i].generator}\t{texts[i]}\n")
+        return {"label_free": True, "generated": len(generated), "filters": stats,
+                "pseudo_queries": len(train_idx), "dev_queries": len(dev_idx), "by_generator": by_gen,
+                "generators": lf.generators, "examples": len(examples),
+                "mean_negatives": float(np.mean([len(e.negatives) for e in examples])) if examples else 0.0}
 
     def load_mined(self) -> dict:
         with (self.work / "mine" / "examples.pkl").open("rb") as f:
@@ -245,8 +298,8 @@ class Pipeline:
     def dev_evaluator(self, dev: dict) -> Callable | None:
         if not dev["qids"]:
             return None
-        qrels = {q: {d: g for d, g in self.collection.qrels[self.cfg.data.train_split][q].items()}
-                 for q in dev["qids"]}
+        train_qrels = self.collection.qrels.get(self.cfg.data.train_split, {})
+        qrels = dev.get("qrels") or {q: train_qrels[q] for q in dev["qids"]}
         doc_ids = self.collection.doc_ids
 
         def evaluate(student) -> float:
@@ -340,6 +393,9 @@ class Pipeline:
 
         col, depth = self.collection, self.cfg.evaluate.rerank_depth
         split = self.cfg.data.test_split
+        if split not in col.qrels:
+            log.warning("no %r judgments in %s: nothing to evaluate on this corpus", split, self.cfg.data.path)
+            return {}
         tq = col.split_queries(split)
         qids, texts = list(tq), list(tq.values())
         qrels, doc_ids = col.qrels[split], col.doc_ids
@@ -478,13 +534,18 @@ class Pipeline:
                 colbert = [toks[i] for i in range(len(self.corpus_texts))]
             stages = {n: {"seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes}
                       for n, r in self.records.items()}
+            hybrid = self.tune_hybrid(dense)
+            training: dict[str, Any] = {
+                "label_free": self.label_free, "teacher": self.cfg.teacher.members,
+                "students": {k: self.records[f"distill-{k}"].result for k in kinds if f"distill-{k}" in self.records},
+            }
+            if self.label_free and "mine" in self.records:
+                training["pseudo_queries"] = self.records["mine"].result
             build_artifact(
                 final, collection=self.collection, onnx_dirs={k: self.onnx_dir(k) for k in kinds},
                 dense_vectors=dense, colbert_vectors=colbert, bm25=self.bm25, factory=self.cfg.index.factory,
-                colbert_bits=self.cfg.index.colbert_bits, nprobe=self.cfg.index.nprobe,
-                training={"label_free": self.label_free, "teacher": self.cfg.teacher.members,
-                          "students": {k: self.records[f"distill-{k}"].result for k in kinds
-                                       if f"distill-{k}" in self.records}},
+                colbert_bits=self.cfg.index.colbert_bits, nprobe=self.cfg.index.nprobe, hybrid=hybrid,
+                training=training,
                 build={"key": key, "config": _jsonable(self.cfg), "stages": stages},
                 progress=self.progress,
             )
@@ -499,6 +560,38 @@ class Pipeline:
                 log.warning("artifact dir %s no longer valid (%s): rebuilding", final, e)
                 return self.stage("artifact", key, run, force=True)
         return self.stage("artifact", key, run)
+
+    def tune_hybrid(self, dense_vectors: np.ndarray, depth: int = 100) -> dict[str, Any]:
+        """Choose the dense weight of the hybrid (z-score fusion of dense and BM25 top-``depth``)
+        on the dev slice: held-out train queries, or held-out pseudo-queries when label-free.
+        Never on test judgments."""
+        from index_build.teachers import exact_topk
+        from models.encoders import DenseEncoder
+        from models.fusion import fuse_ranked_lists
+
+        dev = self.load_mined()["dev"]
+        if not dev["qids"]:
+            return {"method": "zscore", "dense_weight": 0.5, "sparse_weight": 0.5, "depth": depth,
+                    "tuned_on": "default (no dev queries)"}
+        train_qrels = self.collection.qrels.get(self.cfg.data.train_split, {})
+        qrels = dev.get("qrels") or {q: train_qrels[q] for q in dev["qids"]}
+        doc_ids = self.collection.doc_ids
+        enc = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads)
+        ds, di = exact_topk(dense_vectors, enc.encode_queries(dev["queries"]), depth)
+        bs, bi = self.bm25.search(dev["queries"], depth)
+        scores: dict[str, float] = {}
+        for w in [round(0.1 * i, 1) for i in range(11)]:
+            run = {}
+            for r, qid in enumerate(dev["qids"]):
+                dl = {int(j): float(s) for s, j in zip(ds[r], di[r]) if j >= 0}
+                sl = {int(j): float(s) for s, j in zip(bs[r], bi[r]) if j >= 0}
+                fused = fuse_ranked_lists([dl, sl], [w, 1.0 - w], method="zscore")
+                run[qid] = {doc_ids[d]: s for d, s in fused}
+            scores[str(w)] = metrics(qrels, run)["nDCG@10"]
+        best = max(scores, key=lambda k: (scores[k], -abs(float(k) - 0.5)))
+        return {"method": "zscore", "dense_weight": float(best), "sparse_weight": round(1.0 - float(best), 1),
+                "depth": depth, "tuned_on": "pseudo-query dev slice" if self.label_free else "train dev slice",
+                "dev_nDCG@10": scores}
 
     # ----------------------------------------------------------------- orchestration
     def run_all(self) -> dict:

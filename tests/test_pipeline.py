@@ -123,13 +123,3 @@ def test_training_resumes_from_checkpoint(tiny_beir, tiny_bert, tmp_path):
     assert resumed.steps == full.steps
     assert resumed.loss_history[:3] == part.loss_history
     assert resumed.loss_history == pytest.approx(full.loss_history, rel=1e-3)
-
-
-def test_label_free_corpus_is_refused_clearly(tmp_path, tiny_bert):
-    from tests.tiny import write_tiny_beir
-
-    data = write_tiny_beir(tmp_path / "bare", with_labels=False)
-    p = Pipeline(load_config(overrides=tiny_overrides(data, tiny_bert, tmp_path)), progress=False)
-    assert p.label_free
-    with pytest.raises(RuntimeError, match="no training queries"):
-        p.mine()

@@ -85,3 +85,27 @@ def write_tiny_bert(root: Path, corpus_dir: Path, seed: int = 0) -> Path:
     (root / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizerFast",
                                                             "do_lower_case": True}))
     return root
+
+
+def write_tiny_seq2seq(root: Path, corpus_dir: Path, seed: int = 0) -> Path:
+    """A 1-layer BART with random weights and a word-level tokenizer trained on the corpus."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+
+    root.mkdir(parents=True, exist_ok=True)
+    texts = [json.loads(line)["text"] for line in (corpus_dir / "corpus.jsonl").read_text().splitlines()]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<s>", "<pad>", "</s>", "<unk>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(str(root))
+    torch.manual_seed(seed)
+    config = BartConfig(vocab_size=tok.get_vocab_size(), d_model=16, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                        max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                        decoder_start_token_id=2, forced_eos_token_id=2)
+    BartForConditionalGeneration(config).save_pretrained(str(root))
+    return root

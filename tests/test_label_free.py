@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index_build.data import Doc, load_collection
+from index_build.pseudo_queries import (
+    KeyphraseGenerator,
+    PseudoQuery,
+    SentenceGenerator,
+    TitleGenerator,
+    filter_queries,
+    is_near_copy,
+    make_generator,
+    round_trip_filter,
+)
+
+DOCS = [
+    Doc("a", "Vitamin D and fractures", "Vitamin D deficiency raises fracture risk. Calcium intake was measured in "
+        "elderly women over ten years. The trial was randomized."),
+    Doc("b", "", "Tumor cells spread by metastasis. Chemotherapy reduced colorectal cancer growth in mice."),
+    Doc("c", "Short", "tiny"),
+]
+
+
+def test_title_generator():
+    qs = TitleGenerator().generate(DOCS)
+    assert [(q.text, q.doc) for q in qs] == [("Vitamin D and fractures", 0), ("Short", 2)]
+
+
+def test_sentence_generator_prefers_informative_sentences():
+    qs = SentenceGenerator(per_doc=1, min_words=4).generate(DOCS)
+    assert {q.doc for q in qs} == {0, 1}
+    assert all(q.generator == "sentence" and q.text.endswith(".") for q in qs)
+    assert qs[0].text in DOCS[0].text
+
+
+def test_keyphrase_generator_terms_in_text_order():
+    qs = KeyphraseGenerator(n_terms=3).generate(DOCS)
+    by_doc = {q.doc: q.text.split() for q in qs}
+    words = [w.lower().strip(".") for w in DOCS[1].text.split()]
+    positions = [words.index(w) for w in by_doc[1]]
+    assert positions == sorted(positions) and len(by_doc[1]) == 3
+    assert 2 not in by_doc  # too few content words
+
+
+def test_seq2seq_generator_with_tiny_random_model(tiny_beir, tmp_path):
+    pytest.importorskip("torch")
+    from tests.tiny import write_tiny_seq2seq
+
+    model = write_tiny_seq2seq(tmp_path / "bart", tiny_beir)
+    gen = make_generator({"kind": "seq2seq", "model_ref": str(model), "per_doc": 2, "max_new_tokens": 6})
+    docs = load_collection(tiny_beir).docs[:3]
+    qs = gen.generate(docs)
+    assert len(qs) == 6 and [q.doc for q in qs] == [0, 0, 1, 1, 2, 2]
+    assert all(isinstance(q.text, str) for q in qs)
+
+
+def test_unknown_generator():
+    with pytest.raises(ValueError, match="unknown pseudo-query generator"):
+        make_generator({"kind": "oracle"})
+
+
+def test_filters_drop_copies_duplicates_and_cap():
+    copied = PseudoQuery(DOCS[1].text, 1, "sentence")  # the whole text: a near-copy
+    qs = [
+        copied,
+        PseudoQuery("vitamin fracture risk", 0, "keyphrase"),
+        PseudoQuery("Vitamin   fracture RISK", 0, "keyphrase"),  # duplicate after normalization
+        PseudoQuery("calcium", 0, "keyphrase"),  # too short
+        PseudoQuery("elderly calcium intake", 0, "keyphrase"),
+        PseudoQuery("randomized trial women", 0, "keyphrase"),  # over the per-doc cap of 2
+    ]
+    assert is_near_copy(copied.text, DOCS[1])
+    kept, stats = filter_queries(qs, DOCS, min_words=2, per_doc=2)
+    texts = {q.text for q in kept}
+    assert copied.text not in texts and "calcium" not in texts
+    assert len(kept) == 2 and all(q.doc == 0 for q in kept)
+    assert stats["near_copy"] == 1 and stats["duplicate"] == 1 and stats["too_short"] == 1
+    assert stats["per_doc_cap"] == 1
+    few, s2 = filter_queries(qs, DOCS, per_doc=5, budget=1)
+    assert len(few) == 1 and s2["budget"] >= 1
+
+
+def test_round_trip_keeps_only_queries_whose_source_ranks_high():
+    qs = [PseudoQuery("q1", 5, "x"), PseudoQuery("q2", 7, "x")]
+    pools = [np.array([1, 5, 9]), np.array([7, 2, 3, 4])]
+    scores = [np.array([0.1, 0.9, 0.3]), np.array([0.0, 0.9, 0.8, 0.7])]
+    assert round_trip_filter(qs, pools, scores, top_k=1) == [True, False]
+    assert round_trip_filter(qs, pools, scores, top_k=4) == [True, True]
+
+
+def test_label_free_switch_and_pipeline(tmp_path, tiny_bert):
+    pytest.importorskip("torch")
+    import json
+
+    from index_build.config import load_config
+    from index_build.stages import Pipeline
+    from tests.conftest import tiny_overrides
+    from tests.tiny import write_tiny_beir
+
+    data = write_tiny_beir(tmp_path / "bare", with_labels=False)
+    cfg = load_config(overrides=tiny_overrides(data, tiny_bert, tmp_path, "label_free.dev_queries=5",
+                                               'students.kinds=["dense", "colbert"]'))
+    p = Pipeline(cfg, progress=False)
+    assert p.label_free
+    rec = p.mine()
+    assert rec.result["label_free"] and rec.result["pseudo_queries"] > 20
+    assert set(rec.result["by_generator"]) <= {"title", "sentence", "keyphrase"}
+    assert (tmp_path / "work" / "mine" / "pseudo_queries.tsv").is_file()
+    p.run_all()
+    from models.artifacts import verify
+
+    m = verify(tmp_path / "artifacts")
+    assert m.training["label_free"] is True
+    assert m.training["pseudo_queries"]["generators"] == cfg.label_free.generators
+    assert "hybrid" in m.indexes and 0.0 <= m.indexes["hybrid"]["dense_weight"] <= 1.0
+    assert json.loads((tmp_path / "results" / "bare.json").read_text())["systems"] == {}
+
+
+def test_label_free_flag_ignores_labels(tmp_path, tiny_beir, tiny_bert):
+    from index_build.config import load_config
+    from index_build.stages import Pipeline
+    from tests.conftest import tiny_overrides
+
+    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "data.label_free=true"))
+    assert Pipeline(cfg, progress=False).label_free
+    cfg2 = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path))
+    assert not Pipeline(cfg2, progress=False).label_free
