@@ -62,6 +62,7 @@ class StudentConfig:
 @dataclass
 class EvalConfig:
     rerank_depth: int = 100
+    mode: str = "retrieval"      # retrieval: full-corpus first stages on the test split; rerank: TREC DL run
     trec_dl: list[str] = field(default_factory=lambda: ["../shared/data/trec-dl/dl19", "../shared/data/trec-dl/dl20"])
     results_dir: str = "benchmarks/results"
     name: str = ""               # results file stem (default: the collection folder name)

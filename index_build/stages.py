@@ -368,11 +368,16 @@ class Pipeline:
     # ----------------------------------------------------------------- evaluation
     def evaluate_key(self) -> str:
         kinds = self.cfg.students.kinds
-        return self.key("evaluate", self.cfg.section_hash("evaluate"), *[self.export_key(k) for k in kinds])
+        ev = self.cfg.section_hash("evaluate") if self.cfg.evaluate.mode != "retrieval" else _hash_without(
+            self.cfg, "evaluate", "mode")  # keys written before `mode` existed stay valid
+        return self.key("evaluate", ev, *[self.export_key(k) for k in kinds])
 
     def evaluate(self) -> StageRecord:
         def run(out: Path) -> dict:
-            collection_result = self.evaluate_collection()
+            if self.cfg.evaluate.mode == "rerank":  # a TREC DL pool: rerank its BM25 run
+                collection_result = self.evaluate_trec(Path(self.cfg.data.path))
+            else:
+                collection_result = self.evaluate_collection()
             trec = {}
             for path in self.cfg.evaluate.trec_dl:
                 if Path(path).is_dir():
@@ -389,7 +394,8 @@ class Pipeline:
         the distilled dense student's top-``rerank_depth``."""
         from index_build.export import INT8_NAME
         from index_build.teachers import cached_teacher_scores, exact_topk
-        from models.encoders import ColbertEncoder, CrossEncoderScorer, DenseEncoder, maxsim
+        from models.encoders import CrossEncoderScorer, DenseEncoder
+        from models.fusion import fuse_ranked_lists
 
         col, depth = self.collection, self.cfg.evaluate.rerank_depth
         split = self.cfg.data.test_split
@@ -418,19 +424,24 @@ class Pipeline:
             dense8 = DenseEncoder(self.onnx_dir("dense"), onnx_file=INT8_NAME, threads=self.cfg.threads)
             s8, i8 = exact_topk(self.dense_corpus(INT8_NAME), dense8.encode_queries(texts), depth)
             systems["dense-int8"] = metrics(qrels, run_from_arrays(qids, doc_ids, s8, i8))
+        dense_lists = [[int(j) for j in row if j >= 0] for row in d_i]
         if "colbert" in kinds:
-            files = ["model.onnx"] + ([INT8_NAME] if self.cfg.export_int8 else [])
-            for f in files:
-                enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=f, threads=self.cfg.threads)
-                toks = self.colbert_corpus(f, subset=d_i.reshape(-1))
-                qv = enc.encode_queries(texts)
-                run = {}
-                for r, qid in enumerate(qids):
-                    cands = [int(j) for j in d_i[r] if j >= 0]
-                    offsets = np.cumsum([0] + [len(toks[j]) for j in cands])
-                    sc = maxsim(qv[r], np.concatenate([toks[j] for j in cands]), offsets)
-                    run[qid] = {doc_ids[j]: float(s) for j, s in zip(cands, sc)}
+            for f in ["model.onnx"] + ([INT8_NAME] if self.cfg.export_int8 else []):
+                run = self.colbert_rerank(qids, texts, dense_lists, f)
                 systems["dense+colbert" + ("-int8" if f == INT8_NAME else "")] = metrics(qrels, run)
+        # hybrid first stage: z-score fusion of dense and BM25 top-depth, weight tuned on the dev slice
+        hybrid = self.tune_hybrid(self.dense_corpus(), depth)
+        w = hybrid["dense_weight"]
+        hybrid_run, hybrid_lists = {}, []
+        for r, qid in enumerate(qids):
+            dl = {int(j): float(x) for x, j in zip(d_s[r], d_i[r]) if j >= 0}
+            sl = {int(j): float(x) for x, j in zip(bm_s[r], bm_i[r]) if j >= 0}
+            fused = fuse_ranked_lists([dl, sl], [w, 1.0 - w], method="zscore")[:depth]
+            hybrid_run[qid] = {doc_ids[d]: x for d, x in fused}
+            hybrid_lists.append([d for d, _ in fused])
+        systems["hybrid"] = metrics(qrels, hybrid_run)
+        if "colbert" in kinds:
+            systems["hybrid+colbert"] = metrics(qrels, self.colbert_rerank(qids, texts, hybrid_lists))
         if "cross-encoder" in kinds:
             ce = CrossEncoderScorer(self.onnx_dir("cross-encoder"), threads=self.cfg.threads)
             run = {}
@@ -442,6 +453,23 @@ class Pipeline:
                 run[qid] = {doc_ids[j]: float(s) for j, s in zip(cands, sc)}
             systems["dense+cross-encoder"] = metrics(qrels, run)
         return systems
+
+    def colbert_rerank(self, qids: list[str], texts: list[str], candidates: list[list[int]],
+                       onnx_file: str = "model.onnx") -> dict[str, dict[str, float]]:
+        """MaxSim of the ColBERT student over each query's candidate corpus indices."""
+        from models.encoders import ColbertEncoder, maxsim
+
+        enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=onnx_file, threads=self.cfg.threads)
+        toks = self.colbert_corpus(onnx_file, subset=np.array([j for c in candidates for j in c], dtype=np.int64))
+        qv = enc.encode_queries(texts)
+        doc_ids = self.collection.doc_ids
+        run = {}
+        for r, qid in enumerate(qids):
+            cands = candidates[r]
+            offsets = np.cumsum([0] + [len(toks[j]) for j in cands])
+            sc = maxsim(qv[r], np.concatenate([toks[j] for j in cands]), offsets)
+            run[qid] = {doc_ids[j]: float(x) for j, x in zip(cands, sc)}
+        return run
 
     def evaluate_trec(self, path: Path) -> dict[str, dict[str, float]]:
         """Rerank the BM25 run's top-100 of a TREC DL pool with every scoring model."""
@@ -491,7 +519,17 @@ class Pipeline:
         systems["teacher"] = metrics(qrels, teacher_run, min_rel=2)
         kinds = self.cfg.students.kinds
         if "dense" in kinds:
-            systems["dense"] = metrics(qrels, score_all(dense_fn(DenseEncoder(self.onnx_dir("dense")))), min_rel=2)
+            dense_run = score_all(dense_fn(DenseEncoder(self.onnx_dir("dense"))))
+            systems["dense"] = metrics(qrels, dense_run, min_rel=2)
+            if self.cfg.evaluate.mode == "rerank" and Path(self.cfg.data.path).resolve() == path.resolve():
+                # students trained on this pool: the hybrid fuses BM25 with them (weight from the dev slice)
+                hw = self.tune_hybrid(self.dense_corpus())["dense_weight"]
+                hybrid_run = {}
+                for qid, cs in zip(qids, cands):
+                    fused = hw * normalize(np.array([dense_run[qid][c] for c in cs])) + (1 - hw) * normalize(
+                        np.array([dict(run_in[qid])[c] for c in cs]))
+                    hybrid_run[qid] = dict(zip(cs, map(float, fused)))
+                systems["hybrid"] = metrics(qrels, hybrid_run, min_rel=2)
             if self.cfg.export_int8:
                 enc8 = DenseEncoder(self.onnx_dir("dense"), onnx_file=INT8_NAME)
                 systems["dense-int8"] = metrics(qrels, score_all(dense_fn(enc8)), min_rel=2)
@@ -504,6 +542,8 @@ class Pipeline:
                 return maxsim(cb.encode_queries([q])[0], np.concatenate(toks), offsets)
 
             systems["dense+colbert"] = metrics(qrels, score_all(colbert_fn), min_rel=2)
+            if "hybrid" in systems:  # reranking the same 100 candidates: the hybrid's order does not matter
+                systems["hybrid+colbert"] = systems["dense+colbert"]
         if "cross-encoder" in kinds:
             ce = CrossEncoderScorer(self.onnx_dir("cross-encoder"))
             systems["dense+cross-encoder"] = metrics(
@@ -640,3 +680,12 @@ def _jsonable(cfg: BuildConfig) -> dict:
     from dataclasses import asdict
 
     return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def _hash_without(cfg: BuildConfig, section: str, *drop: str) -> str:
+    import hashlib
+    from dataclasses import asdict
+
+    data = {k: v for k, v in asdict(getattr(cfg, section)).items() if k not in drop}
+    payload = json.dumps({section: data}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

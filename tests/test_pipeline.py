@@ -12,7 +12,8 @@ from index_build.config import load_config  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 
-SYSTEMS = {"bm25", "teacher", "base-dense", "dense", "dense-int8", "dense+colbert", "dense+cross-encoder"}
+SYSTEMS = {"bm25", "teacher", "base-dense", "dense", "dense-int8", "dense+colbert", "dense+cross-encoder",
+           "hybrid", "hybrid+colbert"}
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,34 @@ def test_training_resumes_from_checkpoint(tiny_beir, tiny_bert, tmp_path):
     assert resumed.steps == full.steps
     assert resumed.loss_history[:3] == part.loss_history
     assert resumed.loss_history == pytest.approx(full.loss_history, rel=1e-3)
+
+
+def test_rerank_mode_on_a_trec_style_pool(tmp_path, tiny_bert):
+    """Label-free distillation on a pool, then rerank its BM25 run (the TREC DL protocol)."""
+    import shutil
+
+    from models.sparse_index import BM25Index
+    from tests.tiny import write_tiny_beir
+
+    data = write_tiny_beir(tmp_path / "pool")
+    shutil.rmtree(data / "qrels")
+    write_tiny_beir(tmp_path / "full")
+    (data / "qrels").mkdir()
+    shutil.copyfile(tmp_path / "full" / "qrels" / "test.tsv", data / "qrels" / "test.tsv")
+    from index_build.data import load_collection
+
+    col = load_collection(data)
+    bm = BM25Index.build(col.doc_texts())
+    (data / "runs").mkdir()
+    with (data / "runs" / "BM25.trec").open("w") as f:
+        for qid in col.qrels["test"]:
+            s, i = bm.search([col.queries[qid]], 20)
+            for rank, (x, j) in enumerate(zip(s[0], i[0]), start=1):
+                if j >= 0:
+                    f.write(f"{qid} Q0 {col.docs[int(j)].id} {rank} {x:.4f} bm25\n")
+    cfg = load_config(overrides=tiny_overrides(data, tiny_bert, tmp_path, "data.label_free=true",
+                                               'evaluate.mode="rerank"', "evaluate.rerank_depth=20",
+                                               'students.kinds=["dense", "colbert"]', "label_free.dev_queries=5"))
+    p = Pipeline(cfg, progress=False)
+    systems = p.run_all()["systems"]
+    assert {"bm25", "base-dense", "teacher", "dense", "dense+colbert", "hybrid", "hybrid+colbert"} <= set(systems)
