@@ -80,6 +80,7 @@ class BuildConfig:
     work_dir: str = "work/scifact"
     cache_path: str = ""         # content-keyed array cache; "" = <user cache dir>/arrays.sqlite
     artifact_dir: str = "artifacts/scifact"
+    build_artifact: bool = True  # false: stop after evaluate (benchmark-only builds)
     threads: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -1,0 +1,66 @@
+"""Label-free distillation on four collections, corpus only; writes
+``benchmarks/results/label-free.json`` (+ ``label-free.md``).
+
+    .venv/bin/python benchmarks/label_free.py [--only scifact,cranfield,dl19,dl20]
+
+Each collection is an ordinary ``index-build all`` with ``configs/labelfree-<name>.toml``
+(stage-cached, so a rerun only redoes what changed). Training and tuning never see the
+collections' queries or judgments: the test judgments are read by the final evaluation only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from index_build.config import load_config  # noqa: E402
+from index_build.evaluate import markdown_table, write_json_atomic  # noqa: E402
+from index_build.stages import Pipeline  # noqa: E402
+
+COLLECTIONS = ["scifact", "cranfield", "dl19", "dl20"]
+RENAME = {"dense": "labelfree-dense", "dense+colbert": "labelfree-dense+colbert"}
+KEEP = ["bm25", "base-dense", "teacher", "labelfree-dense", "labelfree-dense+colbert", "hybrid", "hybrid+colbert"]
+
+
+def collect(name: str) -> dict:
+    cfg = load_config(REPO / "configs" / f"labelfree-{name}.toml")
+    p = Pipeline(cfg)
+    result = p.run_all()
+    systems = {RENAME.get(k, k): v for k, v in result["systems"].items()}
+    mine = p.records["mine"].result
+    return {
+        "systems": {k: systems[k] for k in KEEP if k in systems},
+        "pseudo_queries": mine["pseudo_queries"],
+        "pseudo_query_filters": mine["filters"],
+        "by_generator": mine["by_generator"],
+        "stages": result["stages"],
+        "config": f"configs/labelfree-{name}.toml",
+        "protocol": "rerank runs/BM25.trec top-100" if cfg.evaluate.mode == "rerank"
+        else f"full-corpus retrieval on the {cfg.data.test_split!r} judgments",
+    }
+
+
+def main(only: str = typer.Option(",".join(COLLECTIONS), help="comma-separated collections")) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = REPO / "benchmarks" / "results" / "label-free.json"
+    data = json.loads(out.read_text()) if out.is_file() else {}
+    for name in [n.strip() for n in only.split(",") if n.strip()]:
+        if name not in COLLECTIONS:
+            raise typer.BadParameter(f"unknown collection {name!r}; choose from {COLLECTIONS}")
+        data[name] = collect(name)
+        data["command"] = "python benchmarks/label_free.py"
+        write_json_atomic(out, data)
+    md = "".join(markdown_table(v["systems"], f"{k} (label-free, {v['pseudo_queries']} pseudo-queries)") + "\n"
+                 for k, v in data.items() if isinstance(v, dict) and "systems" in v)
+    (out.with_suffix(".md")).write_text(md)
+
+
+if __name__ == "__main__":
+    typer.run(main)
