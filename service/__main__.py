@@ -1,0 +1,59 @@
+"""``python -m service`` / ``search-service``: run the app under uvicorn with the ``NRS_*``
+settings. SIGTERM / SIGINT trigger uvicorn's graceful shutdown: stop accepting, let
+in-flight requests finish for up to ``graceful_shutdown_s``, run the lifespan shutdown,
+exit 0. A start-up failure (bad settings, missing or corrupt artifact) exits non-zero."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+logger = logging.getLogger("service")
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, except that a SIGTERM / SIGINT ends in exit code 0 once the graceful
+    shutdown is done (uvicorn >= 0.29 re-raises the signal afterwards, so the process would
+    die by it and report -15 to its supervisor)."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
+
+
+def main() -> int:
+    """Read settings, configure JSON logging, serve until signalled; the exit code."""
+    from service.app import create_app
+    from service.logs import configure_logging
+    from service.settings import Settings
+
+    try:
+        settings = Settings()  # type: ignore[call-arg]
+    except ValidationError as exc:
+        lines = [
+            f"  NRS_{'_'.join(str(p) for p in err['loc']).upper() or '*'}: {err['msg']}" for err in exc.errors()
+        ]
+        print("invalid service settings (NRS_* environment variables):\n" + "\n".join(lines), file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+        log_level=settings.log_level, lifespan="on", timeout_graceful_shutdown=settings.graceful_shutdown_s,
+    )
+    server = GracefulServer(config)
+    server.run()
+    if not server.started:
+        logger.error("the service did not start")
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

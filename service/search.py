@@ -1,0 +1,597 @@
+"""The search pipeline, without HTTP: encode -> first stage -> rerank -> fetch.
+
+:class:`SearchEngine` holds everything one artifact directory provides (the dense and
+ColBERT query encoders, the cross-encoder, the FAISS index, the ColBERT token index, BM25
+and the document store) and answers queries synchronously, filling a
+:class:`StageTimings` per query. It is safe to call from several threads at once: ONNX
+Runtime sessions, FAISS searches (``nprobe`` passed per call), memory-mapped token arrays
+and the per-thread SQLite connections of the document store are all read-only.
+
+The web layer (:mod:`service.state`) calls the same pieces, but encodes queries through
+the dynamic batcher and runs the rest in a thread pool; :meth:`SearchEngine.search` is the
+plain synchronous path (warm-up, tests, scripts). Both give the same results.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+from models.artifacts import ArtifactError, Manifest, verify
+from models.dense_index import DenseIndex
+from models.docstore import DocStore
+from models.encoders import ColbertEncoder, CrossEncoderScorer, DenseEncoder, OnnxEncoder
+from models.fusion import fuse_ranked_lists
+from models.sparse_index import BM25Index
+from models.token_index import TokenIndex
+from service.errors import InvalidRequest
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RerankMode = Literal["none", "colbert", "cross-encoder"]
+FirstStage = Literal["dense", "sparse", "hybrid"]
+QueryModel = Literal["dense", "colbert"]
+RERANK_MODES: tuple[str, ...] = get_args(RerankMode)
+FIRST_STAGES: tuple[str, ...] = get_args(FirstStage)
+WARMUP_QUERY = "warm up query for every stage"
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+@dataclass
+class StageTimings:
+    """Milliseconds spent per stage of one request.
+
+    ``queue`` is time waiting for a permit and for the encode batch; ``tokenize`` and
+    ``encode`` cover the query encoders (dense and ColBERT together); ``ann`` the FAISS
+    search; ``sparse`` BM25 (and the fusion, for the hybrid first stage); ``rerank``
+    ColBERT MaxSim or the cross-encoder; ``fetch`` document store reads; ``total`` the
+    whole request. In a batch, stages run once for all queries (encode, ann) report the
+    batch's time in every result.
+    """
+
+    queue: float = 0.0
+    tokenize: float = 0.0
+    encode: float = 0.0
+    ann: float = 0.0
+    sparse: float = 0.0
+    rerank: float = 0.0
+    fetch: float = 0.0
+    total: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """``{stage: ms}`` rounded to microseconds."""
+        return {f.name: round(getattr(self, f.name), 3) for f in fields(self)}
+
+    @staticmethod
+    def stage_names() -> tuple[str, ...]:
+        """Every stage, ``total`` last."""
+        return tuple(f.name for f in fields(StageTimings))
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """A validated request: ``depth`` = documents taken from the first stage."""
+
+    k: int
+    candidates: int
+    rerank: RerankMode = "none"
+    first_stage: FirstStage = "dense"
+    nprobe: int | None = None
+    include_text: bool = False
+
+    @property
+    def depth(self) -> int:
+        return max(self.k, self.candidates)
+
+    def encoders_needed(self) -> tuple[QueryModel, ...]:
+        """Query encoders this request runs."""
+        out: list[QueryModel] = []
+        if self.first_stage in ("dense", "hybrid"):
+            out.append("dense")
+        if self.rerank == "colbert":
+            out.append("colbert")
+        return tuple(out)
+
+
+@dataclass
+class Hit:
+    """One result; ``doc_index`` is the corpus row (FAISS id)."""
+
+    doc_index: int
+    id: str
+    score: float
+    rank: int
+    first_stage_score: float
+    title: str | None = None
+    text: str | None = None
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    timings: StageTimings
+    rerank: str
+    first_stage: str
+    artifact_version: str
+
+
+@dataclass
+class EncodedQueries:
+    """Query vectors (``[n, dim]`` dense or ``[n, Lq, dim]`` ColBERT) and the time they took."""
+
+    vectors: np.ndarray
+    tokenize_ms: float = 0.0
+    encode_ms: float = 0.0
+
+
+@dataclass
+class _Candidates:
+    indices: np.ndarray  # int64 [m], first-stage order
+    scores: np.ndarray  # float32 [m]
+    timings: StageTimings = field(default_factory=StageTimings)
+
+
+def doc_full_text(title: str, text: str) -> str:
+    """A document as every model in the project sees it (``index_build.data.Doc.full_text``).
+
+    >>> doc_full_text("Title", "Body."), doc_full_text("", "Body.")
+    ('Title. Body.', 'Body.')
+    """
+    return f"{title}. {text}" if title else text
+
+
+def validate_query(query: str, max_chars: int) -> str:
+    """The query, or :class:`InvalidRequest` when it is blank or longer than ``max_chars``."""
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidRequest("query must be a non-empty string")
+    if len(query) > max_chars:
+        raise InvalidRequest(f"query has {len(query)} characters; the maximum is {max_chars}")
+    return query
+
+
+@contextmanager
+def _loading(root: Path, what: str) -> Iterator[None]:
+    """Turn any failure while opening one component into an :class:`ArtifactError` naming it."""
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except Exception as exc:  # a component that cannot be opened makes the artifact unusable
+        raise ArtifactError(f"{root}: cannot load {what}: {type(exc).__name__}: {exc}") from exc
+
+
+def _providers(use_gpu: bool) -> list[str]:
+    import onnxruntime as ort
+
+    if use_gpu:
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        logger.warning("use_gpu is set but ONNX Runtime has no CUDAExecutionProvider here; using CPU")
+    return ["CPUExecutionProvider"]
+
+
+class SearchEngine:
+    """Everything loaded from one artifact directory, and the pipeline over it.
+
+    Build with :meth:`load`. Attributes are read-only after construction.
+    """
+
+    def __init__(
+        self,
+        *,
+        artifact_dir: Path,
+        manifest: Manifest,
+        settings: Settings,
+        dense_encoder: DenseEncoder,
+        dense_index: DenseIndex,
+        docstore: DocStore,
+        colbert_encoder: ColbertEncoder | None = None,
+        token_index: TokenIndex | None = None,
+        cross_encoder: CrossEncoderScorer | None = None,
+        bm25: BM25Index | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        model_files: dict[str, str] | None = None,
+    ) -> None:
+        self.artifact_dir = Path(artifact_dir)
+        self.manifest = manifest
+        self.settings = settings
+        self.dense_encoder = dense_encoder
+        self.dense_index = dense_index
+        self.docstore = docstore
+        self.colbert_encoder = colbert_encoder
+        self.token_index = token_index
+        self.cross_encoder = cross_encoder
+        self.bm25 = bm25
+        self.providers = list(providers)
+        self.model_files = dict(model_files or {})
+        self.hybrid_weights = (settings.hybrid_dense_weight, settings.hybrid_sparse_weight)
+        self._input_names = {
+            enc.kind: {i.name for i in enc.session.get_inputs()}
+            for enc in (dense_encoder, colbert_encoder, cross_encoder)
+            if enc is not None
+        }
+
+    # -- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, artifact_dir: str | Path, settings: Settings, *, deep_verify: bool = True) -> SearchEngine:
+        """Verify ``artifact_dir`` against its manifest (checksums when ``deep_verify``), then
+        open every model and index it lists.
+
+        Raises
+        ------
+        ArtifactError
+            The first problem found: missing or corrupt file (named), a component that
+            cannot be opened, or components that disagree (dimensions, document counts).
+        """
+        root = Path(artifact_dir)
+        started = time.perf_counter()
+        manifest = verify(root, deep=deep_verify)
+        providers = _providers(settings.use_gpu)
+        if settings.threads > 0:
+            import faiss
+
+            faiss.omp_set_num_threads(settings.threads)
+
+        def model_dir(kind: str) -> tuple[Path, str] | None:
+            info = manifest.models.get(kind)
+            if info is None:
+                return None
+            onnx_file = str(info.get("onnx_file") or "model.onnx")
+            if settings.use_int8:
+                if info.get("int8_onnx_file"):
+                    onnx_file = str(info["int8_onnx_file"])
+                else:
+                    logger.warning("use_int8 is set but the %s model has no int8 export; using %s", kind, onnx_file)
+            model_files[kind] = onnx_file
+            return root / str(info["path"]), onnx_file
+
+        def index_path(name: str) -> Path | None:
+            info = manifest.indexes.get(name)
+            return None if info is None or info.get("path") is None else root / str(info["path"])
+
+        kwargs: dict[str, Any] = {"threads": settings.threads, "providers": providers}
+        model_files: dict[str, str] = {}
+        dense_model, dense_path = model_dir("dense"), index_path("dense")
+        if dense_model is None or dense_path is None:
+            raise ArtifactError(f"{root}: the manifest has no dense model or no dense index; the service needs both")
+        with _loading(root, f"the dense model ({dense_model[0]})"):
+            dense_encoder = DenseEncoder(dense_model[0], onnx_file=dense_model[1], **kwargs)
+        with _loading(root, f"the dense index ({dense_path})"):
+            dense_index = DenseIndex.load(dense_path, use_gpu=settings.use_gpu)
+        docstore_rel = manifest.docstore.get("path")
+        if not docstore_rel:
+            raise ArtifactError(f"{root}: the manifest names no document store")
+        with _loading(root, f"the document store ({root / str(docstore_rel)})"):
+            docstore = DocStore.open(root / str(docstore_rel))
+
+        colbert_encoder = token_index = cross_encoder = bm25 = None
+        colbert_model, colbert_path = model_dir("colbert"), index_path("colbert")
+        if colbert_model is not None and colbert_path is not None:
+            with _loading(root, f"the ColBERT model ({colbert_model[0]})"):
+                colbert_encoder = ColbertEncoder(colbert_model[0], onnx_file=colbert_model[1], **kwargs)
+            with _loading(root, f"the ColBERT token index ({colbert_path})"):
+                token_index = TokenIndex.load(colbert_path, mmap=True)
+        ce_model = model_dir("cross-encoder")
+        if ce_model is not None:
+            with _loading(root, f"the cross-encoder ({ce_model[0]})"):
+                cross_encoder = CrossEncoderScorer(ce_model[0], onnx_file=ce_model[1], **kwargs)
+        bm25_path = index_path("bm25")
+        if bm25_path is not None:
+            with _loading(root, f"the BM25 index ({bm25_path})"):
+                bm25 = BM25Index.load(bm25_path, mmap=True)
+
+        engine = cls(
+            artifact_dir=root, manifest=manifest, settings=settings, dense_encoder=dense_encoder,
+            dense_index=dense_index, docstore=docstore, colbert_encoder=colbert_encoder, token_index=token_index,
+            cross_encoder=cross_encoder, bm25=bm25, providers=providers, model_files=model_files,
+        )
+        engine._check_consistency()
+        logger.info(
+            "loaded artifact %s (version %s, %d docs) in %.0f ms",
+            root, engine.artifact_version, engine.n_docs, _ms(started),
+        )
+        return engine
+
+    def _check_consistency(self) -> None:
+        root, n = self.artifact_dir, len(self.docstore)
+        problems = []
+        if self.dense_index.dim != self.dense_encoder.dim:
+            problems.append(f"dense index dim {self.dense_index.dim} != dense model dim {self.dense_encoder.dim}")
+        if self.dense_index.ntotal != n:
+            problems.append(f"dense index holds {self.dense_index.ntotal} vectors for {n} documents")
+        if self.manifest.corpus.n_docs and self.manifest.corpus.n_docs != n:
+            problems.append(f"manifest corpus.n_docs={self.manifest.corpus.n_docs} but the docstore has {n}")
+        if self.token_index is not None and self.colbert_encoder is not None:
+            if self.token_index.n_docs != n:
+                problems.append(f"ColBERT index holds {self.token_index.n_docs} documents for {n}")
+            if self.token_index.dim != self.colbert_encoder.dim:
+                problems.append(f"ColBERT index dim {self.token_index.dim} != model dim {self.colbert_encoder.dim}")
+        if self.bm25 is not None and self.bm25.n_docs != n:
+            problems.append(f"BM25 index holds {self.bm25.n_docs} documents for {n}")
+        if problems:
+            raise ArtifactError(f"{root}: inconsistent artifact: " + "; ".join(problems))
+
+    def close(self) -> None:
+        """Close the document store's connections (call only when no request uses this engine)."""
+        self.docstore.close()
+
+    # -- introspection ----------------------------------------------------------------------------
+    @property
+    def artifact_version(self) -> str:
+        return self.manifest.artifact_version
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.docstore)
+
+    def rerank_modes(self) -> list[str]:
+        """Rerank modes this artifact supports."""
+        out = ["none"]
+        if self.colbert_encoder is not None and self.token_index is not None:
+            out.append("colbert")
+        if self.cross_encoder is not None:
+            out.append("cross-encoder")
+        return out
+
+    def first_stages(self) -> list[str]:
+        """First stages this artifact supports."""
+        return ["dense", "sparse", "hybrid"] if self.bm25 is not None else ["dense"]
+
+    def info(self) -> dict[str, Any]:
+        """Manifest summary for ``GET /info``."""
+        models: dict[str, Any] = {}
+        for enc in (self.dense_encoder, self.colbert_encoder, self.cross_encoder):
+            if enc is None:
+                continue
+            cfg = enc.config
+            entry: dict[str, Any] = {
+                "dim": cfg.dim, "max_query_len": cfg.max_query_len, "max_doc_len": cfg.max_doc_len,
+                "pooling": cfg.pooling, "similarity": cfg.similarity, "base_model": cfg.base_model,
+                "onnx_file": self.model_files.get(enc.kind),
+            }
+            if enc.kind == "colbert":
+                entry["colbert_query_len"] = cfg.colbert_query_len
+            if enc.kind == "cross-encoder":
+                entry.pop("dim")
+                entry.pop("pooling")
+            models[enc.kind] = entry
+        indexes = {name: dict(info) for name, info in self.manifest.indexes.items()}
+        if "dense" in indexes:
+            indexes["dense"].update(ntotal=self.dense_index.ntotal, default_nprobe=(
+                self.dense_index.default_nprobe if self.dense_index.is_ivf else None))
+        return {
+            "artifact_version": self.artifact_version,
+            "artifact_dir": str(self.artifact_dir),
+            "created_at": self.manifest.created_at,
+            "n_docs": self.n_docs,
+            "corpus": self.manifest.corpus.model_dump(),
+            "models": models,
+            "indexes": indexes,
+            "rerank_modes": self.rerank_modes(),
+            "first_stages": self.first_stages(),
+            "hybrid_weights": {"dense": self.hybrid_weights[0], "sparse": self.hybrid_weights[1]},
+            "providers": self.providers,
+            "use_int8": self.settings.use_int8,
+        }
+
+    # -- request validation -----------------------------------------------------------------------
+    def resolve_options(
+        self,
+        *,
+        k: int | None = None,
+        candidates: int | None = None,
+        rerank: str = "none",
+        first_stage: str = "dense",
+        nprobe: int | None = None,
+        include_text: bool = False,
+    ) -> SearchOptions:
+        """Fill defaults from the settings and check every limit; :class:`InvalidRequest` if not met."""
+        s = self.settings
+        if rerank not in RERANK_MODES:
+            raise InvalidRequest(f"unknown rerank {rerank!r}; expected one of {', '.join(RERANK_MODES)}")
+        if first_stage not in FIRST_STAGES:
+            raise InvalidRequest(f"unknown first_stage {first_stage!r}; expected one of {', '.join(FIRST_STAGES)}")
+        if rerank not in self.rerank_modes():
+            raise InvalidRequest(
+                f"rerank={rerank!r} is not available: this artifact ({self.artifact_version}) has no "
+                f"{'ColBERT model and token index' if rerank == 'colbert' else 'cross-encoder model'}"
+            )
+        if first_stage not in self.first_stages():
+            raise InvalidRequest(f"first_stage={first_stage!r} needs a BM25 index, which this artifact does not have")
+        k = s.default_k if k is None else int(k)
+        if not 1 <= k <= s.max_k:
+            raise InvalidRequest(f"k={k} is out of range: it must be between 1 and {s.max_k}")
+        if candidates is None:
+            candidates = s.default_candidates
+            if rerank == "cross-encoder":
+                candidates = min(candidates, s.max_cross_encoder_candidates)
+        candidates = int(candidates)
+        if not 1 <= candidates <= s.max_candidates:
+            raise InvalidRequest(
+                f"candidates={candidates} is out of range: it must be between 1 and {s.max_candidates}"
+            )
+        depth = max(k, candidates)
+        if rerank == "cross-encoder" and depth > s.max_cross_encoder_candidates:
+            raise InvalidRequest(
+                f"the cross-encoder reranks at most {s.max_cross_encoder_candidates} candidates; "
+                f"this request asks for {depth} (max of k and candidates)"
+            )
+        if nprobe is not None and nprobe < 1:
+            raise InvalidRequest(f"nprobe={nprobe} must be at least 1")
+        return SearchOptions(
+            k=k, candidates=candidates, rerank=rerank,  # type: ignore[arg-type]
+            first_stage=first_stage, nprobe=nprobe, include_text=bool(include_text),  # type: ignore[arg-type]
+        )
+
+    # -- encoding ---------------------------------------------------------------------------------
+    def _encoder(self, kind: QueryModel) -> OnnxEncoder:
+        enc = self.dense_encoder if kind == "dense" else self.colbert_encoder
+        if enc is None:
+            raise InvalidRequest(f"this artifact has no {kind} query encoder")
+        return enc
+
+    def encode(self, kind: QueryModel, texts: Sequence[str]) -> EncodedQueries:
+        """Tokenize and encode ``texts`` in one ONNX batch with the ``kind`` query encoder.
+
+        Same inputs as :meth:`models.encoders.DenseEncoder.encode_queries` /
+        :meth:`models.encoders.ColbertEncoder.encode_queries`, timed per step.
+        """
+        enc = self._encoder(kind)
+        started = time.perf_counter()
+        if kind == "dense":
+            batch = enc.tokenizer.encode(list(texts), enc.config.max_query_len)
+        else:
+            batch = enc.tokenizer.encode_colbert_queries(list(texts), enc.config.colbert_query_len)
+        tokenize_ms = _ms(started)
+        started = time.perf_counter()
+        names = self._input_names[enc.kind]
+        feed = {k: v for k, v in batch.as_dict().items() if k in names}
+        vectors = np.asarray(enc.session.run(None, feed)[0], dtype=np.float32)
+        return EncodedQueries(vectors, tokenize_ms, _ms(started))
+
+    # -- first stage, rerank, fetch ---------------------------------------------------------------
+    def _first_stage(
+        self, queries: Sequence[str], opts: SearchOptions, dense: np.ndarray | None
+    ) -> list[_Candidates]:
+        n, depth = len(queries), opts.depth
+        out = [_Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(n)]
+        dense_lists: list[tuple[np.ndarray, np.ndarray]] = []
+        if opts.first_stage in ("dense", "hybrid"):
+            if dense is None or len(dense) != n:
+                raise ValueError("the dense first stage needs one dense query vector per query")
+            started = time.perf_counter()
+            scores, indices = self.dense_index.search(dense, depth, nprobe=opts.nprobe)
+            ann_ms = _ms(started)
+            for row in range(n):
+                keep = indices[row] >= 0
+                dense_lists.append((indices[row][keep], scores[row][keep]))
+                out[row].timings.ann = ann_ms
+        if opts.first_stage == "dense":
+            for row, (idx, sc) in enumerate(dense_lists):
+                out[row].indices, out[row].scores = idx, sc
+            return out
+        assert self.bm25 is not None
+        for row, query in enumerate(queries):
+            started = time.perf_counter()
+            s_scores, s_indices = self.bm25.search([query], depth)
+            keep = s_indices[0] >= 0
+            idx, sc = s_indices[0][keep], s_scores[0][keep]
+            if opts.first_stage == "hybrid":
+                d_idx, d_sc = dense_lists[row]
+                fused = fuse_ranked_lists(
+                    [dict(zip(d_idx.tolist(), d_sc.tolist())), dict(zip(idx.tolist(), sc.tolist()))],
+                    self.hybrid_weights, method="zscore",
+                )[:depth]
+                idx = np.array([d for d, _ in fused], dtype=np.int64)
+                sc = np.array([s for _, s in fused], dtype=np.float32)
+            out[row].indices, out[row].scores = idx, sc
+            out[row].timings.sparse = _ms(started)
+        return out
+
+    def _finish(
+        self, query: str, cands: _Candidates, opts: SearchOptions, colbert: np.ndarray | None
+    ) -> tuple[list[Hit], StageTimings]:
+        timings = cands.timings
+        idx, first_scores = cands.indices, cands.scores
+        docs: list[dict[str, str]] | None = None
+        if opts.rerank == "none" or len(idx) == 0:
+            order = np.arange(min(opts.k, len(idx)))
+            final_scores = first_scores
+        elif opts.rerank == "colbert":
+            assert self.token_index is not None and colbert is not None
+            started = time.perf_counter()
+            final_scores = self.token_index.rerank(colbert, idx)
+            order = np.argsort(-final_scores, kind="stable")[: opts.k]
+            timings.rerank = _ms(started)
+        else:
+            assert self.cross_encoder is not None
+            started = time.perf_counter()
+            docs = self.docstore.get_by_index(idx.tolist())
+            timings.fetch += _ms(started)
+            started = time.perf_counter()
+            final_scores = self.cross_encoder.score(query, [doc_full_text(d["title"], d["text"]) for d in docs])
+            order = np.argsort(-final_scores, kind="stable")[: opts.k]
+            timings.rerank = _ms(started)
+        started = time.perf_counter()
+        chosen = [int(i) for i in order]
+        if opts.include_text:
+            texts = [docs[i] for i in chosen] if docs is not None else self.docstore.get_by_index(idx[chosen].tolist())
+        hits = []
+        for rank, i in enumerate(chosen, start=1):
+            doc_index = int(idx[i])
+            hit = Hit(
+                doc_index=doc_index, id=self.docstore.ids[doc_index], score=float(final_scores[i]), rank=rank,
+                first_stage_score=float(first_scores[i]),
+            )
+            if opts.include_text:
+                hit.title, hit.text = texts[rank - 1]["title"], texts[rank - 1]["text"]
+            hits.append(hit)
+        timings.fetch += _ms(started)
+        return hits, timings
+
+    def retrieve(
+        self,
+        queries: Sequence[str],
+        opts: SearchOptions,
+        dense: np.ndarray | None = None,
+        colbert: np.ndarray | None = None,
+    ) -> list[tuple[list[Hit], StageTimings]]:
+        """First stage, rerank and fetch for already-encoded queries (one row per query).
+
+        Fills the ``ann``, ``sparse``, ``rerank`` and ``fetch`` timings.
+        """
+        if opts.rerank == "colbert" and (colbert is None or len(colbert) != len(queries)):
+            raise ValueError("ColBERT reranking needs one ColBERT query matrix per query")
+        candidates = self._first_stage(queries, opts, dense)
+        return [
+            self._finish(q, c, opts, None if colbert is None else colbert[row])
+            for row, (q, c) in enumerate(zip(queries, candidates))
+        ]
+
+    # -- synchronous end-to-end path --------------------------------------------------------------
+    def search_many(self, queries: Sequence[str], opts: SearchOptions) -> list[SearchResult]:
+        """Encode ``queries`` in one batch per encoder, then :meth:`retrieve`."""
+        started = time.perf_counter()
+        encoded: dict[str, EncodedQueries] = {kind: self.encode(kind, queries) for kind in opts.encoders_needed()}
+        out = []
+        for hits, timings in self.retrieve(
+            queries, opts,
+            dense=encoded["dense"].vectors if "dense" in encoded else None,
+            colbert=encoded["colbert"].vectors if "colbert" in encoded else None,
+        ):
+            timings.tokenize = sum((e.tokenize_ms for e in encoded.values()), 0.0)
+            timings.encode = sum((e.encode_ms for e in encoded.values()), 0.0)
+            timings.total = _ms(started)
+            out.append(SearchResult(hits, timings, opts.rerank, opts.first_stage, self.artifact_version))
+        return out
+
+    def search(self, query: str, **options: Any) -> SearchResult:
+        """Search one query synchronously; ``options`` as in :meth:`resolve_options`, e.g.
+        ``engine.search("what causes fever", k=5, rerank="colbert")``."""
+        validate_query(query, self.settings.max_query_chars)
+        return self.search_many([query], self.resolve_options(**options))[0]
+
+    def warmup(self) -> dict[str, float]:
+        """Run a query through every available first stage and rerank mode; ``{mode: ms}``."""
+        out: dict[str, float] = {}
+        k = min(self.settings.default_k, self.settings.max_cross_encoder_candidates)
+        for first_stage in self.first_stages():
+            for rerank in self.rerank_modes():
+                started = time.perf_counter()
+                self.search(WARMUP_QUERY, k=k, candidates=k, rerank=rerank, first_stage=first_stage)
+                out[f"{first_stage}+{rerank}"] = round(_ms(started), 3)
+        return out
+
+    def __repr__(self) -> str:
+        return f"SearchEngine({self.artifact_dir}, version={self.artifact_version}, n_docs={self.n_docs})"

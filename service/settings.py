@@ -1,0 +1,97 @@
+"""Service settings: every field can come from an ``NRS_``-prefixed environment variable
+(``NRS_ARTIFACT_DIR``, ``NRS_MAX_K``, ...) and is checked at start-up.
+
+Groups (one flat object so every env var name is simply ``NRS_<FIELD>``):
+
+- artifact and runtime: ``artifact_dir``, ``threads``, ``use_gpu``, ``use_int8``, ``warmup``
+- request limits: ``default_k``, ``max_k``, ``default_candidates``, ``max_candidates``,
+  ``max_cross_encoder_candidates``, ``max_query_chars``, ``max_batch_queries``, ``max_body_bytes``
+- backpressure: ``max_concurrency``, ``max_queue``, ``request_timeout_ms``
+- dynamic batching: ``batch_max_size``, ``batch_max_wait_ms``
+- hybrid first stage: ``hybrid_dense_weight``, ``hybrid_sparse_weight``
+- server: ``host``, ``port``, ``log_level``, ``api_key``, ``graceful_shutdown_s``
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class Settings(BaseSettings):
+    """Validated configuration of one service process (see the module docstring)."""
+
+    model_config = SettingsConfigDict(env_prefix="NRS_", extra="ignore", frozen=True)
+
+    # -- artifact and runtime -------------------------------------------------------------------
+    artifact_dir: Path = Field(description="Artifact directory written by the builder (holds manifest.json).")
+    threads: int = Field(1, ge=0, le=256, description="ONNX Runtime intra-op threads per session (0 = ORT default).")
+    use_gpu: bool = Field(False, description="Use CUDAExecutionProvider / FAISS GPU when available.")
+    use_int8: bool = Field(False, description="Load the int8-quantized ONNX models when the artifact has them.")
+    warmup: bool = Field(True, description="Run warm-up queries through every stage before reporting ready.")
+    worker_threads: int = Field(
+        0, ge=0, le=512, description="Threads for CPU work (ONNX, FAISS, MaxSim); 0 = max_concurrency + 2."
+    )
+
+    # -- request limits ---------------------------------------------------------------------------
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1)
+    default_candidates: int = Field(100, ge=1, description="First-stage depth when a request gives none.")
+    max_candidates: int = Field(1000, ge=1)
+    max_cross_encoder_candidates: int = Field(100, ge=1, description="Most candidates a cross-encoder rescores.")
+    max_query_chars: int = Field(2048, ge=1)
+    max_batch_queries: int = Field(64, ge=1, description="Most queries in one /search/batch request.")
+    max_body_bytes: int = Field(1 << 20, ge=256, description="Largest request body accepted (413 above).")
+
+    # -- backpressure ----------------------------------------------------------------------------
+    max_concurrency: int = Field(8, ge=1, description="Search requests processed at once (permits).")
+    max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a permit before 429.")
+    request_timeout_ms: float = Field(10_000.0, gt=0, description="Per-request deadline (504 past it).")
+
+    # -- dynamic batching of query encodes -------------------------------------------------------
+    batch_max_size: int = Field(32, ge=1, description="Most query texts encoded in one ONNX call.")
+    batch_max_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits for more queries.")
+
+    # -- hybrid first stage ----------------------------------------------------------------------
+    hybrid_dense_weight: float = Field(0.5, ge=0)
+    hybrid_sparse_weight: float = Field(0.5, ge=0)
+
+    # -- server ----------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: LogLevel = "info"
+    api_key: SecretStr | None = Field(None, description="When set, required on /search*, /info and /admin/*.")
+    graceful_shutdown_s: int = Field(10, ge=1, description="Time in-flight requests get after SIGTERM.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        problems = []
+        if self.default_k > self.max_k:
+            problems.append(f"default_k={self.default_k} is above max_k={self.max_k}")
+        if self.default_candidates > self.max_candidates:
+            problems.append(
+                f"default_candidates={self.default_candidates} is above max_candidates={self.max_candidates}"
+            )
+        if self.max_k > self.max_candidates:
+            problems.append(f"max_k={self.max_k} is above max_candidates={self.max_candidates}")
+        if self.hybrid_dense_weight + self.hybrid_sparse_weight <= 0:
+            problems.append("hybrid_dense_weight and hybrid_sparse_weight are both 0")
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
+            problems.append("api_key is set but empty (unset NRS_API_KEY to disable authentication)")
+        if problems:
+            raise ValueError("invalid service settings: " + "; ".join(problems))
+        return self
+
+    @property
+    def cpu_workers(self) -> int:
+        """Size of the thread pool for CPU work."""
+        return self.worker_threads or self.max_concurrency + 2
+
+    @property
+    def request_timeout_s(self) -> float:
+        return self.request_timeout_ms / 1000.0

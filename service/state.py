@@ -1,0 +1,314 @@
+"""Per-app runtime state and the asynchronous side of serving (no FastAPI import).
+
+:class:`ServiceState` lives on ``app.state.service``. It owns the current
+:class:`~service.search.SearchEngine` (one reference, swapped atomically by a hot reload),
+the CPU thread pool, the encode batcher, admission control (bounded concurrency and wait
+queue), readiness and the metrics. A request takes the engine reference once when it
+starts and finishes on that engine even if a reload swaps in another meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from models.artifacts import ArtifactError
+from service.batching import EncodeBatcher
+from service.errors import (
+    InvalidArtifact,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    ReloadInProgress,
+    RequestTimeout,
+    StartupError,
+)
+from service.metrics import ServiceMetrics
+from service.search import EncodedQueries, SearchEngine, SearchOptions, SearchResult, StageTimings, validate_query
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class AdmissionControl:
+    """At most ``max_concurrency`` requests run at once and at most ``max_queue`` wait for a
+    permit; a request beyond that is refused at once with :class:`Overloaded` (429)."""
+
+    def __init__(self, max_concurrency: int, max_queue: int, metrics: ServiceMetrics) -> None:
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self._metrics = metrics
+        self._sem = asyncio.Semaphore(max_concurrency)
+        self.waiting = 0
+        self.in_flight = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[float]:
+        """Hold a permit for the ``async with`` block; yields the ms spent waiting for it."""
+        if self._sem.locked() and self.waiting >= self.max_queue:
+            raise Overloaded(
+                f"server busy: {self.in_flight} requests in flight and {self.waiting} waiting "
+                f"(max_concurrency={self.max_concurrency}, max_queue={self.max_queue}); retry later"
+            )
+        started = time.perf_counter()
+        self.waiting += 1
+        self._metrics.queue_depth.set(self.waiting)
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+            self._metrics.queue_depth.set(self.waiting)
+        self.in_flight += 1
+        self._metrics.in_flight.set(self.in_flight)
+        try:
+            yield (time.perf_counter() - started) * 1000.0
+        finally:
+            self.in_flight -= 1
+            self._metrics.in_flight.set(self.in_flight)
+            self._sem.release()
+
+
+@dataclass
+class BatchOutcome:
+    """Results of one ``/search`` or ``/search/batch`` request and its request-level timings."""
+
+    results: list[SearchResult]
+    timings: StageTimings
+    engine: SearchEngine
+
+
+def merge_timings(parts: Sequence[StageTimings], total_ms: float) -> StageTimings:
+    """Request-level timings of a batch: shared stages (queue, tokenize, encode, ann) once,
+    per-query stages (sparse, rerank, fetch) summed."""
+    if not parts:
+        return StageTimings(total=total_ms)
+    first = parts[0]
+    return StageTimings(
+        queue=first.queue, tokenize=first.tokenize, encode=first.encode, ann=first.ann,
+        sparse=sum(p.sparse for p in parts), rerank=sum(p.rerank for p in parts),
+        fetch=sum(p.fetch for p in parts), total=total_ms,
+    )
+
+
+class ServiceState:
+    """Everything one app serves with; see the module docstring."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = ServiceMetrics()
+        self.engine: SearchEngine | None = None
+        self.artifact_dir = Path(settings.artifact_dir)
+        self.ready = False
+        self.not_ready_reason = "artifacts are loading"
+        self._executor: ThreadPoolExecutor | None = None
+        self._admin_executor: ThreadPoolExecutor | None = None
+        self._admission: AdmissionControl | None = None
+        self._reload_lock: asyncio.Lock | None = None
+        self._warmup_task: asyncio.Task[None] | None = None
+        self.batcher = EncodeBatcher(
+            self.run_in_thread, max_size=settings.batch_max_size, max_wait_ms=settings.batch_max_wait_ms,
+            on_batch=lambda kind, n: self.metrics.batch_size.labels(kind).observe(n),
+        )
+
+    # -- threads ----------------------------------------------------------------------------------
+    async def run_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking CPU work in the search thread pool (never on the event loop)."""
+        if self._executor is None:
+            raise RuntimeError("the service is not started")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def _run_admin(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._admin_executor is not None
+        return await asyncio.get_running_loop().run_in_executor(self._admin_executor, functools.partial(fn, *args))
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Create the pools and the batcher, load and verify the artifact (raises
+        :class:`StartupError` naming the problem), then warm up in the background."""
+        s = self.settings
+        self._executor = ThreadPoolExecutor(max_workers=s.cpu_workers, thread_name_prefix="nrs-cpu")
+        self._admin_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nrs-admin")
+        self._admission = AdmissionControl(s.max_concurrency, s.max_queue, self.metrics)
+        self._reload_lock = asyncio.Lock()
+        self.batcher.start()
+        try:
+            engine = await self._run_admin(SearchEngine.load, self.artifact_dir, s)
+        except ArtifactError as exc:
+            raise StartupError(f"cannot start: artifact {self.artifact_dir} is not usable: {exc}") from exc
+        self._install(engine, self.artifact_dir)
+        if s.warmup:
+            self.not_ready_reason = "warming up"
+            self._warmup_task = asyncio.get_running_loop().create_task(self._warmup(engine), name="warmup")
+        else:
+            self._set_ready(True)
+
+    async def _warmup(self, engine: SearchEngine) -> None:
+        try:
+            modes = await self._run_admin(engine.warmup)
+        except Exception as exc:  # the engine cannot answer queries: stay unready, say why
+            logger.exception("warm-up failed; the service stays unready")
+            self.not_ready_reason = f"warm-up failed: {type(exc).__name__}: {exc}"
+            return
+        logger.info("warm-up done", extra={"warmup_ms": modes})
+        if self.engine is engine:
+            self._set_ready(True)
+
+    async def stop(self) -> None:
+        """Stop the batcher and the pools, close the engine."""
+        self._set_ready(False)
+        if self._warmup_task is not None:
+            self._warmup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warmup_task
+        await self.batcher.close()
+        for pool in (self._executor, self._admin_executor):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        if self.engine is not None:
+            self.engine.close()
+
+    def _set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.metrics.ready.set(1 if ready else 0)
+
+    def _install(self, engine: SearchEngine, artifact_dir: Path) -> None:
+        self.engine = engine  # one reference assignment: requests see the old or the new engine
+        self.artifact_dir = artifact_dir
+        dense = engine.manifest.indexes.get("dense", {})
+        self.metrics.set_artifact(
+            {"artifact_version": engine.artifact_version, "artifact_dir": str(artifact_dir),
+             "dense_factory": str(dense.get("factory", "")), "rerank_modes": ",".join(engine.rerank_modes()),
+             "created_at": engine.manifest.created_at},
+            engine.n_docs,
+        )
+
+    # -- engine access ----------------------------------------------------------------------------
+    def ready_engine(self) -> SearchEngine:
+        """The engine to serve a search with, or :class:`NotReady` (503)."""
+        engine = self.engine
+        if engine is None or not self.ready:
+            raise NotReady(f"the service is not ready: {self.not_ready_reason}")
+        return engine
+
+    def loaded_engine(self) -> SearchEngine:
+        """The loaded engine (warm-up may still run), or :class:`NotReady`."""
+        engine = self.engine
+        if engine is None:
+            raise NotReady(f"the service is not ready: {self.not_ready_reason}")
+        return engine
+
+    # -- search -----------------------------------------------------------------------------------
+    async def search(self, queries: Sequence[str], options: dict[str, Any]) -> BatchOutcome:
+        """Validate, admit, encode (batched), retrieve, all under ``request_timeout_ms``.
+
+        On a timeout the caller gets :class:`RequestTimeout` at once and the permit is
+        released; CPU work already running in a thread finishes in the background and is
+        discarded.
+        """
+        started = time.perf_counter()
+        engine = self.ready_engine()
+        s = self.settings
+        if not queries:
+            raise InvalidRequest("queries must not be empty")
+        if len(queries) > s.max_batch_queries:
+            raise InvalidRequest(f"{len(queries)} queries in one batch; the maximum is {s.max_batch_queries}")
+        for i, q in enumerate(queries):
+            try:
+                validate_query(q, s.max_query_chars)
+            except InvalidRequest as exc:
+                if len(queries) == 1:
+                    raise
+                raise InvalidRequest(f"queries[{i}]: {exc.message}") from None
+        opts = engine.resolve_options(**options)
+        try:
+            results = await asyncio.wait_for(self._search(engine, list(queries), opts, started), s.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(
+                f"the request took longer than request_timeout_ms={s.request_timeout_ms:g} ms"
+            ) from None
+        total_ms = (time.perf_counter() - started) * 1000.0
+        for r in results:
+            self.metrics.observe_timings(r.timings, r.rerank, r.first_stage)
+        return BatchOutcome(results, merge_timings([r.timings for r in results], total_ms), engine)
+
+    async def _search(
+        self, engine: SearchEngine, queries: list[str], opts: SearchOptions, started: float
+    ) -> list[SearchResult]:
+        assert self._admission is not None
+        async with self._admission.slot() as permit_ms:
+            kinds = opts.encoders_needed()
+            encode_started = time.perf_counter()
+            encoded: dict[str, EncodedQueries] = dict(
+                zip(kinds, await asyncio.gather(*(self.batcher.encode(engine, k, queries) for k in kinds)))
+            )
+            encode_wall = (time.perf_counter() - encode_started) * 1000.0
+            tokenize_ms = sum((e.tokenize_ms for e in encoded.values()), 0.0)
+            encode_ms = sum((e.encode_ms for e in encoded.values()), 0.0)
+            batch_wait = max(0.0, encode_wall - max((e.tokenize_ms + e.encode_ms for e in encoded.values()), default=0))
+            dense = encoded["dense"].vectors if "dense" in encoded else None
+            colbert = encoded["colbert"].vectors if "colbert" in encoded else None
+            retrieved = await self.run_in_thread(engine.retrieve, queries, opts, dense, colbert)
+        total_ms = (time.perf_counter() - started) * 1000.0
+        out = []
+        for hits, timings in retrieved:
+            timings.queue = permit_ms + batch_wait
+            timings.tokenize, timings.encode, timings.total = tokenize_ms, encode_ms, total_ms
+            out.append(SearchResult(hits, timings, opts.rerank, opts.first_stage, engine.artifact_version))
+        return out
+
+    # -- hot reload -------------------------------------------------------------------------------
+    def _load_and_warm(self, artifact_dir: Path) -> SearchEngine:
+        engine = SearchEngine.load(artifact_dir, self.settings)
+        if self.settings.warmup:
+            try:
+                engine.warmup()
+            except Exception as exc:  # an engine that cannot answer a query is not swapped in
+                engine.close()
+                raise ArtifactError(f"{artifact_dir}: warm-up failed: {type(exc).__name__}: {exc}") from exc
+        return engine
+
+    async def reload(self, artifact_dir: str | Path | None = None) -> dict[str, Any]:
+        """Load ``artifact_dir`` (default: the current directory, re-read) beside the served
+        engine, verify and warm it up, then swap it in. On failure the old engine keeps
+        serving and :class:`InvalidArtifact` (422) says why; a concurrent reload gets
+        :class:`ReloadInProgress` (409)."""
+        assert self._reload_lock is not None
+        if self._reload_lock.locked():
+            raise ReloadInProgress("another reload is in progress; try again when it has finished")
+        async with self._reload_lock:
+            target = Path(artifact_dir) if artifact_dir is not None else self.artifact_dir
+            previous = self.engine
+            started = time.perf_counter()
+            try:
+                engine = await self._run_admin(self._load_and_warm, target)
+            except ArtifactError as exc:
+                self.metrics.reloads.labels("failed").inc()
+                logger.warning("reload of %s failed, still serving %s: %s", target,
+                               previous.artifact_version if previous else None, exc)
+                raise InvalidArtifact(f"reload failed, still serving the previous artifact: {exc}") from None
+            self._install(engine, target)
+            if self._warmup_task is not None and not self._warmup_task.done():
+                self._warmup_task.cancel()
+            self.not_ready_reason = ""
+            self._set_ready(True)
+            self.metrics.reloads.labels("ok").inc()
+            load_ms = (time.perf_counter() - started) * 1000.0
+            logger.info("reloaded artifact %s (version %s) in %.0f ms", target, engine.artifact_version, load_ms)
+            # The previous engine is not closed: requests that started on it finish on it, and its
+            # resources are released when the last of them drops its reference.
+            return {
+                "artifact_version": engine.artifact_version,
+                "previous_artifact_version": previous.artifact_version if previous else None,
+                "artifact_dir": str(target),
+                "n_docs": engine.n_docs,
+                "load_ms": round(load_ms, 3),
+            }

@@ -1,0 +1,392 @@
+"""Operations: readiness, start-up failure, backpressure (429), timeouts (504), dynamic
+batching, hot reload under load, logging, and the real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.batching import EncodeBatcher
+from service.errors import StartupError
+from service.search import EncodedQueries, SearchEngine
+from service.state import ServiceState
+from tests.service_fixtures import (
+    ServiceArtifacts,
+    assert_envelope,
+    build_service_artifacts,
+    make_settings,
+    metric_value,
+    slowed,
+    wait_ready,
+    wait_until,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_beir, tiny_bert) -> ServiceArtifacts:
+    return build_service_artifacts(tmp_path_factory, tiny_beir, tiny_bert)
+
+
+def service_of(client: TestClient) -> ServiceState:
+    return client.app.state.service  # type: ignore[attr-defined]
+
+
+def version_of(path: Path) -> str:
+    return json.loads((path / "manifest.json").read_text())["artifact_version"]
+
+
+# -- readiness and start-up -----------------------------------------------------------------------
+def test_not_ready_until_warmed_up(artifacts, monkeypatch):
+    release = threading.Event()
+    original = SearchEngine.warmup
+
+    def blocked_warmup(self):
+        assert release.wait(10)
+        return original(self)
+
+    monkeypatch.setattr(SearchEngine, "warmup", blocked_warmup)
+    with TestClient(create_app(make_settings(artifacts.first))) as c:
+        assert c.get("/health").status_code == 200
+        assert "warming up" in assert_envelope(c.get("/ready"), 503, "not_ready")["message"]
+        r = c.post("/search", json={"query": "tumor"})
+        assert_envelope(r, 503, "not_ready")
+        assert r.headers["retry-after"] == "1"
+        assert metric_value(c.get("/metrics").text, "nrs_ready") == 0
+        release.set()
+        wait_ready(c)
+        assert c.post("/search", json={"query": "tumor"}).status_code == 200
+        assert metric_value(c.get("/metrics").text, "nrs_ready") == 1
+
+
+def test_start_refused_on_corrupt_artifact(artifacts, tmp_path):
+    bad = tmp_path / "corrupt"
+    shutil.copytree(artifacts.first, bad)
+    index = bad / "dense" / "index.faiss"
+    data = bytearray(index.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    index.write_bytes(bytes(data))
+    with pytest.raises(StartupError, match=r"checksum mismatch for dense/index\.faiss"):
+        with TestClient(create_app(make_settings(bad))):
+            pass
+
+
+def test_start_refused_on_missing_artifact(tmp_path):
+    with pytest.raises(StartupError, match="does not exist"):
+        with TestClient(create_app(make_settings(tmp_path / "nope"))):
+            pass
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StartupError, match="manifest.json missing"):
+        with TestClient(create_app(make_settings(tmp_path / "empty"))):
+            pass
+
+
+# -- backpressure and timeouts --------------------------------------------------------------------
+def test_overload_gives_429_with_retry_after(artifacts, monkeypatch):
+    with TestClient(create_app(make_settings(artifacts.first, max_concurrency=1, max_queue=0))) as c:
+        wait_ready(c)
+        svc = service_of(c)
+        assert svc.engine is not None
+        monkeypatch.setattr(svc.engine, "retrieve", slowed(svc.engine.retrieve, 0.6))
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(c.post, "/search", json={"query": "tumor"})
+            wait_until(lambda: svc._admission is not None and svc._admission.in_flight == 1)
+            r = c.post("/search", json={"query": "vaccine"})
+            err = assert_envelope(r, 429, "overloaded")
+            assert "max_concurrency=1" in err["message"]
+            assert int(r.headers["retry-after"]) >= 1
+            assert first.result().status_code == 200
+        assert c.post("/search", json={"query": "vaccine"}).status_code == 200
+        text = c.get("/metrics").text
+        assert metric_value(text, "nrs_requests_total", route="/search", status="429", error_type="overloaded") == 1
+
+
+def test_queue_admits_up_to_max_queue(artifacts, monkeypatch):
+    with TestClient(create_app(make_settings(artifacts.first, max_concurrency=1, max_queue=1))) as c:
+        wait_ready(c)
+        svc = service_of(c)
+        assert svc.engine is not None and svc._admission is not None
+        admission = svc._admission
+        monkeypatch.setattr(svc.engine, "retrieve", slowed(svc.engine.retrieve, 0.4))
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(c.post, "/search", json={"query": "tumor"})
+            wait_until(lambda: admission.in_flight == 1)
+            second = pool.submit(c.post, "/search", json={"query": "heart"})
+            wait_until(lambda: admission.waiting == 1)
+            assert metric_value(c.get("/metrics").text, "nrs_queue_depth") == 1
+            assert_envelope(c.post("/search", json={"query": "virus"}), 429, "overloaded")
+            assert first.result().status_code == 200 and second.result().status_code == 200
+
+
+def test_timeout_gives_504(artifacts, monkeypatch):
+    with TestClient(create_app(make_settings(artifacts.first, request_timeout_ms=100))) as c:
+        wait_ready(c)
+        svc = service_of(c)
+        assert svc.engine is not None
+        monkeypatch.setattr(svc.engine, "retrieve", slowed(svc.engine.retrieve, 0.5))
+        started = time.perf_counter()
+        r = c.post("/search", json={"query": "tumor"})
+        assert time.perf_counter() - started < 0.45
+        assert "request_timeout_ms=100" in assert_envelope(r, 504, "timeout")["message"]
+        wait_until(lambda: svc._admission is not None and svc._admission.in_flight == 0)
+
+
+# -- dynamic batching -----------------------------------------------------------------------------
+class _FakeEngine:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.fail = fail
+
+    def encode(self, kind, texts):
+        if self.fail:
+            raise ValueError("encoder exploded")
+        self.calls.append(list(texts))
+        return EncodedQueries(np.array([[float(len(t))] for t in texts], np.float32), 0.1, 0.2)
+
+
+async def _direct(fn, *args):
+    return fn(*args)
+
+
+def test_batcher_groups_concurrent_requests():
+    async def run():
+        sizes: list[tuple[str, int]] = []
+        b = EncodeBatcher(_direct, max_size=4, max_wait_ms=50, on_batch=lambda k, n: sizes.append((k, n)))
+        b.start()
+        engine, other = _FakeEngine(), _FakeEngine()
+        texts = ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
+        results = await asyncio.gather(*(b.encode(engine, "dense", [t]) for t in texts[:5]),
+                                       b.encode(other, "dense", ["zz"]))
+        big = await b.encode(engine, "dense", ["x"] * 9)  # larger than max_size: one batch of its own
+        await b.close()
+        return engine, other, results, big, sizes
+
+    engine, other, results, big, sizes = asyncio.run(run())
+    assert engine.calls[:2] == [["a", "bb", "ccc", "dddd"], ["eeeee"]]
+    assert other.calls == [["zz"]]  # another engine's items are never mixed in
+    assert [float(r.vectors[0, 0]) for r in results] == [1, 2, 3, 4, 5, 2]
+    assert all(r.vectors.shape == (1, 1) for r in results)
+    assert big.vectors.shape == (9, 1) and engine.calls[-1] == ["x"] * 9
+    assert ("dense", 4) in sizes and ("dense", 9) in sizes
+
+
+def test_batcher_errors_and_cancellation():
+    async def run():
+        b = EncodeBatcher(_direct, max_size=8, max_wait_ms=20)
+        b.start()
+        with pytest.raises(ValueError, match="exploded"):
+            await b.encode(_FakeEngine(fail=True), "dense", ["q"])
+        engine = _FakeEngine()
+        gave_up = asyncio.ensure_future(b.encode(engine, "dense", ["cancelled"]))
+        await asyncio.sleep(0)
+        gave_up.cancel()
+        kept = await b.encode(engine, "dense", ["kept"])
+        await b.close()
+        with pytest.raises(RuntimeError, match="not running"):
+            await b.encode(engine, "dense", ["late"])
+        return engine, kept
+
+    engine, kept = asyncio.run(run())
+    assert kept.vectors.shape == (1, 1)
+    assert ["cancelled"] not in engine.calls and any("kept" in c for c in engine.calls)
+
+
+def test_concurrent_requests_share_encode_batches(artifacts):
+    settings = make_settings(artifacts.first, batch_max_wait_ms=50, max_concurrency=8)
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        queries = [f"tumor growth {i}" for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda q: c.post("/search", json={"query": q}).status_code, queries))
+        assert statuses == [200] * 8
+        text = c.get("/metrics").text
+        count = metric_value(text, "nrs_encode_batch_size_count", model="dense")
+        total = metric_value(text, "nrs_encode_batch_size_sum", model="dense")
+        ones = metric_value(text, "nrs_encode_batch_size_bucket", model="dense", le="1.0")
+        assert total == 8 and count is not None and ones is not None
+        assert ones < count, "no encode batch held more than one query"
+
+
+# -- hot reload -----------------------------------------------------------------------------------
+def test_hot_reload_under_load(artifacts):
+    old, new = version_of(artifacts.first), version_of(artifacts.second)
+    assert old != new
+    with TestClient(create_app(make_settings(artifacts.first, max_queue=256))) as c:
+        wait_ready(c)
+        stop = threading.Event()
+        outcomes: list[tuple[int, str | None]] = []
+        lock = threading.Lock()
+
+        def hammer(i: int) -> None:
+            modes = ["none", "colbert", "cross-encoder"]
+            n = 0
+            while not stop.is_set():
+                r = c.post("/search", json={"query": f"vaccine trial {n}", "k": 3, "candidates": 10,
+                                            "rerank": modes[(i + n) % 3]})
+                with lock:
+                    outcomes.append((r.status_code, r.json().get("artifact_version")))
+                n += 1
+
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(outcomes) >= 8)
+        r = c.post("/admin/reload", json={"artifact_dir": str(artifacts.second)})
+        assert r.status_code == 200, r.text
+        assert r.json()["artifact_version"] == new and r.json()["previous_artifact_version"] == old
+        n_at_swap = len(outcomes)
+        wait_until(lambda: len(outcomes) >= n_at_swap + 8)
+        stop.set()
+        for t in threads:
+            t.join()
+        statuses = Counter(s for s, _ in outcomes)
+        assert statuses == {200: len(outcomes)}, statuses
+        versions = [v for _, v in outcomes]
+        assert old in versions and versions[-1] == new
+        assert c.get("/info").json()["artifact_version"] == new
+        assert c.get("/ready").json()["artifact_version"] == new
+        text = c.get("/metrics").text
+        assert metric_value(text, "nrs_artifact_info", artifact_version=new) == 1
+        assert metric_value(text, "nrs_reloads_total", outcome="ok") == 1
+
+
+def test_in_flight_request_finishes_on_its_engine(artifacts, monkeypatch):
+    with TestClient(create_app(make_settings(artifacts.first))) as c:
+        wait_ready(c)
+        svc = service_of(c)
+        old_engine = svc.engine
+        assert old_engine is not None
+        monkeypatch.setattr(old_engine, "retrieve", slowed(old_engine.retrieve, 0.5))
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(c.post, "/search", json={"query": "heart"})
+            wait_until(lambda: svc._admission is not None and svc._admission.in_flight == 1)
+            assert c.post("/admin/reload", json={"artifact_dir": str(artifacts.second)}).status_code == 200
+            assert svc.engine is not old_engine
+            assert c.post("/search", json={"query": "heart"}).json()["artifact_version"] == version_of(artifacts.second)
+            assert pending.result().json()["artifact_version"] == version_of(artifacts.first)
+
+
+def test_failed_reload_keeps_serving(artifacts, tmp_path, monkeypatch):
+    bad = tmp_path / "bad"
+    shutil.copytree(artifacts.second, bad)
+    (bad / "docs.sqlite").write_bytes(b"garbage")
+    with TestClient(create_app(make_settings(artifacts.first))) as c:
+        wait_ready(c)
+        err = assert_envelope(c.post("/admin/reload", json={"artifact_dir": str(bad)}), 422, "invalid_artifact")
+        assert "docs.sqlite" in err["message"] and "still serving" in err["message"]
+        err = assert_envelope(c.post("/admin/reload", json={"artifact_dir": str(tmp_path / "missing")}), 422)
+        assert "does not exist" in err["message"]
+        assert c.post("/search", json={"query": "tumor"}).json()["artifact_version"] == version_of(artifacts.first)
+        assert metric_value(c.get("/metrics").text, "nrs_reloads_total", outcome="failed") == 2
+
+        # a second reload while one runs is refused with 409
+        svc = service_of(c)
+        release = threading.Event()
+        original = svc._load_and_warm
+
+        def blocked(path):
+            assert release.wait(10)
+            return original(path)
+
+        monkeypatch.setattr(svc, "_load_and_warm", blocked)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(c.post, "/admin/reload", json={})
+            wait_until(lambda: svc._reload_lock is not None and svc._reload_lock.locked())
+            assert_envelope(c.post("/admin/reload", json={}), 409, "reload_in_progress")
+            release.set()
+            assert first.result().status_code == 200
+
+
+# -- logging and import hygiene -------------------------------------------------------------------
+def test_access_log_is_one_json_line_per_request(artifacts, caplog):
+    from service.logs import JsonFormatter
+
+    with TestClient(create_app(make_settings(artifacts.first, warmup=False))) as c:
+        with caplog.at_level(logging.INFO, logger="service.access"):
+            c.post("/search", json={"query": " "}, headers={"X-Request-Id": "log-me"})
+    records = [r for r in caplog.records if r.name == "service.access" and getattr(r, "request_id", "") == "log-me"]
+    assert len(records) == 1
+    line = json.loads(JsonFormatter().format(records[0]))
+    assert line["request_id"] == "log-me" and line["route"] == "/search" and line["status"] == 422
+    assert line["error_type"] == "invalid_request" and line["total_ms"] >= 0 and line["level"] == "info"
+
+
+def test_pipeline_module_does_not_import_fastapi():
+    code = ("import sys, service.search, service.batching, service.state\n"
+            "bad = [m for m in ('fastapi', 'torch', 'index_build') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# -- the real server ------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _server_env(artifact_dir: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NRS_")}
+    env.update(NRS_ARTIFACT_DIR=str(artifact_dir), NRS_PORT=str(port), NRS_THREADS="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    return env
+
+
+def test_server_process_serves_and_stops_cleanly(artifacts):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=_server_env(artifacts.first, port),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        ready = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                    ready = True
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        assert ready, proc.stderr.read() if proc.poll() is not None else "not ready in 15 s"
+        r = httpx.post(f"{base}/search", json={"query": "tumor growth", "k": 3, "rerank": "colbert"}, timeout=10)
+        assert r.status_code == 200 and len(r.json()["hits"]) == 3
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    access = [x for x in lines if x.get("logger") == "service.access" and x.get("route") == "/search"]
+    assert access and access[0]["status"] == 200 and access[0]["request_id"]
+
+
+def test_server_process_exits_non_zero_on_corrupt_artifact(artifacts, tmp_path):
+    bad = tmp_path / "corrupt"
+    shutil.copytree(artifacts.first, bad)
+    (bad / "dense" / "index.faiss").write_bytes(b"not a faiss index")
+    proc = subprocess.run([sys.executable, "-m", "service"], cwd=REPO, env=_server_env(bad, _free_port()),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "dense/index.faiss" in proc.stderr
