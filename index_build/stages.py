@@ -208,22 +208,28 @@ class Pipeline:
     def mine_label_free(self, out: Path) -> dict:
         """GPL-style: pseudo-queries from the corpus, filtered (incl. round trip through the
         teacher), BM25 + base-dense hard negatives, the teacher scores every pair."""
-        from index_build.pseudo_queries import (
-            default_budget,
-            filter_queries,
-            make_generator,
-            round_trip_filter,
-        )
+        lf = self.cfg.label_free
+        from index_build.pseudo_queries import default_budget
+
+        budget = lf.budget or default_budget(len(self.collection.docs))
+        examples, dev, info = self.pseudo_examples(budget, lf.dev_queries, out / "pseudo_queries.tsv")
+        with (out / "examples.pkl").open("wb") as f:
+            pickle.dump({"examples": examples, "dev": dev}, f)
+        return {"label_free": True, **info}
+
+    def pseudo_examples(self, budget: int, n_dev: int, tsv: Path | None = None) -> tuple[list, dict, dict]:
+        """``budget`` training examples (+ ``n_dev`` dev queries with pseudo-qrels) from
+        pseudo-queries of the corpus; the source document is the positive."""
+        from index_build.pseudo_queries import filter_queries, make_generator, round_trip_filter
         from index_build.sampling import make_examples
         from index_build.teachers import cached_teacher_scores
 
         lf = self.cfg.label_free
         docs = self.collection.docs
         generated = [q for spec in lf.generators for q in make_generator(spec).generate(docs)]
-        budget = lf.budget or default_budget(len(docs))
         # over-generate before the round trip (it drops a share), then cap to the budget
         kept, stats = filter_queries(generated, docs, min_words=lf.min_words, max_words=lf.max_words,
-                                     per_doc=lf.per_doc, budget=int(budget * 1.5) + lf.dev_queries)
+                                     per_doc=lf.per_doc, budget=int(budget * 1.5) + n_dev)
         texts = [q.text for q in kept]
         pools, rankings = self.candidate_pools(texts, self.cfg.teacher.pool_depth, [[q.doc] for q in kept])
         t_scores = cached_teacher_scores(self.teacher, self.cache, texts, pools, progress=self.progress)
@@ -232,7 +238,7 @@ class Pipeline:
         idx = [i for i, k in enumerate(keep) if k]
         rng = random.Random(0)
         rng.shuffle(idx)
-        n_dev = min(lf.dev_queries, len(idx) // 5)
+        n_dev = min(n_dev, len(idx) // 5)
         dev_idx, train_idx = sorted(idx[:n_dev]), sorted(idx[n_dev : n_dev + budget])
         qids = [f"pq{i}" for i in range(len(kept))]
         examples = make_examples([qids[i] for i in train_idx], [texts[i] for i in train_idx],
@@ -241,22 +247,35 @@ class Pipeline:
                                  neg_depth=self.cfg.students.neg_depth)
         dev_texts = [texts[i] for i in dev_idx]
         dev_pools, _ = self.candidate_pools(dev_texts, self.cfg.students.dev_pool_depth,
-                                            [[kept[i].doc] for i in dev_idx])
+                                            [[kept[i].doc] for i in dev_idx]) if dev_idx else ([], [])
         doc_ids = self.collection.doc_ids
         dev = {"qids": [qids[i] for i in dev_idx], "queries": dev_texts, "pools": dev_pools,
                "qrels": {qids[i]: {doc_ids[kept[i].doc]: 1} for i in dev_idx}}
-        with (out / "examples.pkl").open("wb") as f:
-            pickle.dump({"examples": examples, "dev": dev}, f)
         by_gen: dict[str, int] = {}
         for i in train_idx:
             by_gen[kept[i].generator] = by_gen.get(kept[i].generator, 0) + 1
-        with (out / "pseudo_queries.tsv").open("w") as f:
-            for i in train_idx + dev_idx:
-                f.write(f"{qids[i]}\t{doc_ids[kept[i].doc]}\t{kept[i].generator}\t{texts[i]}\n")
-        return {"label_free": True, "generated": len(generated), "filters": stats,
-                "pseudo_queries": len(train_idx), "dev_queries": len(dev_idx), "by_generator": by_gen,
-                "generators": lf.generators, "examples": len(examples),
+        if tsv is not None:
+            with tsv.open("w") as f:
+                for i in train_idx + dev_idx:
+                    f.write(f"{qids[i]}\t{doc_ids[kept[i].doc]}\t{kept[i].generator}\t{texts[i]}\n")
+        info = {"generated": len(generated), "filters": stats, "pseudo_queries": len(train_idx),
+                "dev_queries": len(dev_idx), "by_generator": by_gen, "generators": lf.generators,
+                "examples": len(examples),
                 "mean_negatives": float(np.mean([len(e.negatives) for e in examples])) if examples else 0.0}
+        return examples, dev, info
+
+    def pseudo_key(self, n: int) -> str:
+        return self.key("pseudo", self.cfg.section_hash("teacher", "students", "label_free"), str(n))
+
+    def pseudo(self, n: int) -> StageRecord:
+        """Pseudo-query examples that augment a labelled training set (GPL-style)."""
+        def run(out: Path) -> dict:
+            examples, _, info = self.pseudo_examples(n, 0, out / "pseudo_queries.tsv")
+            with (out / "examples.pkl").open("wb") as f:
+                pickle.dump(examples, f)
+            return info
+
+        return self.stage(f"pseudo-{n}", self.pseudo_key(n), run)
 
     def load_mined(self) -> dict:
         with (self.work / "mine" / "examples.pkl").open("rb") as f:
@@ -265,7 +284,15 @@ class Pipeline:
     def distill_key(self, kind: str) -> str:
         from dataclasses import asdict
 
-        return self.key("distill", kind, self.mine_key(), json.dumps(asdict(self.cfg.train[kind]), sort_keys=True))
+        tcfg = self.cfg.train[kind]
+        data = asdict(tcfg)
+        for name, default in _LATER_TRAIN_FIELDS.items():  # keys from before these fields existed stay valid
+            if data.get(name) == default:
+                data.pop(name)
+        parts = [json.dumps(data, sort_keys=True)]
+        if tcfg.pseudo_queries:
+            parts.append(self.pseudo_key(tcfg.pseudo_queries))
+        return self.key("distill", kind, self.mine_key(), *parts)
 
     def distill(self, kind: str) -> StageRecord:
         def run(out: Path) -> dict:
@@ -275,32 +302,55 @@ class Pipeline:
             from models.sources import resolve_model
 
             mined = self.load_mined()
+            tcfg = self.cfg.train[kind]
+            examples = list(mined["examples"])
+            if tcfg.pseudo_queries and not self.label_free:
+                self.pseudo(tcfg.pseudo_queries)
+                with (self.work / f"pseudo-{tcfg.pseudo_queries}" / "examples.pkl").open("rb") as f:
+                    examples += pickle.load(f)
             s = self.cfg.students
             overrides: dict[str, Any] = {"max_query_len": s.max_query_len, "max_doc_len": s.max_doc_len}
             if kind == "colbert":
                 overrides.update(dim=s.colbert_dim, colbert_query_len=s.colbert_query_len)
             student = new_student(kind, resolve_model(s.base), **overrides)
-            tcfg = self.cfg.train[kind]
             clusters = None
             if tcfg.tas_balanced:
-                emb = self.base_dense.encode_queries([e.query for e in mined["examples"]])
+                emb = self.base_dense.encode_queries([e.query for e in examples])
                 clusters = cluster_queries(emb, tcfg.tas_clusters, seed=tcfg.seed)
-            dev_eval = self.dev_evaluator(mined["dev"])
-            res = train(student, mined["examples"], self.corpus_texts, tcfg, self.work / f"train-{kind}",
+            dev_eval = self.dev_evaluator(mined["dev"], retrieval=tcfg.dev_retrieval and kind == "dense")
+            res = train(student, examples, self.corpus_texts, tcfg, self.work / f"train-{kind}",
                         dev_eval=dev_eval, clusters=clusters, progress=self.progress)
             shutil.copytree(self.work / f"train-{kind}" / "best", out / "student")
-            return {"steps": res.steps, "best_dev_nDCG@10": round(res.best_dev, 4),
+            return {"steps": res.steps, "examples": len(examples), "best_dev_nDCG@10": round(res.best_dev, 4),
                     "dev_history": res.dev_history, "train_seconds": round(res.seconds, 1),
                     "final_loss": float(np.mean(res.loss_history[-20:])) if res.loss_history else None}
 
         return self.stage(f"distill-{kind}", self.distill_key(kind), run)
 
-    def dev_evaluator(self, dev: dict) -> Callable | None:
+    def dev_evaluator(self, dev: dict, retrieval: bool = False) -> Callable | None:
+        """nDCG@10 on the dev slice: reranking each dev query's candidate pool, or (dense,
+        ``retrieval``) exact search over the whole corpus encoded by the student being trained."""
         if not dev["qids"]:
             return None
         train_qrels = self.collection.qrels.get(self.cfg.data.train_split, {})
         qrels = dev.get("qrels") or {q: train_qrels[q] for q in dev["qids"]}
         doc_ids = self.collection.doc_ids
+
+        def evaluate_retrieval(student) -> float:
+            from tqdm import tqdm
+
+            from index_build.teachers import exact_topk
+            from models.encoders import length_sorted_batches
+
+            texts = self.corpus_texts
+            emb = np.zeros((len(texts), student.config.dim), np.float32)
+            lengths = student.tokenizer.token_lengths(texts)
+            for idx in tqdm(list(length_sorted_batches(lengths, 64)), desc="dev corpus encode", leave=False,
+                            disable=not self.progress):
+                emb[idx] = student.encode_docs([texts[i] for i in idx]).numpy()
+            q = student.encode_queries(dev["queries"]).numpy()
+            s, i = exact_topk(emb, q, 100)
+            return metrics(qrels, run_from_arrays(dev["qids"], doc_ids, s, i))["nDCG@10"]
 
         def evaluate(student) -> float:
             from tqdm import tqdm
@@ -319,7 +369,7 @@ class Pipeline:
                 run[qid] = {doc_ids[int(d)]: float(v) for d, v in zip(pool, sc)}
             return metrics(qrels, run)["nDCG@10"]
 
-        return evaluate
+        return evaluate_retrieval if retrieval else evaluate
 
     def export_key(self, kind: str) -> str:
         return self.key("export", kind, self.distill_key(kind), str(self.cfg.export_int8))
@@ -691,3 +741,6 @@ def _hash_without(cfg: BuildConfig, section: str, *drop: str) -> str:
     data = {k: v for k, v in asdict(getattr(cfg, section)).items() if k not in drop}
     payload = json.dumps({section: data}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+_LATER_TRAIN_FIELDS: dict[str, object] = {"pseudo_queries": 0, "dev_retrieval": False}

@@ -44,6 +44,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     max_grad_norm: float = 1.0
     dropout: bool = False              # dropout during distillation (off: ~2x faster on CPU, no loss seen)
+    pseudo_queries: int = 0            # labelled path: add this many corpus pseudo-query examples (GPL-style)
+    dev_retrieval: bool = False        # dense: select on full-corpus retrieval of the dev queries
     threads: int = 0
 
 

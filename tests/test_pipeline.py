@@ -155,3 +155,16 @@ def test_rerank_mode_on_a_trec_style_pool(tmp_path, tiny_bert):
     p = Pipeline(cfg, progress=False)
     systems = p.run_all()["systems"]
     assert {"bm25", "base-dense", "teacher", "dense", "dense+colbert", "hybrid", "hybrid+colbert"} <= set(systems)
+
+
+def test_pseudo_query_augmentation_and_dev_retrieval(tiny_beir, tiny_bert, tmp_path):
+    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "train.dense.pseudo_queries=20",
+                                               "train.dense.dev_retrieval=true", 'students.kinds=["dense"]',
+                                               "label_free.dev_queries=0"))
+    p = Pipeline(cfg, progress=False)
+    p.mine()
+    n_labelled = p.records["mine"].result["examples"]
+    res = p.distill("dense").result
+    assert res["examples"] == n_labelled + p.records["pseudo-20"].result["examples"]
+    assert p.records["pseudo-20"].result["pseudo_queries"] <= 20
+    assert len(res["dev_history"]) >= 2  # full-corpus retrieval on the dev queries at start and end
