@@ -215,7 +215,7 @@ class SearchEngine:
         self.bm25 = bm25
         self.providers = list(providers)
         self.model_files = dict(model_files or {})
-        self.hybrid_weights = (settings.hybrid_dense_weight, settings.hybrid_sparse_weight)
+        self.hybrid_weights = _hybrid_weights(settings, manifest)
         self._input_names = {
             enc.kind: {i.name for i in enc.session.get_inputs()}
             for enc in (dense_encoder, colbert_encoder, cross_encoder)
@@ -595,3 +595,12 @@ class SearchEngine:
 
     def __repr__(self) -> str:
         return f"SearchEngine({self.artifact_dir}, version={self.artifact_version}, n_docs={self.n_docs})"
+
+
+def _hybrid_weights(settings: Settings, manifest: Manifest) -> tuple[float, float]:
+    """Fusion weights: the settings when given, else the ones the builder tuned on its dev
+    slice (``indexes.hybrid`` in the manifest), else equal weights."""
+    if settings.hybrid_dense_weight is not None and settings.hybrid_sparse_weight is not None:
+        return settings.hybrid_dense_weight, settings.hybrid_sparse_weight
+    tuned = manifest.indexes.get("hybrid", {})
+    return float(tuned.get("dense_weight", 0.5)), float(tuned.get("sparse_weight", 0.5))

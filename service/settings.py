@@ -58,8 +58,10 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits for more queries.")
 
     # -- hybrid first stage ----------------------------------------------------------------------
-    hybrid_dense_weight: float = Field(0.5, ge=0)
-    hybrid_sparse_weight: float = Field(0.5, ge=0)
+    hybrid_dense_weight: float | None = Field(
+        None, ge=0, description="Dense weight of the hybrid fusion (default: the builder's tuned value, else 0.5)."
+    )
+    hybrid_sparse_weight: float | None = Field(None, ge=0, description="Sparse (BM25) weight of the hybrid fusion.")
 
     # -- server ----------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -79,7 +81,9 @@ class Settings(BaseSettings):
             )
         if self.max_k > self.max_candidates:
             problems.append(f"max_k={self.max_k} is above max_candidates={self.max_candidates}")
-        if self.hybrid_dense_weight + self.hybrid_sparse_weight <= 0:
+        if (self.hybrid_dense_weight is None) != (self.hybrid_sparse_weight is None):
+            problems.append("set both hybrid_dense_weight and hybrid_sparse_weight, or neither")
+        elif self.hybrid_dense_weight is not None and self.hybrid_dense_weight + (self.hybrid_sparse_weight or 0) <= 0:
             problems.append("hybrid_dense_weight and hybrid_sparse_weight are both 0")
         if self.api_key is not None and not self.api_key.get_secret_value().strip():
             problems.append("api_key is set but empty (unset NRS_API_KEY to disable authentication)")
