@@ -223,6 +223,9 @@ def test_service_image_is_multi_stage_torch_free_non_root_with_deps_before_code(
     assert "torch" not in DOCKERFILES["api"].read_text().replace("torch-free", "")
     cmd = [a for i, a in runtime if i == "CMD"]
     assert exec_form(cmd[-1]) == ["python", "-m", "service"]
+    import importlib.util
+
+    assert importlib.util.find_spec("service.__main__") is not None, "`python -m service` needs service/__main__.py"
     assert ("EXPOSE", str(SERVICE_PORT)) in runtime
 
 
