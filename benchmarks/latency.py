@@ -455,7 +455,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             results["live_check"] = live_check(server.base_url, args.artifact, texts[: args.live_check], k=args.k,
                                                candidates=args.candidates, config=args.config)
             log.info("live check: %s", results["live_check"])
-        results["info"] = {key: info.get(key) for key in ("artifact_version", "n_docs", "rerank_modes", "providers")}
+        results["info"] = {key: info.get(key) for key in ("artifact_version", "n_docs", "rerank_modes", "providers",
+                                                          "limits")}
         results["info"]["dense_index"] = {key: info.get("indexes", {}).get("dense", {}).get(key)
                                           for key in ("factory", "default_nprobe", "ntotal")}
     results["machine"] = machine_info()
