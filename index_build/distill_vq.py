@@ -76,9 +76,10 @@ def index_parts(index) -> IVFPQParts:
         if chain.size() != 1:
             raise ValueError("distill-vq supports at most one pre-transform (OPQ)")
         transform = faiss.downcast_VectorTransform(chain.at(0))
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    found = faiss.try_extract_index_ivf(index)
+    ivf = faiss.downcast_index(found) if found is not None else None
     if not isinstance(ivf, faiss.IndexIVFPQ) or not ivf.by_residual:
-        raise ValueError(f"distill-vq needs an IndexIVFPQ encoding residuals, got {type(ivf).__name__}")
+        raise ValueError(f"distill-vq needs an IndexIVFPQ encoding residuals, got {type(index).__name__}")
     if ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ValueError("distill-vq expects an inner-product index")
     return IVFPQParts(index, ivf, transform)
