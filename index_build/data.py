@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -108,7 +112,8 @@ def load_corpus(path: Path) -> list[Doc]:
             raise DataError(f"{path}:{lineno}: field 'title' must be a string")
         text = _required_str(obj, "text", path, lineno, allow_empty=True)
         if not (title.strip() or text.strip()):
-            raise DataError(f"{path}:{lineno}: document {doc_id!r} has neither title nor text")
+            # real collections have a few (Cranfield: 2); keep them so qrels stay valid
+            log.warning("%s:%d: document %r has neither title nor text", path, lineno, doc_id)
         docs.append(Doc(doc_id, title.strip(), text.strip()))
     if not docs:
         raise DataError(f"{path}: corpus is empty")

@@ -43,13 +43,13 @@ def test_duplicate_doc_id(tmp_path):
         load_collection(root)
 
 
-def test_missing_field_and_empty_doc(tmp_path):
+def test_missing_field_and_empty_doc(tmp_path, caplog):
     root = _write(tmp_path / "c", [json.dumps({"title": "x", "text": "y"})])
     with pytest.raises(DataError, match=r":1: missing field '_id'"):
         load_collection(root)
-    root = _write(tmp_path / "d", [json.dumps({"_id": "a", "title": "", "text": "  "})])
-    with pytest.raises(DataError, match="neither title nor text"):
-        load_collection(root)
+    root = _write(tmp_path / "d", [json.dumps({"_id": "a", "title": "", "text": "  "}), doc("b")])
+    c = load_collection(root)  # kept (qrels may point at it), with a warning naming file and line
+    assert c.doc_ids == ["a", "b"] and "corpus.jsonl:1: document 'a' has neither title nor text" in caplog.text
 
 
 def test_duplicate_query_id(tmp_path):
