@@ -33,7 +33,8 @@ def write_tiny_beir(root: Path, n_docs: int = 60, seed: int = 0, with_labels: bo
             f.write(json.dumps({k: d[k] for k in ("_id", "title", "text")}) + "\n")
     if not with_labels:
         return root
-    queries, qrels = [], {"train": [], "test": []}
+    queries: list[dict[str, str]] = []
+    qrels: dict[str, list[tuple[str, str, int]]] = {"train": [], "test": []}
     for qi in range(24):
         topic = topics[qi % len(topics)]
         text = " ".join(rng.sample(TOPICS[topic], 3))
