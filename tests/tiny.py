@@ -49,8 +49,8 @@ def write_tiny_beir(root: Path, n_docs: int = 60, seed: int = 0, with_labels: bo
     for split, rows in qrels.items():
         with (root / "qrels" / f"{split}.tsv").open("w") as f:
             f.write("query-id\tcorpus-id\tscore\n")
-            for q, d, s in rows:
-                f.write(f"{q}\t{d}\t{s}\n")
+            for qid, did, grade in rows:
+                f.write(f"{qid}\t{did}\t{grade}\n")
     return root
 
 
