@@ -132,8 +132,13 @@ def load_queries(path: Path) -> dict[str, str]:
     return queries
 
 
-def load_qrels(path: Path, doc_ids: set[str], query_ids: set[str] | None = None) -> dict[str, dict[str, int]]:
+def load_qrels(path: Path, doc_ids: set[str], query_ids: set[str] | None = None, *,
+               unknown_docs: str = "error") -> dict[str, dict[str, int]]:
+    """``unknown_docs``: "error" (default), or "keep" for a candidate-pool corpus (TREC DL),
+    whose judged passages need not all be in the pool: they are kept, so nDCG's ideal
+    ranking counts them as trec_eval does (one warning gives their number)."""
     qrels: dict[str, dict[str, int]] = {}
+    outside = 0
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             line = line.rstrip("\n")
@@ -152,15 +157,20 @@ def load_qrels(path: Path, doc_ids: set[str], query_ids: set[str] | None = None)
             except ValueError:
                 raise DataError(f"{path}:{lineno}: relevance grade {grade_s!r} is not a number") from None
             if did not in doc_ids:
-                raise DataError(f"{path}:{lineno}: qrels point at unknown document {did!r}")
+                if unknown_docs != "keep":
+                    raise DataError(f"{path}:{lineno}: qrels point at unknown document {did!r}")
+                outside += 1
             if query_ids is not None and qid not in query_ids:
                 raise DataError(f"{path}:{lineno}: qrels point at unknown query {qid!r}")
             qrels.setdefault(qid, {})[did] = grade
+    if outside:
+        log.warning("%s: %d judgments name documents outside this (pool) corpus", path, outside)
     return qrels
 
 
-def load_collection(root: str | Path, *, splits: list[str] | None = None) -> Collection:
-    """Load a BEIR folder. Queries and qrels are optional (a bare corpus is valid)."""
+def load_collection(root: str | Path, *, splits: list[str] | None = None, unknown_docs: str = "error") -> Collection:
+    """Load a BEIR folder. Queries and qrels are optional (a bare corpus is valid).
+    ``unknown_docs="keep"`` accepts qrels of documents outside a candidate-pool corpus."""
     root = Path(root)
     corpus_path = root / "corpus.jsonl"
     if not corpus_path.is_file():
@@ -175,7 +185,7 @@ def load_collection(root: str | Path, *, splits: list[str] | None = None) -> Col
         for tsv in sorted(qrels_dir.glob("*.tsv")):
             if splits is not None and tsv.stem not in splits:
                 continue
-            qrels[tsv.stem] = load_qrels(tsv, doc_ids, set(queries))
+            qrels[tsv.stem] = load_qrels(tsv, doc_ids, set(queries), unknown_docs=unknown_docs)
     return Collection(root=root, docs=docs, queries=queries, qrels=qrels)
 
 

@@ -107,7 +107,8 @@ class Pipeline:
 
     @cached_property
     def collection(self) -> Collection:
-        return load_collection(self.cfg.data.path)
+        # a rerank-mode collection is a candidate pool: its judged documents need not all be in it
+        return load_collection(self.cfg.data.path, unknown_docs="keep" if self.cfg.evaluate.mode == "rerank" else "error")
 
     @cached_property
     def corpus_texts(self) -> list[str]:
@@ -530,7 +531,7 @@ class Pipeline:
         from models.fusion import normalize
         from models.sparse_index import BM25Index
 
-        col = load_collection(path)
+        col = load_collection(path, unknown_docs="keep")
         split = next(iter(col.qrels))
         qrels = col.qrels[split]
         run_in = load_trec_run(path / "runs" / "BM25.trec", depth=self.cfg.evaluate.rerank_depth)

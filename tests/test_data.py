@@ -86,3 +86,10 @@ def test_trec_run(tmp_path):
     p.write_text("1 Q0 a 1\n")
     with pytest.raises(DataError, match=r"run\.trec:1"):
         load_trec_run(p)
+
+
+def test_pool_corpus_keeps_outside_judgments(tmp_path):
+    q = json.dumps({"_id": "q1", "text": "hello"})
+    root = _write(tmp_path / "c", [doc("a")], [q], "query-id\tcorpus-id\tscore\nq1\ta\t1\nq1\tzzz\t2\n")
+    c = load_collection(root, unknown_docs="keep")  # a TREC DL pool: judged passages outside it count in nDCG
+    assert c.qrels["test"]["q1"] == {"a": 1, "zzz": 2}
