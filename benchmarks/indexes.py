@@ -158,19 +158,21 @@ class Judged:
 
 
 # ------------------------------------------------------------------------------------ ivfpq
-def alternative_specs(dim: int) -> list[dict[str, Any]]:
-    """Smaller dense index sizes to compare with the default (``default_factory`` keyword
-    arguments): PQ with ``dim / 4`` and ``dim / 8`` bytes (1/16 and 1/32 of float32), each
-    with and without an OPQ rotation.
+def alternative_factories(n_docs: int, dim: int) -> list[str]:
+    """Dense indexes to compare with the default: the default's PQ codes without IVF (every
+    code scanned), then PQ with ``dim / 4`` and ``dim / 8`` bytes (1/16 and 1/32 of
+    float32), each with and without an OPQ rotation.
 
-    >>> alternative_specs(384)
-    [{'pq_bytes': 96}, {'pq_bytes': 96, 'opq': True}, {'pq_bytes': 48}, {'pq_bytes': 48, 'opq': True}]
+    >>> alternative_factories(5183, 384)
+    ['PQ192x8np', 'IVF128,PQ96x8', 'OPQ96_384,IVF128,PQ96x8', 'IVF128,PQ48x8', 'OPQ48_384,IVF128,PQ48x8']
     """
-    specs: list[dict[str, Any]] = []
+    from models.dense_index import default_factory, default_pq_m
+
+    out = [f"PQ{default_pq_m(dim)}x8np"]  # np: no polysemous training (slow, unused)
     for m in (dim // 4, dim // 8):
         if m > 0 and dim % m == 0:
-            specs += [{"pq_bytes": m}, {"pq_bytes": m, "opq": True}]
-    return specs
+            out += [default_factory(n_docs, dim, pq_bytes=m), default_factory(n_docs, dim, pq_bytes=m, opq=True)]
+    return out
 
 
 def measure_ivfpq(
@@ -179,7 +181,7 @@ def measure_ivfpq(
     judged: Judged,
     *,
     nprobes: Sequence[int] = SWEEP_NPROBES,
-    alternatives: Sequence[dict[str, Any]] | None = None,
+    alternatives: Sequence[str] | None = None,
     build_threads: int = 1,
     seed: int = 0,
     progress: bool = False,
@@ -187,7 +189,8 @@ def measure_ivfpq(
     """The default IVF-PQ on ``corpus`` against exact search: size, recall, nDCG, latency.
 
     Batch searches use ``build_threads`` threads; latencies are single-query with one
-    thread, over every query, warm. ``alternatives`` defaults to :func:`alternative_specs`.
+    thread, over every query, warm. ``alternatives`` (FAISS factory strings) defaults to
+    :func:`alternative_factories`.
     """
     from models.dense_index import DenseIndex, default_factory, exact_search, recall_at_k
 
@@ -248,24 +251,30 @@ def measure_ivfpq(
                       "nDCG@10": pm["nDCG@10"], **lat})
     out["sweep"] = sweep
     alts = []
-    specs = alternative_specs(dim) if alternatives is None else alternatives
-    for spec in _bar(specs, "alternative sizes", progress):
-        alt_factory = default_factory(n, dim, **spec)
+    factories = alternative_factories(n, dim) if alternatives is None else alternatives
+    for alt_factory in _bar(factories, "alternative indexes", progress):
         with cpu_threads(build_threads):
             t0 = time.perf_counter()
             alt = DenseIndex.build(corpus, alt_factory, seed=seed)
             alt_build_s = time.perf_counter() - t0
             a_s, a_i = alt.search(queries, K)
             _, a_all = alt.search(queries, K, nprobe=nlist)
+        with cpu_threads(1):
+
+            def one_alt(r: int, a: DenseIndex = alt) -> object:
+                return a.search(queries[r : r + 1], K)
+
+            alt_lat = latency_ms(one_alt, nq)
         alts.append({
             "factory": alt_factory,
             "bytes_per_vector": alt.bytes_per_vector(),
             "size_ratio_vs_float32": _round(alt.bytes_per_vector() / (4 * dim)),
             "build_s": _round(alt_build_s, 2),
-            "nprobe": alt.default_nprobe,
+            "nprobe": alt.default_nprobe if alt.is_ivf else None,
             "recall@100_vs_exact": _round(recall_at_k(a_i, exact_i, K)),
             "recall@100_vs_exact_all_lists": _round(recall_at_k(a_all, exact_i, K)),
             "nDCG@10": judged.score(a_s, a_i)["nDCG@10"],
+            **alt_lat,
         })
     out["alternatives"] = alts
     return out
@@ -709,13 +718,14 @@ def markdown(data: dict[str, Any]) -> str:
         ]
         lines += [f"| {r['nprobe']} | {r['recall@100_vs_exact']:.4f} | {r['nDCG@10']:.4f} | {r['p50_ms']} | "
                   f"{r['p99_ms']} |" for r in iv["sweep"]]
-        lines += ["", "Alternative sizes (default nprobe):", "",
-                  "| factory | B/vector | of float32 | recall@100 vs exact | all lists | nDCG@10 | build s |",
-                  "|---|---|---|---|---|---|---|"]
-        rows = [{"factory": iv["factory"], **iv}, *iv.get("alternatives", [])]
+        lines += ["", "Alternatives (IVF at its default nprobe; 'all lists' = every list probed):", "",
+                  "| factory | B/vector | of float32 | recall@100 vs exact | all lists | nDCG@10 | p50 ms | build s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        at_default = {r["nprobe"]: r for r in iv["sweep"]}.get(iv["nprobe"], {})
+        rows = [{**iv, "p50_ms": at_default.get("p50_ms", "")}, *iv.get("alternatives", [])]
         lines += [f"| `{r['factory']}` | {r['bytes_per_vector']} | {r['size_ratio_vs_float32']:.4f} | "
                   f"{r['recall@100_vs_exact']:.4f} | {r['recall@100_vs_exact_all_lists']:.4f} | "
-                  f"{r['nDCG@10']:.4f} | {r['build_s']} |" for r in rows]
+                  f"{r['nDCG@10']:.4f} | {r.get('p50_ms', '')} | {r['build_s']} |" for r in rows]
         lines.append("")
     cb = data.get("colbert")
     if cb:

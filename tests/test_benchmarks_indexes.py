@@ -60,7 +60,7 @@ def fake() -> FakeInputs:
 
 
 def test_measure_ivfpq(fake: FakeInputs) -> None:
-    alternatives = [{"pq_bytes": 8}, {"pq_bytes": 4, "opq": True}]
+    alternatives = ["PQ16x8np", "IVF64,PQ8x8", "OPQ4_32,IVF64,PQ4x8"]
     out = bench.measure_ivfpq(fake.dense_corpus, fake.dense_queries, fake.judged, nprobes=(1, 8, 64, 128),
                               alternatives=alternatives)
     assert out["factory"] == "IVF64,PQ16x8"
@@ -70,8 +70,12 @@ def test_measure_ivfpq(fake: FakeInputs) -> None:
     assert recalls[0] < recalls[-1] and recalls[-1] == out["recall@100_vs_exact_all_lists"]
     assert 0.0 < out["recall@100_vs_exact"] <= 1.0 and 0.0 < out["nDCG@10"] <= out["nDCG@10_exact"] + 0.05
     assert all(r["p50_ms"] <= r["p99_ms"] for r in out["sweep"])
-    assert [a["factory"] for a in out["alternatives"]] == ["IVF64,PQ8x8", "OPQ4_32,IVF64,PQ4x8"]
-    assert all(a["bytes_per_vector"] < 16 for a in out["alternatives"])
+    assert [a["factory"] for a in out["alternatives"]] == alternatives
+    assert [a["bytes_per_vector"] for a in out["alternatives"]] == [16, 8, 4]
+    flat_pq = out["alternatives"][0]  # the default's codes, every one scanned: the IVF-free bound
+    assert flat_pq["nprobe"] is None and flat_pq["recall@100_vs_exact"] == pytest.approx(
+        out["recall@100_vs_exact_all_lists"], abs=0.05)
+    assert all(a["p50_ms"] > 0 for a in out["alternatives"])
 
 
 def test_measure_colbert(fake: FakeInputs, tmp_path: Path) -> None:
@@ -114,7 +118,7 @@ def test_measure_scale(fake: FakeInputs) -> None:
 def test_main_runs_every_section_and_merges(fake: FakeInputs, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(bench, "SciFactInputs", lambda config, progress=True: fake)
     monkeypatch.setattr(bench, "SCALE_N", 3000)
-    monkeypatch.setattr(bench, "alternative_specs", lambda dim: [{"pq_bytes": dim // 4}])  # OPQ training is slow
+    monkeypatch.setattr(bench, "alternative_factories", lambda n, dim: ["IVF64,PQ8x8"])  # OPQ training is slow
     (tmp_path / bench.JSON_NAME).write_text(json.dumps({"old_section": {"kept": True}}))
     bench.main(config=Path("x.toml"), only="ivfpq,colbert", out_dir=tmp_path, threads=1, progress=False)
     data = json.loads((tmp_path / bench.JSON_NAME).read_text())
