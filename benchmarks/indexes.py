@@ -624,6 +624,9 @@ def environment() -> dict[str, Any]:
             versions[dist] = version(dist)
         except PackageNotFoundError:
             versions[dist] = None  # type: ignore[assignment]
+    import faiss
+
+    versions["faiss_compile_options"] = str(faiss.get_compile_options())  # SIMD level actually loaded
     cpu_model = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
