@@ -108,7 +108,8 @@ class Pipeline:
     @cached_property
     def collection(self) -> Collection:
         # a rerank-mode collection is a candidate pool: its judged documents need not all be in it
-        return load_collection(self.cfg.data.path, unknown_docs="keep" if self.cfg.evaluate.mode == "rerank" else "error")
+        unknown = "keep" if self.cfg.evaluate.mode == "rerank" else "error"
+        return load_collection(self.cfg.data.path, unknown_docs=unknown)
 
     @cached_property
     def corpus_texts(self) -> list[str]:
@@ -140,10 +141,11 @@ class Pipeline:
 
         spec = TeacherSpec.from_dict({"kind": "ensemble", "members": self.cfg.teacher.members,
                                       "norm": self.cfg.teacher.norm})
+        # the base dense model is the same scorer as a bi-encoder member on the same checkpoint and length
+        prebuilt = {self.cfg.students.base: self.base_dense} if self.cfg.students.max_doc_len == 256 else None
         teacher = build_teacher(spec, self.corpus_texts, self.collection.checksum(), self.cache, bm25=self.bm25,
-                                threads=self.cfg.threads)
+                                threads=self.cfg.threads, prebuilt=prebuilt)
         assert isinstance(teacher, EnsembleTeacher)
-        # share the already-built base encoder when a member is the same checkpoint
         return teacher
 
     @property

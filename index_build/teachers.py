@@ -237,7 +237,12 @@ class TeacherSpec:
 
 
 def build_teacher(spec: TeacherSpec, corpus_texts: list[str], corpus_checksum: str, cache: ArrayCache, *,
-                  bm25: BM25Index | None = None, threads: int = 0) -> Teacher:
+                  bm25: BM25Index | None = None, threads: int = 0,
+                  prebuilt: dict[str, Teacher] | None = None) -> Teacher:
+    """``prebuilt`` maps a bi-encoder model reference to an already-built teacher to reuse
+    (the pipeline's base dense model), so its corpus embeddings are not loaded twice."""
+    if spec.kind == "bi-encoder" and prebuilt and spec.model in prebuilt:
+        return prebuilt[spec.model]
     if spec.kind == "bm25":
         return BM25Teacher(corpus_texts, corpus_checksum, index=bm25)
     if spec.kind == "bi-encoder":
@@ -247,8 +252,8 @@ def build_teacher(spec: TeacherSpec, corpus_texts: list[str], corpus_checksum: s
     if spec.kind == "ensemble":
         if not spec.members:
             raise ValueError("ensemble teacher needs at least one member")
-        members = [build_teacher(m, corpus_texts, corpus_checksum, cache, bm25=bm25, threads=threads)
-                   for m in spec.members]
+        members = [build_teacher(m, corpus_texts, corpus_checksum, cache, bm25=bm25, threads=threads,
+                                 prebuilt=prebuilt) for m in spec.members]
         names = "+".join(m.name.split(":")[-1] for m in members)
         return EnsembleTeacher(members, [m.weight for m in spec.members], spec.norm,  # type: ignore[arg-type]
                                name=f"ensemble({names})")
