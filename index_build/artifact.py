@@ -40,6 +40,7 @@ def build_artifact(
     factory: str | None = None,
     colbert_bits: int | None = 2,
     nprobe: int | None = None,
+    calibration_queries: np.ndarray | None = None,
     hybrid: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     build: dict[str, Any] | None = None,
@@ -67,11 +68,17 @@ def build_artifact(
                             "int8_onnx_file": INT8_NAME if (src / INT8_NAME).is_file() else None,
                             "tokenizer_file": TOKENIZER_NAME}
         dense = DenseIndex.build(dense_vectors, factory, progress=progress)
+        calibration: dict[str, Any] | None = None
         if nprobe:
             dense.default_nprobe = nprobe
+            calibration = {"method": "configured"}
+        elif dense.is_ivf and calibration_queries is not None and len(calibration_queries):
+            calibration = dense.calibrate_nprobe(dense_vectors, calibration_queries)
         dense.save(root / "dense" / "index.faiss")
         indexes["dense"] = {"type": "faiss", "path": "dense/index.faiss", "model": "dense", **dense.params(),
                             "bytes_per_vector": dense.bytes_per_vector()}
+        if calibration is not None:
+            indexes["dense"]["nprobe_calibration"] = calibration
         if colbert_vectors is not None:
             tok = TokenIndex.build(colbert_vectors, root / "colbert", bits=colbert_bits, progress=progress)
             indexes["colbert"] = {"type": "colbert-token-index", "path": "colbert", "model": "colbert",

@@ -637,7 +637,8 @@ class Pipeline:
             build_artifact(
                 final, collection=self.collection, onnx_dirs={k: self.onnx_dir(k) for k in kinds},
                 dense_vectors=dense, colbert_vectors=colbert, bm25=self.bm25, factory=self.cfg.index.factory,
-                colbert_bits=self.cfg.index.colbert_bits, nprobe=self.cfg.index.nprobe, hybrid=hybrid,
+                colbert_bits=self.cfg.index.colbert_bits, nprobe=self.cfg.index.nprobe,
+                calibration_queries=self.calibration_queries(), hybrid=hybrid,
                 training=training,
                 build={"key": key, "config": _jsonable(self.cfg), "stages": stages},
                 progress=self.progress,
@@ -653,6 +654,17 @@ class Pipeline:
                 log.warning("artifact dir %s no longer valid (%s): rebuilding", final, e)
                 return self.stage("artifact", key, run, force=True)
         return self.stage("artifact", key, run)
+
+    def calibration_queries(self, limit: int = 512) -> np.ndarray:
+        """Dense-student vectors of up to ``limit`` training (or pseudo-) queries, train and dev
+        slices, for choosing the default ``nprobe``; never test queries."""
+        from models.encoders import DenseEncoder
+
+        mined = self.load_mined()
+        texts = list(dict.fromkeys([e.query for e in mined["examples"]] + list(mined["dev"]["queries"])))
+        random.Random(0).shuffle(texts)
+        enc = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads)
+        return np.ascontiguousarray(enc.encode_queries(texts[:limit]), dtype=np.float32)
 
     def tune_hybrid(self, dense_vectors: np.ndarray, depth: int = 100) -> dict[str, Any]:
         """Choose the dense weight of the hybrid (z-score fusion of dense and BM25 top-``depth``)
@@ -746,4 +758,5 @@ def _hash_without(cfg: BuildConfig, section: str, *drop: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-_LATER_TRAIN_FIELDS: dict[str, object] = {"pseudo_queries": 0, "dev_retrieval": False}
+_LATER_TRAIN_FIELDS: dict[str, object] = {"pseudo_queries": 0, "dev_retrieval": False, "teacher_scale": 1.0,
+                                          "calibration_batches": 16}

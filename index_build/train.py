@@ -38,6 +38,11 @@ class TrainConfig:
     seed: int = 13
     score_scale: float | None = None   # student score multiplier (None: 20 for dense cos, else 1)
     in_batch_weight: float = 0.0       # dense only: add in-batch-negatives loss with this weight
+    # Teacher score multiplier. "auto": match the spread (std) of the teacher's margins to the
+    # initial student's on a few batches, so Margin-MSE does not demand margins the student's
+    # score range cannot express (a z-score ensemble's margins are ~5 for a cosine student's ~1).
+    teacher_scale: float | str = 1.0
+    calibration_batches: int = 16
     tas_balanced: bool = False
     tas_clusters: int = 32
     eval_every: int = 0                # steps between dev evaluations (0: end of each epoch)
@@ -56,6 +61,38 @@ class TrainResult:
     dev_history: list[tuple[int, float]]
     seconds: float
     loss_history: list[float]
+
+
+def _margins(scores: np.ndarray) -> np.ndarray:
+    """Positive-minus-negative margins of score rows whose first column is the positive."""
+    return (scores[:, :1] - scores[:, 1:]).reshape(-1)
+
+
+def calibrate_teacher_scale(student: Student, examples: list[Example], corpus_texts: list[str],
+                            cfg: TrainConfig, student_scale: float) -> float:
+    """``std(student margins) / std(teacher margins)`` of the untrained student on
+    ``cfg.calibration_batches`` batches (own seed, so training order is unchanged)."""
+    rng = random.Random(cfg.seed + 2)
+    picks = [examples[rng.randrange(len(examples))] for _ in range(cfg.calibration_batches * cfg.batch_queries)]
+    s_m, t_m = [], []
+    was_training = student.training
+    student.eval()
+    with torch.inference_mode():
+        for i in range(0, len(picks), cfg.batch_queries):
+            batch = picks[i : i + cfg.batch_queries]
+            docs, t_rows = [], []
+            for ex in batch:
+                cols = [rng.choice(ex.positives), *sample_negatives(ex, cfg.negatives, rng)]
+                docs.append([corpus_texts[int(ex.pool[j])] for j in cols])
+                t_rows.append([float(ex.teacher[j]) for j in cols])
+            s, _ = student_scores(student, [ex.query for ex in batch], docs)
+            s_m.append(_margins(s.float().numpy() * student_scale))
+            t_m.append(_margins(np.asarray(t_rows, dtype=np.float64)))
+    student.train(was_training and cfg.dropout)
+    s_std, t_std = float(np.concatenate(s_m).std()), float(np.concatenate(t_m).std())
+    if not (t_std > 0 and s_std > 0):
+        return 1.0
+    return s_std / t_std
 
 
 def student_scores(student: Student, queries: list[str], docs: list[list[str]]
@@ -152,6 +189,11 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
 
     if state["step"] == 0 and dev_eval is not None and not state["dev_history"]:
         evaluate_and_keep()  # the initial model competes too: distillation must not make it worse
+    if "teacher_scale" not in state:
+        state["teacher_scale"] = (calibrate_teacher_scale(student, examples, corpus_texts, cfg, scale)
+                                  if cfg.teacher_scale == "auto" else float(cfg.teacher_scale))
+        log.info("teacher scale %.4f", state["teacher_scale"])
+    t_scale = float(state["teacher_scale"])
     student.train(cfg.dropout)
     t0 = time.perf_counter() - state["seconds"]
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"distill {student.kind}", unit="step",
@@ -168,7 +210,7 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
             t_rows.append([float(ex.teacher[j]) for j in cols])
         s, emb = student_scores(student, [ex.query for ex in batch], docs)
         s = s * scale
-        t = torch.tensor(t_rows, dtype=s.dtype)
+        t = torch.tensor(t_rows, dtype=s.dtype) * t_scale
         n = s.shape[1] - 1
         loss = margin_mse(s[:, :1].expand(-1, n), s[:, 1:], t[:, :1].expand(-1, n), t[:, 1:])
         if cfg.in_batch_weight and emb is not None:

@@ -73,6 +73,9 @@ def default_pq_m(dim: int) -> int:
     return 1
 
 
+NPROBE_TARGET = 0.995
+
+
 def default_nprobe_for(nlist: int) -> int:
     """Default lists probed per query: ``nlist / 4`` bounded to ``[8, 64]`` (and to ``nlist``).
 
@@ -350,6 +353,32 @@ class DenseIndex:
         if value <= 0:
             raise ValueError(f"nprobe must be positive, got {value}")
         self._default_nprobe = int(value)
+
+    def calibrate_nprobe(self, vectors: np.ndarray, queries: np.ndarray, *, k: int = 100,
+                         target: float = NPROBE_TARGET) -> dict[str, Any]:
+        """Set :attr:`default_nprobe` to the smallest power of two (or ``nlist``) whose
+        recall@``k`` against exact search reaches ``target`` times the recall of probing every
+        list, measured on ``queries`` (held-out or pseudo-queries: never test queries).
+
+        The ceiling is what the codes allow (PQ error); the coarse quantizer should lose at most
+        ``1 - target`` of it. Returns the measured sweep, for the manifest.
+        """
+        if self._ivf is None:
+            return {"method": "not-ivf"}
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[0] == 0:
+            raise ValueError(f"calibration needs a non-empty [n, dim] query matrix, got {queries.shape}")
+        k = min(k, self.ntotal)
+        _, exact_ids = exact_search(vectors, queries, k)
+        nlist = int(self._ivf.nlist)
+        probes = sorted({min(nlist, 1 << i) for i in range(nlist.bit_length() + 1)})
+        recalls = {p: recall_at_k(self.search(queries, k, nprobe=p)[1], exact_ids, k) for p in probes}
+        ceiling = recalls[nlist]
+        chosen = next(p for p in probes if recalls[p] >= target * ceiling)
+        self.default_nprobe = chosen
+        return {"method": f"smallest nprobe with recall@{k} >= {target} x recall at nprobe=nlist",
+                "n_queries": int(queries.shape[0]), "k": int(k), "chosen": int(chosen),
+                "recall_by_nprobe": {str(p): round(float(r), 4) for p, r in recalls.items()}}
 
     def bytes_per_vector(self) -> int:
         """Code bytes stored per vector: the IVF code size (PQ: ``M * nbits / 8``) or

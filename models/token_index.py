@@ -110,6 +110,9 @@ class ResidualCodec:
             raise ValueError(f"dim * bits must be a multiple of 8 (dim={self.dim}, bits={bits})")
         self.bits = bits
         self._centroid_index: Any = None
+        # residual decode table, flattened to rows ``byte_position * 256 + byte_value``
+        self._lut = self._byte_lut().reshape(self.packed_dim * 256, 8 // bits)
+        self._lut_base = (np.arange(self.packed_dim, dtype=np.intp) * 256)[None, :]
 
     @property
     def dim(self) -> int:
@@ -199,10 +202,26 @@ class ResidualCodec:
         packed = np.asarray(packed, dtype=np.uint8)
         if packed.ndim != 2 or packed.shape != (codes.shape[0], self.packed_dim):
             raise ValueError(f"packed residuals must be [{codes.shape[0]}, {self.packed_dim}], got {packed.shape}")
-        buckets = self._unpack(packed)
-        out = self.centroids[codes.astype(np.int64, copy=False)]
-        out += self.weights[buckets, np.arange(self.dim)]
-        return _normalize(out)
+        n = codes.shape[0]
+        out = np.take(self.centroids, codes.astype(np.intp, copy=False), axis=0)
+        # one gather per packed byte: the byte's value decodes all the dimensions it holds
+        # (np.take on flat row numbers is several times faster than 2-D fancy indexing)
+        rows = packed.astype(np.intp) + self._lut_base
+        out += np.take(self._lut, rows, axis=0).reshape(n, self.dim)
+        norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+        np.maximum(norms, 1e-12, out=norms)
+        out /= norms[:, None]
+        return out
+
+    def _byte_lut(self) -> np.ndarray:
+        """``[packed_dim, 256, 8 // bits]``: the residual values a packed byte decodes to at each
+        byte position (the layout of :meth:`_pack`: dimensions in order, most significant bit first)."""
+        per_byte = 8 // self.bits
+        values = np.arange(256, dtype=np.uint16)
+        shifts = 8 - self.bits * (np.arange(per_byte) + 1)
+        buckets = (values[:, None] >> shifts[None, :]) & ((1 << self.bits) - 1)  # [256, per_byte]
+        dims = np.arange(self.packed_dim)[:, None] * per_byte + np.arange(per_byte)[None, :]  # [packed_dim, per]
+        return np.ascontiguousarray(self.weights[buckets[None, :, :], dims[:, None, :]], dtype=np.float32)
 
     def _pack(self, buckets: np.ndarray) -> np.ndarray:
         n = buckets.shape[0]

@@ -35,6 +35,8 @@ class FakeInputs:
         self.dense_corpus = unit(centers[rng.integers(0, 40, N_DOCS)] + 0.3 * rng.standard_normal((N_DOCS, DENSE_DIM)))
         src = rng.choice(N_DOCS, N_QUERIES, replace=False)
         self.dense_queries = unit(self.dense_corpus[src] + 0.05 * rng.standard_normal((N_QUERIES, DENSE_DIM)))
+        calib = rng.choice(N_DOCS, N_QUERIES, replace=False)
+        self.calibration_queries = unit(self.dense_corpus[calib] + 0.05 * rng.standard_normal((N_QUERIES, DENSE_DIM)))
         tok_centers = unit(rng.standard_normal((60, TOKEN_DIM)))
         self.tokens = [unit(tok_centers[rng.integers(0, 60, n)] + 0.1 * rng.standard_normal((n, TOKEN_DIM)))
                        for n in rng.integers(0, 6, N_DOCS)]

@@ -107,3 +107,21 @@ def test_recall_at_k() -> None:
     e = np.array([[3, 2, 1, 0], [0, 1, 2, 3]])
     assert recall_at_k(a, e, 4) == pytest.approx((3 / 4 + 0) / 2)
     assert recall_at_k(a, e, 2) == pytest.approx((1 / 2 + 0) / 2)
+
+
+def test_calibrate_nprobe_picks_the_smallest_sufficient_power_of_two(data) -> None:
+    docs, _ = data
+    index = DenseIndex.build(docs, seed=0)
+    calib = clustered(3000, 60, seed=1)[1]  # held-out queries from the same distribution
+    info = index.calibrate_nprobe(docs, calib, k=50, target=0.99)
+    recalls = {int(p): r for p, r in info["recall_by_nprobe"].items()}
+    nlist = index.params()["nlist"]
+    assert max(recalls) == nlist and index.default_nprobe == info["chosen"]
+    ceiling = recalls[nlist]
+    assert recalls[info["chosen"]] >= 0.99 * ceiling - 1e-4  # rounding in the record
+    smaller = [p for p in recalls if p < info["chosen"]]
+    assert all(recalls[p] < 0.99 * ceiling + 1e-4 for p in smaller)
+    with pytest.raises(ValueError, match="non-empty"):
+        index.calibrate_nprobe(docs, np.zeros((0, docs.shape[1]), np.float32))
+    flat = DenseIndex.build(docs[:50])
+    assert flat.calibrate_nprobe(docs[:50], calib) == {"method": "not-ivf"}

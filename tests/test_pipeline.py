@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -168,3 +169,25 @@ def test_pseudo_query_augmentation_and_dev_retrieval(tiny_beir, tiny_bert, tmp_p
     assert res["examples"] == n_labelled + p.records["pseudo-20"].result["examples"]
     assert p.records["pseudo-20"].result["pseudo_queries"] <= 20
     assert len(res["dev_history"]) >= 2  # full-corpus retrieval on the dev queries at start and end
+
+
+def test_auto_teacher_scale_matches_the_students_margin_spread(tiny_beir, tiny_bert, tmp_path):
+    import numpy as np
+
+    from index_build.students import new_student
+    from index_build.train import TrainConfig, calibrate_teacher_scale, train
+
+    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path))
+    p = Pipeline(cfg, progress=False)
+    p.mine()
+    examples = p.load_mined()["examples"]
+    student = new_student("dense", tiny_bert, max_doc_len=64)
+    tcfg = TrainConfig(epochs=0.5, batch_queries=4, teacher_scale="auto", calibration_batches=4)
+    a = calibrate_teacher_scale(student, examples, p.corpus_texts, tcfg, 20.0)
+    # the scale of a teacher multiplied by 10 is 10x smaller: the product is what training sees
+    scaled = [dataclasses.replace(e, teacher=np.asarray(e.teacher) * 10.0) for e in examples]
+    b = calibrate_teacher_scale(student, scaled, p.corpus_texts, tcfg, 20.0)
+    assert a > 0 and b == pytest.approx(a / 10.0, rel=1e-4)
+    res = train(student, examples, p.corpus_texts, tcfg, tmp_path / "auto", progress=False)
+    saved = json.loads((tmp_path / "auto" / "train_log.json").read_text())
+    assert saved["teacher_scale"] == pytest.approx(a, rel=1e-4) and res.steps >= 1

@@ -60,6 +60,18 @@ def test_codec_bit_packing_is_exact(corpus) -> None:
     np.testing.assert_array_equal(codec._unpack(codec._pack(buckets)), buckets)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_codec_byte_table_decodes_like_the_bucket_weights(corpus, bits: int) -> None:
+    # the per-byte lookup table used by decompress must equal centroid + weights[bucket, dim]
+    sample = np.concatenate(corpus[0])
+    codec = ResidualCodec.train(sample, 32, bits, seed=0)
+    codes, packed = codec.compress(sample)
+    buckets = codec._unpack(packed)
+    reference = codec.centroids[codes.astype(np.int64)] + codec.weights[buckets, np.arange(DIM)]
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    np.testing.assert_allclose(codec.decompress(codes, packed), reference, atol=1e-6)
+
+
 def test_default_n_centroids() -> None:
     assert default_n_centroids(10_000) == 1024
     assert default_n_centroids(100) == 100  # capped by the token count
