@@ -155,8 +155,9 @@ class EncodeBatcher:
             for item in batch:
                 if not item.future.done():  # skip callers that gave up (timeout, disconnect)
                     groups.setdefault((id(item.engine), item.kind), []).append(item)
-            for items in groups.values():
-                await self._encode_group(items)
+            # different models (dense and ColBERT queries of the same requests) encode in parallel
+            # threads: ONNX Runtime releases the GIL, so one request's two encoders overlap
+            await asyncio.gather(*(self._encode_group(items) for items in groups.values()))
             self._current = []
 
     async def _encode_group(self, items: list[_Item]) -> None:
