@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -326,7 +327,11 @@ def soak(args: argparse.Namespace, workload: Workload, users: int) -> dict[str, 
 def overload(args: argparse.Namespace, workload: Workload, qps: float, users: int) -> dict[str, Any]:
     """``overload_factor`` x ``qps`` offered by ``constant_throughput`` users."""
     target_rps = args.overload_factor * qps
-    n_users = max(int(round(args.overload_factor * users)), args.overload_min_users)
+    # closed-loop users hold at most one request each: more users than the service's slots plus
+    # its queue are needed before admission control can answer 429 at all
+    slots = args.max_concurrency + args.overload_max_queue
+    n_users = max(int(round(args.overload_factor * users)), args.overload_min_users,
+                  int(math.ceil(args.overload_factor * slots)))
     extra = {"NRS_MAX_QUEUE": str(args.overload_max_queue)}
     with start_target("service", args, extra_env=extra, tag="-overload") as server:
         s = run_locust(server, workload, users=n_users, seconds=args.overload_seconds, out_dir=args.locust_dir,
@@ -345,7 +350,9 @@ def overload(args: argparse.Namespace, workload: Workload, qps: float, users: in
 
 
 # ------------------------------------------------------------------------------------ main
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The phases in ``args.only``; ``previous`` (an earlier summary) supplies the sweep's
+    sustainable rate when the sweep is not rerun."""
     workload = Workload(args.queries, mix=args.mix, k=args.k, candidates=args.candidates,
                         batch_share=args.batch_share)
     out: dict[str, Any] = {}
@@ -356,7 +363,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.compare and out.get("service", {}).get("qps_at_p99_budget") and out.get("baseline", {}).get(
             "qps_at_p99_budget"):
         out["ratio_qps"] = round(out["service"]["qps_at_p99_budget"] / out["baseline"]["qps_at_p99_budget"], 3)
-    svc = out.get("service", {})
+    svc = out.get("service") or (previous or {}).get("service", {})
     users = svc.get("users_at_p99_budget") or args.fallback_users
     qps = svc.get("qps_at_p99_budget")
     if "soak" in args.only and args.soak_seconds > 0 and "service" in targets:
@@ -458,8 +465,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parse_args(argv)
     started = time.perf_counter()
-    out = run(args)
+    partial = set(args.only) != set(PHASES)
+    previous = json.loads(args.out.read_text()) if partial and args.out.is_file() else None
+    out = run(args, previous)
     out["wall_s"] = round(time.perf_counter() - started, 1)
+    if previous is not None:
+        # a rerun of some phases: keep the other phases' results and say which command made what
+        commands = {**previous.get("commands", {ph: previous.get("command") for ph in PHASES if ph in previous
+                                                or (ph == "sweep" and "service" in previous)})}
+        commands.update({ph: out["command"] for ph in args.only})
+        merged = {**previous, **{k: v for k, v in out.items() if k not in {"command", "wall_s"}}}
+        merged["aims"] = aims(merged)
+        merged["commands"] = commands
+        out = merged
     write_json_atomic(args.out, out)
     log.info("wrote %s", args.out)
     return 0
