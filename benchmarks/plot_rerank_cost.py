@@ -112,7 +112,7 @@ def plot(table: Sequence[Mapping[str, Any]], path: Path) -> None:
     ax.set_ylabel("nDCG@10 (SciFact test)")
     ax.set_title("Rerank cost vs quality at 100 candidates")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
