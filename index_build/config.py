@@ -94,6 +94,7 @@ class BuildConfig:
     export_int8: bool = True
     index: IndexConfig = field(default_factory=IndexConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    source: str = ""             # the config file it was read from (set by load_config; for records)
 
     def section_hash(self, *names: str) -> str:
         data = asdict(self)
@@ -132,6 +133,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         else:
             data = tomllib.loads(p.read_text())
         _merge(cfg, data, "")
+        cfg.source = str(path)
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")

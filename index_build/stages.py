@@ -726,7 +726,7 @@ class Pipeline:
                 "systems": ev.result["collection"], "stages": stages,
                 "teacher": {"members": self.cfg.teacher.members, "norm": self.cfg.teacher.norm,
                             "pool_depth": self.cfg.teacher.pool_depth},
-                "command": "index-build all --config configs/scifact.toml"}
+                "command": f"index-build all --config {self.cfg.source}" if self.cfg.source else "index-build all"}
         write_json_atomic(results_dir / f"{name}.json", main)
         md = markdown_table(main["systems"], f"{name} ({self.cfg.data.test_split})")
         if ev.result["trec"]:

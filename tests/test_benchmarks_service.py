@@ -236,3 +236,12 @@ def test_load_script_end_to_end(artifacts, tiny_beir, tmp_path):
     assert data["aims"]["overload_fast_429_no_5xx"]["met"] and data["aims"]["soak_zero_errors"]["met"]
     assert (tmp_path / "locust" / "service-sweep-u1_stats.csv").is_file()
     assert (tmp_path / "locust" / "service-sweep-u1.html").is_file()
+    # a rerun of one phase keeps the others' results and records which command made what
+    args = ["--artifact", str(artifacts.first), "--queries", str(tiny_beir / "queries.jsonl"), "--mix", "none:1",
+            "--warmup-s", "0.2", "--overload-seconds", "2", "--overload-max-queue", "0", "--max-concurrency", "1",
+            "--locust-dir", str(tmp_path / "locust"), "--out", str(out), "--only", "overload"]
+    assert load.main(args) == 0
+    again = json.loads(out.read_text())
+    assert again["service"] == svc and again["soak"] == data["soak"] and again["overload"] != ov
+    assert again["commands"]["sweep"] == data["command"] and "--only overload" in again["commands"]["overload"]
+    assert again["overload"]["offered_load"]["users"] >= 3  # at least 3 x (1 slot + 0 queue)
