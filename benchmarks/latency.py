@@ -377,9 +377,7 @@ def live_check(base_url: str, artifact_dir: Path, texts: Sequence[str], *, k: in
     dense_info = manifest.models["dense"]
     encoder = DenseEncoder(root / str(dense_info["path"]), onnx_file=str(dense_info.get("onnx_file") or "model.onnx"),
                            threads=1)
-    stored_nprobe = manifest.indexes["dense"].get("default_nprobe")
-    index = DenseIndex.load(root / str(manifest.indexes["dense"]["path"]),
-                            default_nprobe=int(stored_nprobe) if stored_nprobe else None)
+    index = DenseIndex.load_entry(root, manifest.indexes["dense"])
     docstore = DocStore.open(root / str(manifest.docstore["path"]))
     try:
         ids = list(docstore.ids)

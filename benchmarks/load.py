@@ -78,6 +78,7 @@ log = logging.getLogger("benchmarks.load")
 LOCUSTFILE = REPO / "benchmarks" / "locustfile.py"
 BASELINE = REPO / "benchmarks" / "baseline_service.py"
 PHASES = ("sweep", "soak", "overload")
+PHASE_KEYS = {"sweep": "service", "soak": "soak", "overload": "overload"}  # phase -> its key in the summary
 #: Targets of the deployment issue.
 AIM_QPS_RATIO = 3.0
 
@@ -471,8 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out["wall_s"] = round(time.perf_counter() - started, 1)
     if previous is not None:
         # a rerun of some phases: keep the other phases' results and say which command made what
-        commands = {**previous.get("commands", {ph: previous.get("command") for ph in PHASES if ph in previous
-                                                or (ph == "sweep" and "service" in previous)})}
+        ran_before = {ph: previous.get("command") for ph, key in PHASE_KEYS.items() if key in previous}
+        commands = dict(previous.get("commands") or ran_before)
         commands.update({ph: out["command"] for ph in args.only})
         merged = {**previous, **{k: v for k, v in out.items() if k not in {"command", "wall_s"}}}
         merged["aims"] = aims(merged)

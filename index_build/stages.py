@@ -137,12 +137,13 @@ class Pipeline:
 
     @cached_property
     def teacher(self):
-        from index_build.teachers import EnsembleTeacher, TeacherSpec, build_teacher
+        from index_build.teachers import BI_ENCODER_MAX_DOC_LEN, EnsembleTeacher, TeacherSpec, build_teacher
 
         spec = TeacherSpec.from_dict({"kind": "ensemble", "members": self.cfg.teacher.members,
                                       "norm": self.cfg.teacher.norm})
         # the base dense model is the same scorer as a bi-encoder member on the same checkpoint and length
-        prebuilt = {self.cfg.students.base: self.base_dense} if self.cfg.students.max_doc_len == 256 else None
+        same_length = self.cfg.students.max_doc_len == BI_ENCODER_MAX_DOC_LEN
+        prebuilt = {self.cfg.students.base: self.base_dense} if same_length else None
         teacher = build_teacher(spec, self.corpus_texts, self.collection.checksum(), self.cache, bm25=self.bm25,
                                 threads=self.cfg.threads, prebuilt=prebuilt)
         assert isinstance(teacher, EnsembleTeacher)

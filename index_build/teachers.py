@@ -56,10 +56,14 @@ class BM25Teacher:
         return self.index.search(list(queries), k)
 
 
+BI_ENCODER_MAX_DOC_LEN = 256  # document tokens a bi-encoder teacher member reads
+
+
 class BiEncoderTeacher:
     """A sentence-embedding model; the corpus is encoded once (ONNX, cached per document)."""
 
-    def __init__(self, model_ref: str, corpus_texts: list[str], cache: ArrayCache, *, max_doc_len: int = 256,
+    def __init__(self, model_ref: str, corpus_texts: list[str], cache: ArrayCache, *,
+                 max_doc_len: int = BI_ENCODER_MAX_DOC_LEN,
                  threads: int = 0, progress: bool = True, name: str | None = None) -> None:
         from index_build.export_cache import base_dense_onnx
 

@@ -63,6 +63,18 @@ class TrainResult:
     loss_history: list[float]
 
 
+def batch_inputs(batch: list[Example], corpus_texts: list[str], negatives: int, rng: random.Random,
+                 balanced: bool = False) -> tuple[list[list[str]], list[list[float]]]:
+    """Per query: one positive and ``negatives`` sampled negatives, as document texts and the
+    teacher's scores for them (positive first)."""
+    docs, t_rows = [], []
+    for ex in batch:
+        cols = [rng.choice(ex.positives), *sample_negatives(ex, negatives, rng, balanced=balanced)]
+        docs.append([corpus_texts[int(ex.pool[j])] for j in cols])
+        t_rows.append([float(ex.teacher[j]) for j in cols])
+    return docs, t_rows
+
+
 def _margins(scores: np.ndarray) -> np.ndarray:
     """Positive-minus-negative margins of score rows whose first column is the positive."""
     return (scores[:, :1] - scores[:, 1:]).reshape(-1)
@@ -80,11 +92,7 @@ def calibrate_teacher_scale(student: Student, examples: list[Example], corpus_te
     with torch.inference_mode():
         for i in range(0, len(picks), cfg.batch_queries):
             batch = picks[i : i + cfg.batch_queries]
-            docs, t_rows = [], []
-            for ex in batch:
-                cols = [rng.choice(ex.positives), *sample_negatives(ex, cfg.negatives, rng)]
-                docs.append([corpus_texts[int(ex.pool[j])] for j in cols])
-                t_rows.append([float(ex.teacher[j]) for j in cols])
+            docs, t_rows = batch_inputs(batch, corpus_texts, cfg.negatives, rng)
             s, _ = student_scores(student, [ex.query for ex in batch], docs)
             s_m.append(_margins(s.float().numpy() * student_scale))
             t_m.append(_margins(np.asarray(t_rows, dtype=np.float64)))
@@ -201,13 +209,7 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
     stop_at = total_steps if stop_after is None else min(total_steps, state["step"] + stop_after)
     while state["step"] < stop_at:
         batch = [examples[i] for i in schedule[state["step"]]]
-        docs, t_rows = [], []
-        for ex in batch:
-            pos = rng.choice(ex.positives)
-            negs = sample_negatives(ex, cfg.negatives, rng, balanced=cfg.tas_balanced)
-            cols = [pos, *negs]
-            docs.append([corpus_texts[int(ex.pool[j])] for j in cols])
-            t_rows.append([float(ex.teacher[j]) for j in cols])
+        docs, t_rows = batch_inputs(batch, corpus_texts, cfg.negatives, rng, balanced=cfg.tas_balanced)
         s, emb = student_scores(student, [ex.query for ex in batch], docs)
         s = s * scale
         t = torch.tensor(t_rows, dtype=s.dtype) * t_scale

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +288,14 @@ class DenseIndex:
             else:
                 logger.warning("use_gpu requested but FAISS has no GPU support here; using CPU")
         return out
+
+    @classmethod
+    def load_entry(cls, root: Path, entry: Mapping[str, Any], *, use_gpu: bool = False) -> DenseIndex:
+        """The index an artifact manifest's ``indexes.dense`` ``entry`` names (its ``path``
+        relative to ``root``), with the ``default_nprobe`` the builder chose and recorded there."""
+        stored = entry.get("default_nprobe")
+        return cls.load(Path(root) / str(entry["path"]), use_gpu=use_gpu,
+                        default_nprobe=int(stored) if stored else None)
 
     # -- search -------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -72,8 +72,11 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    """Rows scaled to unit L2 norm, in place (``x`` must be a writable float array); returns ``x``."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    np.maximum(norms, 1e-12, out=norms)
+    x /= norms[:, None]
+    return x
 
 
 def _code_dtype(n_centroids: int) -> np.dtype:
@@ -152,7 +155,7 @@ class ResidualCodec:
         kmeans = faiss.Kmeans(dim, n_centroids, niter=20, seed=seed, spherical=True, verbose=False)
         kmeans.cp.min_points_per_centroid = 1
         kmeans.train(sample)
-        centroids = _normalize(np.asarray(kmeans.centroids, dtype=np.float32).reshape(n_centroids, dim))
+        centroids = _normalize(np.array(kmeans.centroids, dtype=np.float32).reshape(n_centroids, dim))
         n_buckets = 1 << bits
         dummy = cls(centroids, np.zeros((n_buckets - 1, dim), np.float32), np.zeros((n_buckets, dim), np.float32))
         residuals = sample - centroids[dummy.assign(sample)]
@@ -208,10 +211,7 @@ class ResidualCodec:
         # (np.take on flat row numbers is several times faster than 2-D fancy indexing)
         rows = packed.astype(np.intp) + self._lut_base
         out += np.take(self._lut, rows, axis=0).reshape(n, self.dim)
-        norms = np.sqrt(np.einsum("ij,ij->i", out, out))
-        np.maximum(norms, 1e-12, out=norms)
-        out /= norms[:, None]
-        return out
+        return _normalize(out)
 
     def _byte_lut(self) -> np.ndarray:
         """``[packed_dim, 256, 8 // bits]``: the residual values a packed byte decodes to at each

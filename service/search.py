@@ -268,9 +268,7 @@ class SearchEngine:
         with _loading(root, f"the dense model ({dense_model[0]})"):
             dense_encoder = DenseEncoder(dense_model[0], onnx_file=dense_model[1], **kwargs)
         with _loading(root, f"the dense index ({dense_path})"):
-            stored_nprobe = manifest.indexes["dense"].get("default_nprobe")
-            dense_index = DenseIndex.load(dense_path, use_gpu=settings.use_gpu,
-                                          default_nprobe=int(stored_nprobe) if stored_nprobe else None)
+            dense_index = DenseIndex.load_entry(root, manifest.indexes["dense"], use_gpu=settings.use_gpu)
         docstore_rel = manifest.docstore.get("path")
         if not docstore_rel:
             raise ArtifactError(f"{root}: the manifest names no document store")
