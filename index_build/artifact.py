@@ -17,6 +17,7 @@ that looks complete.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from typing import Any
 import numpy as np
 
 from index_build.data import Collection
+from index_build.distill_vq import DistillVQConfig
 from models.encoders import CONFIG_NAME, ONNX_NAME, TOKENIZER_NAME
 
 INT8_NAME = "model.int8.onnx"
+log = logging.getLogger(__name__)
 
 
 def build_artifact(
@@ -42,6 +45,8 @@ def build_artifact(
     nprobe: int | None = None,
     calibration_queries: np.ndarray | None = None,
     hybrid: dict[str, Any] | None = None,
+    distill_vq: DistillVQConfig | None = None,
+    distill_vq_queries: tuple[np.ndarray, dict[str, Any]] | None = None,
     training: dict[str, Any] | None = None,
     build: dict[str, Any] | None = None,
     progress: bool = False,
@@ -68,6 +73,7 @@ def build_artifact(
                             "int8_onnx_file": INT8_NAME if (src / INT8_NAME).is_file() else None,
                             "tokenizer_file": TOKENIZER_NAME}
         dense = DenseIndex.build(dense_vectors, factory, progress=progress)
+        trained_by = train_dense_index(dense, dense_vectors, distill_vq, distill_vq_queries, progress)
         calibration: dict[str, Any] | None = None
         if nprobe:
             dense.default_nprobe = nprobe
@@ -76,7 +82,7 @@ def build_artifact(
             calibration = dense.calibrate_nprobe(dense_vectors, calibration_queries)
         dense.save(root / "dense" / "index.faiss")
         indexes["dense"] = {"type": "faiss", "path": "dense/index.faiss", "model": "dense", **dense.params(),
-                            "bytes_per_vector": dense.bytes_per_vector()}
+                            "bytes_per_vector": dense.bytes_per_vector(), "trained_by": trained_by}
         if calibration is not None:
             indexes["dense"]["nprobe_calibration"] = calibration
         if colbert_vectors is not None:
@@ -98,3 +104,22 @@ def build_artifact(
             "training": training or {},
             "build": build or {},
         })
+
+
+def train_dense_index(dense, vectors: np.ndarray, cfg: DistillVQConfig | None,
+                      queries: tuple[np.ndarray, dict[str, Any]] | None, progress: bool) -> dict[str, Any]:
+    """Optionally re-learn ``dense``'s IVF centroids and PQ codebooks with Distill-VQ (in
+    place); returns the manifest's record of how the index was trained."""
+    if cfg is None or not cfg.enabled:
+        return {"method": "faiss"}
+    from index_build.distill_vq import distill, index_parts
+
+    try:
+        index_parts(dense.index)
+    except ValueError as e:
+        log.warning("distill-vq skipped: %s", e)
+        return {"method": "faiss", "distill_vq_skipped": str(e)}
+    if queries is None or not len(queries[0]):
+        raise ValueError("distill-vq is enabled but no queries were given to train it")
+    vectors_q, about = queries
+    return {**distill(dense.index, vectors, vectors_q, cfg, progress=progress), "queries": about}

@@ -10,6 +10,7 @@ from typing import Any
 
 import tomllib
 
+from index_build.distill_vq import DistillVQConfig
 from index_build.train import TrainConfig
 
 
@@ -73,6 +74,7 @@ class IndexConfig:
     factory: str | None = None   # FAISS factory string; None = chosen from corpus size
     colbert_bits: int = 2
     nprobe: int | None = None
+    distill_vq: DistillVQConfig = field(default_factory=DistillVQConfig)  # optional learned IVF-PQ
 
 
 @dataclass
@@ -149,4 +151,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
         _merge(cfg, nested, "")
+    cfg.index.distill_vq.validate()
     return cfg

@@ -4,26 +4,25 @@ Xiao et al., "Distill-VQ: Learning Retrieval Oriented Vector Quantization By Dis
 Knowledge from Dense Embeddings" (SIGIR 2022). FAISS trains IVF and PQ to minimize
 reconstruction error; here the exact dense scores ``q . x`` are the teacher and the
 centroids and codebooks are trained so that the scores of the *quantized* documents
-(``q . x_hat``, and ``q . c(x)`` for the coarse stage) reproduce the teacher's ranking:
-a listwise KL divergence over each query's candidates (the teacher's top-k plus random
-documents). No relevance labels are needed: the queries may be training queries or
-pseudo-queries made from the corpus.
+(``q . x_hat``, and ``q . c(x)`` for the coarse stage) reproduce the teacher's ranking: a
+listwise KL divergence over each query's candidates. No relevance labels are needed: the
+queries may be training queries or pseudo-queries made from the corpus.
+
+Candidates: on corpora up to :attr:`DistillVQConfig.full_corpus_max` documents every query
+is scored against every document (the quantization errors that matter for recall@100 are
+the far documents that climb into the top, which a top-k sample never shows); larger
+corpora use the teacher's top-``n_top`` plus ``n_random`` random documents per query.
 
 Assignments are hard in the forward pass (exactly what FAISS will store) with a
 straight-through soft gradient. The learned parameters are written back into the same
 FAISS index (``IndexIVFPQ``, optionally behind an OPQ rotation) and the documents are
 re-added, so FAISS itself re-assigns the codes and the service loads a regular index.
-
-Status: the mechanics (differentiable IVF-PQ with straight-through hard codes, write-back,
-FAISS re-assignment, save/load) are tested; on the synthetic problems tried so far the
-learned codebooks do not yet rank better than FAISS's own training, so this stage is not
-wired into the default build.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,18 +30,44 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+QUERY_SOURCES = ("auto", "pseudo")
+
 
 @dataclass
 class DistillVQConfig:
-    epochs: int = 30
+    """The ``distill-vq`` build step (``[index.distill_vq]`` in the build config)."""
+
+    enabled: bool = False
+    #: ``auto``: the training queries (pseudo-queries on a label-free build); ``pseudo``:
+    #: titles and salient sentences of the documents (no queries or labels used at all).
+    queries: str = "auto"
+    max_queries: int = 20_000
+    steps: int = 300
     batch_queries: int = 64
-    n_top: int = 100            # teacher top-k candidates per query
-    n_random: int = 100         # plus random documents (the coarse stage must push those down)
-    lr: float = 2e-3
-    temperature: float = 0.05   # scores are cosines: divide by this before the softmax
+    full_corpus_max: int = 20_000
+    n_top: int = 200            # larger corpora: the teacher's top-k per query ...
+    n_random: int = 200         # ... plus random documents
+    lr: float = 5e-4
+    temperature: float = 0.3    # scores are cosines: divided by this before the softmax
     soft_temperature: float = 0.1  # of the soft assignments that carry the gradient
     coarse_weight: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad setting (also run after a config file is merged)."""
+        if self.queries not in QUERY_SOURCES:
+            raise ValueError(f"distill_vq.queries must be one of {', '.join(QUERY_SOURCES)}, got {self.queries!r}")
+        for name in ("max_queries", "steps", "batch_queries", "n_top"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"distill_vq.{name} must be positive, got {getattr(self, name)}")
+        if self.temperature <= 0 or self.soft_temperature <= 0 or self.lr <= 0:
+            raise ValueError("distill_vq: lr, temperature and soft_temperature must be positive")
+
+    def training_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "enabled"}
 
 
 @dataclass
@@ -145,68 +170,90 @@ def write_back(parts: IVFPQParts, centroids: np.ndarray, codebooks: np.ndarray, 
     parts.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
 
 
+def _quantize(xd, C, P, soft_temperature: float):
+    """``(x_hat, c_hat)`` of documents ``xd`` under centroids ``C`` and codebooks ``P``: hard
+    assignments as FAISS makes them, with straight-through soft-assignment gradients."""
+    import torch
+    import torch.nn.functional as F
+
+    m, ksub, dsub = P.shape
+    logits_c = xd @ C.T
+    hard_c = F.one_hot(logits_c.argmax(1), C.shape[0]).to(xd.dtype)
+    soft_c = (logits_c / soft_temperature).softmax(1)
+    c_hat = (hard_c + soft_c - soft_c.detach()) @ C
+    residual = (xd - c_hat).view(len(xd), m, dsub)
+    d2 = ((residual**2).sum(-1, keepdim=True) - 2 * torch.einsum("nmd,mkd->nmk", residual, P)
+          + (P**2).sum(-1).unsqueeze(0))
+    hard_p = F.one_hot(d2.argmin(-1), ksub).to(xd.dtype)
+    soft_p = (-d2 / soft_temperature).softmax(-1)
+    w = hard_p + soft_p - soft_p.detach()
+    return c_hat + torch.einsum("nmk,mkd->nmd", w, P).reshape(len(xd), -1), c_hat
+
+
 def distill(index, vectors: np.ndarray, queries: np.ndarray, cfg: DistillVQConfig | None = None,
-            progress: bool = False) -> dict:
+            progress: bool = False) -> dict[str, Any]:
     """Learn the index's centroids and codebooks from ``queries`` against ``vectors`` (the
-    documents in id order, as added to ``index``); writes them back in place."""
+    documents in id order, as added to ``index``); writes them back in place and returns a
+    record of the training (settings, loss at the start and the end, seconds)."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
+    from models.dense_index import exact_search
+
     cfg = cfg or DistillVQConfig()
     parts = index_parts(index)
+    if len(vectors) != parts.index.ntotal:
+        raise ValueError(f"{len(vectors)} vectors for an index holding {parts.index.ntotal}")
+    if len(queries) == 0:
+        raise ValueError("distill-vq needs at least one query")
+    t0 = time.perf_counter()
     x_np = parts.apply_transform(vectors)
     q_np = parts.apply_transform(queries)
+    n = len(x_np)
+    full = n <= cfg.full_corpus_max
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     x = torch.from_numpy(x_np)
     q_all = torch.from_numpy(q_np)
+    top = None if full else torch.from_numpy(exact_search(x_np, q_np, min(cfg.n_top, n))[1])
     C = torch.nn.Parameter(torch.from_numpy(parts.centroids().copy()))
     P = torch.nn.Parameter(torch.from_numpy(parts.codebooks()))
-    m, ksub, dsub = P.shape
     opt = torch.optim.Adam([C, P], lr=cfg.lr)
-    n_top = min(cfg.n_top, len(x_np))
-    teacher_all = q_all @ x.T
-    top = torch.topk(teacher_all, n_top, dim=1).indices
-    history = []
-    steps_per_epoch = math.ceil(len(q_np) / cfg.batch_queries)
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="distill-vq", disable=not progress)
-    for _epoch in range(cfg.epochs):
-        order = rng.permutation(len(q_np))
-        for start in range(0, len(order), cfg.batch_queries):
-            qi = torch.from_numpy(order[start : start + cfg.batch_queries])
-            rand = torch.from_numpy(rng.integers(0, len(x_np), size=(len(qi), cfg.n_random)))
-            cand = torch.cat([top[qi], rand], dim=1)                      # [B, K]
-            docs = torch.unique(cand)
-            pos = torch.searchsorted(docs, cand)
-            xd = x[docs]                                                   # [D, d]
-            # coarse: hard argmax list (what FAISS stores) with a soft straight-through gradient
-            logits_c = xd @ C.T / cfg.soft_temperature
-            hard_c = F.one_hot(logits_c.argmax(1), C.shape[0]).to(xd.dtype)
-            soft_c = logits_c.softmax(1)
-            c_hat = (hard_c + soft_c - soft_c.detach()) @ C                 # [D, d]
-            residual = (xd - c_hat).view(len(docs), m, dsub)
-            d2 = ((residual**2).sum(-1, keepdim=True) - 2 * torch.einsum("nmd,mkd->nmk", residual, P)
-                  + (P**2).sum(-1).unsqueeze(0))                             # [D, m, ksub]
-            hard_p = F.one_hot(d2.argmin(-1), ksub).to(xd.dtype)
-            soft_p = (-d2 / cfg.soft_temperature).softmax(-1)
-            w = hard_p + soft_p - soft_p.detach()
-            r_hat = torch.einsum("nmk,mkd->nmd", w, P).reshape(len(docs), -1)
-            x_hat = c_hat + r_hat
-            qb = q_all[qi]                                                 # [B, d]
-            t = torch.gather(teacher_all[qi], 1, cand) / cfg.temperature
-            s = torch.gather(qb @ x_hat.T, 1, pos) / cfg.temperature
-            sc = torch.gather(qb @ c_hat.T, 1, pos) / cfg.temperature
-            p_t = t.softmax(1)
-            loss = F.kl_div(s.log_softmax(1), p_t, reduction="batchmean")
-            loss = loss + cfg.coarse_weight * F.kl_div(sc.log_softmax(1), p_t, reduction="batchmean")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            history.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(history[-steps_per_epoch:]):.4f}")
-    bar.close()
+    history: list[float] = []
+    order = rng.permutation(len(q_np))
+    cursor = 0
+    bar = tqdm(range(cfg.steps), desc="distill-vq", disable=not progress)
+    for _step in bar:
+        if cursor + cfg.batch_queries > len(order) and cursor > 0:
+            order, cursor = rng.permutation(len(q_np)), 0
+        qi = torch.from_numpy(order[cursor : cursor + cfg.batch_queries])
+        cursor += cfg.batch_queries
+        qb = q_all[qi]
+        if full:
+            x_hat, c_hat = _quantize(x, C, P, cfg.soft_temperature)
+            t, s, sc = qb @ x.T, qb @ x_hat.T, qb @ c_hat.T
+        else:
+            assert top is not None
+            rand = torch.from_numpy(rng.integers(0, n, size=(len(qi), cfg.n_random)))
+            cand = torch.cat([top[qi], rand], dim=1)                            # [B, K]
+            docs, pos = torch.unique(cand, return_inverse=True)
+            x_hat, c_hat = _quantize(x[docs], C, P, cfg.soft_temperature)
+            t = torch.einsum("bd,bkd->bk", qb, x[cand])
+            s = torch.gather(qb @ x_hat.T, 1, pos)
+            sc = torch.gather(qb @ c_hat.T, 1, pos)
+        p_t = (t / cfg.temperature).softmax(1)
+        loss = F.kl_div((s / cfg.temperature).log_softmax(1), p_t, reduction="batchmean")
+        loss = loss + cfg.coarse_weight * F.kl_div((sc / cfg.temperature).log_softmax(1), p_t,
+                                                   reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{np.mean(history[-20:]):.4f}")
     write_back(parts, C.detach().numpy(), P.detach().numpy(), vectors)
-    return {"config": asdict(cfg), "steps": len(history), "loss_first_epoch": float(np.mean(history[:steps_per_epoch])),
-            "loss_last_epoch": float(np.mean(history[-steps_per_epoch:]))}
+    window = max(1, len(history) // 10)
+    return {"method": "distill-vq", "settings": cfg.training_settings(), "n_queries": int(len(q_np)),
+            "candidates": "all documents" if full else f"teacher top-{cfg.n_top} + {cfg.n_random} random",
+            "steps": len(history), "loss_start": float(np.mean(history[:window])),
+            "loss_end": float(np.mean(history[-window:])), "seconds": round(time.perf_counter() - t0, 1)}

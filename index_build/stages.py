@@ -635,11 +635,14 @@ class Pipeline:
             }
             if self.label_free and "mine" in self.records:
                 training["pseudo_queries"] = self.records["mine"].result
+            dvq = self.cfg.index.distill_vq
+            distill_vq = self.distill_vq_queries(dvq.queries, dvq.max_queries) if dvq.enabled else None
             build_artifact(
                 final, collection=self.collection, onnx_dirs={k: self.onnx_dir(k) for k in kinds},
                 dense_vectors=dense, colbert_vectors=colbert, bm25=self.bm25, factory=self.cfg.index.factory,
                 colbert_bits=self.cfg.index.colbert_bits, nprobe=self.cfg.index.nprobe,
                 calibration_queries=self.calibration_queries(), hybrid=hybrid,
+                distill_vq=dvq if distill_vq else None, distill_vq_queries=distill_vq,
                 training=training,
                 build={"key": key, "config": _jsonable(self.cfg), "stages": stages},
                 progress=self.progress,
@@ -656,16 +659,43 @@ class Pipeline:
                 return self.stage("artifact", key, run, force=True)
         return self.stage("artifact", key, run)
 
-    def calibration_queries(self, limit: int = 512) -> np.ndarray:
-        """Dense-student vectors of up to ``limit`` training (or pseudo-) queries, train and dev
-        slices, for choosing the default ``nprobe``; never test queries."""
-        from models.encoders import DenseEncoder
-
+    def training_query_texts(self) -> list[str]:
+        """The training queries (pseudo-queries on a label-free build), train and dev slices,
+        deduplicated and shuffled with a fixed seed; never test queries."""
         mined = self.load_mined()
         texts = list(dict.fromkeys([e.query for e in mined["examples"]] + list(mined["dev"]["queries"])))
         random.Random(0).shuffle(texts)
+        return texts
+
+    def encode_dense_queries(self, texts: list[str]) -> np.ndarray:
+        from models.encoders import DenseEncoder
+
         enc = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads)
-        return np.ascontiguousarray(enc.encode_queries(texts[:limit]), dtype=np.float32)
+        return np.ascontiguousarray(enc.encode_queries(texts), dtype=np.float32)
+
+    def calibration_queries(self, limit: int = 512) -> np.ndarray:
+        """Dense-student vectors of up to ``limit`` training (or pseudo-) queries, for choosing
+        the default ``nprobe``."""
+        return self.encode_dense_queries(self.training_query_texts()[:limit])
+
+    def distill_vq_queries(self, source: str, limit: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """Dense-student vectors of the queries that train a distilled index, and a record of
+        them. ``auto``: :meth:`training_query_texts`; ``pseudo``: titles and the two most
+        informative sentences of every document (no queries or labels at all)."""
+        from index_build.pseudo_queries import Generator, SentenceGenerator, TitleGenerator
+
+        if source == "pseudo":
+            docs = self.collection.docs
+            generators: list[Generator] = [TitleGenerator(), SentenceGenerator(per_doc=2)]
+            texts = list(dict.fromkeys(p.text for g in generators for p in g.generate(docs)))
+            random.Random(0).shuffle(texts)
+            origin = "pseudo-queries: document titles and sentences"
+        else:
+            texts = self.training_query_texts()
+            origin = "label-free pseudo-queries" if self.label_free else "training queries (train and dev slices)"
+        texts = texts[:limit]
+        log.info("distill-vq: encoding %d queries (%s)", len(texts), origin)
+        return self.encode_dense_queries(texts), {"source": source, "origin": origin, "n_queries": len(texts)}
 
     def tune_hybrid(self, dense_vectors: np.ndarray, depth: int = 100) -> dict[str, Any]:
         """Choose the dense weight of the hybrid (z-score fusion of dense and BM25 top-``depth``)

@@ -12,7 +12,7 @@ An exported model directory holds ``model.onnx``, ``tokenizer.json`` and ``encod
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,6 +25,7 @@ Kind = Literal["dense", "colbert", "cross-encoder"]
 CONFIG_NAME = "encoder.json"
 ONNX_NAME = "model.onnx"
 TOKENIZER_NAME = "tokenizer.json"
+QUERY_CHUNK = 256  # queries per ONNX run in encode_queries
 
 
 @dataclass
@@ -98,6 +99,14 @@ class OnnxEncoder:
         feed = {k: v for k, v in batch.as_dict().items() if k in self._input_names}
         return self.session.run(None, feed)[0]
 
+    def _encode_chunked(self, texts: list[str], encode: Callable[[list[str]], Batch]) -> np.ndarray:
+        """Run ``encode(chunk)`` for chunks of :data:`QUERY_CHUNK` texts, so that encoding many
+        queries at once (offline: calibration, Distill-VQ) never holds one giant batch."""
+        if len(texts) <= QUERY_CHUNK:
+            return self._run(encode(texts)).astype(np.float32, copy=False)
+        return np.concatenate([self._run(encode(texts[i : i + QUERY_CHUNK])).astype(np.float32, copy=False)
+                               for i in range(0, len(texts), QUERY_CHUNK)])
+
 
 class DenseEncoder(OnnxEncoder):
     kind: Kind = "dense"
@@ -107,7 +116,7 @@ class DenseEncoder(OnnxEncoder):
         return self.config.dim
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
-        return self._run(self.tokenizer.encode(texts, self.config.max_query_len)).astype(np.float32, copy=False)
+        return self._encode_chunked(texts, lambda chunk: self.tokenizer.encode(chunk, self.config.max_query_len))
 
     def encode_docs(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -127,8 +136,8 @@ class ColbertEncoder(OnnxEncoder):
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         """``[n, query_len, dim]`` float32, including the [MASK] augmentation tokens."""
-        batch = self.tokenizer.encode_colbert_queries(texts, self.config.colbert_query_len)
-        return self._run(batch).astype(np.float32, copy=False)
+        return self._encode_chunked(
+            texts, lambda chunk: self.tokenizer.encode_colbert_queries(chunk, self.config.colbert_query_len))
 
     def encode_docs(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> list[np.ndarray]:
         """One ``[n_tokens_i, dim]`` float32 array per document, skiplist applied."""

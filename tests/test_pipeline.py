@@ -191,3 +191,35 @@ def test_auto_teacher_scale_matches_the_students_margin_spread(tiny_beir, tiny_b
     res = train(student, examples, p.corpus_texts, tcfg, tmp_path / "auto", progress=False)
     saved = json.loads((tmp_path / "auto" / "train_log.json").read_text())
     assert saved["teacher_scale"] == pytest.approx(a, rel=1e-4) and res.steps >= 1
+
+
+def test_distill_vq_step_trains_the_artifact_index(built, tiny_beir, tiny_bert):
+    """``index.distill_vq.enabled`` re-learns the artifact's IVF-PQ and the manifest says so.
+    (Last in this module: it moves the work dir's artifact stage to another directory.)"""
+    from models.artifacts import verify
+    from models.dense_index import DenseIndex
+
+    root, _, _, _ = built
+    cfg = load_config(overrides=tiny_overrides(
+        tiny_beir, tiny_bert, root, "train.dense.epochs=2", f'artifact_dir="{root}/artifacts-dvq"',
+        "index.factory=IVF4,PQ4x4", "index.distill_vq.enabled=true", "index.distill_vq.steps=5",
+        'index.distill_vq.queries="pseudo"'))
+    p = Pipeline(cfg, progress=False)
+    p.run_all()
+    assert not p.records["artifact"].cached
+    assert all(p.records[n].cached for n in ("mine", "distill-dense", "export-dense"))
+    m = verify(root / "artifacts-dvq")
+    dense = m.indexes["dense"]
+    trained = dense["trained_by"]
+    assert trained["method"] == "distill-vq" and trained["steps"] == 5
+    assert trained["queries"]["source"] == "pseudo" and trained["queries"]["n_queries"] > 0
+    assert trained["settings"]["queries"] == "pseudo" and "enabled" not in trained["settings"]
+    assert DenseIndex.load(root / "artifacts-dvq" / dense["path"]).ntotal == 60
+    assert verify(root / "artifacts").indexes["dense"]["trained_by"] == {"method": "faiss"}
+
+
+def test_distill_vq_settings_are_validated(tiny_beir, tiny_bert, tmp_path):
+    with pytest.raises(ValueError, match="distill_vq.queries"):
+        load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'index.distill_vq.queries="test"'))
+    with pytest.raises(ValueError, match="distill_vq.steps"):
+        load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "index.distill_vq.steps=0"))
