@@ -293,6 +293,7 @@ class Pipeline:
         for name, default in _LATER_TRAIN_FIELDS.items():  # keys from before these fields existed stay valid
             if data.get(name) == default:
                 data.pop(name)
+        data.pop("wise_ft", None)  # applied after training, at export (see export_key)
         parts = [json.dumps(data, sort_keys=True)]
         if tcfg.pseudo_queries:
             parts.append(self.pseudo_key(tcfg.pseudo_queries))
@@ -375,18 +376,39 @@ class Pipeline:
 
         return evaluate_retrieval if retrieval else evaluate
 
+    def wise_ft(self, kind: str) -> float:
+        """The WiSE-FT weight of the distilled model against the base for ``kind``."""
+        value = self.cfg.train[kind].wise_ft
+        if value is None:
+            value = LABEL_FREE_WISE_FT if (self.label_free and kind == "dense") else 1.0
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"train.{kind}.wise_ft must be in [0, 1], got {value}")
+        return float(value)
+
     def export_key(self, kind: str) -> str:
-        return self.key("export", kind, self.distill_key(kind), str(self.cfg.export_int8))
+        alpha = self.wise_ft(kind)
+        extra = [f"wise_ft={alpha}"] if alpha != 1.0 else []  # keys from before WiSE-FT stay valid
+        return self.key("export", kind, self.distill_key(kind), str(self.cfg.export_int8), *extra)
 
     def export(self, kind: str) -> StageRecord:
         def run(out: Path) -> dict:
             from index_build.export import export_student
+            from index_build.students import interpolate_with_base, load_student
+            from models.sources import resolve_model
 
             step = max(1, len(self.corpus_texts) // 8)
             texts = [self.corpus_texts[i] for i in range(0, len(self.corpus_texts), step)][:8]
-            rep = export_student(self.work / f"distill-{kind}" / "student", out / "onnx", int8=self.cfg.export_int8,
-                                 parity_texts=texts)
-            return {"parity_max_abs_diff": rep.max_abs_diff, "int8_max_abs_diff": rep.int8_max_abs_diff}
+            src = self.work / f"distill-{kind}" / "student"
+            alpha = self.wise_ft(kind)
+            if alpha != 1.0:
+                student = interpolate_with_base(load_student(src), resolve_model(self.cfg.students.base), alpha)
+                src = out / "student-wise-ft"
+                student.save(src)
+            rep = export_student(src, out / "onnx", int8=self.cfg.export_int8, parity_texts=texts)
+            if alpha != 1.0:
+                shutil.rmtree(src)
+            return {"parity_max_abs_diff": rep.max_abs_diff, "int8_max_abs_diff": rep.int8_max_abs_diff,
+                    "wise_ft": alpha}
 
         return self.stage(f"export-{kind}", self.export_key(kind), run)
 
@@ -632,6 +654,7 @@ class Pipeline:
             training: dict[str, Any] = {
                 "label_free": self.label_free, "teacher": self.cfg.teacher.members,
                 "students": {k: self.records[f"distill-{k}"].result for k in kinds if f"distill-{k}" in self.records},
+                "wise_ft": {k: self.wise_ft(k) for k in kinds},
             }
             if self.label_free and "mine" in self.records:
                 training["pseudo_queries"] = self.records["mine"].result
@@ -789,5 +812,8 @@ def _hash_without(cfg: BuildConfig, section: str, *drop: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+#: WiSE-FT weight of a label-free build's distilled dense student (see TrainConfig.wise_ft):
+#: distilling on extractive pseudo-queries alone pulls the student away from real queries.
+LABEL_FREE_WISE_FT = 0.5
 _LATER_TRAIN_FIELDS: dict[str, object] = {"pseudo_queries": 0, "dev_retrieval": False, "teacher_scale": 1.0,
                                           "calibration_batches": 16}

@@ -191,6 +191,25 @@ def load_student(directory: Path) -> Student:
     return student
 
 
+def interpolate_with_base(student: Student, base_checkpoint: Path, alpha: float) -> Student:
+    """WiSE-FT (Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022): set the
+    transformer's weights to ``base + alpha * (trained - base)``, in place. ``alpha = 1`` keeps
+    the distilled model, ``0`` the base; task heads (ColBERT projection, cross-encoder
+    classifier) keep their trained weights. Guards a student distilled on a narrow query
+    distribution (e.g. extractive pseudo-queries) against forgetting what the base knew."""
+    from transformers import AutoModel
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"interpolation weight must be in [0, 1], got {alpha}")
+    base = AutoModel.from_pretrained(str(base_checkpoint), add_pooling_layer=False).state_dict()
+    trained = student.encoder.state_dict()
+    if set(base) != set(trained):
+        raise ValueError(f"{base_checkpoint} does not have the student's architecture: cannot interpolate")
+    mixed = {k: base[k] + alpha * (v - base[k]) if v.is_floating_point() else v for k, v in trained.items()}
+    student.encoder.load_state_dict(mixed)
+    return student
+
+
 def _checkpoint_pooling(checkpoint: Path) -> str:
     """Read sentence-transformers' pooling choice when the checkpoint has one."""
     import json

@@ -51,6 +51,10 @@ class TrainConfig:
     dropout: bool = False              # dropout during distillation (off: ~2x faster on CPU, no loss seen)
     pseudo_queries: int = 0            # labelled path: add this many corpus pseudo-query examples (GPL-style)
     dev_retrieval: bool = False        # dense: select on full-corpus retrieval of the dev queries
+    # After training, interpolate the transformer with the base model (WiSE-FT): weights =
+    # base + wise_ft * (trained - base). None: 1.0 (no interpolation) on labelled builds,
+    # LABEL_FREE_WISE_FT for the dense student of a label-free build. Applied at export.
+    wise_ft: float | None = None
     threads: int = 0
 
 

@@ -116,6 +116,11 @@ def test_label_free_switch_and_pipeline(tmp_path, tiny_bert):
     assert m.training["pseudo_queries"]["generators"] == cfg.label_free.generators
     assert "hybrid" in m.indexes and 0.0 <= m.indexes["hybrid"]["dense_weight"] <= 1.0
     assert json.loads((tmp_path / "results" / "bare.json").read_text())["systems"] == {}
+    # the label-free dense student is interpolated with the base (WiSE-FT); ColBERT is not
+    from index_build.stages import LABEL_FREE_WISE_FT
+
+    assert m.training["wise_ft"] == {"dense": LABEL_FREE_WISE_FT, "colbert": 1.0}
+    assert p.records["export-dense"].result["wise_ft"] == LABEL_FREE_WISE_FT
 
 
 def test_label_free_flag_ignores_labels(tmp_path, tiny_beir, tiny_bert):
@@ -127,3 +132,24 @@ def test_label_free_flag_ignores_labels(tmp_path, tiny_beir, tiny_bert):
     assert Pipeline(cfg, progress=False).label_free
     cfg2 = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path))
     assert not Pipeline(cfg2, progress=False).label_free
+    assert Pipeline(cfg, progress=False).wise_ft("dense") < 1.0 == Pipeline(cfg2, progress=False).wise_ft("dense")
+
+
+def test_wise_ft_interpolates_the_encoder_with_the_base(tiny_bert, tmp_path):
+    torch = pytest.importorskip("torch")
+    from index_build.students import interpolate_with_base, new_student
+
+    base = new_student("colbert", tiny_bert).encoder.state_dict()
+    student = new_student("colbert", tiny_bert)
+    with torch.no_grad():
+        for p in student.encoder.parameters():
+            p.add_(1.0)
+        student.proj.weight.fill_(0.5)
+    trained = {k: v.clone() for k, v in student.encoder.state_dict().items()}
+    interpolate_with_base(student, tiny_bert, 0.25)
+    for k, v in student.encoder.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, base[k] + 0.25 * (trained[k] - base[k]))
+    assert bool((student.proj.weight == 0.5).all())  # the head keeps its trained weights
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        interpolate_with_base(student, tiny_bert, 1.5)
