@@ -31,6 +31,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 QUERY_SOURCES = ("auto", "pseudo")
+#: Largest ``[documents, M, ksub]`` assignment tensor built per training step (float32
+#: elements, 256 MiB; a step holds a few of them for autograd). Bounds full-corpus mode and
+#: the query batch of sampled mode, e.g. for the default ``PQ192x8`` index.
+MAX_ASSIGN_ELEMENTS = 64 * 2**20
 
 
 @dataclass
@@ -211,7 +215,14 @@ def distill(index, vectors: np.ndarray, queries: np.ndarray, cfg: DistillVQConfi
     x_np = parts.apply_transform(vectors)
     q_np = parts.apply_transform(queries)
     n = len(x_np)
-    full = n <= cfg.full_corpus_max
+    m, ksub = parts.ivf.pq.M, parts.ivf.pq.ksub
+    full = n <= cfg.full_corpus_max and n * m * ksub <= MAX_ASSIGN_ELEMENTS
+    batch = cfg.batch_queries
+    if not full:
+        batch = max(1, min(batch, MAX_ASSIGN_ELEMENTS // ((cfg.n_top + cfg.n_random) * m * ksub)))
+        if batch < cfg.batch_queries:
+            log.warning("distill-vq: %d queries per step instead of %d (memory bound for PQ%dx%d)",
+                        batch, cfg.batch_queries, m, parts.ivf.pq.nbits)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     x = torch.from_numpy(x_np)
@@ -225,10 +236,10 @@ def distill(index, vectors: np.ndarray, queries: np.ndarray, cfg: DistillVQConfi
     cursor = 0
     bar = tqdm(range(cfg.steps), desc="distill-vq", disable=not progress)
     for _step in bar:
-        if cursor + cfg.batch_queries > len(order) and cursor > 0:
+        if cursor + batch > len(order) and cursor > 0:
             order, cursor = rng.permutation(len(q_np)), 0
-        qi = torch.from_numpy(order[cursor : cursor + cfg.batch_queries])
-        cursor += cfg.batch_queries
+        qi = torch.from_numpy(order[cursor : cursor + batch])
+        cursor += batch
         qb = q_all[qi]
         if full:
             x_hat, c_hat = _quantize(x, C, P, cfg.soft_temperature)
@@ -255,5 +266,5 @@ def distill(index, vectors: np.ndarray, queries: np.ndarray, cfg: DistillVQConfi
     window = max(1, len(history) // 10)
     return {"method": "distill-vq", "settings": cfg.training_settings(), "n_queries": int(len(q_np)),
             "candidates": "all documents" if full else f"teacher top-{cfg.n_top} + {cfg.n_random} random",
-            "steps": len(history), "loss_start": float(np.mean(history[:window])),
+            "batch_queries": batch, "steps": len(history), "loss_start": float(np.mean(history[:window])),
             "loss_end": float(np.mean(history[-window:])), "seconds": round(time.perf_counter() - t0, 1)}

@@ -94,6 +94,19 @@ def test_large_corpus_mode_samples_candidates(anisotropic):
     assert after > before + 0.01, (before, after)
 
 
+def test_sampled_mode_bounds_the_batch_by_memory(problem, monkeypatch):
+    """A large PQ (many sub-quantizers) falls back to sampled candidates and fewer queries
+    per step instead of building a huge assignment tensor."""
+    import index_build.distill_vq as dvq
+
+    x, q_train, _ = problem
+    index = build(x)
+    monkeypatch.setattr(dvq, "MAX_ASSIGN_ELEMENTS", 4 * 64 * 20 * 3)  # M=4, ksub=64: 3 queries of 20 docs
+    info = distill(index, x, q_train, DistillVQConfig(steps=3, batch_queries=32, n_top=10, n_random=10))
+    assert info["candidates"] == "teacher top-10 + 10 random" and info["batch_queries"] == 3
+    assert index.ntotal == len(x)
+
+
 def test_config_is_validated():
     with pytest.raises(ValueError, match="queries"):
         DistillVQConfig(queries="test")
