@@ -86,12 +86,6 @@ def build(vectors: np.ndarray, factory: str, seed: int):
     return DenseIndex.build(vectors, factory, seed=seed).index
 
 
-def clone(index):
-    import faiss
-
-    return faiss.deserialize_index(faiss.serialize_index(index))
-
-
 def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per ``labels`` value: the distilled index beats the better FAISS training on
     recall@100 at every size, with the largest gain at the smallest size."""
@@ -161,6 +155,7 @@ def main(
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
 ) -> None:
     """Compare FAISS IVF-PQ, FAISS IVF-OPQ and Distill-VQ; write benchmarks/results/distill-vq.json."""
+    import faiss
     import torch
 
     from index_build.distill_vq import distill
@@ -187,7 +182,8 @@ def main(
     rows: list[dict[str, Any]] = []
     for size in size_list:
         built: dict[str, Any] = {}
-        for method, factory in factories(size, dim, nlist).items():
+        factory_of = factories(size, dim, nlist)
+        for method, factory in factory_of.items():
             t0 = time.perf_counter()
             with cpu_threads(threads):
                 built[method] = build(x, factory, seed)
@@ -200,13 +196,13 @@ def main(
                              "factory": factory, "nprobe": nprobe, "nlist": nlist, "queries": "none",
                              "train_seconds": seconds})
         for labels, (vectors, about) in training.items():
-            index = clone(built["faiss-ivfopq"])
+            index = faiss.clone_index(built["faiss-ivfopq"])
             with cpu_threads(threads):
                 info = distill(index, x, vectors, dvq_cfg, progress=progress)
                 m = measure(index, q, exact_i, inputs.judged, nprobe, nlist)
             log.info("distill-vq %d B labels=%s: %s (%.1f s)", size, labels, m, info["seconds"])
             rows.append({"method": "distill-vq", "bytes_per_vector": size, "labels": labels, **m,
-                         "factory": factories(size, dim, nlist)["faiss-ivfopq"], "nprobe": nprobe, "nlist": nlist,
+                         "factory": factory_of["faiss-ivfopq"], "nprobe": nprobe, "nlist": nlist,
                          "init": "faiss-ivfopq", "queries": f"{about['n_queries']} {about['origin']}",
                          "train_seconds": info["seconds"], "loss_start": round(info["loss_start"], 4),
                          "loss_end": round(info["loss_end"], 4), "settings": info["settings"]})

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from index_build.data import Collection
-from index_build.distill_vq import DistillVQConfig
+from index_build.distill_vq import DistillVQConfig, distill, index_parts
 from models.encoders import CONFIG_NAME, ONNX_NAME, TOKENIZER_NAME
 
 INT8_NAME = "model.int8.onnx"
@@ -112,8 +112,6 @@ def train_dense_index(dense, vectors: np.ndarray, cfg: DistillVQConfig | None,
     place); returns the manifest's record of how the index was trained."""
     if cfg is None or not cfg.enabled:
         return {"method": "faiss"}
-    from index_build.distill_vq import distill, index_parts
-
     try:
         index_parts(dense.index)
     except ValueError as e:

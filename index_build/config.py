@@ -152,4 +152,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cursor[parts[-1]] = value
         _merge(cfg, nested, "")
     cfg.index.distill_vq.validate()
+    for kind, tcfg in cfg.train.items():
+        if tcfg.wise_ft is not None and not 0.0 <= float(tcfg.wise_ft) <= 1.0:
+            raise ValueError(f"config: train.{kind}.wise_ft must be in [0, 1], got {tcfg.wise_ft}")
     return cfg

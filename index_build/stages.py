@@ -13,6 +13,7 @@ import logging
 import pickle
 import random
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -378,11 +379,9 @@ class Pipeline:
 
     def wise_ft(self, kind: str) -> float:
         """The WiSE-FT weight of the distilled model against the base for ``kind``."""
-        value = self.cfg.train[kind].wise_ft
+        value = self.cfg.train[kind].wise_ft  # range checked by load_config
         if value is None:
             value = LABEL_FREE_WISE_FT if (self.label_free and kind == "dense") else 1.0
-        if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"train.{kind}.wise_ft must be in [0, 1], got {value}")
         return float(value)
 
     def export_key(self, kind: str) -> str:
@@ -400,13 +399,12 @@ class Pipeline:
             texts = [self.corpus_texts[i] for i in range(0, len(self.corpus_texts), step)][:8]
             src = self.work / f"distill-{kind}" / "student"
             alpha = self.wise_ft(kind)
-            if alpha != 1.0:
-                student = interpolate_with_base(load_student(src), resolve_model(self.cfg.students.base), alpha)
-                src = out / "student-wise-ft"
-                student.save(src)
-            rep = export_student(src, out / "onnx", int8=self.cfg.export_int8, parity_texts=texts)
-            if alpha != 1.0:
-                shutil.rmtree(src)
+            with tempfile.TemporaryDirectory(dir=out) as tmp:
+                if alpha != 1.0:
+                    student = interpolate_with_base(load_student(src), resolve_model(self.cfg.students.base), alpha)
+                    student.save(Path(tmp))
+                    src = Path(tmp)
+                rep = export_student(src, out / "onnx", int8=self.cfg.export_int8, parity_texts=texts)
             return {"parity_max_abs_diff": rep.max_abs_diff, "int8_max_abs_diff": rep.int8_max_abs_diff,
                     "wise_ft": alpha}
 
@@ -665,7 +663,7 @@ class Pipeline:
                 dense_vectors=dense, colbert_vectors=colbert, bm25=self.bm25, factory=self.cfg.index.factory,
                 colbert_bits=self.cfg.index.colbert_bits, nprobe=self.cfg.index.nprobe,
                 calibration_queries=self.calibration_queries(), hybrid=hybrid,
-                distill_vq=dvq if distill_vq else None, distill_vq_queries=distill_vq,
+                distill_vq=dvq, distill_vq_queries=distill_vq,
                 training=training,
                 build={"key": key, "config": _jsonable(self.cfg), "stages": stages},
                 progress=self.progress,

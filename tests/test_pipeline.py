@@ -223,3 +223,8 @@ def test_distill_vq_settings_are_validated(tiny_beir, tiny_bert, tmp_path):
         load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'index.distill_vq.queries="test"'))
     with pytest.raises(ValueError, match="distill_vq.steps"):
         load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "index.distill_vq.steps=0"))
+
+
+def test_wise_ft_range_is_validated_at_load(tiny_beir, tiny_bert, tmp_path):
+    with pytest.raises(ValueError, match=r"train.dense.wise_ft must be in \[0, 1\]"):
+        load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "train.dense.wise_ft=1.5"))
