@@ -1,9 +1,13 @@
 """Dynamic batching of query encodes across concurrent requests.
 
 Requests put their query texts on an asyncio queue and await a future. One worker task
-takes the first waiting item, keeps collecting for up to ``max_wait_ms`` or until
-``max_size`` texts, then encodes them together: one ONNX call per (engine, encoder) group,
-run in the CPU thread pool so the event loop never blocks. A request's texts always stay
+takes every item waiting (up to ``max_size`` texts), optionally keeps collecting for up to
+``max_wait_ms``, then encodes them together: one ONNX call per (engine, encoder) group,
+run in the CPU thread pool so the event loop never blocks.
+
+With ``max_wait_ms = 0`` (the default) this is continuous batching: a lone request is
+encoded at once (no waiting at low load), and the requests that arrive while a batch is
+being encoded form the next batch, so batches grow with the load by themselves. A request's texts always stay
 in one batch (a ``/search/batch`` request is encoded in a single ONNX call, even when it
 is larger than ``max_size``).
 
@@ -50,7 +54,7 @@ class EncodeBatcher:
     max_size
         Most texts per batch (a single larger request is encoded alone).
     max_wait_ms
-        How long the first item of a batch waits for company.
+        How long the first item of a batch waits for company (0: take only what is queued).
     on_batch
         Called with ``(model kind, batch size)`` for every encode batch (metrics).
     """

@@ -55,7 +55,8 @@ class Settings(BaseSettings):
 
     # -- dynamic batching of query encodes -------------------------------------------------------
     batch_max_size: int = Field(32, ge=1, description="Most query texts encoded in one ONNX call.")
-    batch_max_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits for more queries.")
+    batch_max_wait_ms: float = Field(
+        0.0, ge=0, description="How long a batch waits for more queries (0: continuous batching, no wait).")
 
     # -- hybrid first stage ----------------------------------------------------------------------
     hybrid_dense_weight: float | None = Field(

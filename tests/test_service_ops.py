@@ -189,6 +189,42 @@ def test_batcher_groups_concurrent_requests():
     assert ("dense", 4) in sizes and ("dense", 9) in sizes
 
 
+def test_batcher_continuous_batching_without_wait():
+    """max_wait_ms=0: a lone request is encoded at once, the requests that arrive while a batch
+    is being encoded form the next batch, and one request's dense + ColBERT encodes share a batch."""
+    async def run():
+        release = asyncio.Event()
+        started: list[list[str]] = []
+
+        async def slow(fn, *args):  # the first batch blocks until released
+            started.append(list(args[1]))
+            if len(started) == 1:
+                await release.wait()
+            return fn(*args)
+
+        b = EncodeBatcher(slow, max_size=16, max_wait_ms=0)
+        b.start()
+        engine = _FakeEngine()
+        first = asyncio.ensure_future(b.encode(engine, "dense", ["lone"]))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert started == [["lone"]]  # encoded without waiting for company
+        later = [asyncio.ensure_future(b.encode(engine, "dense", [f"q{i}"])) for i in range(3)]
+        pair = asyncio.ensure_future(asyncio.gather(b.encode(engine, "dense", ["both"]),
+                                                    b.encode(engine, "colbert", ["both"])))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(first, *later, pair)
+        await b.close()
+        return started
+
+    started = asyncio.run(run())
+    assert started[0] == ["lone"]
+    # the queued dense texts form one batch; the same request's ColBERT text is encoded beside it
+    assert sorted(map(tuple, started[1:])) == [("both",), ("q0", "q1", "q2", "both")]
+
+
 def test_batcher_errors_and_cancellation():
     async def run():
         b = EncodeBatcher(_direct, max_size=8, max_wait_ms=20)

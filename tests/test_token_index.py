@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from models.encoders import maxsim
 from models.token_index import ResidualCodec, TokenIndex, default_n_centroids
 
 DIM = 64
@@ -127,8 +128,14 @@ def test_compressed_index_build_load_and_rerank(tmp_path, corpus) -> None:
     top_exact = set(np.argsort(-exact)[:10])
     assert len(top_exact & set(np.argsort(-scores)[:10])) >= 8  # measured 9
     np.testing.assert_array_equal(TokenIndex.load(path, mmap=False).rerank(query, candidates), scores)
+    # rerank scales unnormalized decodes by their inverse norms: the MaxSim of the decoded tokens
+    picked = np.array([7, 0, 299, 42])
+    tokens, offsets = loaded.doc_tokens(picked)
+    np.testing.assert_allclose(loaded.rerank(query, picked), maxsim(query, tokens, offsets), rtol=1e-5, atol=1e-5)
     with pytest.raises(IndexError):
         loaded.doc_tokens(np.array([300]))
+    with pytest.raises(IndexError):
+        loaded.rerank(query, np.array([-1]))
 
 
 def test_centroid_candidates(tmp_path, corpus) -> None:
