@@ -234,6 +234,7 @@ class ResidualCodec:
         if packed.ndim != 2 or packed.shape != (codes.shape[0], self.packed_dim):
             raise ValueError(f"packed residuals must be [{codes.shape[0]}, {self.packed_dim}], got {packed.shape}")
         n, per_byte = codes.shape[0], 8 // self.bits
+        rows: np.ndarray[Any, np.dtype[np.integer]]
         if scratch is None:
             out = np.empty((n, self.dim), np.float32)
             rows = np.empty(packed.shape, self._lut_base.dtype)
