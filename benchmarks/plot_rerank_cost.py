@@ -125,6 +125,14 @@ def plot(table: Sequence[Mapping[str, Any]], path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def _display(path: Path) -> str:
+    """``path`` relative to the repository when inside it (result files name no machine paths)."""
+    try:
+        return str(path.resolve().relative_to(RESULTS_DIR.parent.parent))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--latency", type=Path, default=RESULTS_DIR / "latency.json")
@@ -138,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = rows(json.loads(args.latency.read_text()), json.loads(args.quality.read_text()))
     if not table:
         p.error(f"{args.latency} has no rerank mode results")
-    md = markdown(table, [str(args.latency), str(args.quality)])
+    md = markdown(table, [_display(args.latency), _display(args.quality)])
     args.out_md.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out_md.with_name(args.out_md.name + ".tmp")
     tmp.write_text(md)
