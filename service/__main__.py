@@ -6,6 +6,7 @@ exit 0. A start-up failure (bad settings, missing or corrupt artifact) exits non
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from types import FrameType
 
@@ -27,9 +28,22 @@ class GracefulServer(uvicorn.Server):
             captured.clear()
 
 
+#: thread-count variables of the native libraries under NumPy and FAISS (OpenMP, OpenBLAS, MKL)
+NATIVE_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def limit_native_threads(threads: int) -> None:
+    """Give NumPy's BLAS and OpenMP ``threads`` threads per call (unless the environment
+    already says), before they are first imported. The service runs requests in parallel
+    worker threads; a BLAS call that also used every core in each of them would oversubscribe
+    the CPUs under load. ``threads = 0`` leaves the libraries' defaults."""
+    if threads > 0:
+        for name in NATIVE_THREAD_VARS:
+            os.environ.setdefault(name, str(threads))
+
+
 def main() -> int:
     """Read settings, configure JSON logging, serve until signalled; the exit code."""
-    from service.app import create_app
     from service.logs import configure_logging
     from service.settings import Settings
 
@@ -42,6 +56,9 @@ def main() -> int:
         print("invalid service settings (NRS_* environment variables):\n" + "\n".join(lines), file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    limit_native_threads(settings.threads)
+    from service.app import create_app
+
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,

@@ -30,7 +30,9 @@ class Settings(BaseSettings):
 
     # -- artifact and runtime -------------------------------------------------------------------
     artifact_dir: Path = Field(description="Artifact directory written by the builder (holds manifest.json).")
-    threads: int = Field(1, ge=0, le=256, description="ONNX Runtime intra-op threads per session (0 = ORT default).")
+    threads: int = Field(1, ge=0, le=256, description=(
+        "ONNX Runtime intra-op threads per session; with `python -m service` also the OpenMP / BLAS "
+        "threads per call (0 = library defaults)."))
     use_gpu: bool = Field(False, description="Use CUDAExecutionProvider / FAISS GPU when available.")
     use_int8: bool = Field(False, description="Load the int8-quantized ONNX models when the artifact has them.")
     warmup: bool = Field(True, description="Run warm-up queries through every stage before reporting ready.")

@@ -426,3 +426,20 @@ def test_server_process_exits_non_zero_on_corrupt_artifact(artifacts, tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
     assert "dense/index.faiss" in proc.stderr
+
+
+# -- native thread limits ---------------------------------------------------------------------------
+def test_entrypoint_limits_native_threads_before_numpy(monkeypatch):
+    from service.__main__ import NATIVE_THREAD_VARS, limit_native_threads
+
+    for name in NATIVE_THREAD_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")  # an explicit setting wins
+    limit_native_threads(1)
+    assert [os.environ[n] for n in NATIVE_THREAD_VARS] == ["1", "3", "1"]
+    limit_native_threads(0)  # 0: library defaults, nothing set
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
+    # the limits only work if NumPy is not loaded before main() sets them
+    code = "import sys, service.__main__; print('numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
