@@ -399,16 +399,31 @@ class Pipeline:
             texts = [self.corpus_texts[i] for i in range(0, len(self.corpus_texts), step)][:8]
             src = self.work / f"distill-{kind}" / "student"
             alpha = self.wise_ft(kind)
+            record: dict[str, Any] = {}
             with tempfile.TemporaryDirectory(dir=out) as tmp:
                 if alpha != 1.0:
                     student = interpolate_with_base(load_student(src), resolve_model(self.cfg.students.base), alpha)
                     student.save(Path(tmp))
                     src = Path(tmp)
+                    record = self.exported_dev_score(kind, student)
                 rep = export_student(src, out / "onnx", int8=self.cfg.export_int8, parity_texts=texts)
             return {"parity_max_abs_diff": rep.max_abs_diff, "int8_max_abs_diff": rep.int8_max_abs_diff,
-                    "wise_ft": alpha}
+                    "wise_ft": alpha, **record}
 
         return self.stage(f"export-{kind}", self.export_key(kind), run)
+
+    def exported_dev_score(self, kind: str, student) -> dict[str, float]:
+        """The dev-slice nDCG@10 of a WiSE-FT-interpolated student, measured like the training
+        loop's model selection (so it compares with the distill stage's ``dev_history``)."""
+        import torch
+
+        tcfg = self.cfg.train[kind]
+        dev_eval = self.dev_evaluator(self.load_mined()["dev"], retrieval=tcfg.dev_retrieval and kind == "dense")
+        if dev_eval is None:
+            return {}
+        student.eval()
+        with torch.inference_mode():
+            return {"dev_nDCG@10": round(float(dev_eval(student)), 4)}
 
     def onnx_dir(self, kind: str) -> Path:
         return self.work / f"export-{kind}" / "onnx"

@@ -121,6 +121,9 @@ def test_label_free_switch_and_pipeline(tmp_path, tiny_bert):
 
     assert m.training["wise_ft"] == {"dense": LABEL_FREE_WISE_FT, "colbert": 1.0}
     assert p.records["export-dense"].result["wise_ft"] == LABEL_FREE_WISE_FT
+    # the interpolated model is scored on the dev slice like the checkpoints it came from
+    assert 0.0 <= p.records["export-dense"].result["dev_nDCG@10"] <= 1.0
+    assert "dev_nDCG@10" not in p.records["export-colbert"].result  # not interpolated
 
 
 def test_label_free_flag_ignores_labels(tmp_path, tiny_beir, tiny_bert):
