@@ -103,6 +103,17 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _inverse_norms(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``1 / ||row||`` of each row of ``x`` into ``out``; 0 for an all-zero row (which
+    :func:`_normalize` leaves at zero, so it scores 0 either way)."""
+    np.einsum("ij,ij->i", x, x, out=out)
+    np.sqrt(out, out=out)
+    nonzero = out > 1e-12
+    np.divide(1.0, out, out=out, where=nonzero)
+    out[~nonzero] = 0.0
+    return out
+
+
 def _code_dtype(n_centroids: int) -> np.dtype:
     return np.dtype(np.uint16) if n_centroids <= 1 << 16 else np.dtype(np.int32)
 
@@ -592,12 +603,7 @@ class TokenIndex:
             assert self.codec is not None and self.codes is not None and self.residuals is not None
             decoded = self.codec.decompress(self.codes[rows[lo:hi]], self.residuals[rows[lo:hi]], normalize=False,
                                             scratch=_SCRATCH)
-            inverse = _SCRATCH.get("inverse", hi - lo, np.float32)
-            np.einsum("ij,ij->i", decoded, decoded, out=inverse)
-            np.sqrt(inverse, out=inverse)
-            nonzero = inverse > 1e-12
-            np.divide(1.0, inverse, out=inverse, where=nonzero)
-            inverse[~nonzero] = 0.0  # an all-zero token scores 0, as _normalize leaves it
+            inverse = _inverse_norms(decoded, _SCRATCH.get("inverse", hi - lo, np.float32))
             sims = _SCRATCH.get("sims", query.shape[0] * (hi - lo), np.float32).reshape(query.shape[0], hi - lo)
             scores[a:b] = maxsim(query, decoded, chunk_offsets, token_scale=inverse, out=sims)
         return scores
