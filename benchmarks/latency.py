@@ -14,8 +14,9 @@ server's per-stage ``timings_ms``.
 
 A **live check** compares, for 20 test queries, the service's top-10 (``rerank=none``)
 with the same artifact's dense model and FAISS index loaded in-process
-(:class:`models.encoders.DenseEncoder` + :class:`models.dense_index.DenseIndex`, the same
-IVF-PQ settings): the two must be identical. With ``--config`` it also reports the overlap
+(:class:`models.encoders.DenseEncoder` with the ONNX file the service reports in ``/info``,
+fp32 or int8, + :class:`models.dense_index.DenseIndex`, the same IVF-PQ settings): the two
+must be identical. With ``--config`` it also reports the overlap
 with the builder's offline evaluation (exact search over the builder's cached corpus
 vectors), i.e. what the IVF-PQ approximation costs.
 
@@ -375,8 +376,9 @@ def live_check(base_url: str, artifact_dir: Path, texts: Sequence[str], *, k: in
     root = Path(artifact_dir)
     manifest = load_manifest(root)
     dense_info = manifest.models["dense"]
-    encoder = DenseEncoder(root / str(dense_info["path"]), onnx_file=str(dense_info.get("onnx_file") or "model.onnx"),
-                           threads=1)
+    with httpx.Client(base_url=base_url, timeout=60.0) as client:  # the ONNX file the service loaded (int8 or not)
+        onnx_file = str(client.get("/info").raise_for_status().json()["models"]["dense"]["onnx_file"])
+    encoder = DenseEncoder(root / str(dense_info["path"]), onnx_file=onnx_file, threads=1)
     index = DenseIndex.load_entry(root, manifest.indexes["dense"])
     docstore = DocStore.open(root / str(manifest.docstore["path"]))
     try:
@@ -396,7 +398,8 @@ def live_check(base_url: str, artifact_dir: Path, texts: Sequence[str], *, k: in
     same = sum(a == b for a, b in zip(served, in_process))
     out: dict[str, Any] = {
         "queries": len(texts), "k": k, "candidates": candidates, "identical_top10": same,
-        "reference": f"the same artifact's DenseEncoder + DenseIndex ({index.factory}, default nprobe) in-process",
+        "reference": f"the same artifact's DenseEncoder ({onnx_file}) + DenseIndex ({index.factory}, default nprobe) "
+                     "in-process",
         "nprobe": index.default_nprobe if index.is_ivf else None, "index": index.factory,
     }
     mismatched = [i for i, (a, b) in enumerate(zip(served, in_process)) if a != b]

@@ -32,6 +32,11 @@ from index_build.evaluate import metrics, run_from_arrays
 log = logging.getLogger(__name__)
 
 
+#: Bumped when the evaluate stage measures a different set of systems, so cached
+#: evaluations rerun. 2: int8 query encoders against the fp32-encoded corpus.
+EVALUATE_SYSTEMS_VERSION = 2
+
+
 class PeakMemory:
     """Samples this process's RSS in a thread; ``peak`` is the maximum seen."""
 
@@ -459,7 +464,8 @@ class Pipeline:
         kinds = self.cfg.students.kinds
         ev = self.cfg.section_hash("evaluate") if self.cfg.evaluate.mode != "retrieval" else _hash_without(
             self.cfg, "evaluate", "mode")  # keys written before `mode` existed stay valid
-        return self.key("evaluate", ev, *[self.export_key(k) for k in kinds])
+        extra = [f"systems-v{EVALUATE_SYSTEMS_VERSION}"] if EVALUATE_SYSTEMS_VERSION > 1 else []
+        return self.key("evaluate", ev, *[self.export_key(k) for k in kinds], *extra)
 
     def evaluate(self) -> StageRecord:
         def run(out: Path) -> dict:
@@ -513,11 +519,18 @@ class Pipeline:
             dense8 = DenseEncoder(self.onnx_dir("dense"), onnx_file=INT8_NAME, threads=self.cfg.threads)
             s8, i8 = exact_topk(self.dense_corpus(INT8_NAME), dense8.encode_queries(texts), depth)
             systems["dense-int8"] = metrics(qrels, run_from_arrays(qids, doc_ids, s8, i8))
+            # what the service serves with NRS_USE_INT8: int8 query encoders, fp32-encoded corpus
+            q8_s, q8_i = exact_topk(self.dense_corpus(), dense8.encode_queries(texts), depth)
+            systems["dense-int8-query"] = metrics(qrels, run_from_arrays(qids, doc_ids, q8_s, q8_i))
         dense_lists = [[int(j) for j in row if j >= 0] for row in d_i]
         if "colbert" in kinds:
             for f in ["model.onnx"] + ([INT8_NAME] if self.cfg.export_int8 else []):
                 run = self.colbert_rerank(qids, texts, dense_lists, f)
                 systems["dense+colbert" + ("-int8" if f == INT8_NAME else "")] = metrics(qrels, run)
+            if self.cfg.export_int8:
+                q8_lists = [[int(j) for j in row if j >= 0] for row in q8_i]
+                run = self.colbert_rerank(qids, texts, q8_lists, query_onnx_file=INT8_NAME)
+                systems["dense+colbert-int8-query"] = metrics(qrels, run)
         # hybrid first stage: z-score fusion of dense and BM25 top-depth, weight tuned on the dev slice
         hybrid = self.tune_hybrid(self.dense_corpus(), depth)
         w = hybrid["dense_weight"]
@@ -544,11 +557,14 @@ class Pipeline:
         return systems
 
     def colbert_rerank(self, qids: list[str], texts: list[str], candidates: list[list[int]],
-                       onnx_file: str = "model.onnx") -> dict[str, dict[str, float]]:
-        """MaxSim of the ColBERT student over each query's candidate corpus indices."""
+                       onnx_file: str = "model.onnx",
+                       query_onnx_file: str | None = None) -> dict[str, dict[str, float]]:
+        """MaxSim of the ColBERT student over each query's candidate corpus indices: the corpus
+        encoded with ``onnx_file``, the queries with ``query_onnx_file`` (default: the same)."""
         from models.encoders import ColbertEncoder, maxsim
 
-        enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=onnx_file, threads=self.cfg.threads)
+        enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=query_onnx_file or onnx_file,
+                             threads=self.cfg.threads)
         toks = self.colbert_corpus(onnx_file, subset=np.array([j for c in candidates for j in c], dtype=np.int64))
         qv = enc.encode_queries(texts)
         doc_ids = self.collection.doc_ids

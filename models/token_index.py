@@ -31,6 +31,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +55,8 @@ _CHUNK_TOKENS = 65536
 #: tokens decoded and scored at a time by :meth:`TokenIndex.rerank`. Measured on SciFact
 #: (100 candidates, ~21k tokens, 2-bit, dim 128): 2k 7.1 ms, 4k 6.5, 8k 5.8, 16k 5.4, 32k 5.7
 RERANK_CHUNK_TOKENS = 8192
+#: fewest candidate tokens per thread when :meth:`TokenIndex.rerank` splits one query's work
+RERANK_MIN_SPLIT_TOKENS = 4096
 
 
 class _Scratch(threading.local):
@@ -321,10 +324,12 @@ def default_n_centroids(n_tokens: int) -> int:
     return int(max(1, min(n, n_tokens)))
 
 
-def _doc_chunks(offsets: np.ndarray, chunk_tokens: int) -> Iterator[tuple[int, int]]:
-    """Consecutive ``[doc_start, doc_end)`` ranges of about ``chunk_tokens`` tokens each."""
-    n_docs = len(offsets) - 1
-    start = 0
+def _doc_chunks(offsets: np.ndarray, chunk_tokens: int, first: int = 0,
+                last: int | None = None) -> Iterator[tuple[int, int]]:
+    """Consecutive ``[doc_start, doc_end)`` ranges of about ``chunk_tokens`` tokens each,
+    covering documents ``[first, last)`` (default: all)."""
+    n_docs = len(offsets) - 1 if last is None else last
+    start = first
     while start < n_docs:
         end = int(np.searchsorted(offsets, offsets[start] + chunk_tokens, side="right")) - 1
         end = min(max(end, start + 1), n_docs)
@@ -581,20 +586,47 @@ class TokenIndex:
         assert self.codec is not None and self.codes is not None and self.residuals is not None
         return self.codec.decompress(self.codes[rows], self.residuals[rows]), out_offsets
 
-    def rerank(self, query_vectors: np.ndarray, doc_indices: np.ndarray) -> np.ndarray:
+    def rerank(self, query_vectors: np.ndarray, doc_indices: np.ndarray, *,
+               executor: Executor | None = None, parts: int = 1) -> np.ndarray:
         """MaxSim score (:func:`models.encoders.maxsim`) of one query ``[Lq, dim]`` against
         each of ``doc_indices``; float32 ``[len(doc_indices)]`` in the given order.
 
         Documents are scored in runs of about :data:`RERANK_CHUNK_TOKENS` tokens, so the
         decoded vectors stay in cache between decode and MaxSim. Compressed tokens are decoded
         without normalizing them; their inverse norms scale the ``[Lq, T]`` similarities
-        instead (the same scores, a quarter of the writes)."""
+        instead (the same scores, a quarter of the writes).
+
+        With an ``executor`` and ``parts > 1`` the candidates are split into ``parts`` runs of
+        about equal token counts: this thread scores the first and the executor's threads the
+        others (NumPy releases the GIL), so one query's rerank can use idle cores. Candidates
+        with fewer than :data:`RERANK_MIN_SPLIT_TOKENS` tokens per part are scored here alone.
+        """
         query = np.asarray(query_vectors, dtype=np.float32)
         if query.ndim != 2 or query.shape[1] != self.dim:
             raise ValueError(f"query must be [Lq, {self.dim}], got {query.shape}")
         rows, offsets = self._rows(doc_indices)
         scores = np.zeros(len(offsets) - 1, np.float32)
-        for a, b in _doc_chunks(offsets, RERANK_CHUNK_TOKENS):
+        parts = max(1, min(int(parts), int(offsets[-1]) // RERANK_MIN_SPLIT_TOKENS))
+        if executor is None or parts == 1:
+            self._rerank_docs(query, rows, offsets, 0, len(scores), scores)
+            return scores
+        # document boundaries closest to equal token shares
+        cuts = np.searchsorted(offsets, offsets[-1] * np.arange(1, parts) / parts)
+        bounds = [0, *sorted({int(c) for c in cuts if 0 < c < len(scores)}), len(scores)]
+        pending = [executor.submit(self._rerank_docs, query, rows, offsets, a, b, scores)
+                   for a, b in zip(bounds[1:-1], bounds[2:])]
+        try:
+            self._rerank_docs(query, rows, offsets, bounds[0], bounds[1], scores)
+        finally:
+            for f in pending:  # every part finishes (or raises) before ``scores`` is returned
+                f.result()
+        return scores
+
+    def _rerank_docs(self, query: np.ndarray, rows: np.ndarray, offsets: np.ndarray, first: int, last: int,
+                     scores: np.ndarray) -> None:
+        """Write the MaxSim scores of candidates ``[first, last)`` into ``scores[first:last]``
+        (decoding with the calling thread's scratch arrays)."""
+        for a, b in _doc_chunks(offsets, RERANK_CHUNK_TOKENS, first, last):
             lo, hi = int(offsets[a]), int(offsets[b])
             chunk_offsets = offsets[a : b + 1] - lo
             if self.tokens is not None:
@@ -606,7 +638,6 @@ class TokenIndex:
             inverse = _inverse_norms(decoded, _SCRATCH.get("inverse", hi - lo, np.float32))
             sims = _SCRATCH.get("sims", query.shape[0] * (hi - lo), np.float32).reshape(query.shape[0], hi - lo)
             scores[a:b] = maxsim(query, decoded, chunk_offsets, token_scale=inverse, out=sims)
-        return scores
 
     def centroid_candidates(self, query_vectors: np.ndarray, k: int, ncells: int = 4) -> tuple[np.ndarray, np.ndarray]:
         """PLAID-style first stage from centroid interaction alone (no residuals read).

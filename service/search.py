@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -500,7 +501,8 @@ class SearchEngine:
         return out
 
     def _finish(
-        self, query: str, cands: _Candidates, opts: SearchOptions, colbert: np.ndarray | None
+        self, query: str, cands: _Candidates, opts: SearchOptions, colbert: np.ndarray | None,
+        rerank_executor: Executor | None = None,
     ) -> tuple[list[Hit], StageTimings]:
         timings = cands.timings
         idx, first_scores = cands.indices, cands.scores
@@ -511,7 +513,8 @@ class SearchEngine:
         elif opts.rerank == "colbert":
             assert self.token_index is not None and colbert is not None
             started = time.perf_counter()
-            final_scores = self.token_index.rerank(colbert, idx)
+            final_scores = self.token_index.rerank(colbert, idx, executor=rerank_executor,
+                                                   parts=self.settings.rerank_threads)
             order = np.argsort(-final_scores, kind="stable")[: opts.k]
             timings.rerank = _ms(started)
         else:
@@ -546,16 +549,19 @@ class SearchEngine:
         opts: SearchOptions,
         dense: np.ndarray | None = None,
         colbert: np.ndarray | None = None,
+        rerank_executor: Executor | None = None,
     ) -> list[tuple[list[Hit], StageTimings]]:
         """First stage, rerank and fetch for already-encoded queries (one row per query).
 
-        Fills the ``ann``, ``sparse``, ``rerank`` and ``fetch`` timings.
+        Fills the ``ann``, ``sparse``, ``rerank`` and ``fetch`` timings. With
+        ``rerank_executor``, a ColBERT rerank splits its candidates over this thread and
+        ``settings.rerank_threads - 1`` of the executor's (same scores).
         """
         if opts.rerank == "colbert" and (colbert is None or len(colbert) != len(queries)):
             raise ValueError("ColBERT reranking needs one ColBERT query matrix per query")
         candidates = self._first_stage(queries, opts, dense)
         return [
-            self._finish(q, c, opts, None if colbert is None else colbert[row])
+            self._finish(q, c, opts, None if colbert is None else colbert[row], rerank_executor)
             for row, (q, c) in enumerate(zip(queries, candidates))
         ]
 

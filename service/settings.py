@@ -3,7 +3,8 @@
 
 Groups (one flat object so every env var name is simply ``NRS_<FIELD>``):
 
-- artifact and runtime: ``artifact_dir``, ``threads``, ``use_gpu``, ``use_int8``, ``warmup``
+- artifact and runtime: ``artifact_dir``, ``threads``, ``use_gpu``, ``use_int8``, ``warmup``,
+  ``worker_threads``, ``rerank_threads``
 - request limits: ``default_k``, ``max_k``, ``default_candidates``, ``max_candidates``,
   ``max_cross_encoder_candidates``, ``max_query_chars``, ``max_batch_queries``, ``max_body_bytes``
 - backpressure: ``max_concurrency``, ``max_queue``, ``request_timeout_ms``
@@ -39,6 +40,9 @@ class Settings(BaseSettings):
     worker_threads: int = Field(
         0, ge=0, le=512, description="Threads for CPU work (ONNX, FAISS, MaxSim); 0 = max_concurrency + 2."
     )
+    rerank_threads: int = Field(2, ge=1, le=64, description=(
+        "Threads one ColBERT rerank may split its candidates over while it is the only search in "
+        "flight (idle cores cut low-load latency); under load every rerank uses one thread."))
 
     # -- request limits ---------------------------------------------------------------------------
     default_k: int = Field(10, ge=1)

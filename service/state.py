@@ -111,6 +111,7 @@ class ServiceState:
         self.not_ready_reason = "artifacts are loading"
         self._executor: ThreadPoolExecutor | None = None
         self._admin_executor: ThreadPoolExecutor | None = None
+        self._rerank_executor: ThreadPoolExecutor | None = None
         self._admission: AdmissionControl | None = None
         self._reload_lock: asyncio.Lock | None = None
         self._warmup_task: asyncio.Task[None] | None = None
@@ -137,6 +138,9 @@ class ServiceState:
         s = self.settings
         self._executor = ThreadPoolExecutor(max_workers=s.cpu_workers, thread_name_prefix="nrs-cpu")
         self._admin_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nrs-admin")
+        if s.rerank_threads > 1:  # helpers of a lone request's ColBERT rerank (see Settings.rerank_threads)
+            self._rerank_executor = ThreadPoolExecutor(max_workers=s.rerank_threads - 1,
+                                                       thread_name_prefix="nrs-rerank")
         self._admission = AdmissionControl(s.max_concurrency, s.max_queue, self.metrics)
         self._reload_lock = asyncio.Lock()
         self.batcher.start()
@@ -170,7 +174,7 @@ class ServiceState:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._warmup_task
         await self.batcher.close()
-        for pool in (self._executor, self._admin_executor):
+        for pool in (self._executor, self._admin_executor, self._rerank_executor):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         if self.engine is not None:
@@ -256,7 +260,9 @@ class ServiceState:
             batch_wait = max(0.0, encode_wall - max((e.tokenize_ms + e.encode_ms for e in encoded.values()), default=0))
             dense = encoded["dense"].vectors if "dense" in encoded else None
             colbert = encoded["colbert"].vectors if "colbert" in encoded else None
-            retrieved = await self.run_in_thread(engine.retrieve, queries, opts, dense, colbert)
+            # a lone request may split its rerank over the idle cores; under load each uses one
+            split = self._rerank_executor if self._admission.in_flight == 1 else None
+            retrieved = await self.run_in_thread(engine.retrieve, queries, opts, dense, colbert, split)
         total_ms = (time.perf_counter() - started) * 1000.0
         out = []
         for hits, timings in retrieved:

@@ -218,6 +218,17 @@ def test_latency_script_end_to_end(artifacts, tiny_beir, tmp_path):
     assert data["settings"]["k"] == 10
 
 
+def test_latency_live_check_uses_the_served_int8_encoder(artifacts, tiny_beir, tmp_path):
+    out = tmp_path / "latency.json"
+    code = latency.main(["--artifact", str(artifacts.first), "--data", str(tiny_beir), "--requests", "2",
+                         "--max-seconds", "10", "--concurrency", "1", "--modes", "none", "--warmup", "1",
+                         "--live-check", "3", "--env", "NRS_USE_INT8=true", "--out", str(out),
+                         "--server-log", str(tmp_path / "server.log")])
+    assert code == 0
+    check = json.loads(out.read_text())["live_check"]
+    assert "model.int8.onnx" in check["reference"] and check["identical_top10"] == 3
+
+
 def test_load_script_end_to_end(artifacts, tiny_beir, tmp_path):
     out = tmp_path / "load.json"
     code = load.main(["--artifact", str(artifacts.first), "--queries", str(tiny_beir / "queries.jsonl"),

@@ -13,7 +13,8 @@ from index_build.config import load_config  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 
-SYSTEMS = {"bm25", "teacher", "base-dense", "dense", "dense-int8", "dense+colbert", "dense+cross-encoder",
+SYSTEMS = {"bm25", "teacher", "base-dense", "dense", "dense-int8", "dense-int8-query", "dense+colbert",
+           "dense+colbert-int8-query", "dense+cross-encoder",
            "hybrid", "hybrid+colbert"}
 
 

@@ -443,3 +443,43 @@ def test_entrypoint_limits_native_threads_before_numpy(monkeypatch):
     code = "import sys, service.__main__; print('numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_lone_request_splits_its_colbert_rerank(artifacts, monkeypatch):
+    """rerank_threads=2: a request alone in flight gets the rerank helper pool; one that
+    overlaps another request reranks on its own thread; the scores are the same."""
+    settings = make_settings(artifacts.first, rerank_threads=2, max_concurrency=4)
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        svc = service_of(c)
+        engine = svc.engine
+        assert engine is not None
+        body = {"query": "tumor suppressor genes", "rerank": "colbert", "k": 5}
+        serial = engine.search(body["query"], rerank="colbert", k=5)
+        calls: list[tuple[str, bool]] = []
+        original = engine.retrieve
+
+        def recording(queries, opts, dense=None, colbert=None, rerank_executor=None):
+            calls.append((queries[0], rerank_executor is not None))
+            return original(queries, opts, dense, colbert, rerank_executor)
+
+        monkeypatch.setattr(engine, "retrieve", recording)
+        r = c.post("/search", json=body)
+        assert r.status_code == 200 and calls == [(body["query"], True)]
+        assert [h["id"] for h in r.json()["hits"]] == [h.id for h in serial.hits]
+        np.testing.assert_allclose([h["score"] for h in r.json()["hits"]], [h.score for h in serial.hits], rtol=1e-5)
+
+        calls.clear()
+        monkeypatch.setattr(engine, "retrieve", slowed(recording, 0.5))
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(c.post, "/search", json={**body, "query": "first"})
+            wait_until(lambda: len(calls) == 0 and svc._admission is not None and svc._admission.in_flight == 1)
+            time.sleep(0.1)  # the first request is inside the slowed retrieve (decided alone)
+            second = c.post("/search", json={**body, "query": "second"})
+            assert first.result().status_code == 200 and second.status_code == 200
+        assert sorted(calls) == [("first", True), ("second", False)]
+
+    with TestClient(create_app(make_settings(artifacts.first, rerank_threads=1))) as c:
+        wait_ready(c)
+        assert service_of(c)._rerank_executor is None
+        assert c.post("/search", json=body).status_code == 200

@@ -145,3 +145,37 @@ def test_centroid_candidates(tmp_path, corpus) -> None:
     assert len(ids) == 50 and np.all(np.diff(approx) <= 1e-6)
     exact = np.array([brute_force_maxsim(query, d) for d in docs])
     assert len(set(np.argsort(-exact)[:10]) & set(ids)) >= 8
+
+
+@pytest.mark.parametrize("bits", [None, 2])
+def test_rerank_split_over_threads_gives_the_same_scores(tmp_path, corpus, monkeypatch, bits) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import models.token_index as ti
+
+    docs, query = corpus
+    index = TokenIndex.build(docs, tmp_path / "colbert", bits=bits, n_centroids=128, seed=0)
+    candidates = np.random.default_rng(1).permutation(300)[:200]
+    serial = index.rerank(query, candidates)
+    # small runs, so the ~3,900 candidate tokens make several chunks per part
+    monkeypatch.setattr(ti, "RERANK_CHUNK_TOKENS", 256)
+    monkeypatch.setattr(ti, "RERANK_MIN_SPLIT_TOKENS", 512)
+    submitted: list[int] = []
+
+    class Counting(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+            submitted.append(args[4] - args[3])  # documents in the part
+            return super().submit(fn, *args, **kwargs)
+
+    with Counting(max_workers=2) as pool:
+        for parts in (2, 3):
+            submitted.clear()
+            # (other matrix shapes per BLAS call: equal up to float rounding)
+            split = index.rerank(query, candidates, executor=pool, parts=parts)
+            np.testing.assert_allclose(split, serial, rtol=1e-6, atol=1e-6)
+            assert len(submitted) == parts - 1 and all(n > 0 for n in submitted)
+        submitted.clear()
+        few = candidates[:10]  # under RERANK_MIN_SPLIT_TOKENS per part: scored by the caller alone
+        np.testing.assert_allclose(index.rerank(query, few, executor=pool, parts=2), index.rerank(query, few),
+                                   rtol=1e-6, atol=1e-6)
+        assert submitted == []
