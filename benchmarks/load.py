@@ -259,6 +259,17 @@ def run_locust(server: ServerProcess, workload: Workload, *, users: int, seconds
 
 
 # ------------------------------------------------------------------------------------ servers
+def service_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--env NRS_X=VALUE`` settings every service run of this benchmark gets."""
+    out = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("NRS_"):
+            raise SystemExit(f"--env {item!r}: expected NRS_X=VALUE")
+        out[key] = value
+    return out
+
+
 @contextmanager
 def start_target(target: str, args: argparse.Namespace, *, extra_env: Mapping[str, str] | None = None,
                  tag: str = "") -> Iterator[ServerProcess]:
@@ -267,7 +278,7 @@ def start_target(target: str, args: argparse.Namespace, *, extra_env: Mapping[st
     log_path = args.locust_dir / f"{target}{tag}.server.log"
     if target == "service":
         env = service_env(args.artifact, port, args.threads, {"NRS_MAX_CONCURRENCY": str(args.max_concurrency),
-                                                               **(extra_env or {})})
+                                                               **service_settings(args), **(extra_env or {})})
         argv = [sys.executable, "-m", "service"]
     elif target == "baseline":
         env = {k: v for k, v in os.environ.items() if not k.startswith("NRS_")}
@@ -382,7 +393,7 @@ def run(args: argparse.Namespace, previous: Mapping[str, Any] | None = None) -> 
                        "warmup_s": args.warmup_s, "think_time": "none (closed loop) except in the overload run"}
     out["settings"] = {"artifact": str(args.artifact), "baseline_config": str(args.config), "threads": args.threads,
                        "NRS_MAX_CONCURRENCY": args.max_concurrency, "NRS_MAX_QUEUE (overload)": args.overload_max_queue,
-                       "service_processes": 1}
+                       "service_processes": 1, "env": service_settings(args)}
     out["notes"] = [
         "python -m service is one process (uvicorn, one event loop, a thread pool for CPU work); it has no "
         "multi-worker mode, so one process ran here; scale out with compose replicas.",
@@ -443,6 +454,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overload-min-users", type=int, default=12)
     p.add_argument("--threads", type=int, default=1, help="NRS_THREADS of the service, torch threads of the baseline")
     p.add_argument("--max-concurrency", type=int, default=8, help="NRS_MAX_CONCURRENCY")
+    p.add_argument("--env", action="append", default=[], metavar="NRS_X=VALUE",
+                   help="extra service setting for every service run, e.g. NRS_USE_INT8=true")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds a server may take to get ready")
     p.add_argument("--locust-dir", type=Path, default=RESULTS_DIR / "locust", help="locust CSV/HTML and server logs")
     p.add_argument("--out", type=Path, default=None,

@@ -229,15 +229,26 @@ def test_latency_live_check_uses_the_served_int8_encoder(artifacts, tiny_beir, t
     assert "model.int8.onnx" in check["reference"] and check["identical_top10"] == 3
 
 
+def test_load_env_settings_must_be_nrs_assignments():
+    import argparse
+
+    assert load.service_settings(argparse.Namespace(env=["NRS_USE_INT8=true", "NRS_X=a=b"])) == {
+        "NRS_USE_INT8": "true", "NRS_X": "a=b"}
+    for bad in (["USE_INT8=true"], ["NRS_USE_INT8"]):
+        with pytest.raises(SystemExit):
+            load.service_settings(argparse.Namespace(env=bad))
+
+
 def test_load_script_end_to_end(artifacts, tiny_beir, tmp_path):
     out = tmp_path / "load.json"
     code = load.main(["--artifact", str(artifacts.first), "--queries", str(tiny_beir / "queries.jsonl"),
                       "--mix", "none:1,colbert:1", "--users", "1", "--step-seconds", "2", "--warmup-s", "0.2",
                       "--soak-seconds", "2", "--overload-seconds", "2", "--overload-max-queue", "0",
                       "--max-concurrency", "1", "--overload-min-users", "6", "--locust-dir", str(tmp_path / "locust"),
-                      "--out", str(out)])
+                      "--env", "NRS_USE_INT8=true", "--out", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
+    assert data["settings"]["env"] == {"NRS_USE_INT8": "true"}
     svc = data["service"]
     assert svc["qps_at_p99_budget"] > 0 and svc["errors"] == 0 and svc["rss_bytes"] > 0
     assert svc["sweep"][0]["users"] == 1 and {"/search [none]", "/search [colbert]"} <= set(svc["sweep"][0]["per_mode"])
