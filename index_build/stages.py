@@ -489,7 +489,7 @@ class Pipeline:
         the distilled dense student's top-``rerank_depth``."""
         from index_build.export import INT8_NAME
         from index_build.teachers import cached_teacher_scores, exact_topk
-        from models.encoders import CrossEncoderScorer, DenseEncoder
+        from models.encoders import DenseEncoder
         from models.fusion import fuse_ranked_lists
 
         col, depth = self.collection, self.cfg.evaluate.rerank_depth
@@ -545,16 +545,30 @@ class Pipeline:
         if "colbert" in kinds:
             systems["hybrid+colbert"] = metrics(qrels, self.colbert_rerank(qids, texts, hybrid_lists))
         if "cross-encoder" in kinds:
-            ce = CrossEncoderScorer(self.onnx_dir("cross-encoder"), threads=self.cfg.threads)
-            run = {}
-            from tqdm import tqdm
-
-            for r, qid in enumerate(tqdm(qids, desc="cross-encoder rerank", disable=not self.progress)):
-                cands = [int(j) for j in d_i[r] if j >= 0]
-                sc = ce.score(texts[r], [self.corpus_texts[j] for j in cands])
-                run[qid] = {doc_ids[j]: float(s) for j, s in zip(cands, sc)}
+            cands = [[int(j) for j in row if j >= 0] for row in d_i]
+            scores = self.cross_encoder_scores(texts, [[self.corpus_texts[j] for j in c] for c in cands])
+            run = {qid: {doc_ids[j]: float(x) for j, x in zip(c, sc)} for qid, c, sc in zip(qids, cands, scores)}
             systems["dense+cross-encoder"] = metrics(qrels, run)
         return systems
+
+    def cross_encoder_scores(self, queries: list[str], candidate_texts: list[list[str]]) -> list[np.ndarray]:
+        """The cross-encoder student's score of each query's candidate texts, cached per query by
+        content (model, query, texts): the slowest part of evaluation is computed once per model."""
+        from tqdm import tqdm
+
+        from models.encoders import CrossEncoderScorer
+
+        fp = self.key("cross-encoder-scores", self.export_key("cross-encoder"))
+        keys = [content_key(fp, q, *texts) for q, texts in zip(queries, candidate_texts)]
+        found = self.cache.get_many(keys)
+        todo = [i for i, k in enumerate(keys) if k not in found]
+        if todo:
+            ce = CrossEncoderScorer(self.onnx_dir("cross-encoder"), threads=self.cfg.threads)
+            for i in tqdm(todo, desc="cross-encoder rerank", unit="query", disable=not self.progress):
+                item = (keys[i], np.asarray(ce.score(queries[i], candidate_texts[i]), dtype=np.float32))
+                self.cache.put_many([item])  # per query: an interrupted evaluation keeps what it scored
+                found[item[0]] = item[1]
+        return [found[k] for k in keys]
 
     def colbert_rerank(self, qids: list[str], texts: list[str], candidates: list[list[int]],
                        onnx_file: str = "model.onnx",
@@ -581,7 +595,7 @@ class Pipeline:
         from index_build.data import load_trec_run
         from index_build.export import INT8_NAME
         from index_build.export_cache import base_dense_onnx
-        from models.encoders import ColbertEncoder, CrossEncoderScorer, DenseEncoder, maxsim
+        from models.encoders import ColbertEncoder, DenseEncoder, maxsim
         from models.fusion import normalize
         from models.sparse_index import BM25Index
 
@@ -650,9 +664,9 @@ class Pipeline:
             if "hybrid" in systems:  # reranking the same 100 candidates: the hybrid's order does not matter
                 systems["hybrid+colbert"] = systems["dense+colbert"]
         if "cross-encoder" in kinds:
-            ce = CrossEncoderScorer(self.onnx_dir("cross-encoder"))
+            scores = self.cross_encoder_scores(texts, [[docs[c] for c in cs] for cs in cands])
             systems["dense+cross-encoder"] = metrics(
-                qrels, score_all(lambda q, cs: ce.score(q, [docs[c] for c in cs])), min_rel=2)
+                qrels, {qid: dict(zip(cs, map(float, sc))) for qid, cs, sc in zip(qids, cands, scores)}, min_rel=2)
         return systems
 
     # ----------------------------------------------------------------- artifact

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -229,3 +230,22 @@ def test_distill_vq_settings_are_validated(tiny_beir, tiny_bert, tmp_path):
 def test_wise_ft_range_is_validated_at_load(tiny_beir, tiny_bert, tmp_path):
     with pytest.raises(ValueError, match=r"train.dense.wise_ft must be in \[0, 1\]"):
         load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "train.dense.wise_ft=1.5"))
+
+
+def test_cross_encoder_scores_are_cached_by_content(built, monkeypatch):
+    _, _, p, _ = built
+    queries = ["tumor growth", "vaccine response"]
+    texts = [[p.corpus_texts[0], p.corpus_texts[1]], [p.corpus_texts[2]]]
+    first = p.cross_encoder_scores(queries, texts)
+    assert [s.shape for s in first] == [(2,), (1,)]
+
+    class Refuse:
+        def __init__(self, *a, **k):
+            raise AssertionError("cached scores were recomputed")
+
+    monkeypatch.setattr("models.encoders.CrossEncoderScorer", Refuse)
+    again = p.cross_encoder_scores(queries, texts)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(AssertionError, match="recomputed"):  # other texts: not in the cache
+        p.cross_encoder_scores(queries[:1], [[p.corpus_texts[3]]])
