@@ -45,6 +45,7 @@ def build_artifact(
     nprobe: int | None = None,
     calibration_queries: np.ndarray | None = None,
     hybrid: dict[str, Any] | None = None,
+    colbert_interpolation: dict[str, Any] | None = None,
     distill_vq: DistillVQConfig | None = None,
     distill_vq_queries: tuple[np.ndarray, dict[str, Any]] | None = None,
     training: dict[str, Any] | None = None,
@@ -89,6 +90,8 @@ def build_artifact(
             tok = TokenIndex.build(colbert_vectors, root / "colbert", bits=colbert_bits, progress=progress)
             indexes["colbert"] = {"type": "colbert-token-index", "path": "colbert", "model": "colbert",
                                   **tok.params(), "bytes_per_token": tok.bytes_per_token()}
+            if colbert_interpolation is not None:
+                indexes["colbert"]["interpolation"] = colbert_interpolation
         if bm25 is not None:
             bm25.save(root / "bm25")
             indexes["bm25"] = {"type": "bm25s", "path": "bm25", **bm25.config.__dict__}

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 
 #: Bumped when the evaluate stage measures a different set of systems, so cached
-#: evaluations rerun. 2: int8 query encoders against the fp32-encoded corpus.
-EVALUATE_SYSTEMS_VERSION = 2
+#: evaluations rerun. 2: int8 query encoders against the fp32-encoded corpus. 3: ColBERT
+#: scores interpolated with the first stage's (``*-maxsim``: plain reranking).
+EVALUATE_SYSTEMS_VERSION = 3
 
 
 class PeakMemory:
@@ -490,7 +491,6 @@ class Pipeline:
         from index_build.export import INT8_NAME
         from index_build.teachers import cached_teacher_scores, exact_topk
         from models.encoders import DenseEncoder
-        from models.fusion import fuse_ranked_lists
 
         col, depth = self.collection, self.cfg.evaluate.rerank_depth
         split = self.cfg.data.test_split
@@ -513,7 +513,8 @@ class Pipeline:
         if "dense" not in kinds:
             return systems
         dense = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads)
-        d_s, d_i = exact_topk(self.dense_corpus(), dense.encode_queries(texts), depth)
+        dense_q = dense.encode_queries(texts)
+        d_s, d_i = exact_topk(self.dense_corpus(), dense_q, depth)
         systems["dense"] = metrics(qrels, run_from_arrays(qids, doc_ids, d_s, d_i))
         if self.cfg.export_int8:
             dense8 = DenseEncoder(self.onnx_dir("dense"), onnx_file=INT8_NAME, threads=self.cfg.threads)
@@ -522,28 +523,26 @@ class Pipeline:
             # what the service serves with NRS_USE_INT8: int8 query encoders, fp32-encoded corpus
             q8_s, q8_i = exact_topk(self.dense_corpus(), dense8.encode_queries(texts), depth)
             systems["dense-int8-query"] = metrics(qrels, run_from_arrays(qids, doc_ids, q8_s, q8_i))
-        dense_lists = [[int(j) for j in row if j >= 0] for row in d_i]
-        if "colbert" in kinds:
-            for f in ["model.onnx"] + ([INT8_NAME] if self.cfg.export_int8 else []):
-                run = self.colbert_rerank(qids, texts, dense_lists, f)
-                systems["dense+colbert" + ("-int8" if f == INT8_NAME else "")] = metrics(qrels, run)
-            if self.cfg.export_int8:
-                q8_lists = [[int(j) for j in row if j >= 0] for row in q8_i]
-                run = self.colbert_rerank(qids, texts, q8_lists, query_onnx_file=INT8_NAME)
-                systems["dense+colbert-int8-query"] = metrics(qrels, run)
         # hybrid first stage: z-score fusion of dense and BM25 top-depth, weight tuned on the dev slice
         hybrid = self.tune_hybrid(self.dense_corpus(), depth)
-        w = hybrid["dense_weight"]
-        hybrid_run, hybrid_lists = {}, []
-        for r, qid in enumerate(qids):
-            dl = {int(j): float(x) for x, j in zip(d_s[r], d_i[r]) if j >= 0}
-            sl = {int(j): float(x) for x, j in zip(bm_s[r], bm_i[r]) if j >= 0}
-            fused = fuse_ranked_lists([dl, sl], [w, 1.0 - w], method="zscore")[:depth]
-            hybrid_run[qid] = {doc_ids[d]: x for d, x in fused}
-            hybrid_lists.append([d for d, _ in fused])
-        systems["hybrid"] = metrics(qrels, hybrid_run)
+        firsts = self.first_stage_lists(texts, dense_q, hybrid["dense_weight"], depth)
+        systems["hybrid"] = metrics(qrels, self.run_of(qids, firsts["hybrid"]))
         if "colbert" in kinds:
-            systems["hybrid+colbert"] = metrics(qrels, self.colbert_rerank(qids, texts, hybrid_lists))
+            # ColBERT reranks, its scores interpolated with the first stage's (weights tuned on the dev slice)
+            weights = self.tune_colbert_weights(hybrid["dense_weight"], depth)["weights"]
+            for f in ["model.onnx"] + ([INT8_NAME] if self.cfg.export_int8 else []):
+                cb = self.colbert_scores(texts, firsts["dense"], f)
+                systems["dense+colbert" + ("-int8" if f == INT8_NAME else "")] = metrics(
+                    qrels, self.run_of(qids, firsts["dense"], cb, weights["dense"]))
+                if f == "model.onnx":
+                    systems["dense+colbert-maxsim"] = metrics(qrels, self.run_of(qids, firsts["dense"], cb, 1.0))
+            if self.cfg.export_int8:  # as served with NRS_USE_INT8: int8 query encoders, fp32-encoded corpus
+                q8_lists = [(i[i >= 0], s[i >= 0]) for s, i in zip(q8_s, q8_i)]
+                cb = self.colbert_scores(texts, q8_lists, query_onnx_file=INT8_NAME)
+                systems["dense+colbert-int8-query"] = metrics(qrels, self.run_of(qids, q8_lists, cb, weights["dense"]))
+            cb = self.colbert_scores(texts, firsts["hybrid"])
+            systems["hybrid+colbert"] = metrics(qrels, self.run_of(qids, firsts["hybrid"], cb, weights["hybrid"]))
+            systems["hybrid+colbert-maxsim"] = metrics(qrels, self.run_of(qids, firsts["hybrid"], cb, 1.0))
         if "cross-encoder" in kinds:
             cands = [[int(j) for j in row if j >= 0] for row in d_i]
             scores = self.cross_encoder_scores(texts, [[self.corpus_texts[j] for j in c] for c in cands])
@@ -570,24 +569,57 @@ class Pipeline:
                 found[item[0]] = item[1]
         return [found[k] for k in keys]
 
-    def colbert_rerank(self, qids: list[str], texts: list[str], candidates: list[list[int]],
-                       onnx_file: str = "model.onnx",
-                       query_onnx_file: str | None = None) -> dict[str, dict[str, float]]:
-        """MaxSim of the ColBERT student over each query's candidate corpus indices: the corpus
-        encoded with ``onnx_file``, the queries with ``query_onnx_file`` (default: the same)."""
+    def colbert_scores(self, texts: list[str], lists: list[tuple[np.ndarray, np.ndarray]],
+                       onnx_file: str = "model.onnx", query_onnx_file: str | None = None) -> list[np.ndarray]:
+        """MaxSim of the ColBERT student over each query's candidates (``lists`` as from
+        :meth:`first_stage_lists`): the corpus encoded with ``onnx_file``, the queries with
+        ``query_onnx_file`` (default: the same)."""
         from models.encoders import ColbertEncoder, maxsim
 
         enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=query_onnx_file or onnx_file,
                              threads=self.cfg.threads)
-        toks = self.colbert_corpus(onnx_file, subset=np.array([j for c in candidates for j in c], dtype=np.int64))
+        toks = self.colbert_corpus(onnx_file, subset=np.concatenate([c for c, _ in lists] + [np.zeros(0, np.int64)]))
         qv = enc.encode_queries(texts)
+        out = []
+        for r, (cands, _) in enumerate(lists):
+            offsets = np.cumsum([0] + [len(toks[int(j)]) for j in cands])
+            tokens = np.concatenate([toks[int(j)] for j in cands]) if len(cands) else np.zeros((0, enc.dim), np.float32)
+            out.append(maxsim(qv[r], tokens, offsets))
+        return out
+
+    def first_stage_lists(self, texts: list[str], dense_queries: np.ndarray, hybrid_weight: float,
+                          depth: int) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+        """Per first stage (``dense``: exact search over the student's corpus vectors,
+        ``sparse``: BM25, ``hybrid``: their z-score fusion), each query's top-``depth`` as
+        ``(corpus indices, scores)``, best first."""
+        from index_build.teachers import exact_topk
+        from models.fusion import fuse_ranked_lists
+
+        ds, di = exact_topk(self.dense_corpus(), dense_queries, depth)
+        bs, bi = self.bm25.search(texts, depth)
+        out: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"dense": [], "sparse": [], "hybrid": []}
+        for r in range(len(texts)):
+            dk, bk = di[r] >= 0, bi[r] >= 0
+            out["dense"].append((di[r][dk].astype(np.int64), ds[r][dk]))
+            out["sparse"].append((bi[r][bk].astype(np.int64), bs[r][bk]))
+            fused = fuse_ranked_lists([dict(zip(di[r][dk].tolist(), ds[r][dk].tolist())),
+                                       dict(zip(bi[r][bk].tolist(), bs[r][bk].tolist()))],
+                                      [hybrid_weight, 1.0 - hybrid_weight], method="zscore")[:depth]
+            out["hybrid"].append((np.array([d for d, _ in fused], np.int64), np.array([x for _, x in fused])))
+        return out
+
+    def run_of(self, qids: list[str], lists: list[tuple[np.ndarray, np.ndarray]],
+               rerank: list[np.ndarray] | None = None, rerank_weight: float = 1.0) -> dict[str, dict[str, float]]:
+        """A run from first-stage lists, optionally reranked (scores interpolated, see
+        :func:`models.fusion.interpolate`)."""
+        from models.fusion import interpolate
+
         doc_ids = self.collection.doc_ids
         run = {}
         for r, qid in enumerate(qids):
-            cands = candidates[r]
-            offsets = np.cumsum([0] + [len(toks[j]) for j in cands])
-            sc = maxsim(qv[r], np.concatenate([toks[j] for j in cands]), offsets)
-            run[qid] = {doc_ids[j]: float(x) for j, x in zip(cands, sc)}
+            cands, first = lists[r]
+            final = first if rerank is None else interpolate(first, rerank[r], rerank_weight)
+            run[qid] = {doc_ids[int(j)]: float(x) for j, x in zip(cands, final)}
         return run
 
     def evaluate_trec(self, path: Path) -> dict[str, dict[str, float]]:
@@ -671,8 +703,9 @@ class Pipeline:
 
     # ----------------------------------------------------------------- artifact
     def artifact_key(self) -> str:
+        # (manifest-v2: the ColBERT index records its tuned interpolation weights)
         return self.key("artifact", self.cfg.section_hash("index"), self.cfg.artifact_dir,
-                        *[self.export_key(k) for k in self.cfg.students.kinds])
+                        *[self.export_key(k) for k in self.cfg.students.kinds], "manifest-v2")
 
     def artifact(self) -> StageRecord:
         """Encode the corpus with the ONNX students, build the indexes, write the artifact dir."""
@@ -694,6 +727,7 @@ class Pipeline:
             stages = {n: {"seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes}
                       for n, r in self.records.items()}
             hybrid = self.tune_hybrid(dense)
+            interpolation = self.tune_colbert_weights(hybrid["dense_weight"]) if colbert is not None else None
             training: dict[str, Any] = {
                 "label_free": self.label_free, "teacher": self.cfg.teacher.members,
                 "students": {k: self.records[f"distill-{k}"].result for k in kinds if f"distill-{k}" in self.records},
@@ -707,7 +741,7 @@ class Pipeline:
                 final, collection=self.collection, onnx_dirs={k: self.onnx_dir(k) for k in kinds},
                 dense_vectors=dense, colbert_vectors=colbert, bm25=self.bm25, factory=self.cfg.index.factory,
                 colbert_bits=self.cfg.index.colbert_bits, nprobe=self.cfg.index.nprobe,
-                calibration_queries=self.calibration_queries(), hybrid=hybrid,
+                calibration_queries=self.calibration_queries(), hybrid=hybrid, colbert_interpolation=interpolation,
                 distill_vq=dvq, distill_vq_queries=distill_vq,
                 training=training,
                 build={"key": key, "config": _jsonable(self.cfg), "stages": stages},
@@ -794,6 +828,33 @@ class Pipeline:
         return {"method": "zscore", "dense_weight": float(best), "sparse_weight": round(1.0 - float(best), 1),
                 "depth": depth, "tuned_on": "pseudo-query dev slice" if self.label_free else "train dev slice",
                 "dev_nDCG@10": scores}
+
+    def tune_colbert_weights(self, hybrid_weight: float, depth: int = 100) -> dict[str, Any]:
+        """Per first stage, the weight of the ColBERT score against the first stage's score
+        in the final ranking (:func:`models.fusion.interpolate`; 1 = plain reranking), chosen
+        on the dev slice like :meth:`tune_hybrid` (ties go to the larger weight). Never on
+        test judgments."""
+        from models.encoders import DenseEncoder
+
+        grid = [round(0.1 * i, 1) for i in range(11)]
+        dev = self.load_mined()["dev"]
+        stages = ("dense", "sparse", "hybrid")
+        if not dev["qids"]:
+            return {"method": "zscore", "weights": dict.fromkeys(stages, 1.0), "depth": depth,
+                    "tuned_on": "default (no dev queries)"}
+        train_qrels = self.collection.qrels.get(self.cfg.data.train_split, {})
+        qrels = dev.get("qrels") or {q: train_qrels[q] for q in dev["qids"]}
+        dense_q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(dev["queries"])
+        firsts = self.first_stage_lists(dev["queries"], dense_q, hybrid_weight, depth)
+        weights, curves = {}, {}
+        for stage in stages:
+            cb = self.colbert_scores(dev["queries"], firsts[stage])
+            curve = {str(a): metrics(qrels, self.run_of(dev["qids"], firsts[stage], cb, a))["nDCG@10"] for a in grid}
+            weights[stage] = float(max(curve, key=lambda k: (curve[k], float(k))))
+            curves[stage] = curve
+        return {"method": "zscore", "weights": weights, "depth": depth,
+                "tuned_on": "pseudo-query dev slice" if self.label_free else "train dev slice",
+                "dev_nDCG@10": curves}
 
     # ----------------------------------------------------------------- orchestration
     def run_all(self) -> dict:

@@ -84,3 +84,24 @@ def fuse_ranked_lists(
         for d in docs:
             fused[d] += w * values.get(d, floor)
     return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def interpolate(first_stage: np.ndarray, rerank: np.ndarray, rerank_weight: float,
+                method: Norm = "zscore") -> np.ndarray:
+    """Final scores of one query's reranked candidates: ``rerank_weight * norm(rerank) +
+    (1 - rerank_weight) * norm(first_stage)``, each normalized over the candidates. A weight
+    of 1 returns the reranker's scores unchanged (plain reranking).
+
+    >>> interpolate(np.array([3.0, 2.0, 1.0]), np.array([0.1, 0.4, 0.3]), 0.25).round(3).tolist()
+    [0.584, 0.267, -0.852]
+    >>> interpolate(np.array([3.0, 1.0]), np.array([0.2, 0.4]), 1.0).tolist()
+    [0.2, 0.4]
+    """
+    if not 0.0 <= rerank_weight <= 1.0:
+        raise ValueError(f"rerank_weight must be in [0, 1], got {rerank_weight}")
+    rerank = np.asarray(rerank)
+    if len(first_stage) != len(rerank):
+        raise ValueError(f"{len(first_stage)} first-stage scores but {len(rerank)} rerank scores")
+    if rerank_weight == 1.0:
+        return rerank
+    return fuse_scores([rerank, np.asarray(first_stage)], [rerank_weight, 1.0 - rerank_weight], method)

@@ -29,7 +29,7 @@ from models.artifacts import ArtifactError, Manifest, verify
 from models.dense_index import DenseIndex
 from models.docstore import DocStore
 from models.encoders import ColbertEncoder, CrossEncoderScorer, DenseEncoder, OnnxEncoder
-from models.fusion import fuse_ranked_lists
+from models.fusion import fuse_ranked_lists, interpolate
 from models.sparse_index import BM25Index
 from models.token_index import TokenIndex
 from service.errors import InvalidRequest
@@ -217,6 +217,7 @@ class SearchEngine:
         self.providers = list(providers)
         self.model_files = dict(model_files or {})
         self.hybrid_weights = _hybrid_weights(settings, manifest)
+        self.colbert_weights = _colbert_weights(settings, manifest)
         self._input_names = {
             enc.kind: {i.name for i in enc.session.get_inputs()}
             for enc in (dense_encoder, colbert_encoder, cross_encoder)
@@ -382,6 +383,7 @@ class SearchEngine:
             "rerank_modes": self.rerank_modes(),
             "first_stages": self.first_stages(),
             "hybrid_weights": {"dense": self.hybrid_weights[0], "sparse": self.hybrid_weights[1]},
+            "colbert_weights": dict(self.colbert_weights),
             "providers": self.providers,
             "use_int8": self.settings.use_int8,
         }
@@ -513,8 +515,9 @@ class SearchEngine:
         elif opts.rerank == "colbert":
             assert self.token_index is not None and colbert is not None
             started = time.perf_counter()
-            final_scores = self.token_index.rerank(colbert, idx, executor=rerank_executor,
-                                                   parts=self.settings.rerank_threads)
+            maxsim_scores = self.token_index.rerank(colbert, idx, executor=rerank_executor,
+                                                    parts=self.settings.rerank_threads)
+            final_scores = interpolate(first_scores, maxsim_scores, self.colbert_weights[opts.first_stage])
             order = np.argsort(-final_scores, kind="stable")[: opts.k]
             timings.rerank = _ms(started)
         else:
@@ -610,3 +613,16 @@ def _hybrid_weights(settings: Settings, manifest: Manifest) -> tuple[float, floa
         return settings.hybrid_dense_weight, settings.hybrid_sparse_weight
     tuned = manifest.indexes.get("hybrid", {})
     return float(tuned.get("dense_weight", 0.5)), float(tuned.get("sparse_weight", 0.5))
+
+
+def _colbert_weights(settings: Settings, manifest: Manifest) -> dict[str, float]:
+    """Per first stage, the weight of the ColBERT score against the first stage's score
+    (:func:`models.fusion.interpolate`): ``settings.colbert_weight`` when given, else the
+    builder's dev-tuned weights (``indexes.colbert.interpolation`` in the manifest), else 1
+    (plain reranking)."""
+    stages = get_args(FirstStage)
+    if settings.colbert_weight is not None:
+        return dict.fromkeys(stages, float(settings.colbert_weight))
+    tuned = manifest.indexes.get("colbert", {}).get("interpolation", {}).get("weights", {})
+    return {stage: float(tuned.get(stage, 1.0)) for stage in stages}
+

@@ -9,7 +9,7 @@ Groups (one flat object so every env var name is simply ``NRS_<FIELD>``):
   ``max_cross_encoder_candidates``, ``max_query_chars``, ``max_batch_queries``, ``max_body_bytes``
 - backpressure: ``max_concurrency``, ``max_queue``, ``request_timeout_ms``
 - dynamic batching: ``batch_max_size``, ``batch_max_wait_ms``
-- hybrid first stage: ``hybrid_dense_weight``, ``hybrid_sparse_weight``
+- fusion: ``hybrid_dense_weight``, ``hybrid_sparse_weight``, ``colbert_weight``
 - server: ``host``, ``port``, ``log_level``, ``api_key``, ``graceful_shutdown_s``
 """
 
@@ -69,6 +69,9 @@ class Settings(BaseSettings):
         None, ge=0, description="Dense weight of the hybrid fusion (default: the builder's tuned value, else 0.5)."
     )
     hybrid_sparse_weight: float | None = Field(None, ge=0, description="Sparse (BM25) weight of the hybrid fusion.")
+    colbert_weight: float | None = Field(None, ge=0, le=1, description=(
+        "Weight of the ColBERT score against the first stage's in a ColBERT rerank (z-scores over the "
+        "candidates; 1 = MaxSim alone). Default: the builder's dev-tuned weight per first stage, else 1."))
 
     # -- server ----------------------------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ from index_build.stages import Pipeline  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 
 SYSTEMS = {"bm25", "teacher", "base-dense", "dense", "dense-int8", "dense-int8-query", "dense+colbert",
-           "dense+colbert-int8-query", "dense+cross-encoder",
-           "hybrid", "hybrid+colbert"}
+           "dense+colbert-int8-query", "dense+colbert-maxsim", "dense+cross-encoder",
+           "hybrid", "hybrid+colbert", "hybrid+colbert-maxsim"}
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +250,20 @@ def test_cross_encoder_scores_are_cached_by_content(built, monkeypatch):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(AssertionError, match="recomputed"):  # other texts: not in the cache
         p.cross_encoder_scores(queries[:1], [[p.corpus_texts[3]]])
+
+
+def test_colbert_interpolation_weights_tuned_on_dev(built):
+    _, _, p, _ = built
+    tuned = p.tune_colbert_weights(p.tune_hybrid(p.dense_corpus())["dense_weight"])
+    assert tuned["tuned_on"] == "train dev slice"
+    for stage in ("dense", "sparse", "hybrid"):
+        curve = tuned["dev_nDCG@10"][stage]
+        assert list(curve) == [str(round(0.1 * i, 1)) for i in range(11)]
+        best = max(curve.values())
+        w = tuned["weights"][stage]
+        # the best dev score, ties to the larger weight (plain reranking when the dev slice cannot tell)
+        assert curve[str(w)] == best and all(float(a) <= w for a, v in curve.items() if v == best)
+    # the artifact records the weights it was built with (an earlier test may have rebuilt it)
+    recorded = json.loads((Path(p.cfg.artifact_dir) / "manifest.json").read_text())["indexes"]["colbert"]
+    assert set(recorded["interpolation"]["weights"]) == {"dense", "sparse", "hybrid"}
+    assert set(recorded["interpolation"]["dev_nDCG@10"]) == {"dense", "sparse", "hybrid"}

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -340,3 +341,41 @@ def test_int8_models_and_gpu_fallback(artifacts):
         for rerank in ("none", "colbert", "cross-encoder"):
             r = c.post("/search", json={"query": QUERIES[0], "k": 3, "rerank": rerank})
             assert r.status_code == 200 and len(r.json()["hits"]) == 3
+
+
+def test_colbert_rerank_interpolates_with_the_first_stage(artifacts):
+    """Default weights come from the manifest (tuned by the builder); NRS_COLBERT_WEIGHT=1 is
+    plain MaxSim, 0 keeps the first stage's order, 0.5 is the z-score mix."""
+    from models.fusion import normalize
+
+    manifest = json.loads((artifacts.first / "manifest.json").read_text())
+    tuned = manifest["indexes"]["colbert"]["interpolation"]
+    assert set(tuned["weights"]) == {"dense", "sparse", "hybrid"}
+    assert all(0.0 <= w <= 1.0 for w in tuned["weights"].values())
+    body = {"query": QUERIES[1], "k": 20, "candidates": 20, "rerank": "colbert"}
+    with TestClient(create_app(make_settings(artifacts.first))) as c:
+        wait_ready(c)
+        assert c.get("/info").json()["colbert_weights"] == tuned["weights"]
+    results = {}
+    for w in (0.0, 0.5, 1.0):
+        with TestClient(create_app(make_settings(artifacts.first, colbert_weight=w))) as c:
+            wait_ready(c)
+            assert c.get("/info").json()["colbert_weights"] == dict.fromkeys(["dense", "sparse", "hybrid"], w)
+            results[w] = c.post("/search", json=body).json()["hits"]
+            engine = service_of(c).engine
+            assert engine is not None and engine.token_index is not None and engine.colbert_encoder is not None
+            if w == 1.0:  # plain MaxSim over the stored token vectors
+                idx = np.array([engine.docstore.ids.index(h["id"]) for h in results[w]])
+                q = engine.colbert_encoder.encode_queries([body["query"]])[0]
+                np.testing.assert_allclose([h["score"] for h in results[w]], engine.token_index.rerank(q, idx),
+                                           rtol=1e-5, atol=1e-5)
+    first = [h["first_stage_score"] for h in results[0.0]]
+    assert first == sorted(first, reverse=True)  # weight 0: the first stage's order
+    # weight 0.5: half the z-scores of each, over the same 20 candidates
+    by_id = {h["id"]: h for h in results[1.0]}
+    ids = [h["id"] for h in results[0.5]]
+    assert set(ids) == set(by_id)
+    maxsim = np.array([by_id[i]["score"] for i in ids])
+    first_scores = np.array([by_id[i]["first_stage_score"] for i in ids])
+    expected = 0.5 * normalize(maxsim) + 0.5 * normalize(first_scores)
+    np.testing.assert_allclose([h["score"] for h in results[0.5]], expected, rtol=1e-4, atol=1e-4)
