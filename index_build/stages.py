@@ -32,9 +32,10 @@ from index_build.evaluate import metrics, run_from_arrays
 log = logging.getLogger(__name__)
 
 
-#: Bumped when the evaluate stage measures a different set of systems, so cached
-#: evaluations rerun. 2: int8 query encoders against the fp32-encoded corpus. 3: ColBERT
-#: scores interpolated with the first stage's (``*-maxsim``: plain reranking).
+#: Bumped when the evaluate stage measures a different set of full-corpus (``retrieval``
+#: mode) systems, so cached evaluations rerun. 2: int8 query encoders against the
+#: fp32-encoded corpus. 3: ColBERT scores interpolated with the first stage's
+#: (``*-maxsim``: plain reranking).
 EVALUATE_SYSTEMS_VERSION = 3
 
 
@@ -465,7 +466,9 @@ class Pipeline:
         kinds = self.cfg.students.kinds
         ev = self.cfg.section_hash("evaluate") if self.cfg.evaluate.mode != "retrieval" else _hash_without(
             self.cfg, "evaluate", "mode")  # keys written before `mode` existed stay valid
-        extra = [f"systems-v{EVALUATE_SYSTEMS_VERSION}"] if EVALUATE_SYSTEMS_VERSION > 1 else []
+        # (the versions changed the full-corpus systems only; a TREC DL rerank evaluation is as before)
+        retrieval = self.cfg.evaluate.mode == "retrieval"
+        extra = [f"systems-v{EVALUATE_SYSTEMS_VERSION}"] if retrieval and EVALUATE_SYSTEMS_VERSION > 1 else []
         return self.key("evaluate", ev, *[self.export_key(k) for k in kinds], *extra)
 
     def evaluate(self) -> StageRecord:
