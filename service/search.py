@@ -250,7 +250,7 @@ class SearchEngine:
             if info is None:
                 return None
             onnx_file = str(info.get("onnx_file") or "model.onnx")
-            if settings.use_int8:
+            if kind in settings.int8_model_set:
                 if info.get("int8_onnx_file"):
                     onnx_file = str(info["int8_onnx_file"])
                 else:

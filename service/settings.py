@@ -3,7 +3,8 @@
 
 Groups (one flat object so every env var name is simply ``NRS_<FIELD>``):
 
-- artifact and runtime: ``artifact_dir``, ``threads``, ``use_gpu``, ``use_int8``, ``warmup``,
+- artifact and runtime: ``artifact_dir``, ``threads``, ``use_gpu``, ``use_int8``, ``int8_models``,
+  ``warmup``,
   ``worker_threads``, ``rerank_threads``
 - request limits: ``default_k``, ``max_k``, ``default_candidates``, ``max_candidates``,
   ``max_cross_encoder_candidates``, ``max_query_chars``, ``max_batch_queries``, ``max_body_bytes``
@@ -22,6 +23,8 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+#: the models an artifact may hold (manifest ``models`` keys)
+MODEL_ROLES = ("dense", "colbert", "cross-encoder")
 
 
 class Settings(BaseSettings):
@@ -36,6 +39,9 @@ class Settings(BaseSettings):
         "threads per call (0 = library defaults)."))
     use_gpu: bool = Field(False, description="Use CUDAExecutionProvider / FAISS GPU when available.")
     use_int8: bool = Field(False, description="Load the int8-quantized ONNX models when the artifact has them.")
+    int8_models: str = Field("dense,colbert,cross-encoder", description=(
+        "Comma-separated models use_int8 applies to, e.g. `dense,colbert` for int8 query encoders "
+        "with an fp32 cross-encoder."))
     warmup: bool = Field(True, description="Run warm-up queries through every stage before reporting ready.")
     worker_threads: int = Field(
         0, ge=0, le=512, description="Threads for CPU work (ONNX, FAISS, MaxSim); 0 = max_concurrency + 2."
@@ -95,11 +101,21 @@ class Settings(BaseSettings):
             problems.append("set both hybrid_dense_weight and hybrid_sparse_weight, or neither")
         elif self.hybrid_dense_weight is not None and self.hybrid_dense_weight + (self.hybrid_sparse_weight or 0) <= 0:
             problems.append("hybrid_dense_weight and hybrid_sparse_weight are both 0")
+        unknown = self.int8_model_set - set(MODEL_ROLES)
+        if unknown:
+            problems.append(f"int8_models names unknown models {sorted(unknown)}; known: {', '.join(MODEL_ROLES)}")
         if self.api_key is not None and not self.api_key.get_secret_value().strip():
             problems.append("api_key is set but empty (unset NRS_API_KEY to disable authentication)")
         if problems:
             raise ValueError("invalid service settings: " + "; ".join(problems))
         return self
+
+    @property
+    def int8_model_set(self) -> set[str]:
+        """The models loaded as int8 (empty unless ``use_int8``)."""
+        if not self.use_int8:
+            return set()
+        return {m.strip() for m in self.int8_models.split(",") if m.strip()}
 
     @property
     def cpu_workers(self) -> int:

@@ -341,6 +341,13 @@ def test_int8_models_and_gpu_fallback(artifacts):
         for rerank in ("none", "colbert", "cross-encoder"):
             r = c.post("/search", json={"query": QUERIES[0], "k": 3, "rerank": rerank})
             assert r.status_code == 200 and len(r.json()["hits"]) == 3
+    # int8 query encoders only (the cross-encoder stays fp32)
+    settings = make_settings(artifacts.first, use_int8=True, int8_models="dense, colbert", warmup=False)
+    with TestClient(create_app(settings)) as c:
+        files = {kind: m["onnx_file"] for kind, m in c.get("/info").json()["models"].items()}
+        assert files == {"dense": "model.int8.onnx", "colbert": "model.int8.onnx", "cross-encoder": "model.onnx"}
+    with pytest.raises(ValueError, match="int8_models names unknown models"):
+        make_settings(artifacts.first, use_int8=True, int8_models="dense,bert")
 
 
 def test_colbert_rerank_interpolates_with_the_first_stage(artifacts):
