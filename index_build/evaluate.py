@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import ir_measures
+import numpy as np
 from ir_measures import RR, R, nDCG
 
 Run = dict[str, dict[str, float]]
@@ -19,6 +20,37 @@ def metrics(qrels: Qrels, run: Run, *, min_rel: int = 1) -> dict[str, float]:
     measures = {"nDCG@10": nDCG @ 10, "RR@10": RR(rel=min_rel) @ 10, "R@100": R(rel=min_rel) @ 100}
     agg = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
     return {name: round(float(agg[m]), 4) for name, m in measures.items()}
+
+
+def per_query_ndcg(qrels: Qrels, run: Run, queries: list[str]) -> np.ndarray:
+    """nDCG@10 of each of ``queries`` (0 for a judged query the run misses), in that order."""
+    got = {m.query_id: float(m.value) for m in ir_measures.iter_calc([nDCG @ 10], qrels, run)}
+    return np.array([got.get(q, 0.0) for q in queries])
+
+
+def one_se_choice(per_query: dict[float, np.ndarray], prior: float) -> float:
+    """The setting closest to ``prior`` among those not worse than the best one by more than
+    one standard error (the "one-standard-error rule" of model selection, Breiman et al. 1984;
+    Hastie et al., ESL 7.10), measured on paired per-query scores: setting ``w`` qualifies
+    when ``mean(best - w) <= std(best - w) / sqrt(n)``. On a small or saturated dev slice,
+    where a single query separates the settings, this keeps the prior instead of an extreme.
+
+    >>> one_se_choice({0.0: np.array([1.0, 1.0, 1.0, 1.0]), 0.5: np.array([1.0, 1.0, 1.0, 0.5])}, 0.5)
+    0.5
+    >>> one_se_choice({0.0: np.array([1.0, 1.0, 1.0, 1.0]), 0.5: np.array([0.5, 0.5, 0.5, 0.5])}, 0.5)
+    0.0
+    """
+    if not per_query:
+        raise ValueError("no settings to choose from")
+    means = {w: float(np.mean(v)) for w, v in per_query.items()}
+    best = max(means, key=lambda w: (means[w], -abs(w - prior)))
+    qualifying = []
+    for w, scores in per_query.items():
+        diff = per_query[best] - scores
+        se = float(np.std(diff, ddof=1)) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        if float(np.mean(diff)) <= se + 1e-12:
+            qualifying.append(w)
+    return min(qualifying, key=lambda w: (abs(w - prior), -means[w]))
 
 
 def run_from_arrays(qids: list[str], doc_ids: list[str], scores, indices) -> Run:

@@ -27,7 +27,7 @@ import numpy as np
 from index_build.cache import ArrayCache, content_key
 from index_build.config import BuildConfig
 from index_build.data import Collection, load_collection
-from index_build.evaluate import metrics, run_from_arrays
+from index_build.evaluate import metrics, one_se_choice, per_query_ndcg, run_from_arrays
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,13 @@ log = logging.getLogger(__name__)
 #: Bumped when the evaluate stage measures a different set of full-corpus (``retrieval``
 #: mode) systems, so cached evaluations rerun. 2: int8 query encoders against the
 #: fp32-encoded corpus. 3: ColBERT scores interpolated with the first stage's
-#: (``*-maxsim``: plain reranking).
-EVALUATE_SYSTEMS_VERSION = 3
+#: (``*-maxsim``: plain reranking). 4: weights chosen by the one-standard-error rule.
+EVALUATE_SYSTEMS_VERSION = 4
+#: Bumped when the dev-slice choice of fusion / interpolation weights changes. 2: the
+#: one-standard-error rule (:func:`index_build.evaluate.one_se_choice`).
+WEIGHT_SELECTION_VERSION = 2
+#: fusion and interpolation weights tried on the dev slice
+WEIGHT_GRID = [round(0.1 * i, 1) for i in range(11)]
 
 
 class PeakMemory:
@@ -466,9 +471,11 @@ class Pipeline:
         kinds = self.cfg.students.kinds
         ev = self.cfg.section_hash("evaluate") if self.cfg.evaluate.mode != "retrieval" else _hash_without(
             self.cfg, "evaluate", "mode")  # keys written before `mode` existed stay valid
-        # (the versions changed the full-corpus systems only; a TREC DL rerank evaluation is as before)
+        # (the systems versions changed the full-corpus systems only; the weight selection, also
+        # used by the hybrid row of a TREC DL rerank evaluation, changed for every mode)
         retrieval = self.cfg.evaluate.mode == "retrieval"
         extra = [f"systems-v{EVALUATE_SYSTEMS_VERSION}"] if retrieval and EVALUATE_SYSTEMS_VERSION > 1 else []
+        extra.append(f"weights-v{WEIGHT_SELECTION_VERSION}")
         return self.key("evaluate", ev, *[self.export_key(k) for k in kinds], *extra)
 
     def evaluate(self) -> StageRecord:
@@ -706,9 +713,10 @@ class Pipeline:
 
     # ----------------------------------------------------------------- artifact
     def artifact_key(self) -> str:
-        # (manifest-v2: the ColBERT index records its tuned interpolation weights)
+        # (manifest-v2: the ColBERT index records its tuned interpolation weights; v3: weights
+        # chosen by the one-standard-error rule)
         return self.key("artifact", self.cfg.section_hash("index"), self.cfg.artifact_dir,
-                        *[self.export_key(k) for k in self.cfg.students.kinds], "manifest-v2")
+                        *[self.export_key(k) for k in self.cfg.students.kinds], "manifest-v3")
 
     def artifact(self) -> StageRecord:
         """Encode the corpus with the ONNX students, build the indexes, write the artifact dir."""
@@ -803,7 +811,10 @@ class Pipeline:
     def tune_hybrid(self, dense_vectors: np.ndarray, depth: int = 100) -> dict[str, Any]:
         """Choose the dense weight of the hybrid (z-score fusion of dense and BM25 top-``depth``)
         on the dev slice: held-out train queries, or held-out pseudo-queries when label-free.
-        Never on test judgments."""
+        Never on test judgments. The weight is the one closest to equal weights among those
+        within one standard error of the best (:func:`index_build.evaluate.one_se_choice`):
+        pseudo-queries extracted from the documents favour BM25 by construction (BM25 finds
+        their source at rank 1), so a single dev query must not pull the weight to an extreme."""
         from index_build.teachers import exact_topk
         from models.encoders import DenseEncoder
         from models.fusion import fuse_ranked_lists
@@ -818,28 +829,28 @@ class Pipeline:
         enc = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads)
         ds, di = exact_topk(dense_vectors, enc.encode_queries(dev["queries"]), depth)
         bs, bi = self.bm25.search(dev["queries"], depth)
-        scores: dict[str, float] = {}
-        for w in [round(0.1 * i, 1) for i in range(11)]:
+        per_query: dict[float, np.ndarray] = {}
+        for w in WEIGHT_GRID:
             run = {}
             for r, qid in enumerate(dev["qids"]):
                 dl = {int(j): float(s) for s, j in zip(ds[r], di[r]) if j >= 0}
                 sl = {int(j): float(s) for s, j in zip(bs[r], bi[r]) if j >= 0}
                 fused = fuse_ranked_lists([dl, sl], [w, 1.0 - w], method="zscore")
                 run[qid] = {doc_ids[d]: s for d, s in fused}
-            scores[str(w)] = metrics(qrels, run)["nDCG@10"]
-        best = max(scores, key=lambda k: (scores[k], -abs(float(k) - 0.5)))
-        return {"method": "zscore", "dense_weight": float(best), "sparse_weight": round(1.0 - float(best), 1),
+            per_query[w] = per_query_ndcg(qrels, run, dev["qids"])
+        best = one_se_choice(per_query, prior=0.5)
+        return {"method": "zscore", "dense_weight": best, "sparse_weight": round(1.0 - best, 1),
                 "depth": depth, "tuned_on": "pseudo-query dev slice" if self.label_free else "train dev slice",
-                "dev_nDCG@10": scores}
+                "selection": "one-standard-error rule toward equal weights (0.5)",
+                "dev_nDCG@10": {str(w): round(float(v.mean()), 4) for w, v in per_query.items()}}
 
     def tune_colbert_weights(self, hybrid_weight: float, depth: int = 100) -> dict[str, Any]:
         """Per first stage, the weight of the ColBERT score against the first stage's score
         in the final ranking (:func:`models.fusion.interpolate`; 1 = plain reranking), chosen
-        on the dev slice like :meth:`tune_hybrid` (ties go to the larger weight). Never on
-        test judgments."""
+        on the dev slice like :meth:`tune_hybrid`, with plain reranking as the prior. Never
+        on test judgments."""
         from models.encoders import DenseEncoder
 
-        grid = [round(0.1 * i, 1) for i in range(11)]
         dev = self.load_mined()["dev"]
         stages = ("dense", "sparse", "hybrid")
         if not dev["qids"]:
@@ -852,11 +863,13 @@ class Pipeline:
         weights, curves = {}, {}
         for stage in stages:
             cb = self.colbert_scores(dev["queries"], firsts[stage])
-            curve = {str(a): metrics(qrels, self.run_of(dev["qids"], firsts[stage], cb, a))["nDCG@10"] for a in grid}
-            weights[stage] = float(max(curve, key=lambda k: (curve[k], float(k))))
-            curves[stage] = curve
+            per_query = {a: per_query_ndcg(qrels, self.run_of(dev["qids"], firsts[stage], cb, a), dev["qids"])
+                         for a in WEIGHT_GRID}
+            weights[stage] = one_se_choice(per_query, prior=1.0)
+            curves[stage] = {str(a): round(float(v.mean()), 4) for a, v in per_query.items()}
         return {"method": "zscore", "weights": weights, "depth": depth,
                 "tuned_on": "pseudo-query dev slice" if self.label_free else "train dev slice",
+                "selection": "one-standard-error rule toward plain reranking (1.0)",
                 "dev_nDCG@10": curves}
 
     # ----------------------------------------------------------------- orchestration

@@ -256,13 +256,12 @@ def test_colbert_interpolation_weights_tuned_on_dev(built):
     _, _, p, _ = built
     tuned = p.tune_colbert_weights(p.tune_hybrid(p.dense_corpus())["dense_weight"])
     assert tuned["tuned_on"] == "train dev slice"
+    assert "one-standard-error" in tuned["selection"]
     for stage in ("dense", "sparse", "hybrid"):
         curve = tuned["dev_nDCG@10"][stage]
         assert list(curve) == [str(round(0.1 * i, 1)) for i in range(11)]
-        best = max(curve.values())
         w = tuned["weights"][stage]
-        # the best dev score, ties to the larger weight (plain reranking when the dev slice cannot tell)
-        assert curve[str(w)] == best and all(float(a) <= w for a, v in curve.items() if v == best)
+        assert str(w) in curve
     # the artifact records the weights it was built with (an earlier test may have rebuilt it)
     recorded = json.loads((Path(p.cfg.artifact_dir) / "manifest.json").read_text())["indexes"]["colbert"]
     assert set(recorded["interpolation"]["weights"]) == {"dense", "sparse", "hybrid"}
