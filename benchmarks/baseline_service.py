@@ -6,12 +6,14 @@ A FastAPI app with the same ``/search`` request and response shapes as the servi
 the ONNX exports and compressed indexes:
 
 - query encoding: the torch dense student (``work/<corpus>/distill-dense/student``,
-  :func:`index_build.students.load_student`);
+  :func:`index_build.students.load_student`, WiSE-FT-interpolated with the base as the
+  builder exports it);
 - first stage: exact inner product in a FAISS ``IndexFlatIP`` over the builder's float32
   corpus vectors (:meth:`index_build.stages.Pipeline.dense_corpus`, the same vectors the
   IVF-PQ index of the artifact compresses);
 - ``rerank=colbert``: the torch ColBERT student encodes the query, MaxSim in torch over the
-  float32 token vectors of the candidates (:meth:`Pipeline.colbert_corpus`, uncompressed);
+  float32 token vectors of the candidates (:meth:`Pipeline.colbert_corpus`, uncompressed),
+  mixed with the first-stage scores at the builder's dev-tuned weight, as the service does;
 - ``rerank=cross-encoder``: the torch cross-encoder student over (query, document) pairs in
   batches of 32.
 
@@ -38,6 +40,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 
+from models.fusion import interpolate
 from service.schemas import SearchRequest, SearchResponse
 
 log = logging.getLogger("benchmarks.baseline_service")
@@ -56,7 +59,8 @@ class BaselineEngine:
 
         from index_build.config import load_config
         from index_build.stages import Pipeline
-        from index_build.students import load_student
+        from index_build.students import interpolate_with_base, load_student
+        from models.sources import resolve_model
 
         started = time.perf_counter()
         if threads > 0:
@@ -68,10 +72,15 @@ class BaselineEngine:
         kinds = cfg.students.kinds
 
         def student(kind: str) -> Any:
+            """The distilled student as the builder exports it (WiSE-FT interpolation included)."""
             path = work / f"distill-{kind}" / "student"
             if not (path / "encoder.json").is_file():
                 raise FileNotFoundError(f"{path}: no distilled {kind} student (run `index-build all` first)")
-            return load_student(path)
+            model = load_student(path)
+            alpha = pipeline.wise_ft(kind)
+            if alpha != 1.0:
+                model = interpolate_with_base(model, resolve_model(cfg.students.base), alpha)
+            return model.eval()
 
         self.dense = student("dense")
         self.colbert = student("colbert") if "colbert" in kinds else None
@@ -86,6 +95,12 @@ class BaselineEngine:
             tokens = pipeline.colbert_corpus()
             self.doc_tokens = [torch.from_numpy(np.array(tokens.pop(i), dtype=np.float32))
                                for i in range(len(self.ids))]
+        # the service's ColBERT rerank mixes MaxSim with the first stage at the builder's
+        # dev-tuned weight (the same choice the artifact records)
+        self.colbert_weight = 1.0
+        if self.colbert is not None:
+            hybrid = pipeline.tune_hybrid(vectors)
+            self.colbert_weight = pipeline.tune_colbert_weights(hybrid["dense_weight"])["weights"]["dense"]
         self.version = f"baseline-torch:{Path(cfg.work_dir).name}"
         log.info("baseline loaded %d docs in %.0f ms", len(self.ids), _ms(started))
 
@@ -120,7 +135,9 @@ class BaselineEngine:
                 padded = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True)  # [n, L, dim]
                 keep = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
                 sims = torch.einsum("qd,ntd->nqt", qv, padded).masked_fill(~keep[:, None, :], -1e4)
-                final = dict(zip(cand, sims.max(dim=-1).values.sum(dim=-1).tolist()))
+                maxsim = sims.max(dim=-1).values.sum(dim=-1).numpy()
+                mixed = interpolate(np.array([first[i] for i in cand]), maxsim, self.colbert_weight)
+                final = dict(zip(cand, mixed.tolist()))
             elif rerank == "cross-encoder" and cand:
                 assert self.cross_encoder is not None
                 out: list[float] = []
