@@ -60,6 +60,7 @@ class BaselineEngine:
         from index_build.config import load_config
         from index_build.stages import Pipeline
         from index_build.students import interpolate_with_base, load_student
+        from models.artifacts import load_manifest
         from models.sources import resolve_model
 
         started = time.perf_counter()
@@ -95,12 +96,13 @@ class BaselineEngine:
             tokens = pipeline.colbert_corpus()
             self.doc_tokens = [torch.from_numpy(np.array(tokens.pop(i), dtype=np.float32))
                                for i in range(len(self.ids))]
-        # the service's ColBERT rerank mixes MaxSim with the first stage at the builder's
-        # dev-tuned weight (the same choice the artifact records)
+        # the service's ColBERT rerank mixes MaxSim with the first stage at the weight the
+        # builder tuned and recorded in the artifact (plain MaxSim when there is none)
+        artifact = Path(cfg.artifact_dir)
         self.colbert_weight = 1.0
-        if self.colbert is not None:
-            hybrid = pipeline.tune_hybrid(vectors)
-            self.colbert_weight = pipeline.tune_colbert_weights(hybrid["dense_weight"])["weights"]["dense"]
+        if (artifact / "manifest.json").is_file():
+            tuned = load_manifest(artifact).indexes.get("colbert", {}).get("interpolation", {})
+            self.colbert_weight = float(tuned.get("weights", {}).get("dense", 1.0))
         self.version = f"baseline-torch:{Path(cfg.work_dir).name}"
         log.info("baseline loaded %d docs in %.0f ms", len(self.ids), _ms(started))
 

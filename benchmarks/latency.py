@@ -376,9 +376,6 @@ def live_check(base_url: str, artifact_dir: Path, texts: Sequence[str], *, k: in
     root = Path(artifact_dir)
     manifest = load_manifest(root)
     dense_info = manifest.models["dense"]
-    with httpx.Client(base_url=base_url, timeout=60.0) as client:  # the ONNX file the service loaded (int8 or not)
-        onnx_file = str(client.get("/info").raise_for_status().json()["models"]["dense"]["onnx_file"])
-    encoder = DenseEncoder(root / str(dense_info["path"]), onnx_file=onnx_file, threads=1)
     index = DenseIndex.load_entry(root, manifest.indexes["dense"])
     docstore = DocStore.open(root / str(manifest.docstore["path"]))
     try:
@@ -386,14 +383,17 @@ def live_check(base_url: str, artifact_dir: Path, texts: Sequence[str], *, k: in
     finally:
         docstore.close()
     depth = max(k, candidates)
-    vectors = np.concatenate([encoder.encode_queries([t]) for t in texts])
-    _, local = index.search(vectors, depth)
     served: list[list[str]] = []
     with httpx.Client(base_url=base_url, timeout=60.0) as client:
+        # the ONNX file the service loaded (int8 or not)
+        onnx_file = str(client.get("/info").raise_for_status().json()["models"]["dense"]["onnx_file"])
         for t in texts:
             r = client.post("/search", json={"query": t, "k": k, "rerank": "none", "candidates": candidates})
             r.raise_for_status()
             served.append([h["id"] for h in r.json()["hits"]])
+    encoder = DenseEncoder(root / str(dense_info["path"]), onnx_file=onnx_file, threads=1)
+    vectors = np.concatenate([encoder.encode_queries([t]) for t in texts])
+    _, local = index.search(vectors, depth)
     in_process = [[ids[int(j)] for j in row[:k] if j >= 0] for row in local]
     same = sum(a == b for a, b in zip(served, in_process))
     out: dict[str, Any] = {

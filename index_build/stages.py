@@ -345,13 +345,17 @@ class Pipeline:
 
         return self.stage(f"distill-{kind}", self.distill_key(kind), run)
 
+    def dev_qrels(self, dev: dict) -> dict[str, dict[str, int]]:
+        """Judgments of the dev slice: its pseudo-qrels (label-free) or the held-out train qrels."""
+        train_qrels = self.collection.qrels.get(self.cfg.data.train_split, {})
+        return dev.get("qrels") or {q: train_qrels[q] for q in dev["qids"]}
+
     def dev_evaluator(self, dev: dict, retrieval: bool = False) -> Callable | None:
         """nDCG@10 on the dev slice: reranking each dev query's candidate pool, or (dense,
         ``retrieval``) exact search over the whole corpus encoded by the student being trained."""
         if not dev["qids"]:
             return None
-        train_qrels = self.collection.qrels.get(self.cfg.data.train_split, {})
-        qrels = dev.get("qrels") or {q: train_qrels[q] for q in dev["qids"]}
+        qrels = self.dev_qrels(dev)
         doc_ids = self.collection.doc_ids
 
         def evaluate_retrieval(student) -> float:
@@ -522,10 +526,11 @@ class Pipeline:
         kinds = self.cfg.students.kinds
         if "dense" not in kinds:
             return systems
-        dense = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads)
-        dense_q = dense.encode_queries(texts)
-        d_s, d_i = exact_topk(self.dense_corpus(), dense_q, depth)
-        systems["dense"] = metrics(qrels, run_from_arrays(qids, doc_ids, d_s, d_i))
+        dense_q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(texts)
+        # hybrid first stage: z-score fusion of dense and BM25 top-depth, weight tuned on the dev slice
+        hybrid = self.tune_hybrid(depth)
+        firsts = self.first_stage_lists(texts, dense_q, hybrid["dense_weight"], depth)
+        systems["dense"] = metrics(qrels, self.run_of(qids, firsts["dense"]))
         if self.cfg.export_int8:
             dense8 = DenseEncoder(self.onnx_dir("dense"), onnx_file=INT8_NAME, threads=self.cfg.threads)
             s8, i8 = exact_topk(self.dense_corpus(INT8_NAME), dense8.encode_queries(texts), depth)
@@ -533,9 +538,6 @@ class Pipeline:
             # what the service serves with NRS_USE_INT8: int8 query encoders, fp32-encoded corpus
             q8_s, q8_i = exact_topk(self.dense_corpus(), dense8.encode_queries(texts), depth)
             systems["dense-int8-query"] = metrics(qrels, run_from_arrays(qids, doc_ids, q8_s, q8_i))
-        # hybrid first stage: z-score fusion of dense and BM25 top-depth, weight tuned on the dev slice
-        hybrid = self.tune_hybrid(self.dense_corpus(), depth)
-        firsts = self.first_stage_lists(texts, dense_q, hybrid["dense_weight"], depth)
         systems["hybrid"] = metrics(qrels, self.run_of(qids, firsts["hybrid"]))
         if "colbert" in kinds:
             # ColBERT reranks, its scores interpolated with the first stage's (weights tuned on the dev slice)
@@ -554,7 +556,7 @@ class Pipeline:
             systems["hybrid+colbert"] = metrics(qrels, self.run_of(qids, firsts["hybrid"], cb, weights["hybrid"]))
             systems["hybrid+colbert-maxsim"] = metrics(qrels, self.run_of(qids, firsts["hybrid"], cb, 1.0))
         if "cross-encoder" in kinds:
-            cands = [[int(j) for j in row if j >= 0] for row in d_i]
+            cands = [[int(j) for j in c] for c, _ in firsts["dense"]]
             scores = self.cross_encoder_scores(texts, [[self.corpus_texts[j] for j in c] for c in cands])
             run = {qid: {doc_ids[j]: float(x) for j, x in zip(c, sc)} for qid, c, sc in zip(qids, cands, scores)}
             systems["dense+cross-encoder"] = metrics(qrels, run)
@@ -684,7 +686,7 @@ class Pipeline:
             systems["dense"] = metrics(qrels, dense_run, min_rel=2)
             if self.cfg.evaluate.mode == "rerank" and Path(self.cfg.data.path).resolve() == path.resolve():
                 # students trained on this pool: the hybrid fuses BM25 with them (weight from the dev slice)
-                hw = self.tune_hybrid(self.dense_corpus())["dense_weight"]
+                hw = self.tune_hybrid()["dense_weight"]
                 hybrid_run = {}
                 for qid, cs in zip(qids, cands):
                     fused = hw * normalize(np.array([dense_run[qid][c] for c in cs])) + (1 - hw) * normalize(
@@ -737,7 +739,7 @@ class Pipeline:
                 colbert = [toks[i] for i in range(len(self.corpus_texts))]
             stages = {n: {"seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes}
                       for n, r in self.records.items()}
-            hybrid = self.tune_hybrid(dense)
+            hybrid = self.tune_hybrid()
             interpolation = self.tune_colbert_weights(hybrid["dense_weight"]) if colbert is not None else None
             training: dict[str, Any] = {
                 "label_free": self.label_free, "teacher": self.cfg.teacher.members,
@@ -808,14 +810,13 @@ class Pipeline:
         log.info("distill-vq: encoding %d queries (%s)", len(texts), origin)
         return self.encode_dense_queries(texts), {"source": source, "origin": origin, "n_queries": len(texts)}
 
-    def tune_hybrid(self, dense_vectors: np.ndarray, depth: int = 100) -> dict[str, Any]:
+    def tune_hybrid(self, depth: int = 100) -> dict[str, Any]:
         """Choose the dense weight of the hybrid (z-score fusion of dense and BM25 top-``depth``)
         on the dev slice: held-out train queries, or held-out pseudo-queries when label-free.
         Never on test judgments. The weight is the one closest to equal weights among those
         within one standard error of the best (:func:`index_build.evaluate.one_se_choice`):
         pseudo-queries extracted from the documents favour BM25 by construction (BM25 finds
         their source at rank 1), so a single dev query must not pull the weight to an extreme."""
-        from index_build.teachers import exact_topk
         from models.encoders import DenseEncoder
         from models.fusion import fuse_ranked_lists
 
@@ -823,19 +824,16 @@ class Pipeline:
         if not dev["qids"]:
             return {"method": "zscore", "dense_weight": 0.5, "sparse_weight": 0.5, "depth": depth,
                     "tuned_on": "default (no dev queries)"}
-        train_qrels = self.collection.qrels.get(self.cfg.data.train_split, {})
-        qrels = dev.get("qrels") or {q: train_qrels[q] for q in dev["qids"]}
+        qrels = self.dev_qrels(dev)
         doc_ids = self.collection.doc_ids
-        enc = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads)
-        ds, di = exact_topk(dense_vectors, enc.encode_queries(dev["queries"]), depth)
-        bs, bi = self.bm25.search(dev["queries"], depth)
+        dense_q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(dev["queries"])
+        firsts = self.first_stage_lists(dev["queries"], dense_q, 0.5, depth)
+        lists = [[dict(zip(c.tolist(), x.tolist())) for c, x in firsts[stage]] for stage in ("dense", "sparse")]
         per_query: dict[float, np.ndarray] = {}
         for w in WEIGHT_GRID:
             run = {}
             for r, qid in enumerate(dev["qids"]):
-                dl = {int(j): float(s) for s, j in zip(ds[r], di[r]) if j >= 0}
-                sl = {int(j): float(s) for s, j in zip(bs[r], bi[r]) if j >= 0}
-                fused = fuse_ranked_lists([dl, sl], [w, 1.0 - w], method="zscore")
+                fused = fuse_ranked_lists([lists[0][r], lists[1][r]], [w, 1.0 - w], method="zscore")
                 run[qid] = {doc_ids[d]: s for d, s in fused}
             per_query[w] = per_query_ndcg(qrels, run, dev["qids"])
         best = one_se_choice(per_query, prior=0.5)
@@ -856,8 +854,7 @@ class Pipeline:
         if not dev["qids"]:
             return {"method": "zscore", "weights": dict.fromkeys(stages, 1.0), "depth": depth,
                     "tuned_on": "default (no dev queries)"}
-        train_qrels = self.collection.qrels.get(self.cfg.data.train_split, {})
-        qrels = dev.get("qrels") or {q: train_qrels[q] for q in dev["qids"]}
+        qrels = self.dev_qrels(dev)
         dense_q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(dev["queries"])
         firsts = self.first_stage_lists(dev["queries"], dense_q, hybrid_weight, depth)
         weights, curves = {}, {}

@@ -625,4 +625,3 @@ def _colbert_weights(settings: Settings, manifest: Manifest) -> dict[str, float]
         return dict.fromkeys(stages, float(settings.colbert_weight))
     tuned = manifest.indexes.get("colbert", {}).get("interpolation", {}).get("weights", {})
     return {stage: float(tuned.get(stage, 1.0)) for stage in stages}
-

@@ -4,8 +4,7 @@
 Groups (one flat object so every env var name is simply ``NRS_<FIELD>``):
 
 - artifact and runtime: ``artifact_dir``, ``threads``, ``use_gpu``, ``use_int8``, ``int8_models``,
-  ``warmup``,
-  ``worker_threads``, ``rerank_threads``
+  ``warmup``, ``worker_threads``, ``rerank_threads``
 - request limits: ``default_k``, ``max_k``, ``default_candidates``, ``max_candidates``,
   ``max_cross_encoder_candidates``, ``max_query_chars``, ``max_batch_queries``, ``max_body_bytes``
 - backpressure: ``max_concurrency``, ``max_queue``, ``request_timeout_ms``
@@ -101,7 +100,7 @@ class Settings(BaseSettings):
             problems.append("set both hybrid_dense_weight and hybrid_sparse_weight, or neither")
         elif self.hybrid_dense_weight is not None and self.hybrid_dense_weight + (self.hybrid_sparse_weight or 0) <= 0:
             problems.append("hybrid_dense_weight and hybrid_sparse_weight are both 0")
-        unknown = self.int8_model_set - set(MODEL_ROLES)
+        unknown = self._int8_model_names() - set(MODEL_ROLES)  # a typo is an error even with use_int8 off
         if unknown:
             problems.append(f"int8_models names unknown models {sorted(unknown)}; known: {', '.join(MODEL_ROLES)}")
         if self.api_key is not None and not self.api_key.get_secret_value().strip():
@@ -110,12 +109,13 @@ class Settings(BaseSettings):
             raise ValueError("invalid service settings: " + "; ".join(problems))
         return self
 
+    def _int8_model_names(self) -> set[str]:
+        return {m.strip() for m in self.int8_models.split(",") if m.strip()}
+
     @property
     def int8_model_set(self) -> set[str]:
         """The models loaded as int8 (empty unless ``use_int8``)."""
-        if not self.use_int8:
-            return set()
-        return {m.strip() for m in self.int8_models.split(",") if m.strip()}
+        return self._int8_model_names() if self.use_int8 else set()
 
     @property
     def cpu_workers(self) -> int:

@@ -254,7 +254,7 @@ def test_cross_encoder_scores_are_cached_by_content(built, monkeypatch):
 
 def test_colbert_interpolation_weights_tuned_on_dev(built):
     _, _, p, _ = built
-    tuned = p.tune_colbert_weights(p.tune_hybrid(p.dense_corpus())["dense_weight"])
+    tuned = p.tune_colbert_weights(p.tune_hybrid()["dense_weight"])
     assert tuned["tuned_on"] == "train dev slice"
     assert "one-standard-error" in tuned["selection"]
     for stage in ("dense", "sparse", "hybrid"):
