@@ -284,6 +284,7 @@ class SearchEngine:
                 colbert_encoder = ColbertEncoder(colbert_model[0], onnx_file=colbert_model[1], **kwargs)
             with _loading(root, f"the ColBERT token index ({colbert_path})"):
                 token_index = TokenIndex.load(colbert_path, mmap=True)
+                token_index = token_index.to_memory(settings.colbert_tokens, threads=settings.threads)
         ce_model = model_dir("cross-encoder")
         if ce_model is not None:
             with _loading(root, f"the cross-encoder ({ce_model[0]})"):
@@ -386,6 +387,7 @@ class SearchEngine:
             "colbert_weights": dict(self.colbert_weights),
             "providers": self.providers,
             "use_int8": self.settings.use_int8,
+            "colbert_tokens": None if self.token_index is None else self.token_index.in_memory,
         }
 
     # -- request validation -----------------------------------------------------------------------

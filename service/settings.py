@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     rerank_threads: int = Field(2, ge=1, le=64, description=(
         "Threads one ColBERT rerank may split its candidates over while it is the only search in "
         "flight (idle cores cut low-load latency); under load every rerank uses one thread."))
+    colbert_tokens: Literal["compressed", "float32", "int8"] = Field("compressed", description=(
+        "How ColBERT reranking reads document tokens: `compressed` decodes the artifact's residual "
+        "codes for every query (least RAM); `int8` decodes them once at start-up into RAM as int8 "
+        "(dim + 8 bytes a token, 145 MB for SciFact) scored with ONNX Runtime's integer GEMM; "
+        "`float32` into RAM as float32 (4 * dim bytes a token)."))
 
     # -- request limits ---------------------------------------------------------------------------
     default_k: int = Field(10, ge=1)

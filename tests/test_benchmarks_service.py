@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from benchmarks import latency, load, plot_rerank_cost
+from benchmarks import colbert_tokens, latency, load, plot_rerank_cost
 from service.schemas import SearchResponse
 from tests.conftest import tiny_overrides
 from tests.service_fixtures import ServiceArtifacts, build_service_artifacts
@@ -227,6 +227,25 @@ def test_latency_live_check_uses_the_served_int8_encoder(artifacts, tiny_beir, t
     assert code == 0
     check = json.loads(out.read_text())["live_check"]
     assert "model.int8.onnx" in check["reference"] and check["identical_top10"] == 3
+
+
+def test_colbert_tokens_script_compares_the_token_stores(artifacts, tiny_beir, tmp_path):
+    out = tmp_path / "colbert-tokens.json"
+    code = colbert_tokens.main(["--artifact", str(artifacts.first), "--data", str(tiny_beir), "--candidates", "20",
+                                "--env", "NRS_USE_INT8=true", "--out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    modes = data["modes"]
+    assert list(modes) == ["compressed", "float32", "int8"] and data["queries"] > 0
+    # float32 decodes the same vectors once: the same ranking as the per-query decode
+    assert modes["float32"]["served"] == modes["compressed"]["served"]
+    assert modes["float32"]["top10_identical_vs_compressed"] == 1.0
+    assert modes["compressed"]["rerank_speedup_vs_compressed"] == 1.0
+    for r in modes.values():
+        assert set(r["served"]) == {"nDCG@10", "RR@10", "R@100"} and r["token_store_bytes"] > 0
+        assert r["rerank_ms"]["p50_ms"] > 0
+    assert modes["int8"]["token_store_bytes"] < modes["float32"]["token_store_bytes"]
+    assert (tmp_path / "colbert-tokens.md").read_text().startswith("# ColBERT token store modes")
 
 
 def test_load_env_settings_must_be_nrs_assignments():

@@ -64,6 +64,7 @@ def test_health_ready_info(client, artifacts):
     assert info["rerank_modes"] == ["none", "colbert", "cross-encoder"]
     assert info["first_stages"] == ["dense", "sparse", "hybrid"]
     assert info["limits"]["max_k"] == 100 and info["ready"] is True
+    assert info["colbert_tokens"] == "compressed"
 
 
 def test_openapi_docs(client):
@@ -348,6 +349,27 @@ def test_int8_models_and_gpu_fallback(artifacts):
         assert files == {"dense": "model.int8.onnx", "colbert": "model.int8.onnx", "cross-encoder": "model.onnx"}
     with pytest.raises(ValueError, match="int8_models names unknown models"):
         make_settings(artifacts.first, use_int8=True, int8_models="dense,bert")
+
+
+def test_colbert_tokens_in_memory(artifacts):
+    """NRS_COLBERT_TOKENS=float32 / int8 decode the token index into RAM at start-up: the
+    same ranking as the per-query decode (float32), int8 within its rounding."""
+    body = {"query": QUERIES[2], "k": 10, "candidates": 30, "rerank": "colbert"}
+    scores = {}
+    for mode in ("compressed", "float32", "int8"):
+        with TestClient(create_app(make_settings(artifacts.first, colbert_tokens=mode, colbert_weight=1.0))) as c:
+            wait_ready(c)
+            assert c.get("/info").json()["colbert_tokens"] == mode
+            hits = c.post("/search", json=body).json()["hits"]
+            scores[mode] = {h["id"]: h["score"] for h in hits}
+    assert list(scores["float32"]) == list(scores["compressed"])
+    for doc, score in scores["compressed"].items():
+        assert scores["float32"][doc] == pytest.approx(score, abs=1e-4)
+        if doc in scores["int8"]:
+            assert scores["int8"][doc] == pytest.approx(score, abs=0.1)
+    assert len(set(scores["int8"]) & set(scores["compressed"])) >= 8
+    with pytest.raises(ValueError, match="colbert_tokens"):
+        make_settings(artifacts.first, colbert_tokens="bfloat16")
 
 
 def test_colbert_rerank_interpolates_with_the_first_stage(artifacts):

@@ -164,7 +164,7 @@ def test_rerank_split_over_threads_gives_the_same_scores(tmp_path, corpus, monke
 
     class Counting(ThreadPoolExecutor):
         def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
-            submitted.append(args[4] - args[3])  # documents in the part
+            submitted.append(args[5] - args[4])  # documents in the part
             return super().submit(fn, *args, **kwargs)
 
     with Counting(max_workers=2) as pool:
