@@ -93,6 +93,7 @@ class RequestSample:
     route: str
     status: int
     ms: float
+    stages: dict[str, float] | None = None  # the server's timings_ms (accepted answers)
 
 
 def read_samples(path: Path) -> list[RequestSample]:
@@ -101,8 +102,9 @@ def read_samples(path: Path) -> list[RequestSample]:
     with Path(path).open() as f:
         for line in f:
             if line.strip():
-                start, mode, route, status, ms = json.loads(line)
-                out.append(RequestSample(float(start), str(mode), str(route), int(status), float(ms)))
+                start, mode, route, status, ms, *rest = json.loads(line)
+                stages = rest[0] if rest and isinstance(rest[0], dict) else None
+                out.append(RequestSample(float(start), str(mode), str(route), int(status), float(ms), stages))
     return out
 
 
@@ -139,8 +141,23 @@ def summarize_samples(samples: Sequence[RequestSample], warmup_s: float = 0.0) -
         "errors_5xx": sum(n for status, n in errors.items() if status.startswith("5")),
         "errors_no_response": errors.get("0", 0),
         "per_mode": per_mode,
+        "stages": stage_summary(ok),
         "rejected": latency_summary([s.ms for s in kept if s.status == 429]),
     }
+
+
+def stage_summary(samples: Sequence[RequestSample]) -> dict[str, Any]:
+    """p50 / p95 / p99 of each server-reported stage over ``samples`` that report it.
+
+    >>> rows = [RequestSample(0.0, "colbert", "/search", 200, 9.0, {"encode": 2.0, "rerank": 1.0 + i})
+    ...         for i in range(5)]
+    >>> s = stage_summary(rows)
+    >>> sorted(s), s["rerank"]["p50_ms"], s["encode"]["p99_ms"]
+    (['encode', 'rerank'], 3.0, 2.0)
+    """
+    names = sorted({name for s in samples if s.stages for name in s.stages})
+    return {name: latency_summary([s.stages[name] for s in samples if s.stages and name in s.stages])
+            for name in names}
 
 
 def best_level(levels: Sequence[Mapping[str, Any]], budget_ms: float) -> Mapping[str, Any] | None:
@@ -315,13 +332,15 @@ def sweep(target: str, args: argparse.Namespace, workload: Workload) -> dict[str
         "errors": sum(lv["errors"] for lv in levels),
         "rss_bytes": rss,
         "cpu_percent_at_p99_budget": best["server"]["cpu_percent_mean"] if best else None,
+        "stages_at_p99_budget": best["stages"] if best else None,
         "sweep": [_level_row(lv) for lv in levels],
     }
     return out
 
 
 def _level_row(level: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("users", "qps", "p50_ms", "p95_ms", "p99_ms", "requests", "errors", "errors_by_status", "per_mode")
+    keys = ("users", "qps", "p50_ms", "p95_ms", "p99_ms", "requests", "errors", "errors_by_status", "per_mode",
+            "stages")
     return {**{k: level.get(k) for k in keys}, "server": level["server"]}
 
 
@@ -361,6 +380,54 @@ def overload(args: argparse.Namespace, workload: Workload, qps: float, users: in
     }
 
 
+def _speedup(baseline: float | None, service: float | None) -> float | None:
+    return round(baseline / service, 3) if baseline and service else None
+
+
+def _latency_ratios(service: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, Any]:
+    stages = {}
+    for name in sorted(set(service.get("stages") or {}) & set(baseline.get("stages") or {})):
+        s, b = service["stages"][name], baseline["stages"][name]
+        stages[name] = {q: _speedup(b.get(f"{q}_ms"), s.get(f"{q}_ms")) for q in ("p50", "p99")}
+    return {"p50": _speedup(baseline.get("p50_ms"), service.get("p50_ms")),
+            "p99": _speedup(baseline.get("p99_ms"), service.get("p99_ms")), "stages": stages}
+
+
+def compare_targets(service: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, Any]:
+    """Service vs baseline from two sweeps: QPS at the p99 budget (service / baseline), RSS and
+    latencies as baseline / service (how many times less the service needs), end to end and
+    per server-reported stage, at each one's best level within the budget and at the largest
+    user count both sweeps ran.
+
+    >>> lv = lambda u, p50, enc: {"users": u, "p50_ms": p50, "p99_ms": 2 * p50, "stages": {"encode": {
+    ...     "p50_ms": enc, "p99_ms": 2 * enc}}}
+    >>> svc = {"qps_at_p99_budget": 90.0, "rss_bytes": 100, "sweep": [lv(1, 10, 2), lv(2, 12, 3)]}
+    >>> base = {"qps_at_p99_budget": 30.0, "rss_bytes": 300, "sweep": [lv(1, 30, 12), lv(2, 60, 24)]}
+    >>> svc.update(p50_ms=12, p99_ms=24, stages_at_p99_budget=svc["sweep"][1]["stages"])
+    >>> base.update(p50_ms=30, p99_ms=60, stages_at_p99_budget=base["sweep"][0]["stages"])
+    >>> r = compare_targets(svc, base)
+    >>> r["qps"], r["rss"], r["at_p99_budget"]["p50"], r["at_same_users"]["users"], r["at_same_users"]["stages"]
+    (3.0, 3.0, 2.5, 2, {'encode': {'p50': 8.0, 'p99': 8.0}})
+    """
+    out: dict[str, Any] = {
+        "definition": "qps: service / baseline; rss and latencies: baseline / service",
+        "qps": _speedup(service.get("qps_at_p99_budget"), baseline.get("qps_at_p99_budget")),
+        "rss": _speedup(baseline.get("rss_bytes"), service.get("rss_bytes")),
+        "at_p99_budget": _latency_ratios(
+            {"p50_ms": service.get("p50_ms"), "p99_ms": service.get("p99_ms"),
+             "stages": service.get("stages_at_p99_budget")},
+            {"p50_ms": baseline.get("p50_ms"), "p99_ms": baseline.get("p99_ms"),
+             "stages": baseline.get("stages_at_p99_budget")}),
+    }
+    s_levels = {lv["users"]: lv for lv in service.get("sweep", [])}
+    b_levels = {lv["users"]: lv for lv in baseline.get("sweep", [])}
+    common = sorted(set(s_levels) & set(b_levels))
+    if common:
+        users = common[-1]
+        out["at_same_users"] = {"users": users, **_latency_ratios(s_levels[users], b_levels[users])}
+    return out
+
+
 # ------------------------------------------------------------------------------------ main
 def run(args: argparse.Namespace, previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The phases in ``args.only``; ``previous`` (an earlier summary) supplies the sweep's
@@ -375,6 +442,7 @@ def run(args: argparse.Namespace, previous: Mapping[str, Any] | None = None) -> 
     if args.compare and out.get("service", {}).get("qps_at_p99_budget") and out.get("baseline", {}).get(
             "qps_at_p99_budget"):
         out["ratio_qps"] = round(out["service"]["qps_at_p99_budget"] / out["baseline"]["qps_at_p99_budget"], 3)
+        out["ratios"] = compare_targets(out["service"], out["baseline"])
     svc = out.get("service") or (previous or {}).get("service", {})
     users = svc.get("users_at_p99_budget") or args.fallback_users
     qps = svc.get("qps_at_p99_budget")

@@ -13,8 +13,10 @@ runs it. Everything is configured from the environment:
 ``LOCUST_CE_CANDIDATES`` first-stage depth for ``cross-encoder`` (default 100, the server's cap)
 ``LOCUST_USER_RPS``     requests per second per user (``constant_throughput``); 0 = back to back
 ``LOCUST_API_KEY``      sent as ``X-API-Key`` when the service requires one
-``LOCUST_SAMPLES``      when set, every request's ``[start, mode, route, status, ms]`` is written
-                        there as JSON lines when the test stops (read by ``benchmarks/load.py``)
+``LOCUST_SAMPLES``      when set, every request's ``[start, mode, route, status, ms, stages]`` is
+                        written there as JSON lines when the test stops (read by
+                        ``benchmarks/load.py``); ``stages`` is the server's ``timings_ms`` of an
+                        accepted answer (``{"encode": ms, "ann": ms, ...}``), else null
 ``LOCUST_SEED``         random seed (default 0)
 
 Stats are named per route and mode (``/search [colbert]``, ``/search/batch [none]``);
@@ -137,6 +139,17 @@ class Workload:
         return "/search", mode, body
 
 
+def stage_timings(response: Any) -> dict[str, float] | None:
+    """The server's per-stage ``timings_ms`` of a JSON answer (stages that ran), else None."""
+    try:
+        timings = json.loads(response.content).get("timings_ms")
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not isinstance(timings, dict):
+        return None
+    return {k: float(v) for k, v in timings.items() if isinstance(v, (int, float)) and v > 0}
+
+
 class SampleLog:
     """Every request's ``[start, mode, route, status, ms]``, written as JSON lines at test stop."""
 
@@ -149,7 +162,7 @@ class SampleLog:
         ctx = context or {}
         status = int(getattr(response, "status_code", 0) or 0)
         self.rows.append([start_time or time.time(), ctx.get("mode", ""), ctx.get("route", ""), status,
-                          round(float(response_time), 3)])
+                          round(float(response_time), 3), stage_timings(response) if status == 200 else None])
 
     def on_test_stop(self, **_: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,11 @@
 
 Decoding the compressed token index for every query (centroid + residual look-up) costs
 more CPU than the MaxSim itself. :class:`Int8MaxSim` instead holds every document token in
-RAM as int8 with one float scale per token (``dim + 4`` bytes a token: 145 MB for SciFact's
-1.09 M tokens at dim 128, a quarter of float32), and scores a query in one ONNX Runtime call
-per run of candidates: ``MatMulInteger`` (VNNI / AMX kernels where the CPU has them), then
-the per-token scales, the max over each document's tokens and the sum over query tokens.
+RAM as int8 with one float scale per token (``dim + 8`` bytes a token with its scale and
+padding bias: 142 MiB for SciFact's 1.09 M tokens at dim 128, about a quarter of float32),
+and scores a query in one ONNX Runtime call per run of candidates: ``MatMulInteger`` (VNNI
+/ AMX kernels where the CPU has them), then the per-token scales, the max over each
+document's tokens and the sum over query tokens.
 
 Quantization is symmetric and per vector: ``x ~ scale * round(x / scale)`` with
 ``scale = max|x| / 127``. Document tokens are stored offset by :data:`ZERO_POINT` as

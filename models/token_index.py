@@ -582,9 +582,9 @@ class TokenIndex:
         """This index with every token decoded once into RAM, so reranking skips the per-query
         residual decode (same files; :meth:`centroid_candidates` unchanged):
 
-        - ``"float32"``: L2-normalized float32, ``4 * dim`` bytes a token (535 MB for
+        - ``"float32"``: L2-normalized float32, ``4 * dim`` bytes a token (534 MiB for
           SciFact's 1.09 M tokens at dim 128); the same scores up to float rounding.
-        - ``"int8"``: per-token int8 + scale, ``dim + 8`` bytes a token (145 MB for SciFact),
+        - ``"int8"``: per-token int8 + scale, ``dim + 8`` bytes a token (142 MiB for SciFact),
           scored with ONNX Runtime's integer GEMM (:class:`models.maxsim_int8.Int8MaxSim`,
           ``threads`` intra-op threads); scores within int8 rounding of the decoded ones.
         - ``"compressed"``: this index unchanged.
@@ -593,6 +593,7 @@ class TokenIndex:
             return self
         if mode not in ("float32", "int8"):
             raise ValueError(f"unknown in-memory token mode {mode!r}: compressed, float32 or int8")
+
         def copy(tokens: np.ndarray | None) -> TokenIndex:
             return TokenIndex(self.path, self.meta, self.offsets, tokens=tokens, codes=self.codes,
                               residuals=self.residuals, codec=self.codec, ivf=self.ivf, ivf_offsets=self.ivf_offsets)

@@ -85,6 +85,17 @@ def test_summarize_samples_per_mode_and_rejections():
     assert load.summarize_samples([])["accepted"] == 0
 
 
+def test_read_samples_with_and_without_stage_timings(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    path.write_text('[1.0, "none", "/search", 200, 5.0]\n'
+                    '[2.0, "colbert", "/search", 200, 9.0, {"encode": 3.0, "rerank": 2.5}]\n'
+                    '[3.0, "colbert", "/search", 429, 0.4, null]\n')
+    rows = load.read_samples(path)
+    assert [r.stages for r in rows] == [None, {"encode": 3.0, "rerank": 2.5}, None]
+    s = load.summarize_samples(rows)
+    assert s["stages"]["rerank"]["p50_ms"] == 2.5 and s["stages"]["encode"]["p99_ms"] == 3.0
+
+
 def test_best_level_needs_budget_and_no_errors():
     levels = [{"users": 1, "qps": 10.0, "p99_ms": 50.0, "errors": 0},
               {"users": 2, "qps": 20.0, "p99_ms": 60.0, "errors": 3},
@@ -271,6 +282,10 @@ def test_load_script_end_to_end(artifacts, tiny_beir, tmp_path):
     svc = data["service"]
     assert svc["qps_at_p99_budget"] > 0 and svc["errors"] == 0 and svc["rss_bytes"] > 0
     assert svc["sweep"][0]["users"] == 1 and {"/search [none]", "/search [colbert]"} <= set(svc["sweep"][0]["per_mode"])
+    # the server-reported stage timings of the accepted answers, per sweep level and at the budget
+    stages = svc["stages_at_p99_budget"]
+    assert {"encode", "ann", "rerank", "total"} <= set(stages) and svc["sweep"][0]["stages"] == stages
+    assert 0 < stages["rerank"]["p50_ms"] <= stages["rerank"]["p99_ms"] and stages["total"]["p50_ms"] > 0
     assert data["soak"]["errors"] == 0 and data["soak"]["requests"] > 0 and data["soak"]["rss_end"] > 0
     ov = data["overload"]
     assert ov["5xx"] == 0 and ov["429"] > 0 and ov["accepted"] > 0
