@@ -35,8 +35,10 @@ With ``--compare`` the sweep runs against the service and against
 ``benchmarks/baseline_service.py`` (the torch students behind a plain FastAPI app, flat
 FAISS, float32 ColBERT vectors) under the same locust load, and the results go to
 ``benchmarks/results/load.json``: ``service`` / ``baseline`` (``qps_at_p99_budget``,
-``p99_budget_ms``, ``p50_ms``, ``p99_ms``, ``errors``, ``rss_bytes``, ...), ``ratio_qps``,
-``soak``, ``overload`` and ``aims`` (whether each target of the issue was met).
+``p99_budget_ms``, ``p50_ms``, ``p99_ms``, ``errors``, ``rss_bytes``,
+``stages_at_p99_budget``: p50/p95/p99 of each server-reported stage, ...), ``ratio_qps``,
+``ratios`` (QPS, RSS, end-to-end and per-stage p50/p99: :func:`compare_targets`), ``soak``,
+``overload`` and ``aims`` (whether each target of the issue was met).
 """
 
 from __future__ import annotations
