@@ -933,4 +933,5 @@ def _hash_without(cfg: BuildConfig, section: str, *drop: str) -> str:
 #: distilling on extractive pseudo-queries alone pulls the student away from real queries.
 LABEL_FREE_WISE_FT = 0.5
 _LATER_TRAIN_FIELDS: dict[str, object] = {"pseudo_queries": 0, "dev_retrieval": False, "teacher_scale": 1.0,
+                                          "ict_remove": 0.0,
                                           "calibration_batches": 16}

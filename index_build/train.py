@@ -51,6 +51,11 @@ class TrainConfig:
     dropout: bool = False              # dropout during distillation (off: ~2x faster on CPU, no loss seen)
     pseudo_queries: int = 0            # labelled path: add this many corpus pseudo-query examples (GPL-style)
     dev_retrieval: bool = False        # dense: select on full-corpus retrieval of the dev queries
+    # Inverse cloze (Lee et al. 2019): with this probability, a training positive that contains the
+    # query verbatim (an extracted pseudo-query: a sentence or title of that document) is shown to
+    # the student with that copy cut out, so it learns the context rather than string overlap.
+    # Measured on label-free SciFact (dense, 0.9): test nDCG@10 0.6512 vs 0.6549 without; off by default.
+    ict_remove: float = 0.0
     # After training, interpolate the transformer with the base model (WiSE-FT): weights =
     # base + wise_ft * (trained - base). None: 1.0 (no interpolation) on labelled builds,
     # LABEL_FREE_WISE_FT for the dense student of a label-free build. Applied at export.
@@ -68,15 +73,35 @@ class TrainResult:
 
 
 def batch_inputs(batch: list[Example], corpus_texts: list[str], negatives: int, rng: random.Random,
-                 balanced: bool = False) -> tuple[list[list[str]], list[list[float]]]:
+                 balanced: bool = False, ict_remove: float = 0.0) -> tuple[list[list[str]], list[list[float]]]:
     """Per query: one positive and ``negatives`` sampled negatives, as document texts and the
-    teacher's scores for them (positive first)."""
+    teacher's scores for them (positive first). With probability ``ict_remove`` the query's
+    verbatim copy is cut out of the positive (:func:`cut_query`)."""
     docs, t_rows = [], []
     for ex in batch:
         cols = [rng.choice(ex.positives), *sample_negatives(ex, negatives, rng, balanced=balanced)]
-        docs.append([corpus_texts[int(ex.pool[j])] for j in cols])
+        texts = [corpus_texts[int(ex.pool[j])] for j in cols]
+        if ict_remove > 0 and rng.random() < ict_remove:
+            texts[0] = cut_query(texts[0], ex.query)
+        docs.append(texts)
         t_rows.append([float(ex.teacher[j]) for j in cols])
     return docs, t_rows
+
+
+def cut_query(text: str, query: str) -> str:
+    """``text`` without its first verbatim copy of ``query`` (unchanged when there is none,
+    or when the query is the whole text).
+
+    >>> cut_query("Title. First sentence here. Second one.", "First sentence here.")
+    'Title. Second one.'
+    >>> cut_query("abc", "xyz"), cut_query("abc", "abc")
+    ('abc', 'abc')
+    """
+    q = query.strip()
+    at = text.find(q) if q else -1
+    if at < 0 or len(q) >= len(text.strip()):
+        return text
+    return " ".join((text[:at].rstrip() + " " + text[at + len(q):].lstrip()).split())
 
 
 def _margins(scores: np.ndarray) -> np.ndarray:
@@ -213,7 +238,8 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
     stop_at = total_steps if stop_after is None else min(total_steps, state["step"] + stop_after)
     while state["step"] < stop_at:
         batch = [examples[i] for i in schedule[state["step"]]]
-        docs, t_rows = batch_inputs(batch, corpus_texts, cfg.negatives, rng, balanced=cfg.tas_balanced)
+        docs, t_rows = batch_inputs(batch, corpus_texts, cfg.negatives, rng, balanced=cfg.tas_balanced,
+                                    ict_remove=cfg.ict_remove)
         s, emb = student_scores(student, [ex.query for ex in batch], docs)
         s = s * scale
         t = torch.tensor(t_rows, dtype=s.dtype) * t_scale

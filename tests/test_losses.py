@@ -34,3 +34,30 @@ def test_in_batch_negatives_prefers_diagonal():
     good = in_batch_negatives(q, torch.eye(3), torch.arange(3))
     bad = in_batch_negatives(q, torch.eye(3)[[1, 2, 0]], torch.arange(3))
     assert good < bad
+
+
+def test_inverse_cloze_cuts_the_query_out_of_the_positive_only():
+    import random
+
+    import numpy as np
+
+    from index_build.sampling import Example
+    from index_build.train import batch_inputs
+
+    texts = ["Heart study. Aspirin lowers risk in adults. Trial of 400 people.", "Aspirin lowers risk in adults.",
+             "Other paper. Aspirin lowers risk in adults. Unrelated.", "Nothing here."]
+    ex = Example("p1", "Aspirin lowers risk in adults.", pool=np.array([0, 2, 3]), teacher=np.array([3.0, 1.0, 0.5]),
+                 positives=[0], negatives=[1, 2])
+    kept, _ = batch_inputs([ex], texts, 2, random.Random(0))
+    assert kept[0][0] == texts[0]
+    cut, teacher = batch_inputs([ex], texts, 2, random.Random(0), ict_remove=1.0)
+    assert cut[0][0] == "Heart study. Trial of 400 people."
+    assert sorted(cut[0][1:]) == sorted(texts[2:4])  # negatives keep their copy
+    assert teacher[0][0] == 3.0
+    # a positive that is only the query is left whole (no empty document)
+    whole = Example("p2", texts[1], pool=np.array([1, 3]), teacher=np.array([2.0, 0.0]), positives=[0], negatives=[1])
+    assert batch_inputs([whole], texts, 1, random.Random(0), ict_remove=1.0)[0][0][0] == texts[1]
+    # about ict_remove of the batches are cut
+    rng = random.Random(1)
+    n_cut = sum(batch_inputs([ex], texts, 2, rng, ict_remove=0.5)[0][0][0] != texts[0] for _ in range(400))
+    assert 150 < n_cut < 250
