@@ -52,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def settings_for(args: argparse.Namespace, mode: str, **extra: Any) -> Any:
+def settings_for(args: argparse.Namespace, mode: str) -> Any:
     from service.settings import Settings
 
     env: dict[str, Any] = {}
@@ -62,7 +62,7 @@ def settings_for(args: argparse.Namespace, mode: str, **extra: Any) -> Any:
             raise SystemExit(f"--env {item!r}: expected NRS_X=VALUE")
         env[key[4:].lower()] = value
     env.setdefault("threads", 1)
-    return Settings(artifact_dir=args.artifact, colbert_tokens=mode, warmup=False, **{**env, **extra})
+    return Settings(artifact_dir=args.artifact, colbert_tokens=mode, warmup=False, **env)
 
 
 def token_store_bytes(engine: Any) -> int:
@@ -81,30 +81,31 @@ def measure(args: argparse.Namespace, mode: str, queries: dict[str, str]) -> dic
     started = time.perf_counter()
     engine = SearchEngine.load(args.artifact, settings_for(args, mode))
     load_s = time.perf_counter() - started
-    plain = SearchEngine.load(args.artifact, settings_for(args, "compressed", colbert_weight=1.0))
-    plain.token_index = engine.token_index  # same token store, plain MaxSim ordering
-    run: dict[str, dict[str, float]] = {}
-    run_plain: dict[str, dict[str, float]] = {}
-    rerank_ms: list[float] = []
     k = args.candidates
+    served_weights = dict(engine.colbert_weights)
     engine.search(next(iter(queries.values())), rerank="colbert", candidates=k, k=k)  # warm
-    for qid, text in queries.items():
-        r = engine.search(text, rerank="colbert", candidates=k, k=k)
-        rerank_ms.append(r.timings.rerank)
-        run[qid] = {h.id: h.score for h in r.hits}
-        p = plain.search(text, rerank="colbert", candidates=k, k=k)
-        run_plain[qid] = {h.id: h.score for h in p.hits}
+    runs: dict[str, dict[str, dict[str, float]]] = {}
+    rerank_ms: list[float] = []
+    # the served ranking (ColBERT mixed with the first stage at the artifact's weights), then
+    # plain MaxSim (weight 1) over the same token store; the rerank timing from the first pass
+    for name, weights in (("served", served_weights), ("maxsim", dict.fromkeys(served_weights, 1.0))):
+        engine.colbert_weights = weights
+        runs[name] = {}
+        for qid, text in queries.items():
+            r = engine.search(text, rerank="colbert", candidates=k, k=k)
+            runs[name][qid] = {h.id: h.score for h in r.hits}
+            if name == "served":
+                rerank_ms.append(r.timings.rerank)
     out = {
-        "served": metrics(args.qrels, run),
-        "maxsim": metrics(args.qrels, run_plain),
+        "served": metrics(args.qrels, runs["served"]),
+        "maxsim": metrics(args.qrels, runs["maxsim"]),
         "rerank_ms": latency_summary(rerank_ms),
         "token_store_bytes": token_store_bytes(engine),
         "load_s": round(load_s, 2),
-        "colbert_weights": dict(engine.colbert_weights),
+        "colbert_weights": served_weights,
+        "_top10": {q: [d for d, _ in sorted(s.items(), key=lambda x: -x[1])[:10]] for q, s in runs["served"].items()},
     }
-    out["_top10"] = {q: [d for d, _ in sorted(s.items(), key=lambda x: -x[1])[:10]] for q, s in run.items()}
     engine.close()
-    plain.close()
     return out
 
 

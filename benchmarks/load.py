@@ -443,8 +443,8 @@ def run(args: argparse.Namespace, previous: Mapping[str, Any] | None = None) -> 
             out[target] = sweep(target, args, workload)
     if args.compare and out.get("service", {}).get("qps_at_p99_budget") and out.get("baseline", {}).get(
             "qps_at_p99_budget"):
-        out["ratio_qps"] = round(out["service"]["qps_at_p99_budget"] / out["baseline"]["qps_at_p99_budget"], 3)
         out["ratios"] = compare_targets(out["service"], out["baseline"])
+        out["ratio_qps"] = out["ratios"]["qps"]
     svc = out.get("service") or (previous or {}).get("service", {})
     users = svc.get("users_at_p99_budget") or args.fallback_users
     qps = svc.get("qps_at_p99_budget")

@@ -151,7 +151,7 @@ def stage_timings(response: Any) -> dict[str, float] | None:
 
 
 class SampleLog:
-    """Every request's ``[start, mode, route, status, ms]``, written as JSON lines at test stop."""
+    """Every request's ``[start, mode, route, status, ms, stages]``, written as JSON lines at test stop."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

@@ -2,8 +2,8 @@
 
 Decoding the compressed token index for every query (centroid + residual look-up) costs
 more CPU than the MaxSim itself. :class:`Int8MaxSim` instead holds every document token in
-RAM as int8 with one float scale per token (``dim + 8`` bytes a token with its scale and
-padding bias: 142 MiB for SciFact's 1.09 M tokens at dim 128, about a quarter of float32),
+RAM as int8 with one float scale per token (``dim + 4`` bytes a token: 138 MiB for
+SciFact's 1.09 M tokens at dim 128, about a quarter of float32),
 and scores a query in one ONNX Runtime call per run of candidates: ``MatMulInteger`` (VNNI
 / AMX kernels where the CPU has them), then the per-token scales, the max over each
 document's tokens and the sum over query tokens.
@@ -20,6 +20,7 @@ The graph is shipped as ``maxsim_int8.onnx`` beside this module (the service has
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -92,14 +93,6 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def encode_tokens(x: np.ndarray, tokens_out: np.ndarray, scales_out: np.ndarray) -> None:
-    """Quantize float token vectors ``[m, dim]`` into the stored layout: ``uint8`` rows
-    (int8 + :data:`ZERO_POINT`) in ``tokens_out`` and their scales in ``scales_out``."""
-    q, scale = quantize_rows(x)
-    np.add(q.view(np.uint8), ZERO_POINT, out=tokens_out, casting="unsafe")
-    scales_out[...] = scale
-
-
 class Int8MaxSim:
     """MaxSim scorer over int8 document tokens (see the module docstring).
 
@@ -127,8 +120,6 @@ class Int8MaxSim:
             raise ValueError(f"scales must be [{n_tokens + 1}], got {scales.shape}")
         self.tokens = tokens
         self.scales = np.asarray(scales, dtype=np.float32)
-        self.bias = np.zeros(n_tokens + 1, np.float32)
-        self.bias[-1] = PAD_BIAS
         self.pad_row = n_tokens
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -144,16 +135,27 @@ class Int8MaxSim:
 
     @property
     def nbytes(self) -> int:
-        return int(self.tokens.nbytes + self.scales.nbytes + self.bias.nbytes)
+        return int(self.tokens.nbytes + self.scales.nbytes)
+
+    @classmethod
+    def from_chunks(cls, offsets: np.ndarray, dim: int, chunks: Iterable[tuple[int, np.ndarray]],
+                    threads: int = 1) -> Int8MaxSim:
+        """Quantize float token vectors given as ``(first_token, [m, dim])`` runs covering
+        every token once (e.g. :meth:`models.token_index.TokenIndex.decoded_chunks`), so the
+        float vectors never need to be in memory all at once."""
+        n_tokens = int(np.asarray(offsets)[-1])
+        tokens = np.full((n_tokens + 1, dim), ZERO_POINT, np.uint8)  # + the padding row
+        scales = np.zeros(n_tokens + 1, np.float32)
+        for start, chunk in chunks:
+            q, scale = quantize_rows(chunk)
+            np.add(q.view(np.uint8), ZERO_POINT, out=tokens[start : start + len(chunk)], casting="unsafe")
+            scales[start : start + len(chunk)] = scale
+        return cls(offsets, tokens, scales, threads=threads)
 
     @classmethod
     def from_vectors(cls, offsets: np.ndarray, vectors: np.ndarray, threads: int = 1) -> Int8MaxSim:
-        """Quantize float token vectors ``[n_tokens, dim]`` (e.g. decoded in chunks by the caller)."""
-        n, dim = vectors.shape
-        tokens = np.full((n + 1, dim), ZERO_POINT, np.uint8)
-        scales = np.zeros(n + 1, np.float32)
-        encode_tokens(vectors, tokens[:-1], scales[:-1])
-        return cls(offsets, tokens, scales, threads=threads)
+        """Quantize float token vectors ``[n_tokens, dim]``."""
+        return cls.from_chunks(offsets, vectors.shape[1], [(0, vectors)], threads=threads)
 
     def score(self, query: np.ndarray, doc_indices: np.ndarray) -> np.ndarray:
         """MaxSim of ``query`` (float ``[Lq, dim]``) against each of ``doc_indices``;
@@ -174,13 +176,14 @@ class Int8MaxSim:
             run = order[i : i + n]
             cols = np.arange(width, dtype=np.int64)
             rows = starts[run, None] + cols[None, :]
-            rows[cols[None, :] >= lengths[run, None]] = self.pad_row
+            pad = cols[None, :] >= lengths[run, None]
+            rows[pad] = self.pad_row
             flat = rows.reshape(-1)
             feed = {
                 "docs": np.take(self.tokens, flat, axis=0),
                 "query": q_t,
                 "doc_scale": np.take(self.scales, flat)[:, None],
-                "doc_bias": np.take(self.bias, flat)[:, None],
+                "doc_bias": np.where(pad, np.float32(PAD_BIAS), np.float32(0.0)).reshape(-1, 1),
                 "shape": np.array([n, width, q.shape[0]], np.int64),
                 "query_scale": q_scale,
             }
