@@ -639,9 +639,9 @@ class Pipeline:
         from index_build.data import load_trec_run
         from index_build.export import INT8_NAME
         from index_build.export_cache import base_dense_onnx
+        from index_build.teachers import TeacherSpec, build_teacher, cached_teacher_scores
         from models.encoders import ColbertEncoder, DenseEncoder, maxsim
         from models.fusion import normalize
-        from models.sparse_index import BM25Index
 
         col = load_collection(path, unknown_docs="keep")
         split = next(iter(col.qrels))
@@ -670,15 +670,14 @@ class Pipeline:
                             threads=self.cfg.threads)
         base_run = score_all(dense_fn(base))
         systems["base-dense"] = metrics(qrels, base_run, min_rel=2)
-        # teacher: the same recipe as for training (BM25 + base bi-encoder, z-scored per query)
-        bm = BM25Index.build(col.doc_texts())
-        w = [float(m.get("weight", 1.0)) for m in self.cfg.teacher.members]
-        teacher_run = {}
-        for qid, q, cs in zip(qids, texts, cands):
-            s_bm = bm.scores(q)[[col.doc_index[c] for c in cs]]
-            s_de = np.array([base_run[qid][c] for c in cs])
-            fused = w[0] * normalize(s_bm) + w[-1] * normalize(s_de)
-            teacher_run[qid] = dict(zip(cs, map(float, fused)))
+        # teacher: the configured ensemble (members z-scored per query), BM25 statistics over this pool's corpus
+        spec = TeacherSpec.from_dict({"kind": "ensemble", "members": self.cfg.teacher.members,
+                                      "norm": self.cfg.teacher.norm})
+        teacher = build_teacher(spec, col.doc_texts(), col.checksum(), self.cache, threads=self.cfg.threads)
+        t_scores = cached_teacher_scores(teacher, self.cache, texts,
+                                         [np.array([col.doc_index[c] for c in cs], np.int64) for cs in cands],
+                                         progress=self.progress)
+        teacher_run = {qid: dict(zip(cs, map(float, ts))) for qid, cs, ts in zip(qids, cands, t_scores)}
         systems["teacher"] = metrics(qrels, teacher_run, min_rel=2)
         kinds = self.cfg.students.kinds
         if "dense" in kinds:

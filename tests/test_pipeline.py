@@ -159,6 +159,11 @@ def test_rerank_mode_on_a_trec_style_pool(tmp_path, tiny_bert):
     p = Pipeline(cfg, progress=False)
     systems = p.run_all()["systems"]
     assert {"bm25", "base-dense", "teacher", "dense", "dense+colbert", "hybrid", "hybrid+colbert"} <= set(systems)
+    # the teacher row is the configured teacher: a lone member ranks as that member does
+    p.cfg.teacher.members = [{"kind": "bi-encoder", "model": p.cfg.students.base}]
+    assert p.evaluate_trec(data)["teacher"] == systems["base-dense"]
+    p.cfg.teacher.members = [{"kind": "bm25"}]
+    assert p.evaluate_trec(data)["teacher"] == systems["bm25"]
 
 
 def test_pseudo_query_augmentation_and_dev_retrieval(tiny_beir, tiny_bert, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 from index_build.cache import ArrayCache
 from index_build.data import load_collection
 from index_build.teachers import (
+    BiEncoderTeacher,
     BM25Teacher,
     EnsembleTeacher,
     TeacherSpec,
@@ -94,8 +95,39 @@ def test_build_ensemble_from_spec_with_tiny_bi_encoder(tiny_beir, tiny_bert, tmp
     assert [len(o) for o in out] == [10, 5]
     assert all(np.isfinite(o).all() for o in out)
     n_cached = len(cache)
-    build_teacher(spec, col.doc_texts(), col.checksum(), cache)  # corpus embeddings come from the cache
+    again = build_teacher(spec, col.doc_texts(), col.checksum(), cache).score(  # embeddings come from the cache
+        ["vitamin bone", "gene dna"], [np.arange(10), np.arange(5)])
     assert len(cache) == n_cached
+    for a, b in zip(out, again):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_bi_encoder_encodes_only_the_documents_it_scores(tiny_beir, tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setenv("NRS_CACHE_DIR", str(tmp_path / "cache"))
+    texts = load_collection(tiny_beir).doc_texts()
+    cache = ArrayCache(tmp_path / "c.sqlite")
+    teacher = BiEncoderTeacher(str(tiny_bert), texts, cache, progress=False)
+    scores = teacher.score(["vitamin bone"], [np.array([3, 1])])[0]
+    assert len(cache) == 2 and teacher._have.sum() == 2            # candidates only, not the corpus
+    full = teacher.doc_embeddings                                  # retrieval needs every document
+    assert len(cache) == len(texts) and teacher._have.all()
+    np.testing.assert_allclose(scores, full[[3, 1]] @ teacher.encode_queries(["vitamin bone"])[0], rtol=1e-5)
+
+
+def test_bi_encoder_int8_member(tiny_beir, tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setenv("NRS_CACHE_DIR", str(tmp_path / "cache"))
+    texts = load_collection(tiny_beir).doc_texts()
+    cache = ArrayCache(tmp_path / "c.sqlite")
+    spec = TeacherSpec.from_dict({"kind": "bi-encoder", "model": str(tiny_bert), "int8": True})
+    t8 = build_teacher(spec, texts, "x", cache)
+    t32 = build_teacher(TeacherSpec.from_dict({"kind": "bi-encoder", "model": str(tiny_bert)}), texts, "x", cache)
+    assert isinstance(t8, BiEncoderTeacher) and t8.encoder.session is not t32.encoder.session
+    assert t8.fingerprint() != t32.fingerprint()                   # cached embeddings never mix
+    s8, s32 = (t.score(["gene dna"], [np.arange(5)])[0] for t in (t8, t32))
+    assert np.isfinite(s8).all() and not np.array_equal(s8, s32)
+    np.testing.assert_allclose(s8, s32, atol=0.1)                  # quantized, same model
+    with pytest.raises(ValueError, match="unknown key"):
+        TeacherSpec.from_dict({"kind": "bi-encoder", "model": "m", "int_8": True})
 
 
 def test_unknown_teacher_kind(tiny_beir, tmp_path):
