@@ -11,10 +11,11 @@ from models.sources import cache_dir, fingerprint, resolve_model
 
 
 def base_dense_onnx(model_ref: str, *, max_doc_len: int = 256) -> tuple[Path, str]:
-    """``(dir, fingerprint)`` of a dense ONNX export of ``model_ref`` without training."""
+    """``(dir, fingerprint)`` of a dense ONNX export of ``model_ref`` without training; its
+    int8 graph (an int8 teacher member's) is quantized per channel."""
     path = resolve_model(model_ref)
     fp = fingerprint(path)
-    out = cache_dir() / "onnx" / f"dense-{fp}-{max_doc_len}"
+    out = cache_dir() / "onnx" / f"dense-{fp}-{max_doc_len}-pc"
     if (out / "model.onnx").is_file():
         return out, fp
     from index_build.export import export_student
@@ -24,7 +25,7 @@ def base_dense_onnx(model_ref: str, *, max_doc_len: int = 256) -> tuple[Path, st
     shutil.rmtree(staging, ignore_errors=True)
     try:
         new_student("dense", path, max_doc_len=max_doc_len).save(staging / "student")
-        export_student(staging / "student", staging / "onnx", int8=True)
+        export_student(staging / "student", staging / "onnx", int8=True, per_channel=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(staging / "onnx", out)

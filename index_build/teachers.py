@@ -72,9 +72,10 @@ class BiEncoderTeacher:
         self.onnx_dir, model_fp = base_dense_onnx(model_ref, max_doc_len=max_doc_len)
         from models.encoders import DenseEncoder
 
-        # int8: the dynamically quantized graph (about 3x faster on CPU, e.g. for a large teacher's corpus pass)
+        # int8: the dynamically quantized graph, per channel (about 3x faster on CPU, e.g. for a large
+        # teacher's corpus pass: all-mpnet-base-v2 on SciFact 5.3 min instead of about 15)
         self.encoder = DenseEncoder(self.onnx_dir, onnx_file=INT8_NAME if int8 else ONNX_NAME, threads=threads)
-        self._fp = content_key("bi-encoder", model_fp, str(max_doc_len), *(["int8"] if int8 else []))[:16]
+        self._fp = content_key("bi-encoder", model_fp, str(max_doc_len), *(["int8-per-channel"] if int8 else []))[:16]
         self.name = name or f"bi-encoder:{model_ref}"
         self.corpus_texts, self.cache, self.progress = corpus_texts, cache, progress
         # documents are encoded when first needed: scoring candidate lists touches only those

@@ -48,3 +48,22 @@ def test_runtime_shapes(tiny_bert, tmp_path):
     assert s.shape == (4,)
     with pytest.raises(ValueError, match="expected a dense model"):
         DenseEncoder(tmp_path / "colbert-onnx")
+
+
+def test_per_channel_int8_has_a_scale_per_output_column(tiny_bert, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from index_build.export import ONNX_NAME, quantize_int8
+
+    new_student("dense", tiny_bert, max_doc_len=48).save(tmp_path / "student")
+    export_student(tmp_path / "student", tmp_path / "onnx", int8=False, parity_texts=TEXTS)
+
+    def scale_sizes(per_channel: bool) -> set[int]:
+        out = tmp_path / f"q-{per_channel}.onnx"
+        quantize_int8(tmp_path / "onnx" / ONNX_NAME, out, per_channel=per_channel)
+        inits = onnx.load(str(out)).graph.initializer
+        return {numpy_helper.to_array(t).size for t in inits if t.name.endswith("_scale")}
+
+    assert scale_sizes(False) == {1}
+    assert max(scale_sizes(True)) > 1      # e.g. one per hidden unit of each projection
