@@ -150,10 +150,9 @@ class Pipeline:
 
     @cached_property
     def teacher(self):
-        from index_build.teachers import BI_ENCODER_MAX_DOC_LEN, EnsembleTeacher, TeacherSpec, build_teacher
+        from index_build.teachers import BI_ENCODER_MAX_DOC_LEN, EnsembleTeacher, build_teacher
 
-        spec = TeacherSpec.from_dict({"kind": "ensemble", "members": self.cfg.teacher.members,
-                                      "norm": self.cfg.teacher.norm})
+        spec = self.teacher_spec()
         # the base dense model is the same scorer as a bi-encoder member on the same checkpoint and length
         same_length = self.cfg.students.max_doc_len == BI_ENCODER_MAX_DOC_LEN
         prebuilt = {self.cfg.students.base: self.base_dense} if same_length else None
@@ -161,6 +160,13 @@ class Pipeline:
                                 threads=self.cfg.threads, prebuilt=prebuilt)
         assert isinstance(teacher, EnsembleTeacher)
         return teacher
+
+    def teacher_spec(self):
+        """The configured teacher: an ensemble of ``teacher.members``."""
+        from index_build.teachers import TeacherSpec
+
+        return TeacherSpec.from_dict({"kind": "ensemble", "members": self.cfg.teacher.members,
+                                      "norm": self.cfg.teacher.norm})
 
     @property
     def label_free(self) -> bool:
@@ -639,7 +645,7 @@ class Pipeline:
         from index_build.data import load_trec_run
         from index_build.export import INT8_NAME
         from index_build.export_cache import base_dense_onnx
-        from index_build.teachers import TeacherSpec, build_teacher, cached_teacher_scores
+        from index_build.teachers import build_teacher, cached_teacher_scores
         from models.encoders import ColbertEncoder, DenseEncoder, maxsim
         from models.fusion import normalize
 
@@ -671,9 +677,8 @@ class Pipeline:
         base_run = score_all(dense_fn(base))
         systems["base-dense"] = metrics(qrels, base_run, min_rel=2)
         # teacher: the configured ensemble (members z-scored per query), BM25 statistics over this pool's corpus
-        spec = TeacherSpec.from_dict({"kind": "ensemble", "members": self.cfg.teacher.members,
-                                      "norm": self.cfg.teacher.norm})
-        teacher = build_teacher(spec, col.doc_texts(), col.checksum(), self.cache, threads=self.cfg.threads)
+        teacher = build_teacher(self.teacher_spec(), col.doc_texts(), col.checksum(), self.cache,
+                                threads=self.cfg.threads)
         t_scores = cached_teacher_scores(teacher, self.cache, texts,
                                          [np.array([col.doc_index[c] for c in cs], np.int64) for cs in cands],
                                          progress=self.progress)

@@ -16,7 +16,7 @@ candidate ids), so reruns only compute what is new.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import numpy as np
@@ -60,7 +60,8 @@ BI_ENCODER_MAX_DOC_LEN = 256  # document tokens a bi-encoder teacher member read
 
 
 class BiEncoderTeacher:
-    """A sentence-embedding model; the corpus is encoded once (ONNX, cached per document)."""
+    """A sentence-embedding model run through ONNX; each document is encoded on first use and
+    cached by content."""
 
     def __init__(self, model_ref: str, corpus_texts: list[str], cache: ArrayCache, *,
                  max_doc_len: int = BI_ENCODER_MAX_DOC_LEN, int8: bool = False,
@@ -110,8 +111,7 @@ class BiEncoderTeacher:
 
     def score(self, queries: Sequence[str], candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
         q = self.encode_queries(queries)
-        self.embeddings(np.concatenate([np.asarray(c, np.int64) for c in candidates]) if len(candidates)
-                        else np.zeros(0, np.int64))
+        self.embeddings(np.concatenate([np.zeros(0, np.int64), *(np.asarray(c, np.int64) for c in candidates)]))
         return [self._emb[np.asarray(c, dtype=np.int64)] @ q[i] for i, c in enumerate(candidates)]
 
     def retrieve(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -263,7 +263,7 @@ class TeacherSpec:
     @classmethod
     def from_dict(cls, d: dict) -> TeacherSpec:
         members = [cls.from_dict(m) for m in d.get("members", [])]
-        unknown = set(d) - {"kind", "model", "weight", "int8", "members", "norm"}
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"teacher: unknown key(s) {', '.join(sorted(unknown))}")
         return cls(kind=d.get("kind", "ensemble"), model=d.get("model", ""), weight=float(d.get("weight", 1.0)),
