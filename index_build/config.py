@@ -11,7 +11,7 @@ from typing import Any
 import tomllib
 
 from index_build.distill_vq import DistillVQConfig
-from index_build.train import TrainConfig
+from index_build.train import TrainConfig, resolve_device
 
 
 @dataclass
@@ -155,4 +155,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for kind, tcfg in cfg.train.items():
         if tcfg.wise_ft is not None and not 0.0 <= float(tcfg.wise_ft) <= 1.0:
             raise ValueError(f"config: train.{kind}.wise_ft must be in [0, 1], got {tcfg.wise_ft}")
+        try:
+            resolve_device(str(tcfg.device))
+        except ValueError as e:
+            raise ValueError(f"config: train.{kind}.device: {e}") from None
     return cfg

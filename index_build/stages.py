@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 #: fp32-encoded corpus. 3: ColBERT scores interpolated with the first stage's
 #: (``*-maxsim``: plain reranking). 4: weights chosen by the one-standard-error rule.
 EVALUATE_SYSTEMS_VERSION = 4
+#: Likewise for a TREC DL pool evaluated in ``rerank`` mode by students trained on it. 2: ColBERT
+#: scores interpolated with the first stage's (``dense+colbert-maxsim``: plain reranking).
+RERANK_SYSTEMS_VERSION = 2
 #: Bumped when the dev-slice choice of fusion / interpolation weights changes. 2: the
 #: one-standard-error rule (:func:`index_build.evaluate.one_se_choice`).
 WEIGHT_SELECTION_VERSION = 2
@@ -305,15 +308,8 @@ class Pipeline:
             return pickle.load(f)
 
     def distill_key(self, kind: str) -> str:
-        from dataclasses import asdict
-
         tcfg = self.cfg.train[kind]
-        data = asdict(tcfg)
-        for name, default in _LATER_TRAIN_FIELDS.items():  # keys from before these fields existed stay valid
-            if data.get(name) == default:
-                data.pop(name)
-        data.pop("wise_ft", None)  # applied after training, at export (see export_key)
-        parts = [json.dumps(data, sort_keys=True)]
+        parts = [train_recipe_key(tcfg)]
         if tcfg.pseudo_queries:
             parts.append(self.pseudo_key(tcfg.pseudo_queries))
         return self.key("distill", kind, self.mine_key(), *parts)
@@ -375,8 +371,8 @@ class Pipeline:
             lengths = student.tokenizer.token_lengths(texts)
             for idx in tqdm(list(length_sorted_batches(lengths, 64)), desc="dev corpus encode", leave=False,
                             disable=not self.progress):
-                emb[idx] = student.encode_docs([texts[i] for i in idx]).numpy()
-            q = student.encode_queries(dev["queries"]).numpy()
+                emb[idx] = student.encode_docs([texts[i] for i in idx]).cpu().numpy()
+            q = student.encode_queries(dev["queries"]).cpu().numpy()
             s, i = exact_topk(emb, q, 100)
             return metrics(qrels, run_from_arrays(dev["qids"], doc_ids, s, i))["nDCG@10"]
 
@@ -392,7 +388,7 @@ class Pipeline:
                 for start in range(0, len(pool), 32):
                     chunk = [self.corpus_texts[int(d)] for d in pool[start : start + 32]]
                     s, _ = student_scores(student, [q], [chunk])
-                    scores.append(s[0].numpy())
+                    scores.append(s[0].cpu().numpy())
                 sc = np.concatenate(scores)
                 run[qid] = {doc_ids[int(d)]: float(v) for d, v in zip(pool, sc)}
             return metrics(qrels, run)["nDCG@10"]
@@ -484,7 +480,7 @@ class Pipeline:
         # (the systems versions changed the full-corpus systems only; the weight selection, also
         # used by the hybrid row of a TREC DL rerank evaluation, changed for every mode)
         retrieval = self.cfg.evaluate.mode == "retrieval"
-        extra = [f"systems-v{EVALUATE_SYSTEMS_VERSION}"] if retrieval and EVALUATE_SYSTEMS_VERSION > 1 else []
+        extra = [f"systems-v{EVALUATE_SYSTEMS_VERSION}"] if retrieval else [f"rerank-systems-v{RERANK_SYSTEMS_VERSION}"]
         extra.append(f"weights-v{WEIGHT_SELECTION_VERSION}")
         return self.key("evaluate", ev, *[self.export_key(k) for k in kinds], *extra)
 
@@ -647,7 +643,7 @@ class Pipeline:
         from index_build.export_cache import base_dense_onnx
         from index_build.teachers import build_teacher, cached_teacher_scores
         from models.encoders import ColbertEncoder, DenseEncoder, maxsim
-        from models.fusion import normalize
+        from models.fusion import interpolate, normalize
 
         col = load_collection(path, unknown_docs="keep")
         split = next(iter(col.qrels))
@@ -685,11 +681,14 @@ class Pipeline:
         teacher_run = {qid: dict(zip(cs, map(float, ts))) for qid, cs, ts in zip(qids, cands, t_scores)}
         systems["teacher"] = metrics(qrels, teacher_run, min_rel=2)
         kinds = self.cfg.students.kinds
+        # students trained on this pool (a label-free build): the first stages and the ColBERT
+        # interpolation are evaluated as the service serves them, weights from the dev slice
+        own_pool = self.cfg.evaluate.mode == "rerank" and Path(self.cfg.data.path).resolve() == path.resolve()
+        firsts: dict[str, dict[str, dict[str, float]]] = {}
         if "dense" in kinds:
             dense_run = score_all(dense_fn(DenseEncoder(self.onnx_dir("dense"))))
             systems["dense"] = metrics(qrels, dense_run, min_rel=2)
-            if self.cfg.evaluate.mode == "rerank" and Path(self.cfg.data.path).resolve() == path.resolve():
-                # students trained on this pool: the hybrid fuses BM25 with them (weight from the dev slice)
+            if own_pool:
                 hw = self.tune_hybrid()["dense_weight"]
                 hybrid_run = {}
                 for qid, cs in zip(qids, cands):
@@ -697,6 +696,7 @@ class Pipeline:
                         np.array([dict(run_in[qid])[c] for c in cs]))
                     hybrid_run[qid] = dict(zip(cs, map(float, fused)))
                 systems["hybrid"] = metrics(qrels, hybrid_run, min_rel=2)
+                firsts = {"dense": dense_run, "hybrid": hybrid_run}
             if self.cfg.export_int8:
                 enc8 = DenseEncoder(self.onnx_dir("dense"), onnx_file=INT8_NAME)
                 systems["dense-int8"] = metrics(qrels, score_all(dense_fn(enc8)), min_rel=2)
@@ -708,9 +708,21 @@ class Pipeline:
                 offsets = np.cumsum([0] + [len(t) for t in toks])
                 return maxsim(cb.encode_queries([q])[0], np.concatenate(toks), offsets)
 
-            systems["dense+colbert"] = metrics(qrels, score_all(colbert_fn), min_rel=2)
-            if "hybrid" in systems:  # reranking the same 100 candidates: the hybrid's order does not matter
-                systems["hybrid+colbert"] = systems["dense+colbert"]
+            colbert_run = score_all(colbert_fn)
+            if not firsts:
+                systems["dense+colbert"] = metrics(qrels, colbert_run, min_rel=2)
+            else:
+                # ColBERT's scores interpolated with the first stage's (models.fusion.interpolate), as
+                # in full-corpus evaluation and the service; "-maxsim": plain reranking
+                weights = self.tune_colbert_weights(self.tune_hybrid()["dense_weight"])["weights"]
+                for stage, first_run in firsts.items():
+                    run = {}
+                    for qid, cs in zip(qids, cands):
+                        final = interpolate(np.array([first_run[qid][c] for c in cs]),
+                                            np.array([colbert_run[qid][c] for c in cs]), weights[stage])
+                        run[qid] = dict(zip(cs, map(float, final)))
+                    systems[f"{stage}+colbert"] = metrics(qrels, run, min_rel=2)
+                systems["dense+colbert-maxsim"] = metrics(qrels, colbert_run, min_rel=2)
         if "cross-encoder" in kinds:
             scores = self.cross_encoder_scores(texts, [[docs[c] for c in cs] for cs in cands])
             systems["dense+cross-encoder"] = metrics(
@@ -916,6 +928,20 @@ class Pipeline:
             md += f"| {n} | {s['seconds']} | {s['peak_rss_bytes'] / 2**20:.0f} |\n"
         (results_dir / f"{name}.md").write_text(md)
         return main
+
+
+def train_recipe_key(tcfg) -> str:
+    """The part of a distill stage's key that comes from its train section: what is trained,
+    not where (``device``) nor what is applied afterwards (``wise_ft``, see export_key)."""
+    from dataclasses import asdict
+
+    data = asdict(tcfg)
+    for name, default in _LATER_TRAIN_FIELDS.items():  # keys from before these fields existed stay valid
+        if data.get(name) == default:
+            data.pop(name)
+    data.pop("wise_ft", None)
+    data.pop("device", None)
+    return json.dumps(data, sort_keys=True)
 
 
 def _jsonable(cfg: BuildConfig) -> dict:

@@ -54,6 +54,11 @@ class Student(nn.Module):
         self.tokenizer = TextTokenizer.from_file(_tokenizer_file(self.checkpoint))
         self._tokenizer_path = _tokenizer_file(self.checkpoint)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (inputs are moved there)."""
+        return next(self.parameters()).device
+
     def hidden(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if getattr(self.encoder.config, "type_vocab_size", 0) > 1:
@@ -92,10 +97,10 @@ class DenseStudent(Student):
         return pooled
 
     def encode_queries(self, texts: list[str]) -> torch.Tensor:
-        return self(**to_torch(self.tokenizer.encode(texts, self.config.max_query_len)))
+        return self(**to_torch(self.tokenizer.encode(texts, self.config.max_query_len), self.device))
 
     def encode_docs(self, texts: list[str]) -> torch.Tensor:
-        return self(**to_torch(self.tokenizer.encode(texts, self.config.max_doc_len)))
+        return self(**to_torch(self.tokenizer.encode(texts, self.config.max_doc_len), self.device))
 
 
 class ColbertStudent(Student):
@@ -115,13 +120,14 @@ class ColbertStudent(Student):
         return {"proj.weight": self.proj.weight.detach().cpu()}
 
     def encode_queries(self, texts: list[str]) -> torch.Tensor:
-        return self(**to_torch(self.tokenizer.encode_colbert_queries(texts, self.config.colbert_query_len)))
+        batch = self.tokenizer.encode_colbert_queries(texts, self.config.colbert_query_len)
+        return self(**to_torch(batch, self.device))
 
     def encode_docs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token vectors ``[n, L, dim]`` and the keep mask (real, non-punctuation tokens)."""
         batch = self.tokenizer.encode_colbert_docs(texts, self.config.max_doc_len)
-        keep = torch.from_numpy(self.tokenizer.colbert_doc_keep_mask(batch))
-        return self(**to_torch(batch)), keep
+        keep = torch.from_numpy(self.tokenizer.colbert_doc_keep_mask(batch)).to(self.device)
+        return self(**to_torch(batch, self.device)), keep
 
     @staticmethod
     def maxsim(q: torch.Tensor, d: torch.Tensor, d_keep: torch.Tensor) -> torch.Tensor:
@@ -151,7 +157,7 @@ class CrossEncoderStudent(Student):
 
     def score_pairs(self, queries: list[str], docs: list[str]) -> torch.Tensor:
         batch = self.tokenizer.encode_pairs(queries, docs, self.config.max_doc_len, self.config.max_query_len)
-        return self(**to_torch(batch))
+        return self(**to_torch(batch, self.device))
 
 
 STUDENTS: dict[str, type[Student]] = {

@@ -61,6 +61,41 @@ class TrainConfig:
     # LABEL_FREE_WISE_FT for the dense student of a label-free build. Applied at export.
     wise_ft: float | None = None
     threads: int = 0
+    # torch device to train on: "auto" (CUDA when torch sees a GPU, else CPU), "cpu", "cuda",
+    # "cuda:N". Not part of the stage keys: the recipe is the same wherever it runs.
+    device: str = "auto"
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``name`` (see :attr:`TrainConfig.device`), with a clear error when
+    a GPU is asked for and torch cannot use one.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"train device {name!r}: {e}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"train device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train device {name!r}: this torch build sees no CUDA GPU "
+                             "(install a CUDA build of torch, or use device 'cpu')")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"train device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+#: TrainConfig fields that do not change what is trained (left out of resume checks)
+_PLACEMENT_FIELDS = ("device", "threads")
+
+
+def _recipe(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(cfg).items() if k not in _PLACEMENT_FIELDS}
 
 
 @dataclass
@@ -123,7 +158,7 @@ def calibrate_teacher_scale(student: Student, examples: list[Example], corpus_te
             batch = picks[i : i + cfg.batch_queries]
             docs, t_rows = batch_inputs(batch, corpus_texts, cfg.negatives, rng)
             s, _ = student_scores(student, [ex.query for ex in batch], docs)
-            s_m.append(_margins(s.float().numpy() * student_scale))
+            s_m.append(_margins(s.float().cpu().numpy() * student_scale))
             t_m.append(_margins(np.asarray(t_rows, dtype=np.float64)))
     student.train(was_training and cfg.dropout)
     s_std, t_std = float(np.concatenate(s_m).std()), float(np.concatenate(t_m).std())
@@ -168,6 +203,7 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
         raise ValueError("no training examples (no query has both a positive and a negative)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    student.to(resolve_device(cfg.device))
     work_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -186,7 +222,8 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
     state: dict[str, Any] = {"step": 0, "best_dev": -1.0, "dev_history": [], "loss_history": [], "seconds": 0.0}
     if ckpt_path.is_file():
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if saved.get("config") == asdict(cfg) and saved.get("n_examples") == len(examples):
+        saved_recipe = {k: v for k, v in saved.get("config", {}).items() if k not in _PLACEMENT_FIELDS}
+        if saved_recipe == _recipe(cfg) and saved.get("n_examples") == len(examples):
             student.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
@@ -242,14 +279,14 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
                                     ict_remove=cfg.ict_remove)
         s, emb = student_scores(student, [ex.query for ex in batch], docs)
         s = s * scale
-        t = torch.tensor(t_rows, dtype=s.dtype) * t_scale
+        t = torch.tensor(t_rows, dtype=s.dtype, device=s.device) * t_scale
         n = s.shape[1] - 1
         loss = margin_mse(s[:, :1].expand(-1, n), s[:, 1:], t[:, :1].expand(-1, n), t[:, 1:])
         if cfg.in_batch_weight and emb is not None:
             # every scored document of the batch is a candidate for every query; query i's positive is row i*(n+1)
             q_emb, d_emb = emb
             loss = loss + cfg.in_batch_weight * in_batch_negatives(
-                q_emb, d_emb, torch.arange(len(batch)) * (n + 1), scale=scale)
+                q_emb, d_emb, torch.arange(len(batch), device=s.device) * (n + 1), scale=scale)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
         optimizer.step()
@@ -265,6 +302,7 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
         if state["step"] % cfg.checkpoint_every == 0 or state["step"] in (total_steps, stop_at):
             save_checkpoint()
     bar.close()
+    student.to("cpu")  # callers go on to export / evaluate on the CPU
     if state["step"] < total_steps:
         return TrainResult(state["step"], state["best_dev"], state["dev_history"], state["seconds"],
                            state["loss_history"])

@@ -158,7 +158,17 @@ def test_rerank_mode_on_a_trec_style_pool(tmp_path, tiny_bert):
                                                'students.kinds=["dense", "colbert"]', "label_free.dev_queries=5"))
     p = Pipeline(cfg, progress=False)
     systems = p.run_all()["systems"]
-    assert {"bm25", "base-dense", "teacher", "dense", "dense+colbert", "hybrid", "hybrid+colbert"} <= set(systems)
+    assert {"bm25", "base-dense", "teacher", "dense", "dense+colbert", "hybrid", "hybrid+colbert",
+            "dense+colbert-maxsim"} <= set(systems)
+    # ColBERT is interpolated with each first stage by the dev-slice weights: at weight 1 it is
+    # plain MaxSim reranking, at weight 0 the first stage's own ranking
+    for w, expect in [(1.0, {"dense+colbert": "dense+colbert-maxsim", "hybrid+colbert": "dense+colbert-maxsim"}),
+                      (0.0, {"dense+colbert": "dense", "hybrid+colbert": "hybrid"})]:
+        p.tune_colbert_weights = lambda *a, w=w, **k: {"weights": dict.fromkeys(("dense", "sparse", "hybrid"), w)}
+        fixed = p.evaluate_trec(data)
+        for row, same_as in expect.items():
+            assert fixed[row] == pytest.approx(systems[same_as]), (w, row)
+    del p.tune_colbert_weights
     # the teacher row is the configured teacher: a lone member ranks as that member does
     p.cfg.teacher.members = [{"kind": "bi-encoder", "model": p.cfg.students.base}]
     assert p.evaluate_trec(data)["teacher"] == systems["base-dense"]
