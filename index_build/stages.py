@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 #: (``*-maxsim``: plain reranking). 4: weights chosen by the one-standard-error rule.
 EVALUATE_SYSTEMS_VERSION = 4
 #: Likewise for a TREC DL pool evaluated in ``rerank`` mode by students trained on it. 2: ColBERT
-#: scores interpolated with the first stage's (``dense+colbert-maxsim``: plain reranking).
-RERANK_SYSTEMS_VERSION = 2
+#: scores interpolated with the first stage's (``dense+colbert-maxsim``: plain reranking). 3: the
+#: stage records the dev-slice weights it used (``weights``).
+RERANK_SYSTEMS_VERSION = 3
 #: Bumped when the dev-slice choice of fusion / interpolation weights changes. 2: the
 #: one-standard-error rule (:func:`index_build.evaluate.one_se_choice`).
 WEIGHT_SELECTION_VERSION = 2
@@ -90,6 +91,8 @@ class Pipeline:
         self.work.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         self.records: dict[str, StageRecord] = {}
+        #: per TREC DL pool whose own students are evaluated: the dev-slice weights used
+        self.trec_weights: dict[str, dict[str, Any]] = {}
         if cfg.threads:
             import os
 
@@ -497,7 +500,10 @@ class Pipeline:
                 else:
                     log.warning("TREC DL folder %s not found: skipped", path)
             (out / "eval.json").write_text(json.dumps({"collection": collection_result, "trec": trec}, indent=2))
-            return {"collection": collection_result, "trec": trec}
+            result = {"collection": collection_result, "trec": trec}
+            if self.trec_weights:  # dev-slice weights of a pool's own students (recorded with the stage)
+                result["weights"] = self.trec_weights
+            return result
 
         return self.stage("evaluate", self.evaluate_key(), run)
 
@@ -714,7 +720,8 @@ class Pipeline:
             else:
                 # ColBERT's scores interpolated with the first stage's (models.fusion.interpolate), as
                 # in full-corpus evaluation and the service; "-maxsim": plain reranking
-                weights = self.tune_colbert_weights(self.tune_hybrid()["dense_weight"])["weights"]
+                weights = self.tune_colbert_weights(hw)["weights"]
+                self.trec_weights[path.name] = {"hybrid_dense_weight": hw, "colbert_weight": weights}
                 for stage, first_run in firsts.items():
                     run = {}
                     for qid, cs in zip(qids, cands):

@@ -160,6 +160,8 @@ def test_rerank_mode_on_a_trec_style_pool(tmp_path, tiny_bert):
     systems = p.run_all()["systems"]
     assert {"bm25", "base-dense", "teacher", "dense", "dense+colbert", "hybrid", "hybrid+colbert",
             "dense+colbert-maxsim"} <= set(systems)
+    weights = p.records["evaluate"].result["weights"]["pool"]
+    assert set(weights["colbert_weight"]) == {"dense", "sparse", "hybrid"} and 0 <= weights["hybrid_dense_weight"] <= 1
     # ColBERT is interpolated with each first stage by the dev-slice weights: at weight 1 it is
     # plain MaxSim reranking, at weight 0 the first stage's own ranking
     for w, expect in [(1.0, {"dense+colbert": "dense+colbert-maxsim", "hybrid+colbert": "dense+colbert-maxsim"}),
