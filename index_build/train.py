@@ -94,8 +94,9 @@ def resolve_device(name: str) -> torch.device:
 _PLACEMENT_FIELDS = ("device", "threads")
 
 
-def _recipe(cfg: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(cfg).items() if k not in _PLACEMENT_FIELDS}
+def _recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """A TrainConfig as a dict (``asdict``), without the placement fields."""
+    return {k: v for k, v in config.items() if k not in _PLACEMENT_FIELDS}
 
 
 @dataclass
@@ -222,8 +223,7 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
     state: dict[str, Any] = {"step": 0, "best_dev": -1.0, "dev_history": [], "loss_history": [], "seconds": 0.0}
     if ckpt_path.is_file():
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved_recipe = {k: v for k, v in saved.get("config", {}).items() if k not in _PLACEMENT_FIELDS}
-        if saved_recipe == _recipe(cfg) and saved.get("n_examples") == len(examples):
+        if _recipe(saved.get("config", {})) == _recipe(asdict(cfg)) and saved.get("n_examples") == len(examples):
             student.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
