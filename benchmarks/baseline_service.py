@@ -15,7 +15,7 @@ the ONNX exports and compressed indexes:
   float32 token vectors of the candidates (:meth:`Pipeline.colbert_corpus`, uncompressed),
   mixed with the first-stage scores at the builder's dev-tuned weight, as the service does;
 - ``rerank=cross-encoder``: the torch cross-encoder student over (query, document) pairs in
-  batches of 32.
+  batches of 32, mixed with the first-stage scores in the same way.
 
 Endpoints are plain ``def`` functions (FastAPI runs them in its thread pool), one process,
 no batching, no admission control: the obvious implementation. ``/ready`` answers 200 once
@@ -96,13 +96,16 @@ class BaselineEngine:
             tokens = pipeline.colbert_corpus()
             self.doc_tokens = [torch.from_numpy(np.array(tokens.pop(i), dtype=np.float32))
                                for i in range(len(self.ids))]
-        # the service's ColBERT rerank mixes MaxSim with the first stage at the weight the
-        # builder tuned and recorded in the artifact (plain MaxSim when there is none)
+        # the service's reranks mix the reranker's scores with the first stage's at the weights
+        # the builder tuned and recorded in the artifact (the reranker alone when there are none)
         artifact = Path(cfg.artifact_dir)
-        self.colbert_weight = 1.0
+        self.colbert_weight = self.cross_encoder_weight = 1.0
         if (artifact / "manifest.json").is_file():
-            tuned = load_manifest(artifact).indexes.get("colbert", {}).get("interpolation", {})
+            manifest = load_manifest(artifact)
+            tuned = manifest.indexes.get("colbert", {}).get("interpolation", {})
             self.colbert_weight = float(tuned.get("weights", {}).get("dense", 1.0))
+            tuned = manifest.models.get("cross-encoder", {}).get("interpolation", {})
+            self.cross_encoder_weight = float(tuned.get("weights", {}).get("dense", 1.0))
         self.version = f"baseline-torch:{Path(cfg.work_dir).name}"
         log.info("baseline loaded %d docs in %.0f ms", len(self.ids), _ms(started))
 
@@ -146,7 +149,8 @@ class BaselineEngine:
                 for start in range(0, len(cand), 32):
                     part = cand[start : start + 32]
                     out += self.cross_encoder.score_pairs([query] * len(part), [self.texts[i] for i in part]).tolist()
-                final = dict(zip(cand, out))
+                mixed = interpolate(np.array([first[i] for i in cand]), np.array(out), self.cross_encoder_weight)
+                final = dict(zip(cand, mixed.tolist()))
             if rerank != "none":
                 timings["rerank"] = _ms(t)
         ranked = sorted(cand, key=lambda i: -final[i])[:k]

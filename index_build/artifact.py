@@ -45,7 +45,7 @@ def build_artifact(
     nprobe: int | None = None,
     calibration_queries: np.ndarray | None = None,
     hybrid: dict[str, Any] | None = None,
-    colbert_interpolation: dict[str, Any] | None = None,
+    rerank_interpolation: dict[str, dict[str, Any]] | None = None,
     distill_vq: DistillVQConfig | None = None,
     distill_vq_queries: tuple[np.ndarray, dict[str, Any]] | None = None,
     training: dict[str, Any] | None = None,
@@ -61,6 +61,7 @@ def build_artifact(
         raise ValueError(f"{len(dense_vectors)} dense vectors for {len(collection.docs)} documents")
     models: dict[str, dict[str, Any]] = {}
     indexes: dict[str, dict[str, Any]] = {}
+    interpolation = rerank_interpolation or {}  # per reranker: its dev-tuned weights per first stage
     with ArtifactWriter(Path(final_dir)) as w:
         root = w.path
         for kind, src in onnx_dirs.items():
@@ -90,13 +91,15 @@ def build_artifact(
             tok = TokenIndex.build(colbert_vectors, root / "colbert", bits=colbert_bits, progress=progress)
             indexes["colbert"] = {"type": "colbert-token-index", "path": "colbert", "model": "colbert",
                                   **tok.params(), "bytes_per_token": tok.bytes_per_token()}
-            if colbert_interpolation is not None:
-                indexes["colbert"]["interpolation"] = colbert_interpolation
+            if interpolation.get("colbert") is not None:
+                indexes["colbert"]["interpolation"] = interpolation["colbert"]
         if bm25 is not None:
             bm25.save(root / "bm25")
             indexes["bm25"] = {"type": "bm25s", "path": "bm25", **bm25.config.__dict__}
         if hybrid is not None:
             indexes["hybrid"] = {"type": "fusion", "members": ["dense", "bm25"], **hybrid}
+        if "cross-encoder" in models and interpolation.get("cross-encoder") is not None:
+            models["cross-encoder"]["interpolation"] = interpolation["cross-encoder"]
         DocStore.build(root / "docs.sqlite", ((d.id, d.title, d.text) for d in collection.docs), progress=progress)
         return w.finalize({
             "corpus": {"checksum": collection.checksum(), "n_docs": len(collection.docs),

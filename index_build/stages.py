@@ -41,6 +41,10 @@ EVALUATE_SYSTEMS_VERSION = 4
 #: scores interpolated with the first stage's (``dense+colbert-maxsim``: plain reranking). 3: the
 #: stage records the dev-slice weights it used (``weights``).
 RERANK_SYSTEMS_VERSION = 3
+#: Bumped when the full-corpus cross-encoder systems change (keys of builds without a
+#: cross-encoder stay as they were). 1: its scores interpolated with the dense student's
+#: (``dense+cross-encoder-plain``: plain reranking).
+CROSS_ENCODER_SYSTEMS_VERSION = 1
 #: Bumped when the dev-slice choice of fusion / interpolation weights changes. 2: the
 #: one-standard-error rule (:func:`index_build.evaluate.one_se_choice`).
 WEIGHT_SELECTION_VERSION = 2
@@ -485,6 +489,8 @@ class Pipeline:
         retrieval = self.cfg.evaluate.mode == "retrieval"
         extra = [f"systems-v{EVALUATE_SYSTEMS_VERSION}"] if retrieval else [f"rerank-systems-v{RERANK_SYSTEMS_VERSION}"]
         extra.append(f"weights-v{WEIGHT_SELECTION_VERSION}")
+        if retrieval and "cross-encoder" in kinds:
+            extra.append(f"cross-encoder-v{CROSS_ENCODER_SYSTEMS_VERSION}")
         return self.key("evaluate", ev, *[self.export_key(k) for k in kinds], *extra)
 
     def evaluate(self) -> StageRecord:
@@ -549,7 +555,7 @@ class Pipeline:
         systems["hybrid"] = metrics(qrels, self.run_of(qids, firsts["hybrid"]))
         if "colbert" in kinds:
             # ColBERT reranks, its scores interpolated with the first stage's (weights tuned on the dev slice)
-            weights = self.tune_colbert_weights(hybrid["dense_weight"], depth)["weights"]
+            weights = self.tune_rerank_weights("colbert", hybrid["dense_weight"], depth)["weights"]
             for f in ["model.onnx"] + ([INT8_NAME] if self.cfg.export_int8 else []):
                 cb = self.colbert_scores(texts, firsts["dense"], f)
                 systems["dense+colbert" + ("-int8" if f == INT8_NAME else "")] = metrics(
@@ -564,10 +570,13 @@ class Pipeline:
             systems["hybrid+colbert"] = metrics(qrels, self.run_of(qids, firsts["hybrid"], cb, weights["hybrid"]))
             systems["hybrid+colbert-maxsim"] = metrics(qrels, self.run_of(qids, firsts["hybrid"], cb, 1.0))
         if "cross-encoder" in kinds:
-            cands = [[int(j) for j in c] for c, _ in firsts["dense"]]
-            scores = self.cross_encoder_scores(texts, [[self.corpus_texts[j] for j in c] for c in cands])
-            run = {qid: {doc_ids[j]: float(x) for j, x in zip(c, sc)} for qid, c, sc in zip(qids, cands, scores)}
-            systems["dense+cross-encoder"] = metrics(qrels, run)
+            # the cross-encoder reranks the dense top-depth, its scores interpolated with the dense
+            # student's as the service serves it (weight tuned on the dev slice); "-plain": its scores alone
+            ce_weight = self.tune_rerank_weights("cross-encoder", hybrid["dense_weight"], depth)["weights"]["dense"]
+            scores = self.cross_encoder_scores(
+                texts, [[self.corpus_texts[int(j)] for j in c] for c, _ in firsts["dense"]])
+            systems["dense+cross-encoder"] = metrics(qrels, self.run_of(qids, firsts["dense"], scores, ce_weight))
+            systems["dense+cross-encoder-plain"] = metrics(qrels, self.run_of(qids, firsts["dense"], scores, 1.0))
         return systems
 
     def cross_encoder_scores(self, queries: list[str], candidate_texts: list[list[str]]) -> list[np.ndarray]:
@@ -720,7 +729,7 @@ class Pipeline:
             else:
                 # ColBERT's scores interpolated with the first stage's (models.fusion.interpolate), as
                 # in full-corpus evaluation and the service; "-maxsim": plain reranking
-                weights = self.tune_colbert_weights(hw)["weights"]
+                weights = self.tune_rerank_weights("colbert", hw)["weights"]
                 self.trec_weights[path.name] = {"hybrid_dense_weight": hw, "colbert_weight": weights}
                 for stage, first_run in firsts.items():
                     run = {}
@@ -739,9 +748,11 @@ class Pipeline:
     # ----------------------------------------------------------------- artifact
     def artifact_key(self) -> str:
         # (manifest-v2: the ColBERT index records its tuned interpolation weights; v3: weights
-        # chosen by the one-standard-error rule)
+        # chosen by the one-standard-error rule; a cross-encoder records its weights too)
+        kinds = self.cfg.students.kinds
         return self.key("artifact", self.cfg.section_hash("index"), self.cfg.artifact_dir,
-                        *[self.export_key(k) for k in self.cfg.students.kinds], "manifest-v3")
+                        *[self.export_key(k) for k in kinds], "manifest-v3",
+                        *(["cross-encoder-interpolation"] if "cross-encoder" in kinds else []))
 
     def artifact(self) -> StageRecord:
         """Encode the corpus with the ONNX students, build the indexes, write the artifact dir."""
@@ -763,7 +774,9 @@ class Pipeline:
             stages = {n: {"seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes}
                       for n, r in self.records.items()}
             hybrid = self.tune_hybrid()
-            interpolation = self.tune_colbert_weights(hybrid["dense_weight"]) if colbert is not None else None
+            interpolation: dict[str, dict[str, Any]] = {
+                k: self.tune_rerank_weights(k, hybrid["dense_weight"])
+                for k in ("colbert", "cross-encoder") if k in kinds}
             training: dict[str, Any] = {
                 "label_free": self.label_free, "teacher": self.cfg.teacher.members,
                 "students": {k: self.records[f"distill-{k}"].result for k in kinds if f"distill-{k}" in self.records},
@@ -777,7 +790,7 @@ class Pipeline:
                 final, collection=self.collection, onnx_dirs={k: self.onnx_dir(k) for k in kinds},
                 dense_vectors=dense, colbert_vectors=colbert, bm25=self.bm25, factory=self.cfg.index.factory,
                 colbert_bits=self.cfg.index.colbert_bits, nprobe=self.cfg.index.nprobe,
-                calibration_queries=self.calibration_queries(), hybrid=hybrid, colbert_interpolation=interpolation,
+                calibration_queries=self.calibration_queries(), hybrid=hybrid, rerank_interpolation=interpolation,
                 distill_vq=dvq, distill_vq_queries=distill_vq,
                 training=training,
                 build={"key": key, "config": _jsonable(self.cfg), "stages": stages},
@@ -865,11 +878,11 @@ class Pipeline:
                 "selection": "one-standard-error rule toward equal weights (0.5)",
                 "dev_nDCG@10": {str(w): round(float(v.mean()), 4) for w, v in per_query.items()}}
 
-    def tune_colbert_weights(self, hybrid_weight: float, depth: int = 100) -> dict[str, Any]:
-        """Per first stage, the weight of the ColBERT score against the first stage's score
-        in the final ranking (:func:`models.fusion.interpolate`; 1 = plain reranking), chosen
-        on the dev slice like :meth:`tune_hybrid`, with plain reranking as the prior. Never
-        on test judgments."""
+    def tune_rerank_weights(self, kind: str, hybrid_weight: float, depth: int = 100) -> dict[str, Any]:
+        """Per first stage, the weight of reranker ``kind``'s score (``colbert`` or
+        ``cross-encoder``) against the first stage's score in the final ranking
+        (:func:`models.fusion.interpolate`; 1 = plain reranking), chosen on the dev slice like
+        :meth:`tune_hybrid`, with plain reranking as the prior. Never on test judgments."""
         from models.encoders import DenseEncoder
 
         dev = self.load_mined()["dev"]
@@ -880,10 +893,11 @@ class Pipeline:
         qrels = self.dev_qrels(dev)
         dense_q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(dev["queries"])
         firsts = self.first_stage_lists(dev["queries"], dense_q, hybrid_weight, depth)
+        scores = self.rerank_scores(kind, dev["queries"], firsts)
         weights, curves = {}, {}
         for stage in stages:
-            cb = self.colbert_scores(dev["queries"], firsts[stage])
-            per_query = {a: per_query_ndcg(qrels, self.run_of(dev["qids"], firsts[stage], cb, a), dev["qids"])
+            per_query = {a: per_query_ndcg(qrels, self.run_of(dev["qids"], firsts[stage], scores[stage], a),
+                                           dev["qids"])
                          for a in WEIGHT_GRID}
             weights[stage] = one_se_choice(per_query, prior=1.0)
             curves[stage] = {str(a): round(float(v.mean()), 4) for a, v in per_query.items()}
@@ -891,6 +905,22 @@ class Pipeline:
                 "tuned_on": "pseudo-query dev slice" if self.label_free else "train dev slice",
                 "selection": "one-standard-error rule toward plain reranking (1.0)",
                 "dev_nDCG@10": curves}
+
+    def rerank_scores(self, kind: str, texts: list[str],
+                      firsts: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> dict[str, list[np.ndarray]]:
+        """Reranker ``kind``'s score of every candidate of every first stage in ``firsts`` (as
+        from :meth:`first_stage_lists`). Each query's candidates are scored once, over the
+        union of its lists (the stages overlap heavily, and a cross-encoder pass is costly)."""
+        unions = [np.unique(np.concatenate([lists[r][0] for lists in firsts.values()] + [np.zeros(0, np.int64)]))
+                  for r in range(len(texts))]
+        if kind == "colbert":
+            scored = self.colbert_scores(texts, [(u, np.zeros(len(u))) for u in unions])
+        elif kind == "cross-encoder":
+            scored = self.cross_encoder_scores(texts, [[self.corpus_texts[int(j)] for j in u] for u in unions])
+        else:
+            raise ValueError(f"no reranker {kind!r}")
+        return {stage: [scored[r][np.searchsorted(unions[r], cands)] for r, (cands, _) in enumerate(lists)]
+                for stage, lists in firsts.items()}
 
     # ----------------------------------------------------------------- orchestration
     def run_all(self) -> dict:

@@ -217,7 +217,10 @@ class SearchEngine:
         self.providers = list(providers)
         self.model_files = dict(model_files or {})
         self.hybrid_weights = _hybrid_weights(settings, manifest)
-        self.colbert_weights = _colbert_weights(settings, manifest)
+        self.colbert_weights = _rerank_weights(
+            settings.colbert_weight, manifest.indexes.get("colbert", {}).get("interpolation", {}))
+        self.cross_encoder_weights = _rerank_weights(
+            settings.cross_encoder_weight, manifest.models.get("cross-encoder", {}).get("interpolation", {}))
         self._input_names = {
             enc.kind: {i.name for i in enc.session.get_inputs()}
             for enc in (dense_encoder, colbert_encoder, cross_encoder)
@@ -385,6 +388,7 @@ class SearchEngine:
             "first_stages": self.first_stages(),
             "hybrid_weights": {"dense": self.hybrid_weights[0], "sparse": self.hybrid_weights[1]},
             "colbert_weights": dict(self.colbert_weights),
+            "cross_encoder_weights": dict(self.cross_encoder_weights),
             "providers": self.providers,
             "use_int8": self.settings.use_int8,
             "colbert_tokens": None if self.token_index is None else self.token_index.in_memory,
@@ -528,7 +532,8 @@ class SearchEngine:
             docs = self.docstore.get_by_index(idx.tolist())
             timings.fetch += _ms(started)
             started = time.perf_counter()
-            final_scores = self.cross_encoder.score(query, [doc_full_text(d["title"], d["text"]) for d in docs])
+            ce_scores = self.cross_encoder.score(query, [doc_full_text(d["title"], d["text"]) for d in docs])
+            final_scores = interpolate(first_scores, ce_scores, self.cross_encoder_weights[opts.first_stage])
             order = np.argsort(-final_scores, kind="stable")[: opts.k]
             timings.rerank = _ms(started)
         started = time.perf_counter()
@@ -617,13 +622,14 @@ def _hybrid_weights(settings: Settings, manifest: Manifest) -> tuple[float, floa
     return float(tuned.get("dense_weight", 0.5)), float(tuned.get("sparse_weight", 0.5))
 
 
-def _colbert_weights(settings: Settings, manifest: Manifest) -> dict[str, float]:
-    """Per first stage, the weight of the ColBERT score against the first stage's score
-    (:func:`models.fusion.interpolate`): ``settings.colbert_weight`` when given, else the
-    builder's dev-tuned weights (``indexes.colbert.interpolation`` in the manifest), else 1
-    (plain reranking)."""
+def _rerank_weights(configured: float | None, tuned: dict[str, Any]) -> dict[str, float]:
+    """Per first stage, the weight of a reranker's score (ColBERT MaxSim or the cross-encoder)
+    against the first stage's score (:func:`models.fusion.interpolate`): the configured one
+    (``colbert_weight`` / ``cross_encoder_weight``) when given, else the builder's dev-tuned
+    weights (``interpolation`` of the ColBERT index or the cross-encoder model in the
+    manifest), else 1 (plain reranking)."""
     stages = get_args(FirstStage)
-    if settings.colbert_weight is not None:
-        return dict.fromkeys(stages, float(settings.colbert_weight))
-    tuned = manifest.indexes.get("colbert", {}).get("interpolation", {}).get("weights", {})
-    return {stage: float(tuned.get(stage, 1.0)) for stage in stages}
+    if configured is not None:
+        return dict.fromkeys(stages, float(configured))
+    weights = tuned.get("weights", {})
+    return {stage: float(weights.get(stage, 1.0)) for stage in stages}

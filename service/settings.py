@@ -9,7 +9,7 @@ Groups (one flat object so every env var name is simply ``NRS_<FIELD>``):
   ``max_cross_encoder_candidates``, ``max_query_chars``, ``max_batch_queries``, ``max_body_bytes``
 - backpressure: ``max_concurrency``, ``max_queue``, ``request_timeout_ms``
 - dynamic batching: ``batch_max_size``, ``batch_max_wait_ms``
-- fusion: ``hybrid_dense_weight``, ``hybrid_sparse_weight``, ``colbert_weight``
+- fusion: ``hybrid_dense_weight``, ``hybrid_sparse_weight``, ``colbert_weight``, ``cross_encoder_weight``
 - server: ``host``, ``port``, ``log_level``, ``api_key``, ``graceful_shutdown_s``
 """
 
@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     colbert_weight: float | None = Field(None, ge=0, le=1, description=(
         "Weight of the ColBERT score against the first stage's in a ColBERT rerank (z-scores over the "
         "candidates; 1 = MaxSim alone). Default: the builder's dev-tuned weight per first stage, else 1."))
+    cross_encoder_weight: float | None = Field(None, ge=0, le=1, description=(
+        "Weight of the cross-encoder's score against the first stage's in a cross-encoder rerank "
+        "(z-scores over the candidates; 1 = its score alone). Default: the builder's dev-tuned weight "
+        "per first stage, else 1."))
 
     # -- server ----------------------------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -16,7 +16,7 @@ from index_build.stages import Pipeline  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 
 SYSTEMS = {"bm25", "teacher", "base-dense", "dense", "dense-int8", "dense-int8-query", "dense+colbert",
-           "dense+colbert-int8-query", "dense+colbert-maxsim", "dense+cross-encoder",
+           "dense+colbert-int8-query", "dense+colbert-maxsim", "dense+cross-encoder", "dense+cross-encoder-plain",
            "hybrid", "hybrid+colbert", "hybrid+colbert-maxsim"}
 
 
@@ -166,11 +166,11 @@ def test_rerank_mode_on_a_trec_style_pool(tmp_path, tiny_bert):
     # plain MaxSim reranking, at weight 0 the first stage's own ranking
     for w, expect in [(1.0, {"dense+colbert": "dense+colbert-maxsim", "hybrid+colbert": "dense+colbert-maxsim"}),
                       (0.0, {"dense+colbert": "dense", "hybrid+colbert": "hybrid"})]:
-        p.tune_colbert_weights = lambda *a, w=w, **k: {"weights": dict.fromkeys(("dense", "sparse", "hybrid"), w)}
+        p.tune_rerank_weights = lambda *a, w=w, **k: {"weights": dict.fromkeys(("dense", "sparse", "hybrid"), w)}
         fixed = p.evaluate_trec(data)
         for row, same_as in expect.items():
             assert fixed[row] == pytest.approx(systems[same_as]), (w, row)
-    del p.tune_colbert_weights
+    del p.tune_rerank_weights
     # the teacher row is the configured teacher: a lone member ranks as that member does
     p.cfg.teacher.members = [{"kind": "bi-encoder", "model": p.cfg.students.base}]
     assert p.evaluate_trec(data)["teacher"] == systems["base-dense"]
@@ -269,9 +269,10 @@ def test_cross_encoder_scores_are_cached_by_content(built, monkeypatch):
         p.cross_encoder_scores(queries[:1], [[p.corpus_texts[3]]])
 
 
-def test_colbert_interpolation_weights_tuned_on_dev(built):
+@pytest.mark.parametrize("kind", ["colbert", "cross-encoder"])
+def test_rerank_interpolation_weights_tuned_on_dev(built, kind):
     _, _, p, _ = built
-    tuned = p.tune_colbert_weights(p.tune_hybrid()["dense_weight"])
+    tuned = p.tune_rerank_weights(kind, p.tune_hybrid()["dense_weight"])
     assert tuned["tuned_on"] == "train dev slice"
     assert "one-standard-error" in tuned["selection"]
     for stage in ("dense", "sparse", "hybrid"):
@@ -280,6 +281,41 @@ def test_colbert_interpolation_weights_tuned_on_dev(built):
         w = tuned["weights"][stage]
         assert str(w) in curve
     # the artifact records the weights it was built with (an earlier test may have rebuilt it)
-    recorded = json.loads((Path(p.cfg.artifact_dir) / "manifest.json").read_text())["indexes"]["colbert"]
+    manifest = json.loads((Path(p.cfg.artifact_dir) / "manifest.json").read_text())
+    recorded = manifest["indexes"]["colbert"] if kind == "colbert" else manifest["models"]["cross-encoder"]
     assert set(recorded["interpolation"]["weights"]) == {"dense", "sparse", "hybrid"}
     assert set(recorded["interpolation"]["dev_nDCG@10"]) == {"dense", "sparse", "hybrid"}
+
+
+@pytest.mark.parametrize("kind", ["colbert", "cross-encoder"])
+def test_rerank_scores_over_the_union_match_each_list(built, kind):
+    """Scoring each query's candidates once, over the union of the first stages' lists, gives
+    every list the scores the reranker gives its candidates on their own."""
+    from models.encoders import DenseEncoder
+
+    _, _, p, _ = built
+    queries = p.load_mined()["dev"]["queries"][:3]
+    dense_q = DenseEncoder(p.onnx_dir("dense")).encode_queries(queries)
+    firsts = p.first_stage_lists(queries, dense_q, 0.5, 10)
+    union = p.rerank_scores(kind, queries, firsts)
+    for stage, lists in firsts.items():
+        alone = p.rerank_scores(kind, queries, {stage: lists})[stage]
+        assert [len(x) for x in union[stage]] == [len(c) for c, _ in lists]
+        for a, b in zip(union[stage], alone):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no reranker"):
+        p.rerank_scores("bm25", queries, firsts)
+
+
+def test_cross_encoder_row_interpolates_with_dense(built):
+    """dense+cross-encoder mixes the cross-encoder's and the dense student's z-scores by the
+    dev-tuned weight; at weight 1 it is the plain row, at weight 0 the dense student's ranking."""
+    _, _, p, result = built
+    systems = result["systems"]
+    for w, same_as in [(1.0, "dense+cross-encoder-plain"), (0.0, "dense")]:
+        p.tune_rerank_weights = lambda *a, w=w, **k: {"weights": dict.fromkeys(("dense", "sparse", "hybrid"), w)}
+        try:
+            got = p.evaluate_collection()
+        finally:
+            del p.tune_rerank_weights
+        assert got["dense+cross-encoder"] == pytest.approx(systems[same_as]), w

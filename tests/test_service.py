@@ -372,39 +372,51 @@ def test_colbert_tokens_in_memory(artifacts):
         make_settings(artifacts.first, colbert_tokens="bfloat16")
 
 
-def test_colbert_rerank_interpolates_with_the_first_stage(artifacts):
-    """Default weights come from the manifest (tuned by the builder); NRS_COLBERT_WEIGHT=1 is
-    plain MaxSim, 0 keeps the first stage's order, 0.5 is the z-score mix."""
+@pytest.mark.parametrize("rerank", ["colbert", "cross-encoder"])
+def test_rerank_interpolates_with_the_first_stage(artifacts, rerank):
+    """Default weights come from the manifest (tuned by the builder); a configured weight of 1
+    (NRS_COLBERT_WEIGHT / NRS_CROSS_ENCODER_WEIGHT) is the reranker's score alone, 0 keeps the
+    first stage's order, 0.5 is the z-score mix."""
     from models.fusion import normalize
+    from service.search import doc_full_text
 
     manifest = json.loads((artifacts.first / "manifest.json").read_text())
-    tuned = manifest["indexes"]["colbert"]["interpolation"]
+    section = manifest["indexes"]["colbert"] if rerank == "colbert" else manifest["models"]["cross-encoder"]
+    tuned, setting, reported = section["interpolation"], rerank.replace("-", "_") + "_weight", \
+        rerank.replace("-", "_") + "_weights"
     assert set(tuned["weights"]) == {"dense", "sparse", "hybrid"}
     assert all(0.0 <= w <= 1.0 for w in tuned["weights"].values())
-    body = {"query": QUERIES[1], "k": 20, "candidates": 20, "rerank": "colbert"}
+    body = {"query": QUERIES[1], "k": 20, "candidates": 20, "rerank": rerank}
     with TestClient(create_app(make_settings(artifacts.first))) as c:
         wait_ready(c)
-        assert c.get("/info").json()["colbert_weights"] == tuned["weights"]
+        assert c.get("/info").json()[reported] == tuned["weights"]
     results = {}
     for w in (0.0, 0.5, 1.0):
-        with TestClient(create_app(make_settings(artifacts.first, colbert_weight=w))) as c:
+        with TestClient(create_app(make_settings(artifacts.first, **{setting: w}))) as c:
             wait_ready(c)
-            assert c.get("/info").json()["colbert_weights"] == dict.fromkeys(["dense", "sparse", "hybrid"], w)
+            assert c.get("/info").json()[reported] == dict.fromkeys(["dense", "sparse", "hybrid"], w)
             results[w] = c.post("/search", json=body).json()["hits"]
             engine = service_of(c).engine
-            assert engine is not None and engine.token_index is not None and engine.colbert_encoder is not None
-            if w == 1.0:  # plain MaxSim over the stored token vectors
+            assert engine is not None
+            if w == 1.0:  # the reranker's own score: MaxSim over the stored token vectors / the cross-encoder's
                 idx = np.array([engine.docstore.ids.index(h["id"]) for h in results[w]])
-                q = engine.colbert_encoder.encode_queries([body["query"]])[0]
-                np.testing.assert_allclose([h["score"] for h in results[w]], engine.token_index.rerank(q, idx),
-                                           rtol=1e-5, atol=1e-5)
+                if rerank == "colbert":
+                    assert engine.token_index is not None and engine.colbert_encoder is not None
+                    q = engine.colbert_encoder.encode_queries([body["query"]])[0]
+                    expected = engine.token_index.rerank(q, idx)
+                else:
+                    assert engine.cross_encoder is not None
+                    docs = engine.docstore.get_by_index(idx.tolist())
+                    expected = engine.cross_encoder.score(body["query"], [doc_full_text(d["title"], d["text"])
+                                                                          for d in docs])
+                np.testing.assert_allclose([h["score"] for h in results[w]], expected, rtol=1e-5, atol=1e-5)
     first = [h["first_stage_score"] for h in results[0.0]]
     assert first == sorted(first, reverse=True)  # weight 0: the first stage's order
     # weight 0.5: half the z-scores of each, over the same 20 candidates
     by_id = {h["id"]: h for h in results[1.0]}
     ids = [h["id"] for h in results[0.5]]
     assert set(ids) == set(by_id)
-    maxsim = np.array([by_id[i]["score"] for i in ids])
+    own = np.array([by_id[i]["score"] for i in ids])
     first_scores = np.array([by_id[i]["first_stage_score"] for i in ids])
-    expected = 0.5 * normalize(maxsim) + 0.5 * normalize(first_scores)
+    expected = 0.5 * normalize(own) + 0.5 * normalize(first_scores)
     np.testing.assert_allclose([h["score"] for h in results[0.5]], expected, rtol=1e-4, atol=1e-4)
