@@ -658,7 +658,7 @@ class Pipeline:
         from index_build.export_cache import base_dense_onnx
         from index_build.teachers import build_teacher, cached_teacher_scores
         from models.encoders import ColbertEncoder, DenseEncoder, maxsim
-        from models.fusion import interpolate, normalize
+        from models.fusion import fuse_scores, interpolate
 
         col = load_collection(path, unknown_docs="keep")
         split = next(iter(col.qrels))
@@ -707,8 +707,9 @@ class Pipeline:
                 hw = self.tune_hybrid()["dense_weight"]
                 hybrid_run = {}
                 for qid, cs in zip(qids, cands):
-                    fused = hw * normalize(np.array([dense_run[qid][c] for c in cs])) + (1 - hw) * normalize(
-                        np.array([dict(run_in[qid])[c] for c in cs]))
+                    bm25 = dict(run_in[qid])
+                    fused = fuse_scores([np.array([dense_run[qid][c] for c in cs]), np.array([bm25[c] for c in cs])],
+                                        [hw, 1 - hw])
                     hybrid_run[qid] = dict(zip(cs, map(float, fused)))
                 systems["hybrid"] = metrics(qrels, hybrid_run, min_rel=2)
                 firsts = {"dense": dense_run, "hybrid": hybrid_run}
