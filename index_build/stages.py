@@ -749,10 +749,13 @@ class Pipeline:
     # ----------------------------------------------------------------- artifact
     def artifact_key(self) -> str:
         # (manifest-v2: the ColBERT index records its tuned interpolation weights; v3: weights
-        # chosen by the one-standard-error rule; a cross-encoder records its weights too)
+        # chosen by the one-standard-error rule; a cross-encoder records its weights too; the
+        # manifest schema decides what artifact_version covers)
+        from models.artifacts import SCHEMA_VERSION
+
         kinds = self.cfg.students.kinds
         return self.key("artifact", self.cfg.section_hash("index"), self.cfg.artifact_dir,
-                        *[self.export_key(k) for k in kinds], "manifest-v3",
+                        *[self.export_key(k) for k in kinds], "manifest-v3", f"schema-{SCHEMA_VERSION}",
                         *(["cross-encoder-interpolation"] if "cross-encoder" in kinds else []))
 
     def artifact(self) -> StageRecord:

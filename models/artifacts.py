@@ -42,7 +42,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+#: Manifest schema written by this code. 2: ``artifact_version`` also covers the serving
+#: sections (see :func:`artifact_version`). Version 1 manifests still load.
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMAS = (1, 2)
+#: Manifest sections that decide what the service serves (model files and settings, index
+#: parameters, fusion and interpolation weights): part of ``artifact_version`` from schema 2 on.
+SERVING_SECTIONS = ("corpus", "models", "indexes", "docstore")
 MANIFEST_NAME = "manifest.json"
 
 #: Distribution names tried, in order, for each entry of ``Manifest.versions``.
@@ -141,12 +147,31 @@ def hash_tree(root: Path) -> dict[str, FileEntry]:
     return out
 
 
-def artifact_version(files: dict[str, FileEntry]) -> str:
-    """Short content hash (12 hex digits) of the sorted ``path:sha256`` list."""
+def artifact_version(files: dict[str, FileEntry], serving: dict[str, Any] | None = None) -> str:
+    """Short content hash (12 hex digits) of the sorted ``path:sha256`` list and, when given,
+    the canonical JSON of ``serving`` (the manifest's :data:`SERVING_SECTIONS`): two
+    artifacts share a version only when they serve the same results, so a re-tuned fusion or
+    interpolation weight is a new version even though no file changed.
+
+    >>> files = {"a.bin": FileEntry(sha256="0" * 64, bytes=1)}
+    >>> artifact_version(files, {"indexes": {"colbert": {"weight": 0.5}}}) != artifact_version(
+    ...     files, {"indexes": {"colbert": {"weight": 0.6}}})
+    True
+    """
     digest = hashlib.sha256()
     for rel in sorted(files):
         digest.update(f"{rel}:{files[rel].sha256}\n".encode())
+    if serving is not None:
+        digest.update(json.dumps(serving, sort_keys=True, separators=(",", ":")).encode())
     return digest.hexdigest()[:12]
+
+
+def manifest_version(manifest: Manifest) -> str:
+    """The ``artifact_version`` that ``manifest``'s content implies under its schema."""
+    if manifest.schema_version < 2:
+        return artifact_version(manifest.files)
+    dumped = manifest.model_dump(mode="json")
+    return artifact_version(manifest.files, {k: dumped[k] for k in SERVING_SECTIONS})
 
 
 def collect_versions() -> dict[str, str]:
@@ -209,10 +234,10 @@ def load_manifest(path: str | Path) -> Manifest:
     if not isinstance(data, dict):
         raise ArtifactError(f"{manifest_path}: expected a JSON object, got {type(data).__name__}")
     found = data.get("schema_version")
-    if found != SCHEMA_VERSION:
+    if found not in SUPPORTED_SCHEMAS:
         raise ArtifactError(
-            f"{manifest_path}: schema_version {found!r} is not supported (expected {SCHEMA_VERSION}); "
-            "rebuild the artifact"
+            f"{manifest_path}: schema_version {found!r} is not supported (expected one of "
+            f"{', '.join(map(str, SUPPORTED_SCHEMAS))}); rebuild the artifact"
         )
     try:
         return Manifest.model_validate(data)
@@ -238,11 +263,11 @@ def verify(path: str | Path, *, deep: bool = True) -> Manifest:
     for rel in manifest.files:
         _check_relative(path, rel)
     _check_references(path, manifest)
-    expected_version = artifact_version(manifest.files)
+    expected_version = manifest_version(manifest)
     if manifest.artifact_version != expected_version:
         raise ArtifactError(
             f"{path}: artifact_version {manifest.artifact_version!r} does not match the file checksums "
-            f"({expected_version!r}); the manifest was edited"
+            f"and serving sections ({expected_version!r}); the manifest was edited"
         )
     for rel, entry in sorted(manifest.files.items()):
         f = path / rel
@@ -348,13 +373,13 @@ class ArtifactWriter:
         files = hash_tree(tmp)
         fields["files"] = files
         fields["schema_version"] = SCHEMA_VERSION
-        fields["artifact_version"] = artifact_version(files)
         fields.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         fields["versions"] = {**collect_versions(), **(fields.get("versions") or {})}
         try:
             manifest = Manifest.model_validate(fields)
         except ValidationError as exc:
             raise ArtifactError(f"{self.final_dir}: invalid manifest fields: {exc}") from None
+        manifest.artifact_version = manifest_version(manifest)
         _check_references(self.final_dir, manifest)
         _write_json_atomic(tmp / MANIFEST_NAME, manifest.model_dump(mode="json"))
         _fsync_dir(tmp)

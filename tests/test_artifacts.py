@@ -157,6 +157,34 @@ def test_manifest_problems(tmp_path) -> None:
         verify(tmp_path / "nowhere")
 
 
+def test_version_covers_serving_settings(tmp_path) -> None:
+    """The same files with another tuned weight are another version; editing a weight in the
+    manifest by hand is caught; records that do not change what is served (build timings)
+    leave the version alone; a schema 1 manifest (version over the files only) still loads."""
+    tuned = {**FIELDS, "indexes": {"dense": {**FIELDS["indexes"]["dense"], "fusion_weight": 0.5}}}
+    other = {**FIELDS, "indexes": {"dense": {**FIELDS["indexes"]["dense"], "fusion_weight": 0.6}}}
+    timed = {**tuned, "build": {"config": {"seed": 0}, "timings": {"index": 9.9}}}
+    versions = {}
+    for name, fields in [("tuned", tuned), ("other", other), ("timed", timed)]:
+        with ArtifactWriter(tmp_path / name) as w:
+            write_files(w.path)
+            w.finalize(fields)
+        versions[name] = verify(tmp_path / name).artifact_version
+    assert versions["tuned"] != versions["other"] and versions["tuned"] == versions["timed"]
+
+    manifest_path = tmp_path / "tuned" / "manifest.json"
+    good = json.loads(manifest_path.read_text())
+    edited = json.loads(manifest_path.read_text())
+    edited["indexes"]["dense"]["fusion_weight"] = 0.6
+    manifest_path.write_text(json.dumps(edited))
+    with pytest.raises(ArtifactError, match="the manifest was edited"):
+        verify(tmp_path / "tuned")
+    old = {**good, "schema_version": 1, "artifact_version": artifacts.artifact_version(verify(
+        tmp_path / "other").files)}
+    manifest_path.write_text(json.dumps(old))
+    assert verify(tmp_path / "tuned").artifact_version == old["artifact_version"]
+
+
 def test_finalize_rejects_dangling_reference(tmp_path) -> None:
     final = tmp_path / "art"
     with pytest.raises(ArtifactError, match="models.dense.onnx_file"):
