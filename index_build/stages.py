@@ -43,8 +43,8 @@ EVALUATE_SYSTEMS_VERSION = 4
 RERANK_SYSTEMS_VERSION = 3
 #: Bumped when the full-corpus cross-encoder systems change (keys of builds without a
 #: cross-encoder stay as they were). 1: its scores interpolated with the dense student's
-#: (``dense+cross-encoder-plain``: plain reranking).
-CROSS_ENCODER_SYSTEMS_VERSION = 1
+#: (``dense+cross-encoder-plain``: plain reranking). 2: ``dense+cross-encoder-int8``.
+CROSS_ENCODER_SYSTEMS_VERSION = 2
 #: Bumped when the dev-slice choice of fusion / interpolation weights changes. 2: the
 #: one-standard-error rule (:func:`index_build.evaluate.one_se_choice`).
 WEIGHT_SELECTION_VERSION = 2
@@ -577,22 +577,30 @@ class Pipeline:
                 texts, [[self.corpus_texts[int(j)] for j in c] for c, _ in firsts["dense"]])
             systems["dense+cross-encoder"] = metrics(qrels, self.run_of(qids, firsts["dense"], scores, ce_weight))
             systems["dense+cross-encoder-plain"] = metrics(qrels, self.run_of(qids, firsts["dense"], scores, 1.0))
+            if self.cfg.export_int8:  # as served with NRS_USE_INT8 and the cross-encoder among NRS_INT8_MODELS
+                scores8 = self.cross_encoder_scores(
+                    texts, [[self.corpus_texts[int(j)] for j in c] for c, _ in firsts["dense"]], onnx_file=INT8_NAME)
+                systems["dense+cross-encoder-int8"] = metrics(
+                    qrels, self.run_of(qids, firsts["dense"], scores8, ce_weight))
         return systems
 
-    def cross_encoder_scores(self, queries: list[str], candidate_texts: list[list[str]]) -> list[np.ndarray]:
-        """The cross-encoder student's score of each query's candidate texts, cached per query by
-        content (model, query, texts): the slowest part of evaluation is computed once per model."""
+    def cross_encoder_scores(self, queries: list[str], candidate_texts: list[list[str]],
+                             onnx_file: str = "model.onnx") -> list[np.ndarray]:
+        """The cross-encoder student's score (its ONNX graph ``onnx_file``) of each query's
+        candidate texts, cached per query by content (model, query, texts): the slowest part
+        of evaluation is computed once per model."""
         from tqdm import tqdm
 
         from models.encoders import CrossEncoderScorer
 
-        fp = self.key("cross-encoder-scores", self.export_key("cross-encoder"))
+        fp = self.key("cross-encoder-scores", self.export_key("cross-encoder"),
+                      *([onnx_file] if onnx_file != "model.onnx" else []))
         keys = [content_key(fp, q, *texts) for q, texts in zip(queries, candidate_texts)]
         found = self.cache.get_many(keys)
         todo = [i for i, k in enumerate(keys) if k not in found]
         if todo:
-            ce = CrossEncoderScorer(self.onnx_dir("cross-encoder"), threads=self.cfg.threads)
-            for i in tqdm(todo, desc="cross-encoder rerank", unit="query", disable=not self.progress):
+            ce = CrossEncoderScorer(self.onnx_dir("cross-encoder"), onnx_file=onnx_file, threads=self.cfg.threads)
+            for i in tqdm(todo, desc=f"cross-encoder rerank ({onnx_file})", unit="query", disable=not self.progress):
                 item = (keys[i], np.asarray(ce.score(queries[i], candidate_texts[i]), dtype=np.float32))
                 self.cache.put_many([item])  # per query: an interrupted evaluation keeps what it scored
                 found[item[0]] = item[1]

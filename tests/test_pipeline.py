@@ -17,6 +17,7 @@ from tests.conftest import tiny_overrides  # noqa: E402
 
 SYSTEMS = {"bm25", "teacher", "base-dense", "dense", "dense-int8", "dense-int8-query", "dense+colbert",
            "dense+colbert-int8-query", "dense+colbert-maxsim", "dense+cross-encoder", "dense+cross-encoder-plain",
+           "dense+cross-encoder-int8",
            "hybrid", "hybrid+colbert", "hybrid+colbert-maxsim"}
 
 
@@ -267,6 +268,8 @@ def test_cross_encoder_scores_are_cached_by_content(built, monkeypatch):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(AssertionError, match="recomputed"):  # other texts: not in the cache
         p.cross_encoder_scores(queries[:1], [[p.corpus_texts[3]]])
+    with pytest.raises(AssertionError, match="recomputed"):  # the int8 graph has its own entries
+        p.cross_encoder_scores(queries, texts, onnx_file="model.int8.onnx")
 
 
 @pytest.mark.parametrize("kind", ["colbert", "cross-encoder"])
