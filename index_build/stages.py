@@ -97,6 +97,7 @@ class Pipeline:
         self.records: dict[str, StageRecord] = {}
         #: per TREC DL pool whose own students are evaluated: the dev-slice weights used
         self.trec_weights: dict[str, dict[str, Any]] = {}
+        self._rerank_tuning: dict[tuple, dict[str, Any]] = {}  # see tune_rerank_weights
         if cfg.threads:
             import os
 
@@ -573,13 +574,12 @@ class Pipeline:
             # the cross-encoder reranks the dense top-depth, its scores interpolated with the dense
             # student's as the service serves it (weight tuned on the dev slice); "-plain": its scores alone
             ce_weight = self.tune_rerank_weights("cross-encoder", hybrid["dense_weight"], depth)["weights"]["dense"]
-            scores = self.cross_encoder_scores(
-                texts, [[self.corpus_texts[int(j)] for j in c] for c, _ in firsts["dense"]])
+            cand_texts = [[self.corpus_texts[int(j)] for j in c] for c, _ in firsts["dense"]]
+            scores = self.cross_encoder_scores(texts, cand_texts)
             systems["dense+cross-encoder"] = metrics(qrels, self.run_of(qids, firsts["dense"], scores, ce_weight))
             systems["dense+cross-encoder-plain"] = metrics(qrels, self.run_of(qids, firsts["dense"], scores, 1.0))
             if self.cfg.export_int8:  # as served with NRS_USE_INT8 and the cross-encoder among NRS_INT8_MODELS
-                scores8 = self.cross_encoder_scores(
-                    texts, [[self.corpus_texts[int(j)] for j in c] for c, _ in firsts["dense"]], onnx_file=INT8_NAME)
+                scores8 = self.cross_encoder_scores(texts, cand_texts, onnx_file=INT8_NAME)
                 systems["dense+cross-encoder-int8"] = metrics(
                     qrels, self.run_of(qids, firsts["dense"], scores8, ce_weight))
         return systems
@@ -894,7 +894,15 @@ class Pipeline:
         """Per first stage, the weight of reranker ``kind``'s score (``colbert`` or
         ``cross-encoder``) against the first stage's score in the final ranking
         (:func:`models.fusion.interpolate`; 1 = plain reranking), chosen on the dev slice like
-        :meth:`tune_hybrid`, with plain reranking as the prior. Never on test judgments."""
+        :meth:`tune_hybrid`, with plain reranking as the prior. Never on test judgments.
+        Computed once per pipeline and exported models (the evaluate and artifact stages both
+        need it)."""
+        memo = (kind, hybrid_weight, depth, self.export_key("dense"), self.export_key(kind))
+        if memo not in self._rerank_tuning:
+            self._rerank_tuning[memo] = self._tune_rerank_weights(kind, hybrid_weight, depth)
+        return self._rerank_tuning[memo]
+
+    def _tune_rerank_weights(self, kind: str, hybrid_weight: float, depth: int) -> dict[str, Any]:
         from models.encoders import DenseEncoder
 
         dev = self.load_mined()["dev"]
