@@ -28,6 +28,7 @@ from index_build.cache import ArrayCache, content_key
 from index_build.config import BuildConfig
 from index_build.data import Collection, load_collection
 from index_build.evaluate import metrics, one_se_choice, per_query_ndcg, run_from_arrays
+from models.encoders import ONNX_NAME
 
 log = logging.getLogger(__name__)
 
@@ -345,15 +346,32 @@ class Pipeline:
             if tcfg.tas_balanced:
                 emb = self.base_dense.encode_queries([e.query for e in examples])
                 clusters = cluster_queries(emb, tcfg.tas_clusters, seed=tcfg.seed)
-            dev_eval = self.dev_evaluator(mined["dev"], retrieval=tcfg.dev_retrieval and kind == "dense")
+            retrieval = tcfg.dev_retrieval and kind == "dense"
+            dev_eval = self.dev_evaluator(mined["dev"], retrieval=retrieval)
+            initial = (lambda: self.base_dense_dev_score(mined["dev"], student)) if retrieval else None
             res = train(student, examples, self.corpus_texts, tcfg, self.work / f"train-{kind}",
-                        dev_eval=dev_eval, clusters=clusters, progress=self.progress)
+                        dev_eval=dev_eval, clusters=clusters, progress=self.progress, initial_dev=initial)
             shutil.copytree(self.work / f"train-{kind}" / "best", out / "student")
             return {"steps": res.steps, "examples": len(examples), "best_dev_nDCG@10": round(res.best_dev, 4),
                     "dev_history": res.dev_history, "train_seconds": round(res.seconds, 1),
                     "final_loss": float(np.mean(res.loss_history[-20:])) if res.loss_history else None}
 
         return self.stage(f"distill-{kind}", self.distill_key(kind), run)
+
+    def base_dense_dev_score(self, dev: dict, student) -> float | None:
+        """Full-corpus dev nDCG@10 of an untrained dense ``student`` from the base model's cached
+        corpus encodings (the mining stage's), which score exactly like it when checkpoint,
+        lengths, pooling and similarity agree; None when they do not (then it is encoded anew)."""
+        from models.sources import resolve_model
+
+        base = self.base_dense.encoder.config
+        same = Path(student.checkpoint) == resolve_model(self.cfg.students.base) and all(
+            getattr(base, f) == getattr(student.config, f)
+            for f in ("max_query_len", "max_doc_len", "pooling", "similarity", "dim"))
+        if not same or not dev["qids"]:
+            return None
+        s, i = self.base_dense.retrieve(dev["queries"], 100)
+        return metrics(self.dev_qrels(dev), run_from_arrays(dev["qids"], self.collection.doc_ids, s, i))["nDCG@10"]
 
     def dev_qrels(self, dev: dict) -> dict[str, dict[str, int]]:
         """Judgments of the dev slice: its pseudo-qrels (label-free) or the held-out train qrels."""
@@ -410,9 +428,13 @@ class Pipeline:
             value = LABEL_FREE_WISE_FT if (self.label_free and kind == "dense") else 1.0
         return float(value)
 
-    def export_key(self, kind: str) -> str:
+    def export_key(self, kind: str, onnx_file: str | None = None) -> str:
+        """The export stage's key; with ``onnx_file``, the key of that one graph (the fp32
+        graph's does not depend on how the int8 one is quantized, so its caches outlive a change)."""
         alpha = self.wise_ft(kind)
         extra = [f"wise_ft={alpha}"] if alpha != 1.0 else []  # keys from before WiSE-FT stay valid
+        if self.cfg.export_int8 and self.cfg.export_int8_per_channel and onnx_file != ONNX_NAME:
+            extra.append("int8-per-channel")
         return self.key("export", kind, self.distill_key(kind), str(self.cfg.export_int8), *extra)
 
     def export(self, kind: str) -> StageRecord:
@@ -426,13 +448,18 @@ class Pipeline:
             src = self.work / f"distill-{kind}" / "student"
             alpha = self.wise_ft(kind)
             record: dict[str, Any] = {}
+            retrieval = kind == "dense" and self.cfg.train[kind].dev_retrieval
             with tempfile.TemporaryDirectory(dir=out) as tmp:
                 if alpha != 1.0:
                     student = interpolate_with_base(load_student(src), resolve_model(self.cfg.students.base), alpha)
                     student.save(Path(tmp))
                     src = Path(tmp)
-                    record = self.exported_dev_score(kind, student)
-                rep = export_student(src, out / "onnx", int8=self.cfg.export_int8, parity_texts=texts)
+                    if not retrieval:
+                        record = self.exported_dev_score(kind, student)
+                rep = export_student(src, out / "onnx", int8=self.cfg.export_int8, parity_texts=texts,
+                                     per_channel=self.cfg.export_int8_per_channel)
+            if alpha != 1.0 and retrieval:
+                record = self.exported_dense_dev_score()
             return {"parity_max_abs_diff": rep.max_abs_diff, "int8_max_abs_diff": rep.int8_max_abs_diff,
                     "wise_ft": alpha, **record}
 
@@ -451,23 +478,37 @@ class Pipeline:
         with torch.inference_mode():
             return {"dev_nDCG@10": round(float(dev_eval(student)), 4)}
 
+    def exported_dense_dev_score(self) -> dict[str, float]:
+        """Full-corpus dev nDCG@10 of the exported dense graph (as the training loop selects, on
+        the graph that is shipped); its corpus encodings are cached for the evaluate stage."""
+        from index_build.teachers import exact_topk
+        from models.encoders import DenseEncoder
+
+        dev = self.load_mined()["dev"]
+        if not dev["qids"]:
+            return {}
+        q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(dev["queries"])
+        s, i = exact_topk(self.dense_corpus(), q, 100)
+        run = run_from_arrays(dev["qids"], self.collection.doc_ids, s, i)
+        return {"dev_nDCG@10": round(metrics(self.dev_qrels(dev), run)["nDCG@10"], 4)}
+
     def onnx_dir(self, kind: str) -> Path:
         return self.work / f"export-{kind}" / "onnx"
 
     # ----------------------------------------------------------------- encoders used by evaluation
-    def dense_corpus(self, onnx_file: str = "model.onnx") -> np.ndarray:
+    def dense_corpus(self, onnx_file: str = ONNX_NAME) -> np.ndarray:
         from index_build.teachers import encode_corpus_cached
         from models.encoders import DenseEncoder
 
         enc = DenseEncoder(self.onnx_dir("dense"), onnx_file=onnx_file, threads=self.cfg.threads)
-        fp = self.key("dense-corpus", self.export_key("dense"), onnx_file)
+        fp = self.key("dense-corpus", self.export_key("dense", onnx_file), onnx_file)
         return encode_corpus_cached(enc, self.corpus_texts, self.cache, fp, progress=self.progress)
 
-    def colbert_corpus(self, onnx_file: str = "model.onnx", subset: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    def colbert_corpus(self, onnx_file: str = ONNX_NAME, subset: np.ndarray | None = None) -> dict[int, np.ndarray]:
         from models.encoders import ColbertEncoder
 
         enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=onnx_file, threads=self.cfg.threads)
-        fp = self.key("colbert-corpus", self.export_key("colbert"), onnx_file)
+        fp = self.key("colbert-corpus", self.export_key("colbert", onnx_file), onnx_file)
         idx = np.arange(len(self.corpus_texts)) if subset is None else np.unique(subset)
         keys = [content_key(fp, self.corpus_texts[i]) for i in idx]
         found = self.cache.get_many(keys)
@@ -557,11 +598,11 @@ class Pipeline:
         if "colbert" in kinds:
             # ColBERT reranks, its scores interpolated with the first stage's (weights tuned on the dev slice)
             weights = self.tune_rerank_weights("colbert", hybrid["dense_weight"], depth)["weights"]
-            for f in ["model.onnx"] + ([INT8_NAME] if self.cfg.export_int8 else []):
+            for f in [ONNX_NAME] + ([INT8_NAME] if self.cfg.export_int8 else []):
                 cb = self.colbert_scores(texts, firsts["dense"], f)
                 systems["dense+colbert" + ("-int8" if f == INT8_NAME else "")] = metrics(
                     qrels, self.run_of(qids, firsts["dense"], cb, weights["dense"]))
-                if f == "model.onnx":
+                if f == ONNX_NAME:
                     systems["dense+colbert-maxsim"] = metrics(qrels, self.run_of(qids, firsts["dense"], cb, 1.0))
             if self.cfg.export_int8:  # as served with NRS_USE_INT8: int8 query encoders, fp32-encoded corpus
                 q8_lists = [(i[i >= 0], s[i >= 0]) for s, i in zip(q8_s, q8_i)]
@@ -585,7 +626,7 @@ class Pipeline:
         return systems
 
     def cross_encoder_scores(self, queries: list[str], candidate_texts: list[list[str]],
-                             onnx_file: str = "model.onnx") -> list[np.ndarray]:
+                             onnx_file: str = ONNX_NAME) -> list[np.ndarray]:
         """The cross-encoder student's score (its ONNX graph ``onnx_file``) of each query's
         candidate texts, cached per query by content (model, query, texts): the slowest part
         of evaluation is computed once per model."""
@@ -593,8 +634,8 @@ class Pipeline:
 
         from models.encoders import CrossEncoderScorer
 
-        fp = self.key("cross-encoder-scores", self.export_key("cross-encoder"),
-                      *([onnx_file] if onnx_file != "model.onnx" else []))
+        fp = self.key("cross-encoder-scores", self.export_key("cross-encoder", onnx_file),
+                      *([onnx_file] if onnx_file != ONNX_NAME else []))
         keys = [content_key(fp, q, *texts) for q, texts in zip(queries, candidate_texts)]
         found = self.cache.get_many(keys)
         todo = [i for i, k in enumerate(keys) if k not in found]
@@ -607,7 +648,7 @@ class Pipeline:
         return [found[k] for k in keys]
 
     def colbert_scores(self, texts: list[str], lists: list[tuple[np.ndarray, np.ndarray]],
-                       onnx_file: str = "model.onnx", query_onnx_file: str | None = None) -> list[np.ndarray]:
+                       onnx_file: str = ONNX_NAME, query_onnx_file: str | None = None) -> list[np.ndarray]:
         """MaxSim of the ColBERT student over each query's candidates (``lists`` as from
         :meth:`first_stage_lists`): the corpus encoded with ``onnx_file``, the queries with
         ``query_onnx_file`` (default: the same)."""
@@ -992,7 +1033,11 @@ def train_recipe_key(tcfg) -> str:
     not where (``device``) nor what is applied afterwards (``wise_ft``, see export_key)."""
     from dataclasses import asdict
 
+    from index_build.train import resolve_device, resolve_precision
+
     data = asdict(tcfg)
+    # the numerics as they resolve here ("auto" is bf16 on some machines, fp32 on others)
+    data["precision"] = "fp32" if resolve_precision(tcfg.precision, resolve_device(tcfg.device)) is None else "bf16"
     for name, default in _LATER_TRAIN_FIELDS.items():  # keys from before these fields existed stay valid
         if data.get(name) == default:
             data.pop(name)
@@ -1021,4 +1066,4 @@ def _hash_without(cfg: BuildConfig, section: str, *drop: str) -> str:
 LABEL_FREE_WISE_FT = 0.5
 _LATER_TRAIN_FIELDS: dict[str, object] = {"pseudo_queries": 0, "dev_retrieval": False, "teacher_scale": 1.0,
                                           "ict_remove": 0.0,
-                                          "calibration_batches": 16}
+                                          "calibration_batches": 16, "precision": "fp32"}

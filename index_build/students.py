@@ -40,6 +40,9 @@ class Student(nn.Module):
     """Base: a transformer encoder plus the config that the ONNX runtime reads back."""
 
     kind: str = ""
+    #: autocast dtype of the transformer's passes (set by the training loop; None: fp32). The
+    #: heads and everything after the transformer run in fp32 either way.
+    compute_dtype: torch.dtype | None = None
 
     def __init__(self, checkpoint: Path, config: EncoderConfig) -> None:
         super().__init__()
@@ -63,7 +66,11 @@ class Student(nn.Module):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if getattr(self.encoder.config, "type_vocab_size", 0) > 1:
             kwargs["token_type_ids"] = token_type_ids
-        return self.encoder(**kwargs).last_hidden_state
+        if self.compute_dtype is None:
+            return self.encoder(**kwargs).last_hidden_state
+        with torch.autocast(input_ids.device.type, dtype=self.compute_dtype):
+            h = self.encoder(**kwargs).last_hidden_state
+        return h.float()
 
     def head_state(self) -> dict[str, torch.Tensor]:
         return {}

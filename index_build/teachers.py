@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from index_build.cache import ArrayCache, content_key
+from models.encoders import DOC_BATCH
 from models.fusion import Norm, normalize
 from models.sparse_index import BM25Config, BM25Index
 
@@ -224,7 +225,7 @@ def cached_teacher_scores(teacher: Teacher, cache: ArrayCache, queries: Sequence
 
 
 def encode_corpus_cached(encoder, texts: list[str], cache: ArrayCache, model_fp: str, *,
-                         batch_size: int = 32, progress: bool = True) -> np.ndarray:
+                         batch_size: int = DOC_BATCH, progress: bool = True) -> np.ndarray:
     """Dense corpus embeddings; each document's vector cached under (model, text)."""
     keys = [content_key(model_fp, t) for t in texts]
     found = cache.get_many(keys)

@@ -64,6 +64,42 @@ class TrainConfig:
     # torch device to train on: "auto" (CUDA when torch sees a GPU, else CPU), "cpu", "cuda",
     # "cuda:N". Not part of the stage keys: the recipe is the same wherever it runs.
     device: str = "auto"
+    # Numerics of the transformer's forward and backward passes: "fp32", "bf16" (autocast to
+    # bfloat16; weights, optimizer state, heads and scores stay fp32) or "auto" (bf16 where the
+    # device computes it natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX; else fp32).
+    # Part of the stage keys (as resolved on this machine): it changes what is trained.
+    precision: str = "fp32"
+
+
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` ``name`` on ``device`` (None: plain fp32).
+
+    >>> resolve_precision("fp32", torch.device("cpu")) is None
+    True
+    >>> resolve_precision("bf16", torch.device("cpu"))
+    torch.bfloat16
+    """
+    if name not in PRECISIONS:
+        raise ValueError(f"precision {name!r}: use one of {', '.join(PRECISIONS)}")
+    if name == "fp32":
+        return None
+    if name == "bf16" or native_bf16(device):
+        return torch.bfloat16
+    return None
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products in hardware (CUDA GPUs from Ampere
+    on; CPUs with AVX512-BF16 or AMX, as oneDNN reports them)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -191,11 +227,15 @@ def student_scores(student: Student, queries: list[str], docs: list[list[str]]
 
 def train(student: Student, examples: list[Example], corpus_texts: list[str], cfg: TrainConfig, work_dir: Path,
           dev_eval: Callable[[Student], float] | None = None, clusters: np.ndarray | None = None,
-          progress: bool = True, stop_after: int | None = None) -> TrainResult:
+          progress: bool = True, stop_after: int | None = None,
+          initial_dev: Callable[[], float | None] | None = None) -> TrainResult:
     """Distill ``student`` on ``examples``; the best-on-dev model is saved to ``work_dir/best``.
 
     A checkpoint in ``work_dir`` written for the same config is resumed. ``stop_after``
     ends this call after that many steps (as a preemption would); call again to go on.
+    ``initial_dev``: the untrained student's dev score when the caller can tell it more
+    cheaply than ``dev_eval`` (e.g. from cached encodings of the same base model); None from
+    it means "evaluate as usual".
     """
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -204,7 +244,9 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
         raise ValueError("no training examples (no query has both a positive and a negative)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    student.to(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    student.to(device)
+    student.compute_dtype = resolve_precision(cfg.precision, device)
     work_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -241,13 +283,15 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
                     "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "state": state}, tmp)
         tmp.replace(ckpt_path)
 
-    def evaluate_and_keep() -> None:
+    def evaluate_and_keep(known: float | None = None) -> None:
         if dev_eval is None:
             return
-        student.eval()
-        with torch.inference_mode():
-            score = float(dev_eval(student))
-        student.train(cfg.dropout)
+        if known is None:
+            student.eval()
+            with torch.inference_mode():
+                known = dev_eval(student)
+            student.train(cfg.dropout)
+        score = float(known)
         state["dev_history"].append((state["step"], score))
         log.info("step %d dev %.4f (best %.4f)", state["step"], score, state["best_dev"])
         if score > state["best_dev"]:
@@ -262,7 +306,8 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
     schedule = schedule[:total_steps]
 
     if state["step"] == 0 and dev_eval is not None and not state["dev_history"]:
-        evaluate_and_keep()  # the initial model competes too: distillation must not make it worse
+        # the initial model competes too: distillation must not make it worse
+        evaluate_and_keep(initial_dev() if initial_dev is not None else None)
     if "teacher_scale" not in state:
         state["teacher_scale"] = (calibrate_teacher_scale(student, examples, corpus_texts, cfg, scale)
                                   if cfg.teacher_scale == "auto" else float(cfg.teacher_scale))
@@ -302,7 +347,8 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
         if state["step"] % cfg.checkpoint_every == 0 or state["step"] in (total_steps, stop_at):
             save_checkpoint()
     bar.close()
-    student.to("cpu")  # callers go on to export / evaluate on the CPU
+    student.to("cpu")  # callers go on to export / evaluate on the CPU, in fp32
+    student.compute_dtype = None
     if state["step"] < total_steps:
         return TrainResult(state["step"], state["best_dev"], state["dev_history"], state["seconds"],
                            state["loss_history"])

@@ -322,3 +322,68 @@ def test_cross_encoder_row_interpolates_with_dense(built):
         finally:
             del p.tune_rerank_weights
         assert got["dense+cross-encoder"] == pytest.approx(systems[same_as]), w
+
+
+def test_per_channel_int8_export_option(built, tiny_beir, tiny_bert):
+    """``export_int8_per_channel`` re-exports (new export keys) while the fp32 graph's caches are kept."""
+    root, cfg, p, _ = built
+    per = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, root, "train.dense.epochs=2",
+                                               "export_int8_per_channel=true"))
+    q = Pipeline(per, progress=False)
+    for kind in ("dense", "colbert", "cross-encoder"):
+        assert q.export_key(kind) != p.export_key(kind)
+        assert q.export_key(kind, "model.int8.onnx") != p.export_key(kind, "model.int8.onnx")
+        assert q.export_key(kind, "model.onnx") == p.export_key(kind, "model.onnx")
+        assert q.distill_key(kind) == p.distill_key(kind)
+    q.mine()
+    q.distill("dense")
+    rec = q.export("dense")
+    assert not rec.cached and rec.result["parity_max_abs_diff"] <= 1e-4
+    import onnx
+    from onnx import numpy_helper
+
+    inits = onnx.load(str(q.onnx_dir("dense") / "model.int8.onnx")).graph.initializer
+    assert max(numpy_helper.to_array(t).size for t in inits if t.name.endswith("_scale")) > 1
+
+
+def test_dense_dev_scores_reuse_cached_encodings(tiny_beir, tiny_bert, tmp_path, monkeypatch):
+    """With full-corpus dev retrieval, the untrained student's dev score comes from the base
+    model's cached encodings and the WiSE-FT export's from the exported graph (its corpus
+    encodings cached for evaluate); both equal what encoding with the torch model gives."""
+    import torch
+
+    from index_build.students import interpolate_with_base, load_student, new_student
+    from models.sources import resolve_model
+
+    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "train.dense.dev_retrieval=true",
+                                               'students.kinds=["dense"]', "train.dense.wise_ft=0.5"))
+    p = Pipeline(cfg, progress=False)
+    p.mine()
+    dev = p.load_mined()["dev"]
+    torch_eval = p.dev_evaluator(dev, retrieval=True)
+    base = new_student("dense", resolve_model(cfg.students.base), max_doc_len=cfg.students.max_doc_len)
+    base.eval()
+    with torch.inference_mode():
+        expected0 = torch_eval(base)
+    assert p.base_dense_dev_score(dev, base) == pytest.approx(expected0, abs=1e-4)
+    other = new_student("dense", resolve_model(cfg.students.base), max_doc_len=32)
+    assert p.base_dense_dev_score(dev, other) is None  # other lengths: not the cached model
+
+    calls = []
+    real = p.dev_evaluator
+
+    def counting(d, retrieval=False):
+        fn = real(d, retrieval=retrieval)
+        return lambda s: calls.append(1) or fn(s)
+
+    monkeypatch.setattr(p, "dev_evaluator", counting)
+    res = p.distill("dense").result
+    assert res["dev_history"][0] == [0, pytest.approx(expected0, abs=1e-4)] or \
+        tuple(res["dev_history"][0]) == (0, pytest.approx(expected0, abs=1e-4))
+    assert len(calls) == len(res["dev_history"]) - 1  # step 0 was not encoded again
+    rec = p.export("dense").result
+    mixed = interpolate_with_base(load_student(p.work / "distill-dense" / "student"),
+                                  resolve_model(cfg.students.base), 0.5)
+    mixed.eval()
+    with torch.inference_mode():
+        assert rec["dev_nDCG@10"] == pytest.approx(real(dev, retrieval=True)(mixed), abs=1e-3)
