@@ -28,23 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from index_build.config import load_config  # noqa: E402
-from index_build.evaluate import metrics, run_from_arrays, write_json_atomic  # noqa: E402
+from index_build.evaluate import write_json_atomic  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def dense_test(p: Pipeline, depth: int = 100) -> dict[str, float]:
+def dense_test(p: Pipeline) -> dict[str, float]:
     """Exact search of the exported dense student over the whole corpus, on the test split."""
-    from index_build.teachers import exact_topk
-    from models.encoders import DenseEncoder
-
-    col, split = p.collection, p.cfg.data.test_split
-    tq = col.split_queries(split)
-    qids, texts = list(tq), list(tq.values())
-    q = DenseEncoder(p.onnx_dir("dense"), threads=p.cfg.threads).encode_queries(texts)
-    s, i = exact_topk(p.dense_corpus(), q, depth)
-    return metrics(col.qrels[split], run_from_arrays(qids, col.doc_ids, s, i))
+    split = p.cfg.data.test_split
+    tq = p.collection.split_queries(split)
+    return p.dense_metrics(list(tq), list(tq.values()), p.collection.qrels[split])
 
 
 def run_arm(p: Pipeline, kinds: list[str]) -> dict:

@@ -448,49 +448,48 @@ class Pipeline:
             src = self.work / f"distill-{kind}" / "student"
             alpha = self.wise_ft(kind)
             record: dict[str, Any] = {}
-            retrieval = kind == "dense" and self.cfg.train[kind].dev_retrieval
             with tempfile.TemporaryDirectory(dir=out) as tmp:
                 if alpha != 1.0:
                     student = interpolate_with_base(load_student(src), resolve_model(self.cfg.students.base), alpha)
                     student.save(Path(tmp))
                     src = Path(tmp)
-                    if not retrieval:
-                        record = self.exported_dev_score(kind, student)
                 rep = export_student(src, out / "onnx", int8=self.cfg.export_int8, parity_texts=texts,
                                      per_channel=self.cfg.export_int8_per_channel)
-            if alpha != 1.0 and retrieval:
-                record = self.exported_dense_dev_score()
+                if alpha != 1.0:
+                    record = self.exported_dev_score(kind, student)
             return {"parity_max_abs_diff": rep.max_abs_diff, "int8_max_abs_diff": rep.int8_max_abs_diff,
                     "wise_ft": alpha, **record}
 
         return self.stage(f"export-{kind}", self.export_key(kind), run)
 
     def exported_dev_score(self, kind: str, student) -> dict[str, float]:
-        """The dev-slice nDCG@10 of a WiSE-FT-interpolated student, measured like the training
-        loop's model selection (so it compares with the distill stage's ``dev_history``)."""
+        """The dev-slice nDCG@10 of a WiSE-FT-interpolated, just exported student, measured like
+        the training loop's model selection (so it compares with the distill stage's
+        ``dev_history``). Full-corpus dense retrieval scores the exported graph, whose corpus
+        encodings are cached for the evaluate stage."""
         import torch
 
         tcfg = self.cfg.train[kind]
-        dev_eval = self.dev_evaluator(self.load_mined()["dev"], retrieval=tcfg.dev_retrieval and kind == "dense")
-        if dev_eval is None:
+        dev = self.load_mined()["dev"]
+        if not dev["qids"]:
             return {}
+        if kind == "dense" and tcfg.dev_retrieval:
+            return {"dev_nDCG@10": round(self.dense_metrics(dev["qids"], dev["queries"], self.dev_qrels(dev))
+                                         ["nDCG@10"], 4)}
+        dev_eval = self.dev_evaluator(dev)
+        assert dev_eval is not None
         student.eval()
         with torch.inference_mode():
             return {"dev_nDCG@10": round(float(dev_eval(student)), 4)}
 
-    def exported_dense_dev_score(self) -> dict[str, float]:
-        """Full-corpus dev nDCG@10 of the exported dense graph (as the training loop selects, on
-        the graph that is shipped); its corpus encodings are cached for the evaluate stage."""
+    def dense_metrics(self, qids: list[str], queries: list[str], qrels, depth: int = 100) -> dict[str, float]:
+        """Exact full-corpus search with the exported dense graph (corpus encodings cached)."""
         from index_build.teachers import exact_topk
         from models.encoders import DenseEncoder
 
-        dev = self.load_mined()["dev"]
-        if not dev["qids"]:
-            return {}
-        q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(dev["queries"])
-        s, i = exact_topk(self.dense_corpus(), q, 100)
-        run = run_from_arrays(dev["qids"], self.collection.doc_ids, s, i)
-        return {"dev_nDCG@10": round(metrics(self.dev_qrels(dev), run)["nDCG@10"], 4)}
+        q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(queries)
+        s, i = exact_topk(self.dense_corpus(), q, depth)
+        return metrics(qrels, run_from_arrays(qids, self.collection.doc_ids, s, i))
 
     def onnx_dir(self, kind: str) -> Path:
         return self.work / f"export-{kind}" / "onnx"
