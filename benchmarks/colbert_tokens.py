@@ -62,7 +62,7 @@ def settings_for(args: argparse.Namespace, mode: str) -> Any:
             raise SystemExit(f"--env {item!r}: expected NRS_X=VALUE")
         env[key[4:].lower()] = value
     env.setdefault("threads", 1)
-    return Settings(artifact_dir=args.artifact, colbert_tokens=mode, warmup=False, **env)
+    return Settings(artifact_dir=args.artifact, warmup=False, **{"colbert_tokens": mode, **env})
 
 
 def token_store_bytes(engine: Any) -> int:

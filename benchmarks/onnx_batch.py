@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -66,7 +67,7 @@ def main(docs: int = typer.Option(128, help="SciFact documents to encode per cel
     runtime = {"dense": DenseEncoder, "colbert": ColbertEncoder, "cross-encoder": CrossEncoderScorer}
     with tempfile.TemporaryDirectory() as tmp:
         dirs = export_kinds(Path(tmp), kinds, model, max_len)
-        encoders = {(k, f): runtime[k](dirs[k], onnx_file=f, threads=threads)
+        encoders: dict[tuple[str, str], Any] = {(k, f): runtime[k](dirs[k], onnx_file=f, threads=threads)
                     for k in kinds for f in ("model.onnx", "model.int8.onnx")}
 
         def run(key: tuple[str, str], bs: int) -> float:
@@ -86,8 +87,8 @@ def main(docs: int = typer.Option(128, help="SciFact documents to encode per cel
                 for bs in BATCH_SIZES:
                     times.setdefault((*key, bs), []).append(run(key, bs))
     cells: dict = {}
-    for (kind, f, bs), ts in times.items():
-        precision = "int8" if "int8" in f else "fp32"
+    for (kind, graph, bs), ts in times.items():
+        precision = "int8" if "int8" in graph else "fp32"
         cells.setdefault(kind, {}).setdefault(precision, {})[str(bs)] = round(len(texts) / statistics.median(ts), 2)
     ratios = {k: {p: {bs: round(v / row[str(DEFAULT)], 3) for bs, v in row.items()} for p, row in by.items()}
               for k, by in cells.items()}

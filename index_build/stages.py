@@ -42,6 +42,13 @@ EVALUATE_SYSTEMS_VERSION = 4
 #: scores interpolated with the first stage's (``dense+colbert-maxsim``: plain reranking). 3: the
 #: stage records the dev-slice weights it used (``weights``).
 RERANK_SYSTEMS_VERSION = 3
+#: Bumped when the TREC DL rows of a build trained elsewhere (a labelled SciFact build reranking
+#: DL19/DL20) change. 1: the rerankers' scores interpolated with the dense student's at the
+#: weights the build's artifact serves (``-maxsim`` / ``-plain``: the reranker alone).
+TREC_TRANSFER_VERSION = 1
+#: Students whose new parameters (a head) are initialized after seeding with their train seed,
+#: so they do not depend on what ran before in the process (distill keys of these kinds say so).
+SEEDED_HEADS = ("colbert", "cross-encoder")
 #: Bumped when the full-corpus cross-encoder systems change (keys of builds without a
 #: cross-encoder stay as they were). 1: its scores interpolated with the dense student's
 #: (``dense+cross-encoder-plain``: plain reranking). 2: ``dense+cross-encoder-int8``.
@@ -319,6 +326,8 @@ class Pipeline:
     def distill_key(self, kind: str) -> str:
         tcfg = self.cfg.train[kind]
         parts = [train_recipe_key(tcfg)]
+        if kind in SEEDED_HEADS:  # (the dense student has no new parameters: its keys stay)
+            parts.append("seeded-head")
         if tcfg.pseudo_queries:
             parts.append(self.pseudo_key(tcfg.pseudo_queries))
         return self.key("distill", kind, self.mine_key(), *parts)
@@ -326,7 +335,7 @@ class Pipeline:
     def distill(self, kind: str) -> StageRecord:
         def run(out: Path) -> dict:
             from index_build.sampling import cluster_queries
-            from index_build.students import new_student
+            from index_build.students import new_student, set_seed
             from index_build.train import train
             from models.sources import resolve_model
 
@@ -341,6 +350,7 @@ class Pipeline:
             overrides: dict[str, Any] = {"max_query_len": s.max_query_len, "max_doc_len": s.max_doc_len}
             if kind == "colbert":
                 overrides.update(dim=s.colbert_dim, colbert_query_len=s.colbert_query_len)
+            set_seed(tcfg.seed)  # the new head's init (ColBERT projection, classifier) is seeded too
             student = new_student(kind, resolve_model(s.base), **overrides)
             clusters = None
             if tcfg.tas_balanced:
@@ -532,6 +542,8 @@ class Pipeline:
         extra.append(f"weights-v{WEIGHT_SELECTION_VERSION}")
         if retrieval and "cross-encoder" in kinds:
             extra.append(f"cross-encoder-v{CROSS_ENCODER_SYSTEMS_VERSION}")
+        if retrieval and self.cfg.evaluate.trec_dl:
+            extra.append(f"trec-transfer-v{TREC_TRANSFER_VERSION}")
         return self.key("evaluate", ev, *[self.export_key(k) for k in kinds], *extra)
 
     def evaluate(self) -> StageRecord:
@@ -706,7 +718,7 @@ class Pipeline:
         from index_build.export_cache import base_dense_onnx
         from index_build.teachers import build_teacher, cached_teacher_scores
         from models.encoders import ColbertEncoder, DenseEncoder, maxsim
-        from models.fusion import fuse_scores, interpolate
+        from models.fusion import fuse_scores
 
         col = load_collection(path, unknown_docs="keep")
         split = next(iter(col.qrels))
@@ -747,12 +759,17 @@ class Pipeline:
         # students trained on this pool (a label-free build): the first stages and the ColBERT
         # interpolation are evaluated as the service serves them, weights from the dev slice
         own_pool = self.cfg.evaluate.mode == "rerank" and Path(self.cfg.data.path).resolve() == path.resolve()
+        # Rerankers are evaluated as the service serves them after the dense first stage: their
+        # scores interpolated with the dense student's (on this pool's BM25 candidates), at the
+        # weights chosen on the build's dev slice, the artifact's; never on these judgments.
         firsts: dict[str, dict[str, dict[str, float]]] = {}
+        hw = 1.0
         if "dense" in kinds:
             dense_run = score_all(dense_fn(DenseEncoder(self.onnx_dir("dense"))))
             systems["dense"] = metrics(qrels, dense_run, min_rel=2)
+            firsts["dense"] = dense_run
+            hw = self.tune_hybrid()["dense_weight"]
             if own_pool:
-                hw = self.tune_hybrid()["dense_weight"]
                 hybrid_run = {}
                 for qid, cs in zip(qids, cands):
                     bm25 = dict(run_in[qid])
@@ -760,7 +777,7 @@ class Pipeline:
                                         [hw, 1 - hw])
                     hybrid_run[qid] = dict(zip(cs, map(float, fused)))
                 systems["hybrid"] = metrics(qrels, hybrid_run, min_rel=2)
-                firsts = {"dense": dense_run, "hybrid": hybrid_run}
+                firsts["hybrid"] = hybrid_run
             if self.cfg.export_int8:
                 enc8 = DenseEncoder(self.onnx_dir("dense"), onnx_file=INT8_NAME)
                 systems["dense-int8"] = metrics(qrels, score_all(dense_fn(enc8)), min_rel=2)
@@ -779,19 +796,22 @@ class Pipeline:
                 # ColBERT's scores interpolated with the first stage's (models.fusion.interpolate), as
                 # in full-corpus evaluation and the service; "-maxsim": plain reranking
                 weights = self.tune_rerank_weights("colbert", hw)["weights"]
-                self.trec_weights[path.name] = {"hybrid_dense_weight": hw, "colbert_weight": weights}
+                self.trec_weights.setdefault(path.name, {"hybrid_dense_weight": hw})["colbert_weight"] = weights
                 for stage, first_run in firsts.items():
-                    run = {}
-                    for qid, cs in zip(qids, cands):
-                        final = interpolate(np.array([first_run[qid][c] for c in cs]),
-                                            np.array([colbert_run[qid][c] for c in cs]), weights[stage])
-                        run[qid] = dict(zip(cs, map(float, final)))
-                    systems[f"{stage}+colbert"] = metrics(qrels, run, min_rel=2)
+                    systems[f"{stage}+colbert"] = metrics(
+                        qrels, interpolated_run(first_run, colbert_run, weights[stage]), min_rel=2)
                 systems["dense+colbert-maxsim"] = metrics(qrels, colbert_run, min_rel=2)
         if "cross-encoder" in kinds:
             scores = self.cross_encoder_scores(texts, [[docs[c] for c in cs] for cs in cands])
-            systems["dense+cross-encoder"] = metrics(
-                qrels, {qid: dict(zip(cs, map(float, sc))) for qid, cs, sc in zip(qids, cands, scores)}, min_rel=2)
+            ce_run = {qid: dict(zip(cs, map(float, sc))) for qid, cs, sc in zip(qids, cands, scores)}
+            if "dense" in firsts:  # as served: interpolated with the dense student; "-plain": alone
+                ce_weight = self.tune_rerank_weights("cross-encoder", hw)["weights"]["dense"]
+                self.trec_weights.setdefault(path.name, {"hybrid_dense_weight": hw})["cross_encoder_weight"] = ce_weight
+                systems["dense+cross-encoder"] = metrics(
+                    qrels, interpolated_run(firsts["dense"], ce_run, ce_weight), min_rel=2)
+                systems["dense+cross-encoder-plain"] = metrics(qrels, ce_run, min_rel=2)
+            else:
+                systems["dense+cross-encoder"] = metrics(qrels, ce_run, min_rel=2)
         return systems
 
     # ----------------------------------------------------------------- artifact
@@ -1025,6 +1045,20 @@ class Pipeline:
             md += f"| {n} | {s['seconds']} | {s['peak_rss_bytes'] / 2**20:.0f} |\n"
         (results_dir / f"{name}.md").write_text(md)
         return main
+
+
+def interpolated_run(first: dict[str, dict[str, float]], rerank: dict[str, dict[str, float]],
+                     weight: float) -> dict[str, dict[str, float]]:
+    """Per query, the reranker's scores of the first stage's candidates interpolated with the
+    first stage's (:func:`models.fusion.interpolate`, ``weight`` 1: the reranker alone)."""
+    from models.fusion import interpolate
+
+    run = {}
+    for qid, firsts in first.items():
+        docs = list(firsts)
+        final = interpolate(np.array([firsts[d] for d in docs]), np.array([rerank[qid][d] for d in docs]), weight)
+        run[qid] = dict(zip(docs, map(float, final)))
+    return run
 
 
 def train_recipe_key(tcfg) -> str:

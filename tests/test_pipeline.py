@@ -131,20 +131,19 @@ def test_training_resumes_from_checkpoint(tiny_beir, tiny_bert, tmp_path):
     assert resumed.loss_history == pytest.approx(full.loss_history, rel=1e-3)
 
 
-def test_rerank_mode_on_a_trec_style_pool(tmp_path, tiny_bert):
-    """Label-free distillation on a pool, then rerank its BM25 run (the TREC DL protocol)."""
+def write_trec_pool(root: Path) -> Path:
+    """A TREC DL-style pool from the tiny corpus: test judgments only and a BM25 run (top 20)."""
     import shutil
 
+    from index_build.data import load_collection
     from models.sparse_index import BM25Index
     from tests.tiny import write_tiny_beir
 
-    data = write_tiny_beir(tmp_path / "pool")
+    data = write_tiny_beir(root / "pool")
     shutil.rmtree(data / "qrels")
-    write_tiny_beir(tmp_path / "full")
+    write_tiny_beir(root / "full")
     (data / "qrels").mkdir()
-    shutil.copyfile(tmp_path / "full" / "qrels" / "test.tsv", data / "qrels" / "test.tsv")
-    from index_build.data import load_collection
-
+    shutil.copyfile(root / "full" / "qrels" / "test.tsv", data / "qrels" / "test.tsv")
     col = load_collection(data)
     bm = BM25Index.build(col.doc_texts())
     (data / "runs").mkdir()
@@ -154,6 +153,38 @@ def test_rerank_mode_on_a_trec_style_pool(tmp_path, tiny_bert):
             for rank, (x, j) in enumerate(zip(s[0], i[0]), start=1):
                 if j >= 0:
                     f.write(f"{qid} Q0 {col.docs[int(j)].id} {rank} {x:.4f} bm25\n")
+    return data
+
+
+def test_trec_pool_rows_of_a_build_trained_elsewhere_are_as_served(built, tmp_path):
+    """A labelled build reranking a TREC DL pool: ColBERT and the cross-encoder are interpolated
+    with the dense student's scores at the build's dev-slice weights (what its artifact serves);
+    ``-maxsim`` / ``-plain`` are the rerankers alone."""
+    _, _, p, _ = built
+    pool = write_trec_pool(tmp_path)
+    p.trec_weights.clear()
+    systems = p.evaluate_trec(pool)
+    assert {"bm25", "base-dense", "teacher", "dense", "dense+colbert", "dense+colbert-maxsim",
+            "dense+cross-encoder", "dense+cross-encoder-plain"} <= set(systems)
+    hw = p.tune_hybrid()["dense_weight"]
+    weights = p.trec_weights["pool"]
+    assert weights["colbert_weight"] == p.tune_rerank_weights("colbert", hw)["weights"]
+    assert weights["cross_encoder_weight"] == p.tune_rerank_weights("cross-encoder", hw)["weights"]["dense"]
+    plain = {"dense+colbert": "dense+colbert-maxsim", "dense+cross-encoder": "dense+cross-encoder-plain"}
+    for w, expect in [(1.0, plain), (0.0, {"dense+colbert": "dense", "dense+cross-encoder": "dense"})]:
+        p.tune_rerank_weights = lambda *a, w=w, **k: {"weights": dict.fromkeys(("dense", "sparse", "hybrid"), w)}
+        try:
+            fixed = p.evaluate_trec(pool)
+        finally:
+            del p.tune_rerank_weights
+        for row, same_as in expect.items():
+            assert fixed[row] == pytest.approx(systems[same_as]), (w, row)
+    p.trec_weights.clear()
+
+
+def test_rerank_mode_on_a_trec_style_pool(tmp_path, tiny_bert):
+    """Label-free distillation on a pool, then rerank its BM25 run (the TREC DL protocol)."""
+    data = write_trec_pool(tmp_path)
     cfg = load_config(overrides=tiny_overrides(data, tiny_bert, tmp_path, "data.label_free=true",
                                                'evaluate.mode="rerank"', "evaluate.rerank_depth=20",
                                                'students.kinds=["dense", "colbert"]', "label_free.dev_queries=5"))
@@ -387,3 +418,23 @@ def test_dense_dev_scores_reuse_cached_encodings(tiny_beir, tiny_bert, tmp_path,
     mixed.eval()
     with torch.inference_mode():
         assert rec["dev_nDCG@10"] == pytest.approx(real(dev, retrieval=True)(mixed), abs=1e-3)
+
+
+def test_new_heads_are_seeded_whatever_ran_before(built, tiny_beir, tiny_bert, tmp_path):
+    """A student's new parameters (ColBERT projection, cross-encoder classifier) are drawn after
+    seeding with its train seed: the same trained student whatever the process did before."""
+    import torch
+
+    _, _, p, _ = built
+    other = Pipeline(load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "train.dense.epochs=2")),
+                     progress=False)
+    other.mine()
+    for kind in ("colbert", "cross-encoder"):
+        torch.manual_seed(12345)
+        torch.rand(1000)  # a different RNG history than the fixture's build
+        other.distill(kind)
+        mine = torch.load(other.work / f"distill-{kind}" / "student" / "head.pt", weights_only=True)
+        theirs = torch.load(p.work / f"distill-{kind}" / "student" / "head.pt", weights_only=True)
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], msg=f"{kind} {name}")

@@ -7,6 +7,7 @@ import pickle
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ def load_examples(name):
     return mined, list(mined["examples"]) + list(pseudo)
 
 
-RUNS = [
+RUNS: list[tuple[str, str, dict[str, Any]]] = [
     ("m2-default", "m2", {}),
     ("m3-scale0.6667", "m3", {"teacher_scale": 0.6667}),
     ("m3-scale0.6667-lr5e-5", "m3", {"teacher_scale": 0.6667, "lr": 5e-5}),
@@ -104,9 +105,10 @@ for name, mined_name, over in RUNS:
     student = new_student("dense", base, max_query_len=64, max_doc_len=256)
     work = Path(f"/tmp/sweep/{name}")
     res = train(student, examples, texts, cfg, work, progress=False,
-                dev_eval=lambda s, dev=dev, dq=dev_qrels: retrieval_ndcg(s, dev["qids"], dev["queries"], dq))
-    row = {"config": over, "teacher": mined_name, "examples": len(examples), "steps": res.steps,
-           "dev_history": res.dev_history, "train_s": round(res.seconds, 1), "wise_ft": {}}
+                dev_eval=lambda s, dev=dev, dq=dev_qrels: retrieval_ndcg(  # type: ignore[misc]
+                    s, dev["qids"], dev["queries"], dq))
+    row: dict[str, Any] = {"config": over, "teacher": mined_name, "examples": len(examples), "steps": res.steps,
+                           "dev_history": res.dev_history, "train_s": round(res.seconds, 1), "wise_ft": {}}
     for alpha in (0.3, 0.5, 0.7, 1.0):
         s = load_student(work / "best")
         if alpha != 1.0:
