@@ -106,6 +106,7 @@ class Pipeline:
         #: per TREC DL pool whose own students are evaluated: the dev-slice weights used
         self.trec_weights: dict[str, dict[str, Any]] = {}
         self._rerank_tuning: dict[tuple, dict[str, Any]] = {}  # see tune_rerank_weights
+        self._hybrid_tuning: dict[tuple, dict[str, Any]] = {}
         if cfg.threads:
             import os
 
@@ -763,12 +764,13 @@ class Pipeline:
         # scores interpolated with the dense student's (on this pool's BM25 candidates), at the
         # weights chosen on the build's dev slice, the artifact's; never on these judgments.
         firsts: dict[str, dict[str, dict[str, float]]] = {}
-        hw = 1.0
+        hw, record = 1.0, {}
         if "dense" in kinds:
             dense_run = score_all(dense_fn(DenseEncoder(self.onnx_dir("dense"))))
             systems["dense"] = metrics(qrels, dense_run, min_rel=2)
             firsts["dense"] = dense_run
             hw = self.tune_hybrid()["dense_weight"]
+            record = self.trec_weights[path.name] = {"hybrid_dense_weight": hw}
             if own_pool:
                 hybrid_run = {}
                 for qid, cs in zip(qids, cands):
@@ -796,7 +798,7 @@ class Pipeline:
                 # ColBERT's scores interpolated with the first stage's (models.fusion.interpolate), as
                 # in full-corpus evaluation and the service; "-maxsim": plain reranking
                 weights = self.tune_rerank_weights("colbert", hw)["weights"]
-                self.trec_weights.setdefault(path.name, {"hybrid_dense_weight": hw})["colbert_weight"] = weights
+                record["colbert_weight"] = weights
                 for stage, first_run in firsts.items():
                     systems[f"{stage}+colbert"] = metrics(
                         qrels, interpolated_run(first_run, colbert_run, weights[stage]), min_rel=2)
@@ -806,7 +808,7 @@ class Pipeline:
             ce_run = {qid: dict(zip(cs, map(float, sc))) for qid, cs, sc in zip(qids, cands, scores)}
             if "dense" in firsts:  # as served: interpolated with the dense student; "-plain": alone
                 ce_weight = self.tune_rerank_weights("cross-encoder", hw)["weights"]["dense"]
-                self.trec_weights.setdefault(path.name, {"hybrid_dense_weight": hw})["cross_encoder_weight"] = ce_weight
+                record["cross_encoder_weight"] = ce_weight
                 systems["dense+cross-encoder"] = metrics(
                     qrels, interpolated_run(firsts["dense"], ce_run, ce_weight), min_rel=2)
                 systems["dense+cross-encoder-plain"] = metrics(qrels, ce_run, min_rel=2)
@@ -924,7 +926,15 @@ class Pipeline:
         Never on test judgments. The weight is the one closest to equal weights among those
         within one standard error of the best (:func:`index_build.evaluate.one_se_choice`):
         pseudo-queries extracted from the documents favour BM25 by construction (BM25 finds
-        their source at rank 1), so a single dev query must not pull the weight to an extreme."""
+        their source at rank 1), so a single dev query must not pull the weight to an extreme.
+        Computed once per pipeline and exported dense student (evaluation, each TREC DL pool
+        and the artifact stage all need it)."""
+        memo = (depth, self.export_key("dense"))
+        if memo not in self._hybrid_tuning:
+            self._hybrid_tuning[memo] = self._tune_hybrid(depth)
+        return self._hybrid_tuning[memo]
+
+    def _tune_hybrid(self, depth: int) -> dict[str, Any]:
         from models.encoders import DenseEncoder
         from models.fusion import fuse_ranked_lists
 
