@@ -42,6 +42,7 @@ def build_artifact(
     bm25=None,
     factory: str | None = None,
     colbert_bits: int | None = 2,
+    colbert_kmeans_niter: int = 4,
     nprobe: int | None = None,
     calibration_queries: np.ndarray | None = None,
     hybrid: dict[str, Any] | None = None,
@@ -88,7 +89,8 @@ def build_artifact(
         if calibration is not None:
             indexes["dense"]["nprobe_calibration"] = calibration
         if colbert_vectors is not None:
-            tok = TokenIndex.build(colbert_vectors, root / "colbert", bits=colbert_bits, progress=progress)
+            tok = TokenIndex.build(colbert_vectors, root / "colbert", bits=colbert_bits,
+                                   kmeans_niter=colbert_kmeans_niter, progress=progress)
             indexes["colbert"] = {"type": "colbert-token-index", "path": "colbert", "model": "colbert",
                                   **tok.params(), "bytes_per_token": tok.bytes_per_token()}
             if interpolation.get("colbert") is not None:

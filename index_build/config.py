@@ -67,12 +67,17 @@ class EvalConfig:
     trec_dl: list[str] = field(default_factory=lambda: ["../shared/data/trec-dl/dl19", "../shared/data/trec-dl/dl20"])
     results_dir: str = "benchmarks/results"
     name: str = ""               # results file stem (default: the collection folder name)
+    # with int8 export: also the rows of int8 graphs encoding the corpus (dense-int8,
+    # dense+colbert-int8), a corpus pass per student. The service encodes queries only at run
+    # time (its corpus vectors are fp32), so the *-int8-query rows, which stay, are what it serves
+    int8_corpus: bool = True
 
 
 @dataclass
 class IndexConfig:
     factory: str | None = None   # FAISS factory string; None = chosen from corpus size
     colbert_bits: int = 2
+    colbert_kmeans_niter: int = 4  # k-means iterations of the token codec (models.token_index.KMEANS_NITER)
     nprobe: int | None = None
     distill_vq: DistillVQConfig = field(default_factory=DistillVQConfig)  # optional learned IVF-PQ
 
@@ -155,6 +160,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cursor[parts[-1]] = value
         _merge(cfg, nested, "")
     cfg.index.distill_vq.validate()
+    if int(cfg.index.colbert_kmeans_niter) < 1:
+        raise ValueError(f"config: index.colbert_kmeans_niter must be at least 1, got {cfg.index.colbert_kmeans_niter}")
     for kind, tcfg in cfg.train.items():
         if tcfg.wise_ft is not None and not 0.0 <= float(tcfg.wise_ft) <= 1.0:
             raise ValueError(f"config: train.{kind}.wise_ft must be in [0, 1], got {tcfg.wise_ft}")

@@ -359,7 +359,8 @@ class Pipeline:
                 clusters = cluster_queries(emb, tcfg.tas_clusters, seed=tcfg.seed)
             retrieval = tcfg.dev_retrieval and kind == "dense"
             dev_eval = self.dev_evaluator(mined["dev"], retrieval=retrieval)
-            initial = (lambda: self.base_dense_dev_score(mined["dev"], student)) if retrieval else None
+            initial = ((lambda: self.base_dense_dev_score(mined["dev"], student, retrieval))
+                       if kind == "dense" else None)
             res = train(student, examples, self.corpus_texts, tcfg, self.work / f"train-{kind}",
                         dev_eval=dev_eval, clusters=clusters, progress=self.progress, initial_dev=initial)
             shutil.copytree(self.work / f"train-{kind}" / "best", out / "student")
@@ -369,10 +370,12 @@ class Pipeline:
 
         return self.stage(f"distill-{kind}", self.distill_key(kind), run)
 
-    def base_dense_dev_score(self, dev: dict, student) -> float | None:
-        """Full-corpus dev nDCG@10 of an untrained dense ``student`` from the base model's cached
-        corpus encodings (the mining stage's), which score exactly like it when checkpoint,
-        lengths, pooling and similarity agree; None when they do not (then it is encoded anew)."""
+    def base_dense_dev_score(self, dev: dict, student, retrieval: bool = True) -> float | None:
+        """Dev nDCG@10 of an untrained dense ``student`` (full-corpus search, or with
+        ``retrieval`` False reranking each dev query's pool) from the base model's cached
+        corpus encodings (the mining stage's), which score like it when checkpoint, lengths,
+        pooling and similarity agree (in fp32: the training loop evaluates at its training
+        precision); None when they do not (then it is encoded anew)."""
         from models.sources import resolve_model
 
         base = self.base_dense.encoder.config
@@ -381,8 +384,22 @@ class Pipeline:
             for f in ("max_query_len", "max_doc_len", "pooling", "similarity", "dim"))
         if not same or not dev["qids"]:
             return None
+        if not retrieval:
+            return self.pool_dev_score(dev, self.base_dense.encode_queries(dev["queries"]),
+                                       self.base_dense.doc_embeddings)
         s, i = self.base_dense.retrieve(dev["queries"], 100)
         return metrics(self.dev_qrels(dev), run_from_arrays(dev["qids"], self.collection.doc_ids, s, i))["nDCG@10"]
+
+    def pool_dev_score(self, dev: dict, queries: np.ndarray, doc_embeddings: np.ndarray) -> float:
+        """Dev nDCG@10 of a dense model reranking each dev query's pool, from its query vectors
+        and its (cached) corpus vectors: what :meth:`dev_evaluator` measures, without encoding
+        the pools again."""
+        doc_ids = self.collection.doc_ids
+        run = {}
+        for qid, q, pool in zip(dev["qids"], queries, dev["pools"]):
+            pool = np.asarray(pool, dtype=np.int64)
+            run[qid] = {doc_ids[int(d)]: float(v) for d, v in zip(pool, doc_embeddings[pool] @ q)}
+        return metrics(self.dev_qrels(dev), run)["nDCG@10"]
 
     def dev_qrels(self, dev: dict) -> dict[str, dict[str, int]]:
         """Judgments of the dev slice: its pseudo-qrels (label-free) or the held-out train qrels."""
@@ -414,20 +431,11 @@ class Pipeline:
             return metrics(qrels, run_from_arrays(dev["qids"], doc_ids, s, i))["nDCG@10"]
 
         def evaluate(student) -> float:
-            from tqdm import tqdm
+            from index_build.train import pool_scores
 
-            from index_build.train import student_scores
-
-            run = {}
-            items = list(zip(dev["qids"], dev["queries"], dev["pools"]))
-            for qid, q, pool in tqdm(items, desc="dev eval", unit="query", disable=not self.progress, leave=False):
-                scores = []
-                for start in range(0, len(pool), 32):
-                    chunk = [self.corpus_texts[int(d)] for d in pool[start : start + 32]]
-                    s, _ = student_scores(student, [q], [chunk])
-                    scores.append(s[0].cpu().numpy())
-                sc = np.concatenate(scores)
-                run[qid] = {doc_ids[int(d)]: float(v) for d, v in zip(pool, sc)}
+            scores = pool_scores(student, dev["queries"], dev["pools"], self.corpus_texts, progress=self.progress)
+            run = {qid: {doc_ids[int(d)]: float(v) for d, v in zip(pool, sc)}
+                   for qid, pool, sc in zip(dev["qids"], dev["pools"], scores)}
             return metrics(qrels, run)["nDCG@10"]
 
         return evaluate_retrieval if retrieval else evaluate
@@ -476,8 +484,8 @@ class Pipeline:
     def exported_dev_score(self, kind: str, student) -> dict[str, float]:
         """The dev-slice nDCG@10 of a WiSE-FT-interpolated, just exported student, measured like
         the training loop's model selection (so it compares with the distill stage's
-        ``dev_history``). Full-corpus dense retrieval scores the exported graph, whose corpus
-        encodings are cached for the evaluate stage."""
+        ``dev_history``). A dense student is scored through the exported graph, whose corpus
+        encodings are cached for the evaluate and artifact stages (so this costs no extra pass)."""
         import torch
 
         tcfg = self.cfg.train[kind]
@@ -487,6 +495,11 @@ class Pipeline:
         if kind == "dense" and tcfg.dev_retrieval:
             return {"dev_nDCG@10": round(self.dense_metrics(dev["qids"], dev["queries"], self.dev_qrels(dev))
                                          ["nDCG@10"], 4)}
+        if kind == "dense":  # the pools reranked with the exported graph's corpus encodings
+            from models.encoders import DenseEncoder
+
+            q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(dev["queries"])
+            return {"dev_nDCG@10": round(self.pool_dev_score(dev, q, self.dense_corpus()), 4)}
         dev_eval = self.dev_evaluator(dev)
         assert dev_eval is not None
         student.eval()
@@ -534,8 +547,10 @@ class Pipeline:
     # ----------------------------------------------------------------- evaluation
     def evaluate_key(self) -> str:
         kinds = self.cfg.students.kinds
-        ev = self.cfg.section_hash("evaluate") if self.cfg.evaluate.mode != "retrieval" else _hash_without(
-            self.cfg, "evaluate", "mode")  # keys written before `mode` existed stay valid
+        # (keys written before `mode` and `int8_corpus` existed stay valid)
+        later = ["int8_corpus"] if self.cfg.evaluate.int8_corpus else []
+        ev = _hash_without(self.cfg, "evaluate", *later) if self.cfg.evaluate.mode != "retrieval" else _hash_without(
+            self.cfg, "evaluate", "mode", *later)
         # (the systems versions changed the full-corpus systems only; the weight selection, also
         # used by the hybrid row of a TREC DL rerank evaluation, changed for every mode)
         retrieval = self.cfg.evaluate.mode == "retrieval"
@@ -599,10 +614,12 @@ class Pipeline:
         hybrid = self.tune_hybrid(depth)
         firsts = self.first_stage_lists(texts, dense_q, hybrid["dense_weight"], depth)
         systems["dense"] = metrics(qrels, self.run_of(qids, firsts["dense"]))
+        int8_corpus = self.cfg.export_int8 and self.cfg.evaluate.int8_corpus
         if self.cfg.export_int8:
             dense8 = DenseEncoder(self.onnx_dir("dense"), onnx_file=INT8_NAME, threads=self.cfg.threads)
-            s8, i8 = exact_topk(self.dense_corpus(INT8_NAME), dense8.encode_queries(texts), depth)
-            systems["dense-int8"] = metrics(qrels, run_from_arrays(qids, doc_ids, s8, i8))
+            if int8_corpus:
+                s8, i8 = exact_topk(self.dense_corpus(INT8_NAME), dense8.encode_queries(texts), depth)
+                systems["dense-int8"] = metrics(qrels, run_from_arrays(qids, doc_ids, s8, i8))
             # what the service serves with NRS_USE_INT8: int8 query encoders, fp32-encoded corpus
             q8_s, q8_i = exact_topk(self.dense_corpus(), dense8.encode_queries(texts), depth)
             systems["dense-int8-query"] = metrics(qrels, run_from_arrays(qids, doc_ids, q8_s, q8_i))
@@ -610,7 +627,7 @@ class Pipeline:
         if "colbert" in kinds:
             # ColBERT reranks, its scores interpolated with the first stage's (weights tuned on the dev slice)
             weights = self.tune_rerank_weights("colbert", hybrid["dense_weight"], depth)["weights"]
-            for f in [ONNX_NAME] + ([INT8_NAME] if self.cfg.export_int8 else []):
+            for f in [ONNX_NAME] + ([INT8_NAME] if int8_corpus else []):
                 cb = self.colbert_scores(texts, firsts["dense"], f)
                 systems["dense+colbert" + ("-int8" if f == INT8_NAME else "")] = metrics(
                     qrels, self.run_of(qids, firsts["dense"], cb, weights["dense"]))
@@ -863,7 +880,8 @@ class Pipeline:
             build_artifact(
                 final, collection=self.collection, onnx_dirs={k: self.onnx_dir(k) for k in kinds},
                 dense_vectors=dense, colbert_vectors=colbert, bm25=self.bm25, factory=self.cfg.index.factory,
-                colbert_bits=self.cfg.index.colbert_bits, nprobe=self.cfg.index.nprobe,
+                colbert_bits=self.cfg.index.colbert_bits, colbert_kmeans_niter=self.cfg.index.colbert_kmeans_niter,
+                nprobe=self.cfg.index.nprobe,
                 calibration_queries=self.calibration_queries(), hybrid=hybrid, rerank_interpolation=interpolation,
                 distill_vq=dvq, distill_vq_queries=distill_vq,
                 training=training,

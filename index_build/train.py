@@ -225,6 +225,51 @@ def student_scores(student: Student, queries: list[str], docs: list[list[str]]
     raise TypeError(f"unsupported student {type(student).__name__}")
 
 
+def pool_scores(student: Student, queries: list[str], pools: list[np.ndarray], corpus_texts: list[str],
+                batch_size: int = 32, progress: bool = False) -> list[np.ndarray]:
+    """Scores of each query against the corpus documents of its own pool (ids into
+    ``corpus_texts``), as :func:`student_scores` gives them. A bi-encoder (dense, ColBERT)
+    encodes each distinct document once, in length-sorted batches, however many pools hold it;
+    a cross-encoder scores every pair."""
+    from tqdm import tqdm
+
+    from models.encoders import length_sorted_batches
+
+    pools = [np.asarray(p, dtype=np.int64) for p in pools]
+    if not isinstance(student, (DenseStudent, ColbertStudent)):
+        out = []
+        for q, pool in tqdm(list(zip(queries, pools)), desc="dev eval", unit="query", disable=not progress,
+                            leave=False):
+            parts = [student_scores(student, [q], [[corpus_texts[int(d)] for d in pool[i : i + batch_size]]])[0][0]
+                     for i in range(0, len(pool), batch_size)]
+            out.append(torch.cat(parts).float().cpu().numpy() if parts else np.zeros(0, np.float32))
+        return out
+    uniq = np.unique(np.concatenate([np.zeros(0, np.int64), *pools]))
+    texts = [corpus_texts[int(d)] for d in uniq]
+    q = student.encode_queries(list(queries))
+    docs: list[torch.Tensor] = [torch.zeros(0)] * len(texts)
+    batches_ = list(length_sorted_batches(student.tokenizer.token_lengths(texts), batch_size))
+    for idx in tqdm(batches_, desc="dev eval (distinct pool docs)", unit="batch", disable=not progress, leave=False):
+        chunk = [texts[i] for i in idx]
+        if isinstance(student, DenseStudent):
+            for i, v in zip(idx, student.encode_docs(chunk)):
+                docs[i] = v
+        else:
+            d, keep = student.encode_docs(chunk)
+            for j, i in enumerate(idx):
+                docs[i] = d[j][keep[j]]
+    rows = [np.searchsorted(uniq, pool) for pool in pools]
+    if isinstance(student, DenseStudent):
+        emb = torch.stack(docs) if docs else torch.zeros(0, q.shape[-1])
+        return [(emb[torch.from_numpy(r)] @ q[n]).float().cpu().numpy() for n, r in enumerate(rows)]
+    out = []
+    for n, r in enumerate(rows):  # MaxSim; a document without kept tokens scores -1e4 per query token
+        s = [(q[n] @ docs[i].T).max(dim=1).values.sum() if len(docs[i]) else q.new_tensor(-1e4 * q.shape[1])
+             for i in r]
+        out.append(torch.stack(s).float().cpu().numpy() if s else np.zeros(0, np.float32))
+    return out
+
+
 def train(student: Student, examples: list[Example], corpus_texts: list[str], cfg: TrainConfig, work_dir: Path,
           dev_eval: Callable[[Student], float] | None = None, clusters: np.ndarray | None = None,
           progress: bool = True, stop_after: int | None = None,

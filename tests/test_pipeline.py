@@ -43,6 +43,33 @@ def test_results_file_has_every_system(built, tiny_beir):
     assert (root / "results" / f"{tiny_beir.name}.md").read_text().startswith("###")
 
 
+def test_int8_corpus_rows_are_optional(built, tiny_beir, tiny_bert, tmp_path):
+    """``evaluate.int8_corpus=false`` drops the rows whose corpus is encoded by the int8 graphs
+    (no int8 corpus pass), keeps every other row with its value (the int8-query rows are what
+    the service serves) and changes only the evaluate stage's key."""
+    import shutil
+
+    root, _, p, result = built
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "work", copy / "work")
+    shutil.copy(root / "cache.sqlite", copy / "cache.sqlite")
+    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, copy, "train.dense.epochs=2",
+                                               "evaluate.int8_corpus=false"))
+    q = Pipeline(cfg, progress=False)
+    assert q.evaluate_key() != p.evaluate_key()
+    encoded = []
+    real = q.dense_corpus
+    q.dense_corpus = lambda f="model.onnx": encoded.append(f) or real(f)  # type: ignore[method-assign]
+    got = q.run_all()["systems"]
+    ran = {n for n, r in q.records.items() if not r.cached}
+    assert ran == {"evaluate", "artifact"}  # (the artifact's key names its own directory)
+    assert set(encoded) == {"model.onnx"}
+    dropped = {"dense-int8", "dense+colbert-int8"}
+    assert set(got) == set(result["systems"]) - dropped
+    assert {"dense-int8-query", "dense+colbert-int8-query"} <= set(got)
+    assert all(got[k] == pytest.approx(v) for k, v in result["systems"].items() if k not in dropped)
+
+
 def test_export_parity_recorded(built):
     _, _, p, _ = built
     for kind in ["dense", "colbert", "cross-encoder"]:
@@ -277,6 +304,14 @@ def test_distill_vq_settings_are_validated(tiny_beir, tiny_bert, tmp_path):
         load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "index.distill_vq.steps=0"))
 
 
+def test_codec_kmeans_iterations_are_validated_and_reach_the_artifact(built, tiny_beir, tiny_bert, tmp_path):
+    root, cfg, p, _ = built
+    with pytest.raises(ValueError, match="index.colbert_kmeans_niter must be at least 1"):
+        load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "index.colbert_kmeans_niter=0"))
+    manifest = json.loads((Path(cfg.artifact_dir) / "manifest.json").read_text())
+    assert manifest["indexes"]["colbert"]["kmeans_niter"] == cfg.index.colbert_kmeans_niter == 4
+
+
 def test_wise_ft_range_is_validated_at_load(tiny_beir, tiny_bert, tmp_path):
     with pytest.raises(ValueError, match=r"train.dense.wise_ft must be in \[0, 1\]"):
         load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "train.dense.wise_ft=1.5"))
@@ -377,28 +412,31 @@ def test_per_channel_int8_export_option(built, tiny_beir, tiny_bert):
     assert max(numpy_helper.to_array(t).size for t in inits if t.name.endswith("_scale")) > 1
 
 
-def test_dense_dev_scores_reuse_cached_encodings(tiny_beir, tiny_bert, tmp_path, monkeypatch):
-    """With full-corpus dev retrieval, the untrained student's dev score comes from the base
-    model's cached encodings and the WiSE-FT export's from the exported graph (its corpus
-    encodings cached for evaluate); both equal what encoding with the torch model gives."""
+@pytest.mark.parametrize("retrieval", [True, False], ids=["full-corpus", "pools"])
+def test_dense_dev_scores_reuse_cached_encodings(tiny_beir, tiny_bert, tmp_path, monkeypatch, retrieval):
+    """The untrained student's dev score (full-corpus dev retrieval, or reranking each dev
+    query's pool) comes from the base model's cached encodings and the WiSE-FT export's from
+    the exported graph (its corpus encodings cached for evaluate); both equal what encoding
+    with the torch model gives."""
     import torch
 
     from index_build.students import interpolate_with_base, load_student, new_student
     from models.sources import resolve_model
 
-    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "train.dense.dev_retrieval=true",
+    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path,
+                                               f"train.dense.dev_retrieval={str(retrieval).lower()}",
                                                'students.kinds=["dense"]', "train.dense.wise_ft=0.5"))
     p = Pipeline(cfg, progress=False)
     p.mine()
     dev = p.load_mined()["dev"]
-    torch_eval = p.dev_evaluator(dev, retrieval=True)
+    torch_eval = p.dev_evaluator(dev, retrieval=retrieval)
     base = new_student("dense", resolve_model(cfg.students.base), max_doc_len=cfg.students.max_doc_len)
     base.eval()
     with torch.inference_mode():
         expected0 = torch_eval(base)
-    assert p.base_dense_dev_score(dev, base) == pytest.approx(expected0, abs=1e-4)
+    assert p.base_dense_dev_score(dev, base, retrieval) == pytest.approx(expected0, abs=1e-4)
     other = new_student("dense", resolve_model(cfg.students.base), max_doc_len=32)
-    assert p.base_dense_dev_score(dev, other) is None  # other lengths: not the cached model
+    assert p.base_dense_dev_score(dev, other, retrieval) is None  # other lengths: not the cached model
 
     calls = []
     real = p.dev_evaluator
@@ -409,15 +447,17 @@ def test_dense_dev_scores_reuse_cached_encodings(tiny_beir, tiny_bert, tmp_path,
 
     monkeypatch.setattr(p, "dev_evaluator", counting)
     res = p.distill("dense").result
-    assert res["dev_history"][0] == [0, pytest.approx(expected0, abs=1e-4)] or \
-        tuple(res["dev_history"][0]) == (0, pytest.approx(expected0, abs=1e-4))
+    assert tuple(res["dev_history"][0]) == (0, pytest.approx(expected0, abs=1e-4))
     assert len(calls) == len(res["dev_history"]) - 1  # step 0 was not encoded again
+    encoded = []
+    monkeypatch.setattr(p, "dense_corpus", lambda *a, real=p.dense_corpus: encoded.append(1) or real(*a))
     rec = p.export("dense").result
+    assert retrieval or encoded  # the pools are scored from the exported graph's corpus encodings
     mixed = interpolate_with_base(load_student(p.work / "distill-dense" / "student"),
                                   resolve_model(cfg.students.base), 0.5)
     mixed.eval()
     with torch.inference_mode():
-        assert rec["dev_nDCG@10"] == pytest.approx(real(dev, retrieval=True)(mixed), abs=1e-3)
+        assert rec["dev_nDCG@10"] == pytest.approx(real(dev, retrieval=retrieval)(mixed), abs=1e-3)
 
 
 def test_new_heads_are_seeded_whatever_ran_before(built, tiny_beir, tiny_bert, tmp_path):
@@ -438,3 +478,33 @@ def test_new_heads_are_seeded_whatever_ran_before(built, tiny_beir, tiny_bert, t
         assert mine.keys() == theirs.keys()
         for name in mine:
             torch.testing.assert_close(mine[name], theirs[name], msg=f"{kind} {name}")
+
+
+@pytest.mark.parametrize("kind", ["dense", "colbert", "cross-encoder"])
+def test_pool_scores_encode_each_document_once_and_match_per_query_scores(built, kind):
+    """The dev evaluation's pool scores (distinct documents encoded once) equal scoring each
+    query's pool on its own with the training loop's scorer."""
+    import torch
+
+    from index_build.students import load_student
+    from index_build.train import pool_scores, student_scores
+
+    _, _, p, _ = built
+    student = load_student(p.work / f"distill-{kind}" / "student")
+    student.eval()
+    texts = p.corpus_texts
+    pools = [np.array([0, 3, 5, 1]), np.array([5, 2]), np.array([3, 0, 4, 6, 5])]
+    queries = ["first query", "another one", "a third query with more words"]
+    seen: list[str] = []
+    if kind != "cross-encoder":
+        real = student.encode_docs
+        student.encode_docs = lambda t: seen.extend(t) or real(t)  # type: ignore[method-assign]
+    with torch.inference_mode():
+        got = pool_scores(student, queries, pools, texts, batch_size=2)
+        if kind != "cross-encoder":
+            assert sorted(seen) == sorted(texts[i] for i in {int(d) for pool in pools for d in pool})
+            student.encode_docs = real  # type: ignore[method-assign]
+        for q, pool, g in zip(queries, pools, got):
+            want = student_scores(student, [q], [[texts[int(d)] for d in pool]])[0][0].numpy()
+            assert g.shape == (len(pool),)
+            np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-4)

@@ -179,3 +179,25 @@ def test_rerank_split_over_threads_gives_the_same_scores(tmp_path, corpus, monke
         np.testing.assert_allclose(index.rerank(query, few, executor=pool, parts=2), index.rerank(query, few),
                                    rtol=1e-6, atol=1e-6)
         assert submitted == []
+
+
+def test_codec_kmeans_iterations_are_a_recorded_setting(tmp_path, corpus) -> None:
+    """The codec's k-means iterations default to ColBERTv2's 4, are recorded with the index,
+    and must be at least 1; more iterations fit the sample at least as well."""
+    from models.token_index import KMEANS_NITER
+
+    docs, _ = corpus
+    assert KMEANS_NITER == 4
+    built = TokenIndex.build(docs, tmp_path / "a", bits=2, n_centroids=32, seed=0)
+    assert built.params()["kmeans_niter"] == 4
+    assert TokenIndex.build(docs, tmp_path / "b", bits=2, n_centroids=32, seed=0, kmeans_niter=1
+                            ).params()["kmeans_niter"] == 1
+    assert "kmeans_niter" not in TokenIndex.build(docs, tmp_path / "c", bits=None).params()
+    with pytest.raises(ValueError, match="niter must be at least 1"):
+        TokenIndex.build(docs, tmp_path / "d", bits=2, n_centroids=32, kmeans_niter=0)
+    sample = np.concatenate(docs)
+    fits = []
+    for n in (1, 10):
+        codec = ResidualCodec.train(sample, 32, 2, seed=0, niter=n)
+        fits.append(float((codec.centroids[codec.assign(sample).astype(np.int64)] * sample).sum(1).mean()))
+    assert fits[1] >= fits[0] - 1e-6
