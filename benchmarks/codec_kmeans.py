@@ -74,6 +74,7 @@ def main(config: Path = typer.Option(REPO / "configs" / "labelfree-scifact.toml"
                for qid, r in zip(dev["qids"], rankings)}
         return round(metrics(qrels, run)["nDCG@10"], 4)
 
+    pool_docs = sorted({int(d) for pool in pools for d in pool})
     rows: dict[str, dict] = {}
     for n in [int(x) for x in niters.split(",") if x.strip()]:
         t0 = time.perf_counter()
@@ -82,7 +83,6 @@ def main(config: Path = typer.Option(REPO / "configs" / "labelfree-scifact.toml"
         held = flat[held_rows]
         decoded = codec.decompress(*codec.compress(held))
         cos = (decoded * held).sum(1) / np.maximum(np.linalg.norm(held, axis=1), 1e-12)
-        pool_docs = sorted({int(d) for pool in pools for d in pool})
         dec_toks = {d: codec.decompress(*codec.compress(toks[d])) for d in pool_docs}
         approx = pool_rankings(q, pools, dec_toks)
         overlap = [len(set(a[:10].tolist()) & set(e[:10].tolist())) / min(10, len(e)) for a, e in zip(approx, exact)]

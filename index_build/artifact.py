@@ -27,6 +27,7 @@ import numpy as np
 from index_build.data import Collection
 from index_build.distill_vq import DistillVQConfig, distill, index_parts
 from models.encoders import CONFIG_NAME, ONNX_NAME, TOKENIZER_NAME
+from models.token_index import KMEANS_NITER
 
 INT8_NAME = "model.int8.onnx"
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def build_artifact(
     bm25=None,
     factory: str | None = None,
     colbert_bits: int | None = 2,
-    colbert_kmeans_niter: int = 4,
+    colbert_kmeans_niter: int = KMEANS_NITER,
     nprobe: int | None = None,
     calibration_queries: np.ndarray | None = None,
     hybrid: dict[str, Any] | None = None,

@@ -12,6 +12,7 @@ import tomllib
 
 from index_build.distill_vq import DistillVQConfig
 from index_build.train import PRECISIONS, TrainConfig, resolve_device
+from models.token_index import KMEANS_NITER
 
 
 @dataclass
@@ -77,7 +78,7 @@ class EvalConfig:
 class IndexConfig:
     factory: str | None = None   # FAISS factory string; None = chosen from corpus size
     colbert_bits: int = 2
-    colbert_kmeans_niter: int = 4  # k-means iterations of the token codec (models.token_index.KMEANS_NITER)
+    colbert_kmeans_niter: int = KMEANS_NITER  # k-means iterations of the token codec
     nprobe: int | None = None
     distill_vq: DistillVQConfig = field(default_factory=DistillVQConfig)  # optional learned IVF-PQ
 

@@ -548,9 +548,10 @@ class Pipeline:
     def evaluate_key(self) -> str:
         kinds = self.cfg.students.kinds
         # (keys written before `mode` and `int8_corpus` existed stay valid)
-        later = ["int8_corpus"] if self.cfg.evaluate.int8_corpus else []
-        ev = _hash_without(self.cfg, "evaluate", *later) if self.cfg.evaluate.mode != "retrieval" else _hash_without(
-            self.cfg, "evaluate", "mode", *later)
+        drop = ["mode"] if self.cfg.evaluate.mode == "retrieval" else []
+        if self.cfg.evaluate.int8_corpus:
+            drop.append("int8_corpus")
+        ev = _hash_without(self.cfg, "evaluate", *drop)
         # (the systems versions changed the full-corpus systems only; the weight selection, also
         # used by the hybrid row of a TREC DL rerank evaluation, changed for every mode)
         retrieval = self.cfg.evaluate.mode == "retrieval"
