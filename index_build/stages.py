@@ -113,16 +113,25 @@ class Pipeline:
             os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
 
     # ----------------------------------------------------------------- plumbing
+    def up_to_date(self, name: str, key: str) -> StageRecord | None:
+        """The record of stage ``name`` when its work dir holds a complete run under ``key``
+        (then it is also among this run's records), else None."""
+        meta = self.work / name / "stage.json"
+        if not meta.is_file():
+            return None
+        saved = json.loads(meta.read_text())
+        if saved.get("key") != key or not saved.get("complete"):
+            return None
+        rec = StageRecord(name, key, saved["seconds"], saved["peak_rss_bytes"], saved.get("result", {}), True)
+        self.records[name] = rec
+        return rec
+
     def stage(self, name: str, key: str, fn: Callable[[Path], dict], force: bool = False) -> StageRecord:
         out = self.work / name
         meta = out / "stage.json"
-        if not force and meta.is_file():
-            saved = json.loads(meta.read_text())
-            if saved.get("key") == key and saved.get("complete"):
-                rec = StageRecord(name, key, saved["seconds"], saved["peak_rss_bytes"], saved.get("result", {}), True)
-                self.records[name] = rec
-                log.info("stage %s: up to date (key %s)", name, key)
-                return rec
+        if not force and (rec := self.up_to_date(name, key)) is not None:
+            log.info("stage %s: up to date (key %s)", name, key)
+            return rec
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
@@ -368,7 +377,12 @@ class Pipeline:
                     "dev_history": res.dev_history, "train_seconds": round(res.seconds, 1),
                     "final_loss": float(np.mean(res.loss_history[-20:])) if res.loss_history else None}
 
-        return self.stage(f"distill-{kind}", self.distill_key(kind), run)
+        rec = self.stage(f"distill-{kind}", self.distill_key(kind), run)
+        n_pseudo = self.cfg.train[kind].pseudo_queries
+        if n_pseudo and not self.label_free and f"pseudo-{n_pseudo}" not in self.records:
+            # its time belongs to the build's record also when the distill stage was up to date
+            self.up_to_date(f"pseudo-{n_pseudo}", self.pseudo_key(n_pseudo))
+        return rec
 
     def base_dense_dev_score(self, dev: dict, student, retrieval: bool = True) -> float | None:
         """Dev nDCG@10 of an untrained dense ``student`` (full-corpus search, or with

@@ -248,6 +248,13 @@ def test_pseudo_query_augmentation_and_dev_retrieval(tiny_beir, tiny_bert, tmp_p
     assert res["examples"] == n_labelled + p.records["pseudo-20"].result["examples"]
     assert p.records["pseudo-20"].result["pseudo_queries"] <= 20
     assert len(res["dev_history"]) >= 2  # full-corpus retrieval on the dev queries at start and end
+    assert not p.records["pseudo-20"].cached
+    # a rerun finds distill up to date: the pseudo-query stage's record still reaches the results
+    again = Pipeline(cfg, progress=False)
+    again.mine()
+    again.distill("dense")
+    assert again.records["distill-dense"].cached and again.records["pseudo-20"].cached
+    assert again.records["pseudo-20"].seconds == p.records["pseudo-20"].seconds
 
 
 def test_auto_teacher_scale_matches_the_students_margin_spread(tiny_beir, tiny_bert, tmp_path):
