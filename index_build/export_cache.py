@@ -7,15 +7,17 @@ import os
 import shutil
 from pathlib import Path
 
+from index_build.export import OUTLIER_RATIO
 from models.sources import cache_dir, fingerprint, resolve_model
 
 
 def base_dense_onnx(model_ref: str, *, max_doc_len: int = 256) -> tuple[Path, str]:
     """``(dir, fingerprint)`` of a dense ONNX export of ``model_ref`` without training; its
-    int8 graph (an int8 teacher member's) is quantized per channel."""
+    int8 graph (an int8 teacher member's) is quantized per channel, outlier MatMuls kept fp32."""
     path = resolve_model(model_ref)
     fp = fingerprint(path)
-    out = cache_dir() / "onnx" / f"dense-{fp}-{max_doc_len}-pc"
+    # "-pc-o<ratio>": int8 per channel, MatMuls with outlier inputs kept fp32 (export.OUTLIER_RATIO)
+    out = cache_dir() / "onnx" / f"dense-{fp}-{max_doc_len}-pc-o{OUTLIER_RATIO:g}"
     if (out / "model.onnx").is_file():
         return out, fp
     from index_build.export import export_student

@@ -28,6 +28,7 @@ from index_build.cache import ArrayCache, content_key
 from index_build.config import BuildConfig
 from index_build.data import Collection, load_collection
 from index_build.evaluate import metrics, one_se_choice, per_query_ndcg, run_from_arrays
+from index_build.export import OUTLIER_RATIO
 from models.encoders import ONNX_NAME
 
 log = logging.getLogger(__name__)
@@ -468,6 +469,8 @@ class Pipeline:
         extra = [f"wise_ft={alpha}"] if alpha != 1.0 else []  # keys from before WiSE-FT stay valid
         if self.cfg.export_int8 and self.cfg.export_int8_per_channel and onnx_file != ONNX_NAME:
             extra.append("int8-per-channel")
+        if self.cfg.export_int8 and onnx_file != ONNX_NAME:
+            extra.append(f"int8-outliers-fp32-{OUTLIER_RATIO:g}")
         return self.key("export", kind, self.distill_key(kind), str(self.cfg.export_int8), *extra)
 
     def export(self, kind: str) -> StageRecord:
@@ -491,6 +494,7 @@ class Pipeline:
                 if alpha != 1.0:
                     record = self.exported_dev_score(kind, student)
             return {"parity_max_abs_diff": rep.max_abs_diff, "int8_max_abs_diff": rep.int8_max_abs_diff,
+                    "int8_fp32_nodes": rep.int8_fp32_nodes,
                     "wise_ft": alpha, **record}
 
         return self.stage(f"export-{kind}", self.export_key(kind), run)

@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from index_build.cache import ArrayCache, content_key
-from models.encoders import DOC_BATCH
+from models.encoders import DOC_BATCH, QUERY_CHUNK
 from models.fusion import Norm, normalize
 from models.sparse_index import BM25Config, BM25Index
 
@@ -67,7 +67,7 @@ class BiEncoderTeacher:
     def __init__(self, model_ref: str, corpus_texts: list[str], cache: ArrayCache, *,
                  max_doc_len: int = BI_ENCODER_MAX_DOC_LEN, int8: bool = False,
                  threads: int = 0, progress: bool = True, name: str | None = None) -> None:
-        from index_build.export import INT8_NAME, ONNX_NAME
+        from index_build.export import INT8_NAME, ONNX_NAME, OUTLIER_RATIO
         from index_build.export_cache import base_dense_onnx
 
         self.model_ref = model_ref
@@ -77,13 +77,15 @@ class BiEncoderTeacher:
         # int8: the dynamically quantized graph, per channel (about 3x faster on CPU, e.g. for a large
         # teacher's corpus pass: all-mpnet-base-v2 on SciFact 5.3 min instead of about 15)
         self.encoder = DenseEncoder(self.onnx_dir, onnx_file=INT8_NAME if int8 else ONNX_NAME, threads=threads)
-        self._fp = content_key("bi-encoder", model_fp, str(max_doc_len), *(["int8-per-channel"] if int8 else []))[:16]
+        int8_marks = ["int8-per-channel", f"outliers-fp32-{OUTLIER_RATIO:g}"] if int8 else []
+        self._fp = content_key("bi-encoder", model_fp, str(max_doc_len), *int8_marks)[:16]
         self.name = name or f"bi-encoder:{model_ref}"
         self.corpus_texts, self.cache, self.progress = corpus_texts, cache, progress
         # documents are encoded when first needed: scoring candidate lists touches only those
         # documents (e.g. the top-100 of a rerank run), retrieval the whole corpus
         self._emb = np.zeros((len(corpus_texts), self.encoder.dim), np.float32)
         self._have = np.zeros(len(corpus_texts), bool)
+        self._queries: dict[str, np.ndarray] = {}
 
     def fingerprint(self) -> str:
         return self._fp
@@ -105,10 +107,16 @@ class BiEncoderTeacher:
             self.embeddings(np.arange(len(self._have)))
         return self._emb
 
-    def encode_queries(self, queries: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        parts = [self.encoder.encode_queries(list(queries[i : i + batch_size]))
-                 for i in range(0, len(queries), batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), np.float32)
+    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
+        """Query embeddings, each distinct query encoded once per instance (the base model
+        embeds the same training queries for mining and again as a teacher member)."""
+        todo = list(dict.fromkeys(q for q in queries if q not in self._queries))
+        for start in range(0, len(todo), QUERY_CHUNK):
+            part = todo[start : start + QUERY_CHUNK]
+            self._queries.update(zip(part, self.encoder.encode_queries(part)))
+        if not queries:
+            return np.zeros((0, self.encoder.dim), np.float32)
+        return np.stack([self._queries[q] for q in queries])
 
     def score(self, queries: Sequence[str], candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
         q = self.encode_queries(queries)
@@ -211,7 +219,8 @@ def cached_teacher_scores(teacher: Teacher, cache: ArrayCache, queries: Sequence
     fp = teacher.fingerprint()
     keys = [content_key(fp, q, np.asarray(c, np.int64).tobytes()) for q, c in zip(queries, candidates)]
     found = cache.get_many(keys)
-    todo = [i for i, k in enumerate(keys) if k not in found]
+    # similar lengths together: a bi-encoder member pads each batch of queries to its longest
+    todo = sorted((i for i, k in enumerate(keys) if k not in found), key=lambda i: len(queries[i]))
     bar = tqdm(total=len(todo), desc=f"teacher {teacher.name}", unit="query", disable=not progress or not todo)
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]

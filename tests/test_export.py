@@ -67,3 +67,51 @@ def test_per_channel_int8_has_a_scale_per_output_column(tiny_bert, tmp_path):
 
     assert scale_sizes(False) == {1}
     assert max(scale_sizes(True)) > 1      # e.g. one per hidden unit of each projection
+
+
+def _two_matmul_graph(path):
+    """Two independent MatMuls with constant weights: ``first`` reads input a, ``second`` input b."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.normal(size=(64, 64)).astype(np.float32) for _ in range(2))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w1"], ["y1"], name="first"),
+         helper.make_node("MatMul", ["b", "w2"], ["y2"], name="second")],
+        "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 64]) for n in ("a", "b")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 64]) for n in ("y1", "y2")],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_int8_keeps_matmuls_with_outlier_inputs_in_fp32(tmp_path):
+    import onnx
+
+    from index_build.export import outlier_matmuls, quantize_int8
+
+    rng = np.random.default_rng(1)
+    a, b = (rng.normal(size=(1024, 64)).astype(np.float32) for _ in range(2))
+    b[7, 3] = 1e4                                   # one outlier feature value: peak/RMS about 250
+    _two_matmul_graph(tmp_path / "g.onnx")
+    assert outlier_matmuls(tmp_path / "g.onnx", {"a": a, "b": a}) == []
+    assert outlier_matmuls(tmp_path / "g.onnx", {"a": a, "b": b}) == ["second"]
+    assert outlier_matmuls(tmp_path / "g.onnx", {"a": a, "b": b}, ratio=1e3) == []
+    kept = quantize_int8(tmp_path / "g.onnx", tmp_path / "q.onnx", per_channel=True, calibration={"a": a, "b": b})
+    ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert kept == ["second"] and ops["second"] == "MatMul"            # fp32 weights
+    assert "first" not in ops and any(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in ops.values())
+    assert quantize_int8(tmp_path / "g.onnx", tmp_path / "q2.onnx") == []   # no calibration: all int8
+
+
+def test_dense_queries_encode_alike_in_length_sorted_batches(tiny_bert, tmp_path):
+    from models.encoders import QUERY_BATCH
+
+    new_student("dense", tiny_bert, max_doc_len=48).save(tmp_path / "student")
+    export_student(tmp_path / "student", tmp_path / "onnx", int8=False, parity_texts=TEXTS)
+    enc = DenseEncoder(tmp_path / "onnx")
+    words = "gene dna vitamin bone heart brain cortex memory neuron".split()
+    queries = [" ".join(words[: 1 + i % len(words)]) + f" {i}" for i in range(QUERY_BATCH + 7)]
+    batched = enc.encode_queries(queries)
+    one_by_one = np.concatenate([enc.encode_queries([q]) for q in queries])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)      # rows stay in input order

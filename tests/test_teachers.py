@@ -134,3 +134,18 @@ def test_unknown_teacher_kind(tiny_beir, tmp_path):
     col = load_collection(tiny_beir)
     with pytest.raises(ValueError, match="unknown teacher kind"):
         build_teacher(TeacherSpec(kind="oracle"), col.doc_texts(), col.checksum(), ArrayCache(tmp_path / "c"))
+
+
+def test_bi_encoder_encodes_each_distinct_query_once(tiny_beir, tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setenv("NRS_CACHE_DIR", str(tmp_path / "cache"))
+    texts = load_collection(tiny_beir).doc_texts()
+    teacher = BiEncoderTeacher(str(tiny_bert), texts, ArrayCache(tmp_path / "c.sqlite"), progress=False)
+    seen: list[str] = []
+    encode = teacher.encoder.encode_queries
+    monkeypatch.setattr(teacher.encoder, "encode_queries", lambda qs: seen.extend(qs) or encode(qs))
+    first = teacher.encode_queries(["gene dna", "vitamin bone", "gene dna"])
+    again = teacher.encode_queries(["vitamin bone", "heart"])        # mining, then scoring as a member
+    assert seen == ["gene dna", "vitamin bone", "heart"]
+    np.testing.assert_array_equal(first[0], first[2])
+    np.testing.assert_array_equal(again[0], first[1])
+    assert teacher.encode_queries([]).shape == (0, teacher.encoder.dim)
