@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def export_student(student_dir: Path, out_dir: Path, *, int8: bool = True, parit
             )
         shutil.copyfile(student_dir / "tokenizer.json", tmp / "tokenizer.json")
         student.config.save(tmp)
-        texts = parity_texts or _DEFAULT_PARITY_TEXTS
+        texts = parity_texts or DEFAULT_PARITY_TEXTS
         diff = parity(student, tmp, texts)
         int8_diff, fp32_nodes = None, []
         if int8:
@@ -86,17 +86,18 @@ def export_student(student_dir: Path, out_dir: Path, *, int8: bool = True, parit
 #: a MatMul whose input activations on the calibration texts peak above this many times their
 #: RMS keeps fp32 weights in the int8 graph. ONNX Runtime's dynamic quantization gives each
 #: activation tensor one scale, so at a peak/RMS ratio r a typical value spans about 255 / (2r)
-#: levels. Measured on 16 SciFact abstracts: all-mpnet-base-v2's FFN output projections in layers
-#: 6-10 reach 174-293 (every other MatMul input there, and every one of all-MiniLM-L6-v2, at most
-#: 94); quantizing them anyway left its int8 query embeddings at mean cosine 0.88 to fp32 (0.99
-#: with them kept fp32, at about the same speed).
+#: levels. On the calibration passages, all-mpnet-base-v2's FFN output projections in layers 0
+#: and 6-10 exceed it (174-293 in layers 6-10 on 16 SciFact abstracts, where every other MatMul
+#: input of it, and every one of all-MiniLM-L6-v2, stayed at most 94). Those six are a sixth of
+#: mpnet's MatMul work, so its int8 graph gets slower; what that buys in fidelity to fp32:
+#: ``benchmarks/results/int8-fidelity.md``.
 OUTLIER_RATIO = 128.0
 
 
-def outlier_matmuls(src: Path, feed: dict[str, np.ndarray], ratio: float = OUTLIER_RATIO) -> list[str]:
-    """Names of the MatMul/Gemm nodes with a constant weight whose input activations, over
-    the real (unpadded) tokens of ``feed``, peak above ``ratio`` times their RMS: the nodes
-    a per-tensor activation scale would wreck (outlier features, as in LLM.int8())."""
+def matmul_input_stats(src: Path, feed: dict[str, np.ndarray]) -> dict[str, tuple[float, np.ndarray]]:
+    """Per MatMul/Gemm node with a constant weight, over the real (unpadded) tokens of
+    ``feed``: the peak of its input activations divided by their RMS, and each input
+    channel's peak (``[K]``)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -116,19 +117,63 @@ def outlier_matmuls(src: Path, feed: dict[str, np.ndarray], ratio: float = OUTLI
         names = [o.name for o in session.get_outputs()]
         values = dict(zip(names, session.run(None, {k: v for k, v in feed.items() if k in inputs})))
     mask = feed.get("attention_mask")
-    out = []
+    out = {}
     for n in nodes:
         x = values[n.input[0]]
         if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
             x = x[mask.astype(bool)]
+        x = np.abs(x.reshape(-1, x.shape[-1]))
         rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
-        if rms > 0 and float(np.abs(x).max()) > ratio * rms:
-            out.append(n.name)
+        out[n.name] = (float(x.max()) / rms if rms > 0 else 0.0, x.max(axis=0))
     return out
 
 
+def outlier_matmuls(src: Path, feed: dict[str, np.ndarray], ratio: float = OUTLIER_RATIO) -> list[str]:
+    """Names of the MatMul/Gemm nodes with a constant weight whose input activations, over
+    the real (unpadded) tokens of ``feed``, peak above ``ratio`` times their RMS: the nodes
+    a per-tensor activation scale would wreck (outlier features, as in LLM.int8())."""
+    return [name for name, (peak, _) in matmul_input_stats(src, feed).items() if peak > ratio]
+
+
+def smooth_matmuls(src: Path, dst: Path, channel_peaks: dict[str, np.ndarray], alpha: float = 0.5) -> list[str]:
+    """SmoothQuant (Xiao et al. 2022, arXiv 2211.10438) on the named MatMuls: ``x W`` becomes
+    ``(x / s) (diag(s) W)`` with ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)`` (``channel_peaks``
+    holds each node's ``max|x_j|``), so the activations' outlier channels move into weight rows,
+    which a per-column weight scale absorbs. An elementwise Mul is inserted before each. Returns
+    the nodes smoothed (a weight shared with another node is left alone)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    nodes, done = [], []
+    for node in model.graph.node:
+        peaks = channel_peaks.get(node.name)
+        if peaks is not None and node.op_type == "MatMul" and uses.get(node.input[1]) == 1 and node.input[1] in inits:
+            w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)  # [K, N]
+            scale = (np.maximum(peaks, 1e-5) ** alpha / np.maximum(np.abs(w).max(axis=1), 1e-5) ** (1 - alpha))
+            scale = scale.astype(np.float32)
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(w * scale[:, None], node.input[1]))
+            inv = numpy_helper.from_array((1.0 / scale).astype(np.float32), f"{node.name}/smooth_inv")
+            model.graph.initializer.append(inv)
+            smoothed = f"{node.name}/smoothed_input"
+            nodes.append(helper.make_node("Mul", [node.input[0], inv.name], [smoothed], name=f"{node.name}/smooth"))
+            node.input[0] = smoothed
+            done.append(node.name)
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(dst))
+    return done
+
+
 def quantize_int8(src: Path, dst: Path, *, per_channel: bool = False,
-                  calibration: dict[str, np.ndarray] | None = None) -> list[str]:
+                  calibration: dict[str, np.ndarray] | None = None,
+                  outliers: Literal["fp32", "smooth"] = "fp32") -> list[str]:
     """Dynamic int8 quantization of the MatMul weights (onnxruntime.quantization); returns
     the nodes kept in fp32.
 
@@ -137,13 +182,21 @@ def quantize_int8(src: Path, dst: Path, *, per_channel: bool = False,
     scores nDCG@10 0.6812 in fp32, 0.6229 per tensor, 0.6586 per channel
     (``benchmarks/results/teachers.json``, ``dl19.mpnet_precision``).
     ``calibration``: a model input (as the graph takes it); the MatMuls whose inputs have
-    outliers on it (:func:`outlier_matmuls`) are left in fp32.
+    outliers on it (:func:`outlier_matmuls`) are left in fp32, or with ``outliers="smooth"``
+    smoothed (:func:`smooth_matmuls`) and quantized like the rest.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    keep = outlier_matmuls(src, calibration) if calibration is not None else []
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
-                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep)
+    stats = matmul_input_stats(src, calibration) if calibration is not None else {}
+    flagged = {name: peaks for name, (peak, peaks) in stats.items() if peak > OUTLIER_RATIO}
+    keep = list(flagged) if outliers == "fp32" else []
+    with tempfile.TemporaryDirectory() as tmp:
+        if outliers == "smooth" and flagged:
+            smoothed = Path(tmp) / "smoothed.onnx"
+            keep = [n for n in flagged if n not in smooth_matmuls(src, smoothed, flagged)]
+            src = smoothed
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep)
     return keep
 
 
@@ -189,7 +242,7 @@ def _sample_batch(student, texts: list[str], max_len: int | None = None):
     return to_torch(batch)
 
 
-_DEFAULT_PARITY_TEXTS = [
+DEFAULT_PARITY_TEXTS = [
     "Vitamin D deficiency is associated with an increased risk of fractures in older adults.",
     "The mitochondrial genome encodes thirteen proteins of the respiratory chain.",
     "What is the capital of France?",

@@ -115,3 +115,30 @@ def test_dense_queries_encode_alike_in_length_sorted_batches(tiny_bert, tmp_path
     batched = enc.encode_queries(queries)
     one_by_one = np.concatenate([enc.encode_queries([q]) for q in queries])
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)      # rows stay in input order
+
+
+def test_smoothquant_keeps_the_function_and_helps_int8(tmp_path):
+    import onnxruntime as ort
+
+    from index_build.export import quantize_int8, smooth_matmuls
+
+    rng = np.random.default_rng(1)
+    a, b = (rng.normal(size=(1024, 64)).astype(np.float32) for _ in range(2))
+    b[7, 3] = 1e4
+    feed = {"a": a, "b": b}
+    _two_matmul_graph(tmp_path / "g.onnx")
+
+    def run(name):
+        return ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(None, feed)[1]
+
+    ref = run("g.onnx")
+    assert smooth_matmuls(tmp_path / "g.onnx", tmp_path / "s.onnx", {"second": np.abs(b).max(0)}) == ["second"]
+    np.testing.assert_allclose(run("s.onnx"), ref, rtol=1e-4, atol=1e-2)     # same function, rescaled
+    assert quantize_int8(tmp_path / "g.onnx", tmp_path / "q.onnx", per_channel=True) == []
+    kept = quantize_int8(tmp_path / "g.onnx", tmp_path / "qs.onnx", per_channel=True, calibration=feed,
+                         outliers="smooth")
+    assert kept == []                                                          # smoothed, then all int8
+    rows = np.arange(len(b)) != 7
+    err_plain = np.abs(run("q.onnx") - ref)[rows].mean()
+    err_smooth = np.abs(run("qs.onnx") - ref)[rows].mean()
+    assert err_smooth < 0.5 * err_plain
