@@ -11,6 +11,7 @@ from typing import Any
 import tomllib
 
 from index_build.distill_vq import DistillVQConfig
+from index_build.export import INT8_ACTIVATIONS
 from index_build.train import PRECISIONS, TrainConfig, resolve_device
 from models.token_index import KMEANS_NITER
 
@@ -103,6 +104,11 @@ class BuildConfig:
     # int8 graphs with one scale per output column of each weight matrix instead of one per
     # matrix (what int8 teacher members use); same speed
     export_int8_per_channel: bool = False
+    # "token": each row of a MatMul input gets its own int8 scale, so a query's int8 embedding
+    # no longer depends on what the service batched it with (ONNX Runtime's dynamic quantization,
+    # "tensor", takes one scale per batch); closer to fp32, slower than "tensor", faster than
+    # fp32 (benchmarks/results/int8-fidelity.md)
+    export_int8_activations: str = "tensor"
     index: IndexConfig = field(default_factory=IndexConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     source: str = ""             # the config file it was read from (set by load_config; for records)
@@ -161,6 +167,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cursor[parts[-1]] = value
         _merge(cfg, nested, "")
     cfg.index.distill_vq.validate()
+    if cfg.export_int8_activations not in INT8_ACTIVATIONS:
+        raise ValueError(f"config: export_int8_activations must be one of {', '.join(INT8_ACTIVATIONS)}, "
+                         f"got {cfg.export_int8_activations!r}")
     if int(cfg.index.colbert_kmeans_niter) < 1:
         raise ValueError(f"config: index.colbert_kmeans_niter must be at least 1, got {cfg.index.colbert_kmeans_niter}")
     for kind, tcfg in cfg.train.items():

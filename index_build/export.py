@@ -30,7 +30,7 @@ class ExportReport:
 
 
 def export_student(student_dir: Path, out_dir: Path, *, int8: bool = True, parity_texts: list[str] | None = None,
-                   opset: int = 17, per_channel: bool = False) -> ExportReport:
+                   opset: int = 17, per_channel: bool = False, int8_activations: str = "tensor") -> ExportReport:
     """Export the saved student in ``student_dir`` to ``out_dir`` (model.onnx, tokenizer.json,
     encoder.json), check parity on ``parity_texts``, optionally add ``model.int8.onnx``."""
     import torch
@@ -73,7 +73,7 @@ def export_student(student_dir: Path, out_dir: Path, *, int8: bool = True, parit
             calibration = {k: v.numpy() for k, v in _sample_batch(
                 student, [*CALIBRATION_TEXTS, *texts], max_len=room).items()}
             fp32_nodes = quantize_int8(tmp / ONNX_NAME, tmp / INT8_NAME, per_channel=per_channel,
-                                       calibration=calibration)
+                                       calibration=calibration, activations=int8_activations)
             int8_diff = parity(student, tmp, texts, onnx_file=INT8_NAME)
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -171,9 +171,98 @@ def smooth_matmuls(src: Path, dst: Path, channel_peaks: dict[str, np.ndarray], a
     return done
 
 
+#: how an int8 graph quantizes the activations entering its MatMuls: ``"tensor"``, ONNX
+#: Runtime's dynamic quantization (one scale per tensor, so for the whole batch), or
+#: ``"token"`` (one per row: :func:`per_token_activations`)
+INT8_ACTIVATIONS = ("tensor", "token")
+
+
+def per_token_activations(src: Path, dst: Path) -> int:
+    """Rewrite the dynamically quantized graph ``src`` so that each token (row) of a MatMul's
+    input gets its own activation scale; returns how many quantization points changed.
+
+    ONNX Runtime's ``DynamicQuantizeLinear`` takes one scale and zero point over the whole
+    input tensor: every padded batch-mate and padding position moves it, so a text's int8
+    embedding depends on what it was batched with. Here each is replaced by symmetric per-row
+    quantization, ``round(127 x / max|x_row|) + 128`` as uint8 with the scalar zero point 128
+    (which ``MatMulInteger`` requires), and the row scale ``max|x_row| / 127`` multiplies the
+    result after the MatMul: the scale product ONNX Runtime's ``MatMulIntegerToFloat`` fusion
+    takes must stay scalar, so that product gets 1.0 (the fusion misreads a per-row one).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    quantizers = [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]
+    if not quantizers:
+        onnx.save(model, str(dst))
+        return 0
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    one, eps, qmax, unit, zero = "per_token/one", "per_token/eps", "per_token/qmax", "per_token/unit", "per_token/zp"
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(1.0, np.float32), one),
+        numpy_helper.from_array(np.array(1e-12, np.float32), eps),
+        numpy_helper.from_array(np.array(127.0, np.float32), qmax),
+        numpy_helper.from_array(np.array(1.0 / 127.0, np.float32), unit),
+        numpy_helper.from_array(np.array(128, np.uint8), zero),
+    ])
+    if opset >= 18:
+        graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "per_token/axes"))
+
+    def reduce(op: str, x: str, y: str, name: str) -> Any:
+        if opset >= 18:
+            return helper.make_node(op, [x, "per_token/axes"], [y], name=name, keepdims=1)
+        return helper.make_node(op, [x], [y], name=name, axes=[-1], keepdims=1)
+
+    replace: dict[str, list[Any]] = {}
+    after: dict[str, str] = {}  # output-scaling Mul -> the row scale it must still apply
+    for dq in quantizers:
+        x: str = dq.input[0]
+        q, scale, zp = (str(name) for name in dq.output)
+        p = dq.name
+        replace[p] = [
+            reduce("ReduceMax", x, f"{p}/row_max", f"{p}/RowMax"),
+            reduce("ReduceMin", x, f"{p}/row_min", f"{p}/RowMin"),
+            helper.make_node("Neg", [f"{p}/row_min"], [f"{p}/row_neg_min"], name=f"{p}/Neg"),
+            helper.make_node("Max", [f"{p}/row_max", f"{p}/row_neg_min", eps], [f"{p}/row_absmax"], name=f"{p}/AbsMax"),
+            helper.make_node("Div", [f"{p}/row_absmax", qmax], [scale], name=f"{p}/RowScale"),
+            helper.make_node("Div", [x, f"{p}/row_absmax"], [f"{p}/unit"], name=f"{p}/Normalize"),
+            helper.make_node("QuantizeLinear", [f"{p}/unit", unit, zero], [q], name=f"{p}/Quantize"),
+            helper.make_node("Identity", [zero], [zp], name=f"{p}/ZeroPoint"),
+        ]
+        for use in consumers.get(scale, []):
+            # ORT's pattern: Mul(a_scale, b_scale) -> Mul(Cast(MatMulInteger(...)), that product)
+            outs = consumers.get(use.output[0], []) if use.op_type == "Mul" else []
+            if use.op_type != "Mul" or not outs or any(o.op_type != "Mul" for o in outs):
+                raise ValueError(f"per_token_activations: unexpected use of {scale!r} by {use.op_type} {use.name!r}")
+            use.input[list(use.input).index(scale)] = one
+            for out in outs:
+                after[out.name] = scale
+    nodes: list[Any] = []
+    for node in graph.node:
+        if node.name in replace:
+            nodes.extend(replace[node.name])
+            continue
+        nodes.append(node)
+        if node.name in after:
+            y = node.output[0]
+            node.output[0] = f"{y}/before_row_scale"
+            nodes.append(helper.make_node("Mul", [node.output[0], after[node.name]], [y], name=f"{node.name}/RowScale"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(dst))
+    return len(quantizers)
+
+
 def quantize_int8(src: Path, dst: Path, *, per_channel: bool = False,
                   calibration: dict[str, np.ndarray] | None = None,
-                  outliers: Literal["fp32", "smooth"] = "fp32") -> list[str]:
+                  outliers: Literal["fp32", "smooth"] = "fp32",
+                  activations: str = "tensor") -> list[str]:
     """Dynamic int8 quantization of the MatMul weights (onnxruntime.quantization); returns
     the nodes kept in fp32.
 
@@ -184,7 +273,11 @@ def quantize_int8(src: Path, dst: Path, *, per_channel: bool = False,
     ``calibration``: a model input (as the graph takes it); the MatMuls whose inputs have
     outliers on it (:func:`outlier_matmuls`) are left in fp32, or with ``outliers="smooth"``
     smoothed (:func:`smooth_matmuls`) and quantized like the rest.
+    ``activations``: ``"token"`` gives each row of a MatMul input its own scale
+    (:func:`per_token_activations`): embeddings no longer depend on batch-mates, at some speed.
     """
+    if activations not in INT8_ACTIVATIONS:
+        raise ValueError(f"int8 activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {activations!r}")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     stats = matmul_input_stats(src, calibration) if calibration is not None else {}
@@ -195,8 +288,11 @@ def quantize_int8(src: Path, dst: Path, *, per_channel: bool = False,
             smoothed = Path(tmp) / "smoothed.onnx"
             keep = [n for n in flagged if n not in smooth_matmuls(src, smoothed, flagged)]
             src = smoothed
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+        target = Path(tmp) / "per_tensor.onnx" if activations == "token" else dst
+        quantize_dynamic(str(src), str(target), weight_type=QuantType.QInt8, per_channel=per_channel,
                          op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep)
+        if activations == "token":
+            per_token_activations(target, dst)
     return keep
 
 

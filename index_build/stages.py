@@ -471,6 +471,8 @@ class Pipeline:
             extra.append("int8-per-channel")
         if self.cfg.export_int8 and onnx_file != ONNX_NAME:
             extra.append(f"int8-outliers-fp32-{OUTLIER_RATIO:g}")
+            if self.cfg.export_int8_activations != "tensor":
+                extra.append(f"int8-activations-{self.cfg.export_int8_activations}")
         return self.key("export", kind, self.distill_key(kind), str(self.cfg.export_int8), *extra)
 
     def export(self, kind: str) -> StageRecord:
@@ -490,7 +492,8 @@ class Pipeline:
                     student.save(Path(tmp))
                     src = Path(tmp)
                 rep = export_student(src, out / "onnx", int8=self.cfg.export_int8, parity_texts=texts,
-                                     per_channel=self.cfg.export_int8_per_channel)
+                                     per_channel=self.cfg.export_int8_per_channel,
+                                     int8_activations=self.cfg.export_int8_activations)
                 if alpha != 1.0:
                     record = self.exported_dev_score(kind, student)
             return {"parity_max_abs_diff": rep.max_abs_diff, "int8_max_abs_diff": rep.int8_max_abs_diff,

@@ -142,3 +142,52 @@ def test_smoothquant_keeps_the_function_and_helps_int8(tmp_path):
     err_plain = np.abs(run("q.onnx") - ref)[rows].mean()
     err_smooth = np.abs(run("qs.onnx") - ref)[rows].mean()
     assert err_smooth < 0.5 * err_plain
+
+
+def test_per_token_int8_stays_close_to_fp32_on_every_row(tmp_path):
+    """One activation scale per row: a small row next to a large one keeps its precision (with
+    one scale per tensor it is rounded away), also after ONNX Runtime's fusions."""
+    import onnxruntime as ort
+
+    from index_build.export import per_token_activations, quantize_int8
+
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(6, 64)).astype(np.float32)
+    a[0] *= 1e3                                           # a loud batch-mate
+    feed = {"a": a, "b": a}
+    _two_matmul_graph(tmp_path / "g.onnx")
+
+    def run(name):
+        return ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+    ref = run("g.onnx")
+    quantize_int8(tmp_path / "g.onnx", tmp_path / "tensor.onnx", per_channel=True)
+    quantize_int8(tmp_path / "g.onnx", tmp_path / "token.onnx", per_channel=True, activations="token")
+
+    def rel_err(name):
+        got = run(name)
+        return np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+
+    assert rel_err("token.onnx").max() < 0.03
+    assert rel_err("tensor.onnx")[1:].min() > 0.1               # the quiet rows lose their precision
+    assert per_token_activations(tmp_path / "g.onnx", tmp_path / "same.onnx") == 0   # nothing quantized
+    with pytest.raises(ValueError, match="int8 activations must be one of tensor, token"):
+        quantize_int8(tmp_path / "g.onnx", tmp_path / "bad.onnx", activations="row")
+
+
+@pytest.mark.parametrize("activations", ["tensor", "token"])
+def test_int8_query_embedding_and_its_batch_mates(tiny_bert, tmp_path, activations):
+    """With per-token scales a query's int8 embedding is the same alone and batched with a
+    longer, louder query (padding included); with ONNX Runtime's per-tensor scale it is not."""
+    new_student("dense", tiny_bert, max_doc_len=48).save(tmp_path / "student")
+    export_student(tmp_path / "student", tmp_path / "onnx", int8=True, parity_texts=TEXTS,
+                   int8_activations=activations)
+    fp32, int8 = DenseEncoder(tmp_path / "onnx"), DenseEncoder(tmp_path / "onnx", onnx_file=INT8_NAME)
+    query, mate = "vitamin bone", " ".join(TEXTS * 3)
+    alone = int8.encode_queries([query])[0]
+    batched = int8.encode_queries([query, mate])[0]
+    if activations == "token":
+        np.testing.assert_allclose(alone, batched, atol=1e-6)
+    else:
+        assert np.abs(alone - batched).max() > 1e-4
+    assert float(alone @ fp32.encode_queries([query])[0]) > 0.95

@@ -419,6 +419,20 @@ def test_per_channel_int8_export_option(built, tiny_beir, tiny_bert):
     assert max(numpy_helper.to_array(t).size for t in inits if t.name.endswith("_scale")) > 1
 
 
+def test_per_token_int8_export_option(built, tiny_beir, tiny_bert):
+    """``export_int8_activations = "token"`` changes the int8 graphs' keys only; others are refused."""
+    root, cfg, p, _ = built
+    with pytest.raises(ValueError, match="export_int8_activations must be one of tensor, token"):
+        load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, root, 'export_int8_activations="row"'))
+    tok = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, root, "train.dense.epochs=2",
+                                               'export_int8_activations="token"'))
+    q = Pipeline(tok, progress=False)
+    for kind in ("dense", "colbert", "cross-encoder"):
+        assert q.export_key(kind, "model.int8.onnx") != p.export_key(kind, "model.int8.onnx")
+        assert q.export_key(kind, "model.onnx") == p.export_key(kind, "model.onnx")
+        assert q.distill_key(kind) == p.distill_key(kind)
+
+
 @pytest.mark.parametrize("retrieval", [True, False], ids=["full-corpus", "pools"])
 def test_dense_dev_scores_reuse_cached_encodings(tiny_beir, tiny_bert, tmp_path, monkeypatch, retrieval):
     """The untrained student's dev score (full-corpus dev retrieval, or reranking each dev
