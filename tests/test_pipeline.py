@@ -425,12 +425,33 @@ def test_per_token_int8_export_option(built, tiny_beir, tiny_bert):
     with pytest.raises(ValueError, match="export_int8_activations must be one of tensor, token"):
         load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, root, 'export_int8_activations="row"'))
     tok = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, root, "train.dense.epochs=2",
-                                               'export_int8_activations="token"'))
+                                               'export_int8_activations="token"',
+                                               f'artifact_dir="{root}/artifacts-token"',
+                                               f'evaluate.results_dir="{root}/results-token"'))
     q = Pipeline(tok, progress=False)
     for kind in ("dense", "colbert", "cross-encoder"):
         assert q.export_key(kind, "model.int8.onnx") != p.export_key(kind, "model.int8.onnx")
         assert q.export_key(kind, "model.onnx") == p.export_key(kind, "model.onnx")
         assert q.distill_key(kind) == p.distill_key(kind)
+    q.run_all()
+    # served with int8 query encoders: a query batched with others scores as alone (to float
+    # rounding; with per-tensor scales it moves by the quantization step)
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(artifact_dir=Path(tok.artifact_dir), threads=1, use_int8=True, int8_models="dense,colbert",
+                        warmup=False)
+    queries = ["vitamin bone", "gene mutation and dna expression in the brain cortex of the elderly", "heart"]
+    with TestClient(create_app(settings)) as c:
+        for rerank in ("none", "colbert"):
+            body = {"k": 5, "candidates": 10, "rerank": rerank}
+            batch = c.post("/search/batch", json={"queries": queries, **body}).json()["results"]
+            for query, res in zip(queries, batch):
+                alone = c.post("/search", json={"query": query, **body}).json()["hits"]
+                assert [h["id"] for h in res["hits"]] == [h["id"] for h in alone]
+                assert [h["score"] for h in res["hits"]] == pytest.approx([h["score"] for h in alone], abs=1e-5)
 
 
 @pytest.mark.parametrize("retrieval", [True, False], ids=["full-corpus", "pools"])
