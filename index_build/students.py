@@ -13,6 +13,7 @@ so ``load_student(DIR)`` rebuilds the exact module (used by export parity checks
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from torch import nn
 
 from models.encoders import EncoderConfig
 from models.tokenization import Batch, TextTokenizer
+
+log = logging.getLogger(__name__)
 
 
 def _tokenizer_file(checkpoint: Path) -> Path:
@@ -185,7 +188,29 @@ def new_student(kind: str, checkpoint: Path, **config_overrides) -> Student:
     if kind == "dense":
         defaults["pooling"] = _checkpoint_pooling(checkpoint)
     config = EncoderConfig(kind=kind, **{**defaults, **config_overrides})  # type: ignore[arg-type]
+    limit = position_limit(hf_config)
+    if limit is not None:
+        for name in ("max_doc_len", "max_query_len", "colbert_query_len"):
+            if getattr(config, name) > limit:
+                log.warning("%s: %s=%d exceeds the checkpoint's %d positions; using %d",
+                            checkpoint, name, getattr(config, name), limit, limit)
+                setattr(config, name, limit)
     return STUDENTS[kind](Path(checkpoint), config)
+
+
+def position_limit(hf_config) -> int | None:
+    """The most tokens a checkpoint's position embeddings take in one sequence (RoBERTa-style
+    models, MPNet's included, offset their positions past the padding index), None if unknown."""
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    pad = getattr(hf_config, "pad_token_id", None)
+    offset = pad + 1 if hf_config.model_type in _OFFSET_POSITIONS and isinstance(pad, int) else 0
+    return positions - offset
+
+
+#: model types whose position ids start after the padding index
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "longformer"}
 
 
 def load_student(directory: Path) -> Student:

@@ -191,3 +191,16 @@ def test_int8_query_embedding_and_its_batch_mates(tiny_bert, tmp_path, activatio
     else:
         assert np.abs(alone - batched).max() > 1e-4
     assert float(alone @ fp32.encode_queries([query])[0]) > 0.95
+
+
+def test_lengths_beyond_the_checkpoints_positions_are_capped(tiny_bert, tmp_path, caplog):
+    """A student asked for more tokens than its checkpoint has positions (tiny BERT: 128) takes
+    as many as it has, so long documents encode instead of failing inside ONNX Runtime."""
+    student = new_student("dense", tiny_bert, max_doc_len=256, max_query_len=200)
+    assert (student.config.max_doc_len, student.config.max_query_len) == (128, 128)
+    assert "exceeds the checkpoint's 128 positions" in caplog.text
+    student.save(tmp_path / "student")
+    export_student(tmp_path / "student", tmp_path / "onnx", int8=False, parity_texts=TEXTS)
+    long_doc = " ".join(TEXTS * 40)
+    enc = DenseEncoder(tmp_path / "onnx")
+    assert enc.encode_docs([long_doc]).shape == (1, 32) and enc.encode_queries([long_doc]).shape == (1, 32)
