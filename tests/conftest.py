@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,23 @@ from tests.tiny import write_tiny_beir, write_tiny_bert
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NRS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.hookimpl(trylast=True)  # after ``-m`` deselected what will not run
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """A run without real-weight tests keeps its model exports (tiny, content-keyed) in a
+    temporary cache instead of ``~/.cache/neural-retrieval``; a slow run keeps the real cache,
+    where the packaged mpnet is unpacked once."""
+    if items and "NRS_CACHE_DIR" not in os.environ and not any(i.get_closest_marker("slow") for i in items):
+        config._nrs_cache = tempfile.TemporaryDirectory(prefix="nrs-test-cache-")
+        os.environ["NRS_CACHE_DIR"] = config._nrs_cache.name
+
+
+def pytest_unconfigure(config) -> None:
+    cache = getattr(config, "_nrs_cache", None)
+    if cache is not None:
+        os.environ.pop("NRS_CACHE_DIR", None)
+        cache.cleanup()
 
 
 @pytest.fixture(scope="session")
