@@ -198,6 +198,10 @@ def new_student(kind: str, checkpoint: Path, **config_overrides) -> Student:
     return STUDENTS[kind](Path(checkpoint), config)
 
 
+#: model types whose position ids start after the padding index
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "longformer"}
+
+
 def position_limit(hf_config) -> int | None:
     """The most tokens a checkpoint's position embeddings take in one sequence (RoBERTa-style
     models, MPNet's included, offset their positions past the padding index), None if unknown."""
@@ -207,10 +211,6 @@ def position_limit(hf_config) -> int | None:
     pad = getattr(hf_config, "pad_token_id", None)
     offset = pad + 1 if hf_config.model_type in _OFFSET_POSITIONS and isinstance(pad, int) else 0
     return positions - offset
-
-
-#: model types whose position ids start after the padding index
-_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "longformer"}
 
 
 def load_student(directory: Path) -> Student:

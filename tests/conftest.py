@@ -13,18 +13,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NRS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+_TEST_CACHE = pytest.StashKey[tempfile.TemporaryDirectory]()
+
+
 @pytest.hookimpl(trylast=True)  # after ``-m`` deselected what will not run
 def pytest_collection_modifyitems(session, config, items) -> None:
     """A run without real-weight tests keeps its model exports (tiny, content-keyed) in a
     temporary cache instead of ``~/.cache/neural-retrieval``; a slow run keeps the real cache,
     where the packaged mpnet is unpacked once."""
     if items and "NRS_CACHE_DIR" not in os.environ and not any(i.get_closest_marker("slow") for i in items):
-        config._nrs_cache = tempfile.TemporaryDirectory(prefix="nrs-test-cache-")
-        os.environ["NRS_CACHE_DIR"] = config._nrs_cache.name
+        cache = config.stash[_TEST_CACHE] = tempfile.TemporaryDirectory(prefix="nrs-test-cache-")
+        os.environ["NRS_CACHE_DIR"] = cache.name
 
 
 def pytest_unconfigure(config) -> None:
-    cache = getattr(config, "_nrs_cache", None)
+    cache = config.stash.get(_TEST_CACHE, None)
     if cache is not None:
         os.environ.pop("NRS_CACHE_DIR", None)
         cache.cleanup()
