@@ -10,8 +10,11 @@ MatMul quantized) and ``per-channel-outliers-fp32``, what the builder exports: p
 MatMuls whose input activations peak above ``OUTLIER_RATIO`` times their RMS on the calibration
 passages left in fp32; and ``per-channel-outliers-smoothed``, those MatMuls smoothed instead
 (SmoothQuant: the activations' outlier channels moved into the weights) and quantized like the
-rest; and ``per-channel-outliers-fp32-per-token``, the builder's graph with one activation
-scale per token instead of per tensor (``export_int8_activations = "token"``). On SciFact test
+rest; ``per-channel-outliers-fp32-per-token``, the builder's graph with one activation
+scale per token instead of per tensor (``export_int8_activations = "token"``); and
+``per-channel-outliers-fp32-8bit-weights``, the builder's graph with 8-bit weights instead of
+``INT8_WEIGHT_BITS`` (7): exact on CPUs with VNNI, saturating on those without (the result
+records the CPU's flags). Every other int8 graph has 7-bit weights. On SciFact test
 queries and corpus documents (the first ``--docs``):
 cosine of each int8 embedding to the fp32 one (mean and minimum, queries and documents), the
 share of each query's fp32 top-10 among the sampled documents that the int8 graph also ranks in
@@ -38,11 +41,28 @@ sys.path.insert(0, str(REPO))
 from index_build.calibration import CALIBRATION_TEXTS  # noqa: E402
 from index_build.data import load_collection  # noqa: E402
 from index_build.evaluate import write_json_atomic  # noqa: E402
-from index_build.export import DEFAULT_PARITY_TEXTS, INT8_NAME, ONNX_NAME, OUTLIER_RATIO, quantize_int8  # noqa: E402
+from index_build.export import (  # noqa: E402
+    DEFAULT_PARITY_TEXTS,
+    INT8_NAME,
+    INT8_WEIGHT_BITS,
+    ONNX_NAME,
+    OUTLIER_RATIO,
+    quantize_int8,
+)
 from index_build.export_cache import base_dense_onnx  # noqa: E402
 from models.encoders import DenseEncoder  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "scifact"
+
+
+def cpu_int8_features() -> list[str]:
+    """The x86 flags that pick ONNX Runtime's integer GEMM kernel (Linux /proc/cpuinfo)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(f for f in set(flags) if f in {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def fp32_matmuls(graph: Path) -> list[str]:
@@ -111,18 +131,24 @@ def main(models: str = typer.Option("packaged:minilm,packaged:mpnet", help="comm
     ds = col.doc_texts()[:docs]
     out = results_dir / "int8-fidelity.json"
     result: dict = {"command": "python benchmarks/int8_fidelity.py", "outlier_ratio": OUTLIER_RATIO,
+                    "int8_weight_bits": INT8_WEIGHT_BITS, "cpu_int8_features": cpu_int8_features(),
                     "queries": len(qs), "docs": len(ds), "timing_repeats": repeats, "models": {}}
     for ref in [m.strip() for m in models.split(",") if m.strip()]:
         onnx_dir, _ = base_dense_onnx(ref)
         with tempfile.TemporaryDirectory() as tmp:
+            enc = DenseEncoder(onnx_dir)
+            feed = enc.tokenizer.encode([*CALIBRATION_TEXTS, *DEFAULT_PARITY_TEXTS],
+                                        min(enc.config.max_doc_len, calibration_len)).as_dict()
             graphs = {"per-tensor": Path(tmp) / "per-tensor.onnx", "per-channel": Path(tmp) / "per-channel.onnx"}
             quantize_int8(onnx_dir / ONNX_NAME, graphs["per-tensor"], per_channel=False)
             quantize_int8(onnx_dir / ONNX_NAME, graphs["per-channel"], per_channel=True)
             graphs["per-channel-outliers-fp32"] = onnx_dir / INT8_NAME
+            # the same with 8-bit weights (the builder's graph before INT8_WEIGHT_BITS): exact
+            # where the CPU has VNNI, saturating int16 sums where it has not (see export.py)
+            graphs["per-channel-outliers-fp32-8bit-weights"] = Path(tmp) / "8bit.onnx"
+            quantize_int8(onnx_dir / ONNX_NAME, graphs["per-channel-outliers-fp32-8bit-weights"], per_channel=True,
+                          calibration=feed, weight_bits=8)
             # the alternative: the same outlier MatMuls smoothed (SmoothQuant), then all int8
-            enc = DenseEncoder(onnx_dir)
-            feed = enc.tokenizer.encode([*CALIBRATION_TEXTS, *DEFAULT_PARITY_TEXTS],
-                                        min(enc.config.max_doc_len, calibration_len)).as_dict()
             graphs["per-channel-outliers-smoothed"] = Path(tmp) / "smoothed.onnx"
             quantize_int8(onnx_dir / ONNX_NAME, graphs["per-channel-outliers-smoothed"], per_channel=True,
                           calibration=feed, outliers="smooth")

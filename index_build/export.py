@@ -96,6 +96,15 @@ def export_student(student_dir: Path, out_dir: Path, *, int8: bool = True, parit
 #: ``benchmarks/results/int8-fidelity.md``.
 OUTLIER_RATIO = 128.0
 
+#: bits of the int8 graphs' MatMul weights (``reduce_range``: values in [-64, 64]). ONNX
+#: Runtime's u8 x s8 integer GEMM on x86 CPUs without VNNI (AVX2 or AVX-512 alone) adds the
+#: products of adjacent byte pairs into int16 with saturation (VPMADDUBSW): 255 * 127 * 2
+#: overflows it, 255 * 64 * 2 does not. With 8-bit weights all-mpnet-base-v2's int8 graph,
+#: exact on a VNNI host, gave embeddings at cosine -0.003 to its fp32 ones on an AVX2-only
+#: AMD EPYC (7-bit: 0.991, on 64 DL19 passages), and a label-free DL19 teacher with it fell to
+#: nDCG@10 0.5299 from 0.6442. The graph runs on any host, so the weights stay in 7 bits.
+INT8_WEIGHT_BITS = 7
+
 
 def matmul_input_stats(src: Path, feed: dict[str, np.ndarray]) -> dict[str, tuple[float, np.ndarray]]:
     """Per MatMul/Gemm node with a constant weight, over the real (unpadded) tokens of
@@ -282,9 +291,9 @@ def _root_info_dropped() -> Iterator[None]:
 def quantize_int8(src: Path, dst: Path, *, per_channel: bool = False,
                   calibration: dict[str, np.ndarray] | None = None,
                   outliers: Literal["fp32", "smooth"] = "fp32",
-                  activations: str = "tensor") -> list[str]:
-    """Dynamic int8 quantization of the MatMul weights (onnxruntime.quantization); returns
-    the nodes kept in fp32.
+                  activations: str = "tensor", weight_bits: int = INT8_WEIGHT_BITS) -> list[str]:
+    """Dynamic int8 quantization of the MatMul weights (onnxruntime.quantization), in
+    ``weight_bits`` bits (7 or 8; see :data:`INT8_WEIGHT_BITS`); returns the nodes kept in fp32.
 
     ``per_channel``: one scale per output column instead of one per weight matrix. Same speed;
     it matters for models with outlier columns: all-mpnet-base-v2 reranking DL19's BM25 top-100
@@ -296,6 +305,8 @@ def quantize_int8(src: Path, dst: Path, *, per_channel: bool = False,
     ``activations``: ``"token"`` gives each row of a MatMul input its own scale
     (:func:`per_token_activations`): embeddings no longer depend on batch-mates, at some speed.
     """
+    if weight_bits not in (7, 8):
+        raise ValueError(f"int8 weights take 7 or 8 bits, got {weight_bits}")
     if activations not in INT8_ACTIVATIONS:
         raise ValueError(f"int8 activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {activations!r}")
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -310,6 +321,7 @@ def quantize_int8(src: Path, dst: Path, *, per_channel: bool = False,
             src = smoothed
         target = Path(tmp) / "per_tensor.onnx" if activations == "token" else dst
         quantize_dynamic(str(src), str(target), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         reduce_range=weight_bits == 7,
                          op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep)
         if activations == "token":
             per_token_activations(target, dst)

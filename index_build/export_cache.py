@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from index_build.export import OUTLIER_RATIO
+from index_build.export import INT8_WEIGHT_BITS, OUTLIER_RATIO
 from models.sources import cache_dir, fingerprint, resolve_model
 
 
@@ -16,8 +16,9 @@ def base_dense_onnx(model_ref: str, *, max_doc_len: int = 256) -> tuple[Path, st
     int8 graph (an int8 teacher member's) is quantized per channel, outlier MatMuls kept fp32."""
     path = resolve_model(model_ref)
     fp = fingerprint(path)
-    # "-pc-o<ratio>": int8 per channel, MatMuls with outlier inputs kept fp32 (export.OUTLIER_RATIO)
-    out = cache_dir() / "onnx" / f"dense-{fp}-{max_doc_len}-pc-o{OUTLIER_RATIO:g}"
+    # "-pc-o<ratio>-w<bits>": int8 per channel, MatMuls with outlier inputs kept fp32
+    # (export.OUTLIER_RATIO), weights in export.INT8_WEIGHT_BITS bits
+    out = cache_dir() / "onnx" / f"dense-{fp}-{max_doc_len}-pc-o{OUTLIER_RATIO:g}-w{INT8_WEIGHT_BITS}"
     if (out / "model.onnx").is_file():
         return out, fp
     from index_build.export import export_student

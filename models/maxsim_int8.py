@@ -11,8 +11,9 @@ document's tokens and the sum over query tokens.
 Quantization is symmetric and per vector: ``x ~ scale * round(x / scale)`` with
 ``scale = max|x| / 127``. Document tokens are stored offset by :data:`ZERO_POINT` as
 ``uint8`` (the fast ``u8 x s8`` GEMM); the query is quantized per query token at search
-time. Candidates are scored in runs of similar length, each padded to its longest
-document; padded rows get a large negative bias so they never win a max.
+time, in 7 bits (:data:`QUERY_LEVELS`). Candidates are scored in runs of similar length,
+each padded to its longest document; padded rows get a large negative bias so they never
+win a max.
 
 The graph is shipped as ``maxsim_int8.onnx`` beside this module (the service has no
 ``onnx`` package); :func:`build_graph` rebuilds it and a test checks that the two agree.
@@ -32,6 +33,10 @@ ZERO_POINT = 128
 PAD_BIAS = -1.0e4
 #: padded token rows scored per ONNX call (bounds the working set, as in TokenIndex.rerank)
 CHUNK_ROWS = 16384
+#: the query's int8 range, 7 bits: ONNX Runtime's u8 x s8 GEMM on x86 CPUs without VNNI (AVX2
+#: or AVX-512 alone) sums pairs of byte products in int16 with saturation; 255 * 127 * 2
+#: overflows it, 255 * 63 * 2 does not (see index_build.export.INT8_WEIGHT_BITS)
+QUERY_LEVELS = 63
 OPSET = 13
 
 
@@ -77,9 +82,9 @@ def build_graph() -> Any:
     return model
 
 
-def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_rows(x: np.ndarray, levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-row int8: ``(q int8 [n, dim], scale float32 [n])`` with
-    ``x ~ q * scale[:, None]``; all-zero rows get scale 0.
+    ``x ~ q * scale[:, None]`` and ``|q| <= levels``; all-zero rows get scale 0.
 
     >>> q, s = quantize_rows(np.array([[0.5, -1.0], [0.0, 0.0]], np.float32))
     >>> q.tolist(), [round(float(v), 6) for v in s]
@@ -87,9 +92,9 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     x = np.asarray(x, dtype=np.float32)
     peak = np.abs(x).max(axis=1)
-    scale = (peak / 127.0).astype(np.float32)
+    scale = (peak / float(levels)).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.rint(x / safe[:, None]), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(x / safe[:, None]), -levels, levels).astype(np.int8)
     return q, scale
 
 
@@ -164,7 +169,7 @@ class Int8MaxSim:
         out = np.zeros(len(docs), np.float32)
         if not len(docs):
             return out
-        q, q_scale = quantize_rows(np.asarray(query, dtype=np.float32))
+        q, q_scale = quantize_rows(np.asarray(query, dtype=np.float32), levels=QUERY_LEVELS)
         q_t = np.ascontiguousarray(q.T)
         starts = self.offsets[docs]
         lengths = self.offsets[docs + 1] - starts

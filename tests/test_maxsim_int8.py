@@ -104,3 +104,13 @@ def test_token_index_in_memory_modes(tmp_path, corpus, bits, monkeypatch) -> Non
     assert i8.residuals is index.residuals and i8.ivf is index.ivf
     with pytest.raises(ValueError, match="unknown in-memory token mode"):
         index.to_memory("bfloat16")
+
+
+def test_query_side_stays_in_seven_bits_so_avx2_integer_gemm_cannot_saturate():
+    """u8 document tokens (up to 255) times the query's int8 values, summed in pairs in int16
+    by ONNX Runtime's kernel on CPUs without VNNI: 255 * 127 * 2 overflows, 255 * 63 * 2 not."""
+    from models.maxsim_int8 import QUERY_LEVELS, quantize_rows
+
+    assert 255 * QUERY_LEVELS * 2 <= 32767
+    q, scale = quantize_rows(np.array([[-1.0, 0.25, 0.0]], np.float32), levels=QUERY_LEVELS)
+    assert q.tolist() == [[-63, 16, 0]] and abs(float(scale[0]) - 1.0 / 63) < 1e-7

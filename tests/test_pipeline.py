@@ -398,10 +398,12 @@ def test_cross_encoder_row_interpolates_with_dense(built):
 
 
 def test_per_channel_int8_export_option(built, tiny_beir, tiny_bert):
-    """``export_int8_per_channel`` re-exports (new export keys) while the fp32 graph's caches are kept."""
+    """``export_int8_per_channel`` (on by default) off re-exports (new export keys) while the
+    fp32 graph's caches are kept: one weight scale per matrix."""
     root, cfg, p, _ = built
+    assert cfg.export_int8_per_channel
     per = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, root, "train.dense.epochs=2",
-                                               "export_int8_per_channel=true"))
+                                               "export_int8_per_channel=false"))
     q = Pipeline(per, progress=False)
     for kind in ("dense", "colbert", "cross-encoder"):
         assert q.export_key(kind) != p.export_key(kind)
@@ -416,7 +418,7 @@ def test_per_channel_int8_export_option(built, tiny_beir, tiny_bert):
     from onnx import numpy_helper
 
     inits = onnx.load(str(q.onnx_dir("dense") / "model.int8.onnx")).graph.initializer
-    assert max(numpy_helper.to_array(t).size for t in inits if t.name.endswith("_scale")) > 1
+    assert max(numpy_helper.to_array(t).size for t in inits if t.name.endswith("_scale")) == 1
 
 
 def test_per_token_int8_export_option(built, tiny_beir, tiny_bert):
