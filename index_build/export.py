@@ -104,6 +104,8 @@ OUTLIER_RATIO = 128.0
 #: AMD EPYC (7-bit: 0.991, on 64 DL19 passages), and a label-free DL19 teacher with it fell to
 #: nDCG@10 0.5299 from 0.6442. The graph runs on any host, so the weights stay in 7 bits.
 INT8_WEIGHT_BITS = 7
+#: the mark of that width in cache keys (export stage, int8 teacher members)
+INT8_WEIGHTS_MARK = f"weights-{INT8_WEIGHT_BITS}bit"
 
 
 def matmul_input_stats(src: Path, feed: dict[str, np.ndarray]) -> dict[str, tuple[float, np.ndarray]]:

@@ -28,7 +28,7 @@ from index_build.cache import ArrayCache, content_key
 from index_build.config import BuildConfig
 from index_build.data import Collection, load_collection
 from index_build.evaluate import metrics, one_se_choice, per_query_ndcg, run_from_arrays
-from index_build.export import INT8_WEIGHT_BITS, OUTLIER_RATIO
+from index_build.export import INT8_WEIGHTS_MARK, OUTLIER_RATIO
 from models.encoders import ONNX_NAME
 
 log = logging.getLogger(__name__)
@@ -470,9 +470,7 @@ class Pipeline:
         if self.cfg.export_int8 and self.cfg.export_int8_per_channel and onnx_file != ONNX_NAME:
             extra.append("int8-per-channel")
         if self.cfg.export_int8 and onnx_file != ONNX_NAME:
-            extra.append(f"int8-outliers-fp32-{OUTLIER_RATIO:g}")
-            if INT8_WEIGHT_BITS != 8:
-                extra.append(f"int8-weights-{INT8_WEIGHT_BITS}bit")
+            extra += [f"int8-outliers-fp32-{OUTLIER_RATIO:g}", f"int8-{INT8_WEIGHTS_MARK}"]
             if self.cfg.export_int8_activations != "tensor":
                 extra.append(f"int8-activations-{self.cfg.export_int8_activations}")
         return self.key("export", kind, self.distill_key(kind), str(self.cfg.export_int8), *extra)

@@ -67,7 +67,7 @@ class BiEncoderTeacher:
     def __init__(self, model_ref: str, corpus_texts: list[str], cache: ArrayCache, *,
                  max_doc_len: int = BI_ENCODER_MAX_DOC_LEN, int8: bool = False,
                  threads: int = 0, progress: bool = True, name: str | None = None) -> None:
-        from index_build.export import INT8_NAME, INT8_WEIGHT_BITS, ONNX_NAME, OUTLIER_RATIO
+        from index_build.export import INT8_NAME, INT8_WEIGHTS_MARK, ONNX_NAME, OUTLIER_RATIO
         from index_build.export_cache import base_dense_onnx
 
         self.model_ref = model_ref
@@ -77,8 +77,7 @@ class BiEncoderTeacher:
         # int8: the dynamically quantized graph, per channel (about 3x faster on CPU, e.g. for a large
         # teacher's corpus pass: all-mpnet-base-v2 on SciFact 5.3 min instead of about 15)
         self.encoder = DenseEncoder(self.onnx_dir, onnx_file=INT8_NAME if int8 else ONNX_NAME, threads=threads)
-        int8_marks = ["int8-per-channel", f"outliers-fp32-{OUTLIER_RATIO:g}",
-                      *([f"weights-{INT8_WEIGHT_BITS}bit"] if INT8_WEIGHT_BITS != 8 else [])] if int8 else []
+        int8_marks = ["int8-per-channel", f"outliers-fp32-{OUTLIER_RATIO:g}", INT8_WEIGHTS_MARK] if int8 else []
         self._fp = content_key("bi-encoder", model_fp, str(max_doc_len), *int8_marks)[:16]
         self.name = name or f"bi-encoder:{model_ref}"
         self.corpus_texts, self.cache, self.progress = corpus_texts, cache, progress
