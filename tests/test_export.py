@@ -72,13 +72,14 @@ def test_per_channel_int8_has_a_scale_per_output_column(tiny_bert, tmp_path):
 def test_int8_export_keeps_onnxruntime_root_info_out_of_the_log(tiny_bert, tmp_path, caplog):
     import logging
 
-    from index_build.export import ONNX_NAME, quantize_int8
+    from index_build.export import ONNX_NAME, PREPROCESS_HINT, quantize_int8
 
     new_student("dense", tiny_bert, max_doc_len=48).save(tmp_path / "student")
     export_student(tmp_path / "student", tmp_path / "onnx", int8=False, parity_texts=TEXTS)
     caplog.set_level(logging.INFO)
     quantize_int8(tmp_path / "onnx" / ONNX_NAME, tmp_path / "q.onnx", per_channel=True)
     assert not [r for r in caplog.records if r.name == "root" and r.levelno < logging.WARNING]
+    assert not [r for r in caplog.records if PREPROCESS_HINT in r.getMessage()]
     logging.getLogger().info("after the export")              # the filter is gone afterwards
     logging.getLogger("index_build.test").info("named logger")
     assert [r.getMessage() for r in caplog.records][-2:] == ["after the export", "named logger"]
