@@ -12,7 +12,7 @@ import tomllib
 
 from index_build.distill_vq import DistillVQConfig
 from index_build.export import INT8_ACTIVATIONS
-from index_build.train import PRECISIONS, TrainConfig, resolve_device
+from index_build.train import PRECISIONS, PROJ_INITS, TrainConfig, resolve_device
 from models.token_index import KMEANS_NITER
 
 
@@ -114,6 +114,7 @@ class BuildConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     source: str = ""             # the config file it was read from (set by load_config; for records)
+    overrides: list[str] = field(default_factory=list)  # the key=value overrides applied after it (likewise)
 
     def section_hash(self, *names: str) -> str:
         data = asdict(self)
@@ -168,6 +169,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
         _merge(cfg, nested, "")
+    cfg.overrides = list(overrides or [])
     cfg.index.distill_vq.validate()
     if cfg.export_int8_activations not in INT8_ACTIVATIONS:
         raise ValueError(f"config: export_int8_activations must be one of {', '.join(INT8_ACTIVATIONS)}, "
@@ -177,6 +179,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for kind, tcfg in cfg.train.items():
         if tcfg.wise_ft is not None and not 0.0 <= float(tcfg.wise_ft) <= 1.0:
             raise ValueError(f"config: train.{kind}.wise_ft must be in [0, 1], got {tcfg.wise_ft}")
+        if tcfg.proj_init not in PROJ_INITS:
+            raise ValueError(f"config: train.{kind}.proj_init must be one of {', '.join(PROJ_INITS)}, "
+                             f"got {tcfg.proj_init!r}")
+        if tcfg.proj_init != "random" and kind != "colbert":
+            raise ValueError(f"config: train.{kind}.proj_init applies to the ColBERT student only")
         if tcfg.precision not in PRECISIONS:
             raise ValueError(f"config: train.{kind}.precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {tcfg.precision!r}")

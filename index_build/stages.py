@@ -363,6 +363,14 @@ class Pipeline:
                 overrides.update(dim=s.colbert_dim, colbert_query_len=s.colbert_query_len)
             set_seed(tcfg.seed)  # the new head's init (ColBERT projection, classifier) is seeded too
             student = new_student(kind, resolve_model(s.base), **overrides)
+            init: dict[str, Any] = {}
+            if kind == "colbert" and tcfg.proj_init == "pca":
+                from index_build.students import ColbertStudent
+                from index_build.train import PROJ_INIT_DOCS
+
+                assert isinstance(student, ColbertStudent)
+                sample = random.Random(tcfg.seed).sample(self.corpus_texts, min(PROJ_INIT_DOCS, len(self.corpus_texts)))
+                init = {"proj_init": "pca", "proj_variance_kept": round(student.init_projection_pca(sample), 4)}
             clusters = None
             if tcfg.tas_balanced:
                 emb = self.base_dense.encode_queries([e.query for e in examples])
@@ -374,7 +382,7 @@ class Pipeline:
             res = train(student, examples, self.corpus_texts, tcfg, self.work / f"train-{kind}",
                         dev_eval=dev_eval, clusters=clusters, progress=self.progress, initial_dev=initial)
             shutil.copytree(self.work / f"train-{kind}" / "best", out / "student")
-            return {"steps": res.steps, "examples": len(examples), "best_dev_nDCG@10": round(res.best_dev, 4),
+            return {**init, "steps": res.steps, "examples": len(examples), "best_dev_nDCG@10": round(res.best_dev, 4),
                     "dev_history": res.dev_history, "train_seconds": round(res.seconds, 1),
                     "final_loss": float(np.mean(res.loss_history[-20:])) if res.loss_history else None}
 
@@ -1065,6 +1073,15 @@ class Pipeline:
         self.artifact()
         return self.write_results()  # again, so the artifact stage's time is in the results
 
+    def command(self) -> str:
+        """The ``index-build all`` command line that builds this configuration (for records)."""
+        import shlex
+
+        parts = ["index-build", "all"] + (["--config", self.cfg.source] if self.cfg.source else [])
+        for item in self.cfg.overrides:
+            parts += ["--set", item]
+        return shlex.join(parts)
+
     def write_results(self) -> dict:
         from index_build.evaluate import markdown_table, write_json_atomic
 
@@ -1080,7 +1097,7 @@ class Pipeline:
                 "systems": ev.result["collection"], "stages": stages,
                 "teacher": {"members": self.cfg.teacher.members, "norm": self.cfg.teacher.norm,
                             "pool_depth": self.cfg.teacher.pool_depth},
-                "command": f"index-build all --config {self.cfg.source}" if self.cfg.source else "index-build all"}
+                "command": self.command()}
         write_json_atomic(results_dir / f"{name}.json", main)
         md = markdown_table(main["systems"], f"{name} ({self.cfg.data.test_split})")
         if ev.result["trec"]:
@@ -1149,4 +1166,4 @@ def _hash_without(cfg: BuildConfig, section: str, *drop: str) -> str:
 LABEL_FREE_WISE_FT = 0.5
 _LATER_TRAIN_FIELDS: dict[str, object] = {"pseudo_queries": 0, "dev_retrieval": False, "teacher_scale": 1.0,
                                           "ict_remove": 0.0,
-                                          "calibration_batches": 16, "precision": "fp32"}
+                                          "calibration_batches": 16, "precision": "fp32", "proj_init": "random"}

@@ -129,6 +129,37 @@ class ColbertStudent(Student):
     def head_state(self) -> dict[str, torch.Tensor]:
         return {"proj.weight": self.proj.weight.detach().cpu()}
 
+    @torch.no_grad()
+    def init_projection_pca(self, texts: list[str], batch_size: int = 16) -> float:
+        """Set the projection to the top ``dim`` principal directions of the encoder's token
+        states over ``texts`` (documents as the index encodes them: skiplist applied), instead
+        of ``nn.Linear``'s random init, so that MaxSim starts from the subspace where the
+        checkpoint's token states vary most. Returns the share of their variance kept.
+
+        Untrained all-MiniLM-L6-v2 reranking TREC DL19's BM25 top-100 by MaxSim: nDCG@10
+        0.4543 with the random projection, 0.5116 with this one (``benchmarks/colbert_init.py``).
+        """
+        if self.config.dim > self.encoder.config.hidden_size:
+            raise ValueError(f"a PCA projection needs dim <= hidden size, got {self.config.dim} > "
+                             f"{self.encoder.config.hidden_size}")
+        was_training = self.training
+        self.eval()
+        states = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer.encode_colbert_docs(texts[start : start + batch_size], self.config.max_doc_len)
+            h = self.hidden(**to_torch(batch, self.device)).float()
+            keep = torch.from_numpy(self.tokenizer.colbert_doc_keep_mask(batch)).to(h.device)
+            states.append(h[keep].cpu().double())
+        self.train(was_training)
+        x = torch.cat(states)
+        if len(x) < self.config.dim:
+            raise ValueError(f"{len(x)} token states cannot give {self.config.dim} principal directions")
+        x = x - x.mean(dim=0)
+        _, singular, vt = torch.linalg.svd(x, full_matrices=False)
+        self.proj.weight.copy_(vt[: self.config.dim].to(self.proj.weight.dtype))
+        variance = singular.pow(2)
+        return float(variance[: self.config.dim].sum() / variance.sum())
+
     def encode_queries(self, texts: list[str]) -> torch.Tensor:
         batch = self.tokenizer.encode_colbert_queries(texts, self.config.colbert_query_len)
         return self(**to_torch(batch, self.device))

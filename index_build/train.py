@@ -38,6 +38,12 @@ class TrainConfig:
     seed: int = 13
     score_scale: float | None = None   # student score multiplier (None: 20 for dense cos, else 1)
     in_batch_weight: float = 0.0       # dense only: add in-batch-negatives loss with this weight
+    # ColBERT only: how the new projection starts. "random": nn.Linear's init (seeded); "pca":
+    # the top principal directions of the base checkpoint's token states over a sample of the
+    # corpus (ColbertStudent.init_projection_pca). Measured on SciFact (labelled mine, 182 steps,
+    # benchmarks/results/colbert-proj-init/): pca starts higher on the 81 dev queries (0.6995 vs
+    # 0.6779) but ends lower (0.7324 vs 0.7634); off by default
+    proj_init: str = "random"
     # Teacher score multiplier. "auto": match the spread (std) of the teacher's margins to the
     # initial student's on a few batches, so Margin-MSE does not demand margins the student's
     # score range cannot express (a z-score ensemble's margins are ~5 for a cosine student's ~1).
@@ -72,6 +78,9 @@ class TrainConfig:
 
 
 PRECISIONS = ("fp32", "bf16", "auto")
+PROJ_INITS = ("random", "pca")
+#: corpus documents whose token states a "pca" projection is fitted on
+PROJ_INIT_DOCS = 256
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:

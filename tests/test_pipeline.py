@@ -41,6 +41,13 @@ def test_results_file_has_every_system(built, tiny_beir):
     assert {"mine", "distill-dense", "export-dense", "evaluate"} <= set(saved["stages"])
     assert all(s["seconds"] >= 0 and s["peak_rss_bytes"] > 0 for s in saved["stages"].values())
     assert (root / "results" / f"{tiny_beir.name}.md").read_text().startswith("###")
+    # the command that rebuilds it, overrides included (shell-quoted), and it parses back
+    import shlex
+
+    args = shlex.split(saved["command"])
+    assert args[:2] == ["index-build", "all"] and "--config" not in args
+    assert [a for i, a in enumerate(args) if i > 0 and args[i - 1] == "--set"] == p.cfg.overrides
+    assert "train.dense.epochs=2" in p.cfg.overrides
 
 
 def test_int8_corpus_rows_are_optional(built, tiny_beir, tiny_bert, tmp_path):
