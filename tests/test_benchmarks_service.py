@@ -220,10 +220,15 @@ def test_baseline_app_answers_with_the_service_shape(artifacts, tiny_beir, tiny_
                 body = SearchResponse.model_validate(r.json())
                 assert len(body.hits) == 5 and body.rerank == mode and [h.rank for h in body.hits] == [1, 2, 3, 4, 5]
                 assert set(r.json()) == {"hits", "timings_ms", "artifact_version", "rerank", "first_stage"}
-                served = engine.search("tumor cancer cells", k=5, rerank=mode, candidates=20)
-                # same students (torch vs ONNX), corpus vectors and tokens: the same hits and scores
-                assert [h.id for h in body.hits] == [h.id for h in served.hits], mode
-                assert [h.score for h in body.hits] == pytest.approx([h.score for h in served.hits], abs=1e-4), mode
+                # same students (torch vs ONNX), corpus vectors and tokens: every hit scores as
+                # the service scores that document (z-scored interpolation amplifies the graphs'
+                # ~1e-6 differences to ~1e-4), and no other candidate beats the baseline's fifth
+                served = {h.id: h.score for h in engine.search("tumor cancer cells", k=20, rerank=mode,
+                                                               candidates=20).hits}
+                assert [served.get(h.id) for h in body.hits] == pytest.approx([h.score for h in body.hits],
+                                                                               abs=1e-3), mode
+                others = [x for d, x in served.items() if d not in {h.id for h in body.hits}]
+                assert max(others) <= body.hits[-1].score + 1e-3, mode
             assert client.post("/search", json={"query": "x", "first_stage": "sparse"}).status_code == 422
     finally:
         engine.close()
