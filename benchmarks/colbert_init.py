@@ -51,14 +51,17 @@ def projections(doc_states: np.ndarray, student_init: np.ndarray, dim: int = 128
     >>> {k: v.shape for k, v in p.items()}
     {'identity-8': (8, 8), 'pca-4': (4, 8), 'orthogonal-4': (4, 8), 'student-init-4': (4, 8)}
     """
+    import torch
+
+    from index_build.students import principal_directions
+
     hidden = doc_states.shape[1]
     reduced = min(dim, hidden)  # a reduction to at most the states' own width
-    sample = doc_states[:PCA_SAMPLE_TOKENS].astype(np.float64)
-    _, _, vt = np.linalg.svd(sample - sample.mean(axis=0), full_matrices=False)
+    pca, _ = principal_directions(torch.from_numpy(np.asarray(doc_states[:PCA_SAMPLE_TOKENS])), reduced)
     q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(hidden, reduced)))
     student_init = np.asarray(student_init, dtype=np.float32)
     return {f"identity-{hidden}": np.eye(hidden, dtype=np.float32),
-            f"pca-{reduced}": vt[:reduced].astype(np.float32),
+            f"pca-{reduced}": pca.numpy().astype(np.float32),
             f"orthogonal-{reduced}": np.ascontiguousarray(q.T, dtype=np.float32),
             f"student-init-{student_init.shape[0]}": student_init}
 
@@ -76,26 +79,6 @@ def maxsim_run(query_states: dict[str, np.ndarray], doc_states: dict[str, np.nda
         qv = project(query_states[qid])
         run[qid] = {d: float((qv @ docs[d].T).max(axis=1).sum()) for d in cands}
     return run
-
-
-def token_states(student, texts: list[str], *, queries: bool, batch_size: int = 32) -> list[np.ndarray]:
-    """The student's encoder output per text (documents: skiplist applied; queries: all 32
-    positions, [MASK] augmentation included), float32."""
-    import torch
-
-    from index_build.students import to_torch
-
-    tok, cfg = student.tokenizer, student.config
-    out: list[np.ndarray] = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            chunk = texts[start : start + batch_size]
-            batch = (tok.encode_colbert_queries(chunk, cfg.colbert_query_len) if queries
-                     else tok.encode_colbert_docs(chunk, cfg.max_doc_len))
-            h = student.hidden(**to_torch(batch)).float().numpy()
-            keep = np.ones(h.shape[:2], bool) if queries else tok.colbert_doc_keep_mask(batch)
-            out += [np.ascontiguousarray(h[r][keep[r]]) for r in range(len(chunk))]
-    return out
 
 
 def evaluate_pool(path: Path, model: str, seed: int) -> dict:
@@ -116,17 +99,17 @@ def evaluate_pool(path: Path, model: str, seed: int) -> dict:
     dense = DenseEncoder(base_dense_onnx(model)[0])
     t0 = time.perf_counter()
     q_emb = dense.encode_queries([col.queries[q] for q in qids])
-    dense_run = {q: dict(zip(candidates[q], map(float, dense.encode_docs([texts[d] for d in candidates[q]])
-                                                  @ q_emb[r])))
-                 for r, q in enumerate(qids)}
+    d_emb = dict(zip(uniq, dense.encode_docs([texts[d] for d in uniq])))  # each pooled document once
+    dense_run = {q: {d: float(d_emb[d] @ q_emb[r]) for d in candidates[q]} for r, q in enumerate(qids)}
     dense_s = time.perf_counter() - t0
 
     set_seed(seed)  # as the builder seeds a student's new head (Pipeline.distill)
     student = new_student("colbert", resolve_model(model)).eval()
     assert isinstance(student, ColbertStudent)
     t0 = time.perf_counter()
-    doc_states = dict(zip(uniq, token_states(student, [texts[d] for d in uniq], queries=False)))
-    query_states = dict(zip(qids, token_states(student, [col.queries[q] for q in qids], queries=True)))
+    doc_states = {d: t.numpy() for d, t in zip(uniq, student.token_states([texts[d] for d in uniq], batch_size=32))}
+    query_states = {q: t.numpy() for q, t in
+                    zip(qids, student.token_states([col.queries[q] for q in qids], queries=True, batch_size=32))}
     encode_s = time.perf_counter() - t0
 
     systems = {"base-dense (mean pooling)": metrics(qrels, dense_run, min_rel=2)}

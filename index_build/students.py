@@ -130,6 +130,25 @@ class ColbertStudent(Student):
         return {"proj.weight": self.proj.weight.detach().cpu()}
 
     @torch.no_grad()
+    def token_states(self, texts: list[str], *, queries: bool = False, batch_size: int = 16) -> list[torch.Tensor]:
+        """The encoder's output before the projection, one float32 ``[n_i, hidden]`` per text,
+        in eval mode: documents as the index encodes them (skiplist applied), queries with all
+        ``colbert_query_len`` positions ([MASK] augmentation included)."""
+        was_training = self.training
+        self.eval()
+        out: list[torch.Tensor] = []
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            batch = (self.tokenizer.encode_colbert_queries(chunk, self.config.colbert_query_len) if queries
+                     else self.tokenizer.encode_colbert_docs(chunk, self.config.max_doc_len))
+            h = self.hidden(**to_torch(batch, self.device)).float().cpu()
+            keep = (torch.ones(h.shape[:2], dtype=torch.bool) if queries
+                    else torch.from_numpy(self.tokenizer.colbert_doc_keep_mask(batch)))
+            out += [h[r][keep[r]] for r in range(len(chunk))]
+        self.train(was_training)
+        return out
+
+    @torch.no_grad()
     def init_projection_pca(self, texts: list[str], batch_size: int = 16) -> float:
         """Set the projection to the top ``dim`` principal directions of the encoder's token
         states over ``texts`` (documents as the index encodes them: skiplist applied), instead
@@ -142,23 +161,12 @@ class ColbertStudent(Student):
         if self.config.dim > self.encoder.config.hidden_size:
             raise ValueError(f"a PCA projection needs dim <= hidden size, got {self.config.dim} > "
                              f"{self.encoder.config.hidden_size}")
-        was_training = self.training
-        self.eval()
-        states = []
-        for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer.encode_colbert_docs(texts[start : start + batch_size], self.config.max_doc_len)
-            h = self.hidden(**to_torch(batch, self.device)).float()
-            keep = torch.from_numpy(self.tokenizer.colbert_doc_keep_mask(batch)).to(h.device)
-            states.append(h[keep].cpu().double())
-        self.train(was_training)
-        x = torch.cat(states)
+        x = torch.cat(self.token_states(texts, batch_size=batch_size))
         if len(x) < self.config.dim:
             raise ValueError(f"{len(x)} token states cannot give {self.config.dim} principal directions")
-        x = x - x.mean(dim=0)
-        _, singular, vt = torch.linalg.svd(x, full_matrices=False)
-        self.proj.weight.copy_(vt[: self.config.dim].to(self.proj.weight.dtype))
-        variance = singular.pow(2)
-        return float(variance[: self.config.dim].sum() / variance.sum())
+        directions, kept = principal_directions(x, self.config.dim)
+        self.proj.weight.copy_(directions.to(self.proj.weight.dtype))
+        return kept
 
     def encode_queries(self, texts: list[str]) -> torch.Tensor:
         batch = self.tokenizer.encode_colbert_queries(texts, self.config.colbert_query_len)
@@ -199,6 +207,20 @@ class CrossEncoderStudent(Student):
     def score_pairs(self, queries: list[str], docs: list[str]) -> torch.Tensor:
         batch = self.tokenizer.encode_pairs(queries, docs, self.config.max_doc_len, self.config.max_query_len)
         return self(**to_torch(batch, self.device))
+
+
+def principal_directions(x: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """The top ``k`` principal directions of the rows of ``x`` (``[k, width]``, orthonormal,
+    computed in float64) and the share of the rows' variance they keep.
+
+    >>> d, kept = principal_directions(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.1], [0.0, -0.1]]), 1)
+    >>> [abs(round(v, 6)) for v in d[0].tolist()], round(kept, 4)
+    ([1.0, 0.0], 0.9901)
+    """
+    x = x.double()
+    _, singular, vt = torch.linalg.svd(x - x.mean(dim=0), full_matrices=False)
+    variance = singular.pow(2)
+    return vt[:k], float(variance[:k].sum() / variance.sum())
 
 
 STUDENTS: dict[str, type[Student]] = {
