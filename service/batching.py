@@ -11,6 +11,9 @@ being encoded form the next batch, so batches grow with the load by themselves. 
 in one batch (a ``/search/batch`` request is encoded in a single ONNX call, even when it
 is larger than ``max_size``).
 
+When a batched encode fails, each request of the batch is encoded again on its own, so a
+request whose text breaks the encoder fails alone and its batch-mates get their vectors.
+
 Items are grouped by engine, so requests that started on an old engine during a hot
 reload are encoded by that engine, never by the new one.
 """
@@ -171,14 +174,26 @@ class EncodeBatcher:
             self._on_batch(kind, len(texts))
         try:
             encoded: EncodedQueries = await self._run_in_thread(engine.encode, kind, texts)
-        except Exception as exc:  # handed to every waiting caller, which maps it
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+        except Exception as exc:
+            if len(items) == 1:
+                _resolve(items[0], exc)
+            else:  # one caller's text may be at fault: encode each caller alone, so only it fails
+                logger.warning("a batched %s encode of %d requests failed (%s: %s); encoding them one by one",
+                               kind, len(items), type(exc).__name__, exc)
+                await asyncio.gather(*(self._encode_group([item]) for item in items if not item.future.done()))
             return
         start = 0
         for item in items:
             rows = np.asarray(encoded.vectors[start : start + len(item.texts)])
             start += len(item.texts)
-            if not item.future.done():
-                item.future.set_result(EncodedQueries(rows, encoded.tokenize_ms, encoded.encode_ms))
+            _resolve(item, EncodedQueries(rows, encoded.tokenize_ms, encoded.encode_ms))
+
+
+def _resolve(item: _Item, outcome: EncodedQueries | BaseException) -> None:
+    """Hand ``outcome`` to a caller that is still waiting."""
+    if item.future.done():
+        return
+    if isinstance(outcome, BaseException):
+        item.future.set_exception(outcome)
+    else:
+        item.future.set_result(outcome)

@@ -47,7 +47,7 @@ def require_api_key(request: Request, svc: ServiceDep) -> None:
     expected = svc.settings.api_key
     if expected is None:
         return
-    supplied = request.headers.get("x-api-key")
+    supplied = request.headers.get("x-api-key") or None  # an empty header does not hide a Bearer key
     if supplied is None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         supplied = token.strip() if scheme.lower() == "bearer" else None

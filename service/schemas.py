@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 RerankField = Literal["none", "colbert", "cross-encoder"]
 FirstStageField = Literal["dense", "sparse", "hybrid"]
@@ -17,11 +17,11 @@ class SearchOptionsBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int | None = Field(None, ge=1, description="Hits to return (default and maximum from the settings).")
+    k: StrictInt | None = Field(None, ge=1, description="Hits to return (default and maximum from the settings).")
     rerank: RerankField = Field("none", description="Second stage: none, ColBERT MaxSim or the cross-encoder.")
-    candidates: int | None = Field(None, ge=1, description="First-stage depth handed to the reranker.")
-    nprobe: int | None = Field(None, ge=1, le=1 << 16, description="IVF lists probed (default: the index's).")
-    include_text: bool = Field(False, description="Return each hit's title and text.")
+    candidates: StrictInt | None = Field(None, ge=1, description="First-stage depth handed to the reranker.")
+    nprobe: StrictInt | None = Field(None, ge=1, le=1 << 16, description="IVF lists probed (default: the index's).")
+    include_text: StrictBool = Field(False, description="Return each hit's title and text.")
     first_stage: FirstStageField = Field("dense", description="dense (FAISS), sparse (BM25) or hybrid (fused).")
 
     def options(self) -> dict[str, Any]:

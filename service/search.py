@@ -31,6 +31,7 @@ from models.docstore import DocStore
 from models.encoders import ColbertEncoder, CrossEncoderScorer, DenseEncoder, OnnxEncoder
 from models.fusion import fuse_ranked_lists, interpolate
 from models.sparse_index import BM25Index
+from models.text import QueryTextError, clean_query
 from models.token_index import TokenIndex
 from service.errors import InvalidRequest
 from service.settings import Settings
@@ -153,12 +154,17 @@ def doc_full_text(title: str, text: str) -> str:
 
 
 def validate_query(query: str, max_chars: int) -> str:
-    """The query, or :class:`InvalidRequest` when it is blank or longer than ``max_chars``."""
-    if not isinstance(query, str) or not query.strip():
+    """The query as it is searched (:func:`models.text.clean_query`), or
+    :class:`InvalidRequest` when it is not a string, has a lone surrogate, shows nothing
+    visible, or is longer than ``max_chars``."""
+    if not isinstance(query, str):
         raise InvalidRequest("query must be a non-empty string")
     if len(query) > max_chars:
         raise InvalidRequest(f"query has {len(query)} characters; the maximum is {max_chars}")
-    return query
+    try:
+        return clean_query(query)
+    except QueryTextError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 @contextmanager
@@ -595,7 +601,7 @@ class SearchEngine:
     def search(self, query: str, **options: Any) -> SearchResult:
         """Search one query synchronously; ``options`` as in :meth:`resolve_options`, e.g.
         ``engine.search("what causes fever", k=5, rerank="colbert")``."""
-        validate_query(query, self.settings.max_query_chars)
+        query = validate_query(query, self.settings.max_query_chars)
         return self.search_many([query], self.resolve_options(**options))[0]
 
     def warmup(self) -> dict[str, float]:

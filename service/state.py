@@ -225,16 +225,17 @@ class ServiceState:
             raise InvalidRequest("queries must not be empty")
         if len(queries) > s.max_batch_queries:
             raise InvalidRequest(f"{len(queries)} queries in one batch; the maximum is {s.max_batch_queries}")
+        cleaned = []
         for i, q in enumerate(queries):
             try:
-                validate_query(q, s.max_query_chars)
+                cleaned.append(validate_query(q, s.max_query_chars))
             except InvalidRequest as exc:
                 if len(queries) == 1:
                     raise
                 raise InvalidRequest(f"queries[{i}]: {exc.message}") from None
         opts = engine.resolve_options(**options)
         try:
-            results = await asyncio.wait_for(self._search(engine, list(queries), opts, started), s.request_timeout_s)
+            results = await asyncio.wait_for(self._search(engine, cleaned, opts, started), s.request_timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeout(
                 f"the request took longer than request_timeout_ms={s.request_timeout_ms:g} ms"
