@@ -22,6 +22,7 @@ Writes ``benchmarks/results/colbert-tokens.json`` and ``colbert-tokens.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -82,14 +83,14 @@ def measure(args: argparse.Namespace, mode: str, queries: dict[str, str]) -> dic
     engine = SearchEngine.load(args.artifact, settings_for(args, mode))
     load_s = time.perf_counter() - started
     k = args.candidates
-    served_weights = dict(engine.colbert_weights)
+    served_weights = dict(engine.weights.colbert or {})
     engine.search(next(iter(queries.values())), rerank="colbert", candidates=k, k=k)  # warm
     runs: dict[str, dict[str, dict[str, float]]] = {}
     rerank_ms: list[float] = []
     # the served ranking (ColBERT mixed with the first stage at the artifact's weights), then
     # plain MaxSim (weight 1) over the same token store; the rerank timing from the first pass
     for name, weights in (("served", served_weights), ("maxsim", dict.fromkeys(served_weights, 1.0))):
-        engine.colbert_weights = weights
+        engine.weights = dataclasses.replace(engine.weights, colbert=weights)
         runs[name] = {}
         for qid, text in queries.items():
             r = engine.search(text, rerank="colbert", candidates=k, k=k)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.retrieval import doc_full_text
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,7 @@ class Doc:
     @property
     def full_text(self) -> str:
         """Title and text joined the way every model in the project sees a document."""
-        return f"{self.title}. {self.text}" if self.title else self.text
+        return doc_full_text(self.title, self.text)
 
 
 @dataclass

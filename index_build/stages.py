@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +30,7 @@ from index_build.data import Collection, load_collection
 from index_build.evaluate import metrics, one_se_choice, per_query_ndcg, run_from_arrays
 from index_build.export import INT8_WEIGHTS_MARK, OUTLIER_RATIO
 from models.encoders import ONNX_NAME
+from models.retrieval import FIRST_STAGES, Ranked, first_stages, fuse_hybrid, rerank_order
 
 log = logging.getLogger(__name__)
 
@@ -365,8 +366,8 @@ class Pipeline:
             student = new_student(kind, resolve_model(s.base), **overrides)
             init: dict[str, Any] = {}
             if kind == "colbert" and tcfg.proj_init == "pca":
+                from index_build.config import PROJ_INIT_DOCS
                 from index_build.students import ColbertStudent
-                from index_build.train import PROJ_INIT_DOCS
 
                 assert isinstance(student, ColbertStudent)
                 sample = random.Random(tcfg.seed).sample(self.corpus_texts, min(PROJ_INIT_DOCS, len(self.corpus_texts)))
@@ -706,7 +707,7 @@ class Pipeline:
                 found[item[0]] = item[1]
         return [found[k] for k in keys]
 
-    def colbert_scores(self, texts: list[str], lists: list[tuple[np.ndarray, np.ndarray]],
+    def colbert_scores(self, texts: list[str], lists: Sequence[tuple[np.ndarray, np.ndarray]],
                        onnx_file: str = ONNX_NAME, query_onnx_file: str | None = None) -> list[np.ndarray]:
         """MaxSim of the ColBERT student over each query's candidates (``lists`` as from
         :meth:`first_stage_lists`): the corpus encoded with ``onnx_file``, the queries with
@@ -725,37 +726,26 @@ class Pipeline:
         return out
 
     def first_stage_lists(self, texts: list[str], dense_queries: np.ndarray, hybrid_weight: float,
-                          depth: int) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+                          depth: int) -> dict[str, list[Ranked]]:
         """Per first stage (``dense``: exact search over the student's corpus vectors,
-        ``sparse``: BM25, ``hybrid``: their z-score fusion), each query's top-``depth`` as
-        ``(corpus indices, scores)``, best first."""
+        ``sparse``: BM25, ``hybrid``: their z-score fusion), each query's top-``depth``, ranked
+        by the service's own first stages (:func:`models.retrieval.first_stages`)."""
         from index_build.teachers import exact_topk
-        from models.fusion import fuse_ranked_lists
 
-        ds, di = exact_topk(self.dense_corpus(), dense_queries, depth)
-        bs, bi = self.bm25.search(texts, depth)
-        out: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"dense": [], "sparse": [], "hybrid": []}
-        for r in range(len(texts)):
-            dk, bk = di[r] >= 0, bi[r] >= 0
-            out["dense"].append((di[r][dk].astype(np.int64), ds[r][dk]))
-            out["sparse"].append((bi[r][bk].astype(np.int64), bs[r][bk]))
-            fused = fuse_ranked_lists([dict(zip(di[r][dk].tolist(), ds[r][dk].tolist())),
-                                       dict(zip(bi[r][bk].tolist(), bs[r][bk].tolist()))],
-                                      [hybrid_weight, 1.0 - hybrid_weight], method="zscore")[:depth]
-            out["hybrid"].append((np.array([d for d, _ in fused], np.int64), np.array([x for _, x in fused])))
-        return out
+        corpus = self.dense_corpus()
+        return first_stages(FIRST_STAGES, texts, depth, dense_vectors=dense_queries,
+                            dense_search=lambda q, k: exact_topk(corpus, q, k), sparse=self.bm25,
+                            hybrid_weights=(hybrid_weight, 1.0 - hybrid_weight))
 
-    def run_of(self, qids: list[str], lists: list[tuple[np.ndarray, np.ndarray]],
+    def run_of(self, qids: list[str], lists: Sequence[tuple[np.ndarray, np.ndarray]],
                rerank: list[np.ndarray] | None = None, rerank_weight: float = 1.0) -> dict[str, dict[str, float]]:
-        """A run from first-stage lists, optionally reranked (scores interpolated, see
-        :func:`models.fusion.interpolate`)."""
-        from models.fusion import interpolate
-
+        """A run from first-stage lists, optionally reranked as the service reranks
+        (:func:`models.retrieval.rerank_order`)."""
         doc_ids = self.collection.doc_ids
         run = {}
         for r, qid in enumerate(qids):
             cands, first = lists[r]
-            final = first if rerank is None else interpolate(first, rerank[r], rerank_weight)
+            final = first if rerank is None else rerank_order(first, rerank[r], rerank_weight)[0]
             run[qid] = {doc_ids[int(j)]: float(x) for j, x in zip(cands, final)}
         return run
 
@@ -766,7 +756,6 @@ class Pipeline:
         from index_build.export_cache import base_dense_onnx
         from index_build.teachers import build_teacher, cached_teacher_scores
         from models.encoders import ColbertEncoder, DenseEncoder, maxsim
-        from models.fusion import fuse_scores
 
         col = load_collection(path, unknown_docs="keep")
         split = next(iter(col.qrels))
@@ -820,11 +809,11 @@ class Pipeline:
             record = self.trec_weights[path.name] = {"hybrid_dense_weight": hw}
             if own_pool:
                 hybrid_run = {}
-                for qid, cs in zip(qids, cands):
-                    bm25 = dict(run_in[qid])
-                    fused = fuse_scores([np.array([dense_run[qid][c] for c in cs]), np.array([bm25[c] for c in cs])],
-                                        [hw, 1 - hw])
-                    hybrid_run[qid] = dict(zip(cs, map(float, fused)))
+                for qid, cs in zip(qids, cands):  # the service's hybrid over this pool's candidates
+                    bm25, pool = dict(run_in[qid]), np.arange(len(cs))
+                    fused = fuse_hybrid(Ranked(pool, np.array([dense_run[qid][c] for c in cs])),
+                                        Ranked(pool, np.array([bm25[c] for c in cs])), (hw, 1 - hw), len(cs))
+                    hybrid_run[qid] = {cs[int(j)]: float(x) for j, x in zip(*fused)}
                 systems["hybrid"] = metrics(qrels, hybrid_run, min_rel=2)
                 firsts["hybrid"] = hybrid_run
             if self.cfg.export_int8:
@@ -984,7 +973,6 @@ class Pipeline:
 
     def _tune_hybrid(self, depth: int) -> dict[str, Any]:
         from models.encoders import DenseEncoder
-        from models.fusion import fuse_ranked_lists
 
         dev = self.load_mined()["dev"]
         if not dev["qids"]:
@@ -994,13 +982,12 @@ class Pipeline:
         doc_ids = self.collection.doc_ids
         dense_q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(dev["queries"])
         firsts = self.first_stage_lists(dev["queries"], dense_q, 0.5, depth)
-        lists = [[dict(zip(c.tolist(), x.tolist())) for c, x in firsts[stage]] for stage in ("dense", "sparse")]
         per_query: dict[float, np.ndarray] = {}
         for w in WEIGHT_GRID:
             run = {}
             for r, qid in enumerate(dev["qids"]):
-                fused = fuse_ranked_lists([lists[0][r], lists[1][r]], [w, 1.0 - w], method="zscore")
-                run[qid] = {doc_ids[d]: s for d, s in fused}
+                fused = fuse_hybrid(firsts["dense"][r], firsts["sparse"][r], (w, 1.0 - w), depth)
+                run[qid] = {doc_ids[int(d)]: float(x) for d, x in zip(*fused)}
             per_query[w] = per_query_ndcg(qrels, run, dev["qids"])
         best = one_se_choice(per_query, prior=0.5)
         return {"method": "zscore", "dense_weight": best, "sparse_weight": round(1.0 - best, 1),
@@ -1045,7 +1032,7 @@ class Pipeline:
                 "dev_nDCG@10": curves}
 
     def rerank_scores(self, kind: str, texts: list[str],
-                      firsts: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> dict[str, list[np.ndarray]]:
+                      firsts: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]]) -> dict[str, list[np.ndarray]]:
         """Reranker ``kind``'s score of every candidate of every first stage in ``firsts`` (as
         from :meth:`first_stage_lists`). Each query's candidates are scored once, over the
         union of its lists (the stages overlap heavily, and a cross-encoder pass is costly)."""
@@ -1117,13 +1104,11 @@ class Pipeline:
 def interpolated_run(first: dict[str, dict[str, float]], rerank: dict[str, dict[str, float]],
                      weight: float) -> dict[str, dict[str, float]]:
     """Per query, the reranker's scores of the first stage's candidates interpolated with the
-    first stage's (:func:`models.fusion.interpolate`, ``weight`` 1: the reranker alone)."""
-    from models.fusion import interpolate
-
+    first stage's (:func:`models.retrieval.rerank_order`, ``weight`` 1: the reranker alone)."""
     run = {}
     for qid, firsts in first.items():
         docs = list(firsts)
-        final = interpolate(np.array([firsts[d] for d in docs]), np.array([rerank[qid][d] for d in docs]), weight)
+        final, _ = rerank_order(np.array([firsts[d] for d in docs]), np.array([rerank[qid][d] for d in docs]), weight)
         run[qid] = dict(zip(docs, map(float, final)))
     return run
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from index_build.config import PRECISIONS, TrainConfig
 from index_build.losses import in_batch_negatives, margin_mse
 from index_build.sampling import Example, batches, sample_negatives
 from index_build.students import ColbertStudent, CrossEncoderStudent, DenseStudent, Student, set_seed
@@ -26,61 +27,6 @@ from index_build.students import ColbertStudent, CrossEncoderStudent, DenseStude
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainConfig:
-    epochs: float = 1.0
-    batch_queries: int = 4
-    negatives: int = 7
-    lr: float = 2e-5
-    head_lr: float = 1e-3
-    warmup: float = 0.1
-    weight_decay: float = 0.01
-    seed: int = 13
-    score_scale: float | None = None   # student score multiplier (None: 20 for dense cos, else 1)
-    in_batch_weight: float = 0.0       # dense only: add in-batch-negatives loss with this weight
-    # ColBERT only: how the new projection starts. "random": nn.Linear's init (seeded); "pca":
-    # the top principal directions of the base checkpoint's token states over a sample of the
-    # corpus (ColbertStudent.init_projection_pca). Measured on SciFact (labelled mine, 182 steps,
-    # benchmarks/results/colbert-proj-init/): pca starts higher on the 81 dev queries (0.6995 vs
-    # 0.6779) but ends lower (0.7324 vs 0.7634); off by default
-    proj_init: str = "random"
-    # Teacher score multiplier. "auto": match the spread (std) of the teacher's margins to the
-    # initial student's on a few batches, so Margin-MSE does not demand margins the student's
-    # score range cannot express (a z-score ensemble's margins are ~5 for a cosine student's ~1).
-    teacher_scale: float | str = 1.0
-    calibration_batches: int = 16
-    tas_balanced: bool = False
-    tas_clusters: int = 32
-    eval_every: int = 0                # steps between dev evaluations (0: end of each epoch)
-    checkpoint_every: int = 50
-    max_grad_norm: float = 1.0
-    dropout: bool = False              # dropout during distillation (off: ~2x faster on CPU, no loss seen)
-    pseudo_queries: int = 0            # labelled path: add this many corpus pseudo-query examples (GPL-style)
-    dev_retrieval: bool = False        # dense: select on full-corpus retrieval of the dev queries
-    # Inverse cloze (Lee et al. 2019): with this probability, a training positive that contains the
-    # query verbatim (an extracted pseudo-query: a sentence or title of that document) is shown to
-    # the student with that copy cut out, so it learns the context rather than string overlap.
-    # Measured on label-free SciFact (dense, 0.9): test nDCG@10 0.6512 vs 0.6549 without; off by default.
-    ict_remove: float = 0.0
-    # After training, interpolate the transformer with the base model (WiSE-FT): weights =
-    # base + wise_ft * (trained - base). None: 1.0 (no interpolation) on labelled builds,
-    # LABEL_FREE_WISE_FT for the dense student of a label-free build. Applied at export.
-    wise_ft: float | None = None
-    threads: int = 0
-    # torch device to train on: "auto" (CUDA when torch sees a GPU, else CPU), "cpu", "cuda",
-    # "cuda:N". Not part of the stage keys: the recipe is the same wherever it runs.
-    device: str = "auto"
-    # Numerics of the transformer's forward and backward passes: "fp32", "bf16" (autocast to
-    # bfloat16; weights, optimizer state, heads and scores stay fp32) or "auto" (bf16 where the
-    # device computes it natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX; else fp32).
-    # Part of the stage keys (as resolved on this machine): it changes what is trained.
-    precision: str = "fp32"
-
-
-PRECISIONS = ("fp32", "bf16", "auto")
-PROJ_INITS = ("random", "pca")
-#: corpus documents whose token states a "pca" projection is fitted on
-PROJ_INIT_DOCS = 256
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:

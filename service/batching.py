@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from service.search import EncodedQueries, QueryModel, SearchEngine
+from models.retrieval import QueryModel
+from service.search import EncodedQueries, SearchEngine
 
 logger = logging.getLogger(__name__)
 

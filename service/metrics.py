@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-from service.search import StageTimings
+from models.retrieval import StageTimings
 
 
 def geometric_buckets(start: float, stop: float, factor: float = 2.0) -> tuple[float, ...]:

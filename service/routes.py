@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from models.retrieval import StageTimings
 from service.errors import NotReady, Unauthorized
 from service.schemas import (
     BatchSearchRequest,
@@ -19,9 +20,8 @@ from service.schemas import (
     ReloadResponse,
     SearchRequest,
     SearchResponse,
-    Timings,
 )
-from service.search import SearchResult, StageTimings
+from service.search import SearchResult
 from service.state import ServiceState
 
 #: Error statuses documented in the OpenAPI schema (all use the one envelope).
@@ -71,7 +71,7 @@ def _result(r: SearchResult) -> SearchResponse:
     return SearchResponse(
         hits=[HitOut(id=h.id, score=h.score, rank=h.rank, first_stage_score=h.first_stage_score,
                      title=h.title, text=h.text) for h in r.hits],
-        timings_ms=Timings(**r.timings.as_dict()),
+        timings_ms=StageTimings(**r.timings.as_dict()),
         artifact_version=r.artifact_version,
         rerank=r.rerank,  # type: ignore[arg-type]
         first_stage=r.first_stage,  # type: ignore[arg-type]
@@ -92,7 +92,7 @@ async def search_batch(body: BatchSearchRequest, svc: ServiceDep, response: Resp
     outcome = await svc.search(body.queries, body.options())
     _timing_headers(response, outcome.timings)
     return BatchSearchResponse(results=[_result(r) for r in outcome.results],
-                               timings_ms=Timings(**outcome.timings.as_dict()))
+                               timings_ms=StageTimings(**outcome.timings.as_dict()))
 
 
 @protected.get("/info")

@@ -8,8 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-RerankField = Literal["none", "colbert", "cross-encoder"]
-FirstStageField = Literal["dense", "sparse", "hybrid"]
+from models.retrieval import FirstStage, RerankMode, StageTimings
 
 
 class SearchOptionsBody(BaseModel):
@@ -18,11 +17,11 @@ class SearchOptionsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     k: StrictInt | None = Field(None, ge=1, description="Hits to return (default and maximum from the settings).")
-    rerank: RerankField = Field("none", description="Second stage: none, ColBERT MaxSim or the cross-encoder.")
+    rerank: RerankMode = Field("none", description="Second stage: none, ColBERT MaxSim or the cross-encoder.")
     candidates: StrictInt | None = Field(None, ge=1, description="First-stage depth handed to the reranker.")
     nprobe: StrictInt | None = Field(None, ge=1, le=1 << 16, description="IVF lists probed (default: the index's).")
     include_text: StrictBool = Field(False, description="Return each hit's title and text.")
-    first_stage: FirstStageField = Field("dense", description="dense (FAISS), sparse (BM25) or hybrid (fused).")
+    first_stage: FirstStage = Field("dense", description="dense (FAISS), sparse (BM25) or hybrid (fused).")
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for :meth:`service.search.SearchEngine.resolve_options`."""
@@ -54,30 +53,17 @@ class HitOut(BaseModel):
     text: str | None = None
 
 
-class Timings(BaseModel):
-    """Milliseconds per stage (see :class:`service.search.StageTimings`)."""
-
-    queue: float = 0.0
-    tokenize: float = 0.0
-    encode: float = 0.0
-    ann: float = 0.0
-    sparse: float = 0.0
-    rerank: float = 0.0
-    fetch: float = 0.0
-    total: float = 0.0
-
-
 class SearchResponse(BaseModel):
     hits: list[HitOut]
-    timings_ms: Timings
+    timings_ms: StageTimings
     artifact_version: str
-    rerank: RerankField
-    first_stage: FirstStageField
+    rerank: RerankMode
+    first_stage: FirstStage
 
 
 class BatchSearchResponse(BaseModel):
     results: list[SearchResponse]
-    timings_ms: Timings
+    timings_ms: StageTimings
 
 
 class ReloadRequest(BaseModel):

@@ -19,9 +19,9 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +29,19 @@ from models.artifacts import ArtifactError, Manifest, verify
 from models.dense_index import DenseIndex
 from models.docstore import DocStore
 from models.encoders import ColbertEncoder, CrossEncoderScorer, DenseEncoder, OnnxEncoder
-from models.fusion import fuse_ranked_lists, interpolate
+from models.retrieval import (
+    FIRST_STAGES,
+    RERANK_MODES,
+    FirstStage,
+    QueryModel,
+    Ranked,
+    RerankMode,
+    RetrievalWeights,
+    StageTimings,
+    doc_full_text,
+    first_stages,
+    rerank_order,
+)
 from models.sparse_index import BM25Index
 from models.text import QueryTextError, clean_query
 from models.token_index import TokenIndex
@@ -38,47 +50,15 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-RerankMode = Literal["none", "colbert", "cross-encoder"]
-FirstStage = Literal["dense", "sparse", "hybrid"]
-QueryModel = Literal["dense", "colbert"]
-RERANK_MODES: tuple[str, ...] = get_args(RerankMode)
-FIRST_STAGES: tuple[str, ...] = get_args(FirstStage)
+__all__ = ["FIRST_STAGES", "RERANK_MODES", "EncodedQueries", "FirstStage", "Hit", "QueryModel", "RerankMode",
+           "SearchEngine", "SearchOptions", "SearchResult", "StageTimings", "doc_full_text", "retrieval_weights",
+           "validate_query"]
+
 WARMUP_QUERY = "warm up query for every stage"
 
 
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
-
-
-@dataclass
-class StageTimings:
-    """Milliseconds spent per stage of one request.
-
-    ``queue`` is time waiting for a permit and for the encode batch; ``tokenize`` and
-    ``encode`` cover the query encoders (dense and ColBERT together); ``ann`` the FAISS
-    search; ``sparse`` BM25 (and the fusion, for the hybrid first stage); ``rerank``
-    ColBERT MaxSim or the cross-encoder; ``fetch`` document store reads; ``total`` the
-    whole request. In a batch, stages run once for all queries (encode, ann) report the
-    batch's time in every result.
-    """
-
-    queue: float = 0.0
-    tokenize: float = 0.0
-    encode: float = 0.0
-    ann: float = 0.0
-    sparse: float = 0.0
-    rerank: float = 0.0
-    fetch: float = 0.0
-    total: float = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        """``{stage: ms}`` rounded to microseconds."""
-        return {f.name: round(getattr(self, f.name), 3) for f in fields(self)}
-
-    @staticmethod
-    def stage_names() -> tuple[str, ...]:
-        """Every stage, ``total`` last."""
-        return tuple(f.name for f in fields(StageTimings))
 
 
 @dataclass(frozen=True)
@@ -135,22 +115,6 @@ class EncodedQueries:
     vectors: np.ndarray
     tokenize_ms: float = 0.0
     encode_ms: float = 0.0
-
-
-@dataclass
-class _Candidates:
-    indices: np.ndarray  # int64 [m], first-stage order
-    scores: np.ndarray  # float32 [m]
-    timings: StageTimings = field(default_factory=StageTimings)
-
-
-def doc_full_text(title: str, text: str) -> str:
-    """A document as every model in the project sees it (``index_build.data.Doc.full_text``).
-
-    >>> doc_full_text("Title", "Body."), doc_full_text("", "Body.")
-    ('Title. Body.', 'Body.')
-    """
-    return f"{title}. {text}" if title else text
 
 
 def validate_query(query: str, max_chars: int) -> str:
@@ -222,11 +186,7 @@ class SearchEngine:
         self.bm25 = bm25
         self.providers = list(providers)
         self.model_files = dict(model_files or {})
-        self.hybrid_weights = _hybrid_weights(settings, manifest)
-        self.colbert_weights = _rerank_weights(
-            settings.colbert_weight, manifest.indexes.get("colbert", {}).get("interpolation", {}))
-        self.cross_encoder_weights = _rerank_weights(
-            settings.cross_encoder_weight, manifest.models.get("cross-encoder", {}).get("interpolation", {}))
+        self.weights = retrieval_weights(settings, manifest)
         self._input_names = {
             enc.kind: {i.name for i in enc.session.get_inputs()}
             for enc in (dense_encoder, colbert_encoder, cross_encoder)
@@ -392,9 +352,9 @@ class SearchEngine:
             "indexes": indexes,
             "rerank_modes": self.rerank_modes(),
             "first_stages": self.first_stages(),
-            "hybrid_weights": {"dense": self.hybrid_weights[0], "sparse": self.hybrid_weights[1]},
-            "colbert_weights": dict(self.colbert_weights),
-            "cross_encoder_weights": dict(self.cross_encoder_weights),
+            "hybrid_weights": {"dense": self.weights.hybrid[0], "sparse": self.weights.hybrid[1]},
+            "colbert_weights": dict(self.weights.colbert or {}),
+            "cross_encoder_weights": dict(self.weights.cross_encoder or {}),
             "providers": self.providers,
             "use_int8": self.settings.use_int8,
             "colbert_tokens": None if self.token_index is None else self.token_index.in_memory,
@@ -476,71 +436,30 @@ class SearchEngine:
         return EncodedQueries(vectors, tokenize_ms, _ms(started))
 
     # -- first stage, rerank, fetch ---------------------------------------------------------------
-    def _first_stage(
-        self, queries: Sequence[str], opts: SearchOptions, dense: np.ndarray | None
-    ) -> list[_Candidates]:
-        n, depth = len(queries), opts.depth
-        out = [_Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(n)]
-        dense_lists: list[tuple[np.ndarray, np.ndarray]] = []
-        if opts.first_stage in ("dense", "hybrid"):
-            if dense is None or len(dense) != n:
-                raise ValueError("the dense first stage needs one dense query vector per query")
-            started = time.perf_counter()
-            scores, indices = self.dense_index.search(dense, depth, nprobe=opts.nprobe)
-            ann_ms = _ms(started)
-            for row in range(n):
-                keep = indices[row] >= 0
-                dense_lists.append((indices[row][keep], scores[row][keep]))
-                out[row].timings.ann = ann_ms
-        if opts.first_stage == "dense":
-            for row, (idx, sc) in enumerate(dense_lists):
-                out[row].indices, out[row].scores = idx, sc
-            return out
-        assert self.bm25 is not None
-        for row, query in enumerate(queries):
-            started = time.perf_counter()
-            s_scores, s_indices = self.bm25.search([query], depth)
-            keep = s_indices[0] >= 0
-            idx, sc = s_indices[0][keep], s_scores[0][keep]
-            if opts.first_stage == "hybrid":
-                d_idx, d_sc = dense_lists[row]
-                fused = fuse_ranked_lists(
-                    [dict(zip(d_idx.tolist(), d_sc.tolist())), dict(zip(idx.tolist(), sc.tolist()))],
-                    self.hybrid_weights, method="zscore",
-                )[:depth]
-                idx = np.array([d for d, _ in fused], dtype=np.int64)
-                sc = np.array([s for _, s in fused], dtype=np.float32)
-            out[row].indices, out[row].scores = idx, sc
-            out[row].timings.sparse = _ms(started)
-        return out
-
     def _finish(
-        self, query: str, cands: _Candidates, opts: SearchOptions, colbert: np.ndarray | None,
+        self, query: str, cands: Ranked, timings: StageTimings, opts: SearchOptions, colbert: np.ndarray | None,
         rerank_executor: Executor | None = None,
     ) -> tuple[list[Hit], StageTimings]:
-        timings = cands.timings
-        idx, first_scores = cands.indices, cands.scores
+        idx, first_scores = cands
         docs: list[dict[str, str]] | None = None
         if opts.rerank == "none" or len(idx) == 0:
             order = np.arange(min(opts.k, len(idx)))
             final_scores = first_scores
-        elif opts.rerank == "colbert":
-            assert self.token_index is not None and colbert is not None
-            started = time.perf_counter()
-            maxsim_scores = self.token_index.rerank(colbert, idx, executor=rerank_executor,
-                                                    parts=self.settings.rerank_threads)
-            final_scores = interpolate(first_scores, maxsim_scores, self.colbert_weights[opts.first_stage])
-            order = np.argsort(-final_scores, kind="stable")[: opts.k]
-            timings.rerank = _ms(started)
         else:
-            assert self.cross_encoder is not None
-            started = time.perf_counter()
-            docs = self.docstore.get_by_index(idx.tolist())
-            timings.fetch += _ms(started)
-            started = time.perf_counter()
-            ce_scores = self.cross_encoder.score(query, [doc_full_text(d["title"], d["text"]) for d in docs])
-            final_scores = interpolate(first_scores, ce_scores, self.cross_encoder_weights[opts.first_stage])
-            order = np.argsort(-final_scores, kind="stable")[: opts.k]
+            weight = self.weights.rerank_weight(opts.rerank, opts.first_stage)
+            if opts.rerank == "colbert":
+                assert self.token_index is not None and colbert is not None
+                started = time.perf_counter()
+                scores = self.token_index.rerank(colbert, idx, executor=rerank_executor,
+                                                 parts=self.settings.rerank_threads)
+            else:
+                assert self.cross_encoder is not None
+                started = time.perf_counter()
+                docs = self.docstore.get_by_index(idx.tolist())
+                timings.fetch += _ms(started)
+                started = time.perf_counter()
+                scores = self.cross_encoder.score(query, [doc_full_text(d["title"], d["text"]) for d in docs])
+            final_scores, order = rerank_order(first_scores, scores, weight, opts.k)
             timings.rerank = _ms(started)
         started = time.perf_counter()
         chosen = [int(i) for i in order]
@@ -575,10 +494,15 @@ class SearchEngine:
         """
         if opts.rerank == "colbert" and (colbert is None or len(colbert) != len(queries)):
             raise ValueError("ColBERT reranking needs one ColBERT query matrix per query")
-        candidates = self._first_stage(queries, opts, dense)
+        timings = [StageTimings() for _ in queries]
+        candidates = first_stages(
+            [opts.first_stage], queries, opts.depth, dense_vectors=dense,
+            dense_search=lambda q, k: self.dense_index.search(q, k, nprobe=opts.nprobe),
+            sparse=self.bm25, hybrid_weights=self.weights.hybrid, timings=timings,
+        )[opts.first_stage]
         return [
-            self._finish(q, c, opts, None if colbert is None else colbert[row], rerank_executor)
-            for row, (q, c) in enumerate(zip(queries, candidates))
+            self._finish(q, c, t, opts, None if colbert is None else colbert[row], rerank_executor)
+            for row, (q, c, t) in enumerate(zip(queries, candidates, timings))
         ]
 
     # -- synchronous end-to-end path --------------------------------------------------------------
@@ -619,23 +543,15 @@ class SearchEngine:
         return f"SearchEngine({self.artifact_dir}, version={self.artifact_version}, n_docs={self.n_docs})"
 
 
-def _hybrid_weights(settings: Settings, manifest: Manifest) -> tuple[float, float]:
-    """Fusion weights: the settings when given, else the ones the builder tuned on its dev
-    slice (``indexes.hybrid`` in the manifest), else equal weights."""
+def retrieval_weights(settings: Settings, manifest: Manifest) -> RetrievalWeights:
+    """The weights this service ranks with: the settings' where given
+    (``hybrid_dense_weight``/``hybrid_sparse_weight``, ``colbert_weight``,
+    ``cross_encoder_weight``), else the builder's dev-tuned ones from the manifest
+    (:meth:`models.retrieval.RetrievalWeights.from_manifest`)."""
+    hybrid = None
     if settings.hybrid_dense_weight is not None and settings.hybrid_sparse_weight is not None:
-        return settings.hybrid_dense_weight, settings.hybrid_sparse_weight
-    tuned = manifest.indexes.get("hybrid", {})
-    return float(tuned.get("dense_weight", 0.5)), float(tuned.get("sparse_weight", 0.5))
-
-
-def _rerank_weights(configured: float | None, tuned: dict[str, Any]) -> dict[str, float]:
-    """Per first stage, the weight of a reranker's score (ColBERT MaxSim or the cross-encoder)
-    against the first stage's score (:func:`models.fusion.interpolate`): the configured one
-    (``colbert_weight`` / ``cross_encoder_weight``) when given, else the builder's dev-tuned
-    weights (``interpolation`` of the ColBERT index or the cross-encoder model in the
-    manifest), else 1 (plain reranking)."""
-    stages = get_args(FirstStage)
-    if configured is not None:
-        return dict.fromkeys(stages, float(configured))
-    weights = tuned.get("weights", {})
-    return {stage: float(weights.get(stage, 1.0)) for stage in stages}
+        hybrid = (settings.hybrid_dense_weight, settings.hybrid_sparse_weight)
+    return RetrievalWeights.from_manifest(
+        manifest.indexes, manifest.models, hybrid=hybrid,
+        colbert=settings.colbert_weight, cross_encoder=settings.cross_encoder_weight,
+    )

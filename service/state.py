@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from models.artifacts import ArtifactError
+from models.retrieval import StageTimings
 from service.batching import EncodeBatcher
 from service.errors import (
     InvalidArtifact,
@@ -32,7 +33,7 @@ from service.errors import (
     StartupError,
 )
 from service.metrics import ServiceMetrics
-from service.search import EncodedQueries, SearchEngine, SearchOptions, SearchResult, StageTimings, validate_query
+from service.search import EncodedQueries, SearchEngine, SearchOptions, SearchResult, validate_query
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from models.artifacts import load_manifest
-from service.search import _hybrid_weights
+from service.search import retrieval_weights
 from tests.service_fixtures import build_service_artifacts, make_settings
 
 
@@ -20,10 +20,10 @@ def test_manifest_weights_by_default_and_settings_override(artifacts):
     manifest = load_manifest(artifacts.first)
     tuned = manifest.indexes["hybrid"]
     assert tuned["tuned_on"] and 0.0 <= tuned["dense_weight"] <= 1.0
-    assert _hybrid_weights(make_settings(artifacts.first), manifest) == (tuned["dense_weight"],
+    assert retrieval_weights(make_settings(artifacts.first), manifest).hybrid == (tuned["dense_weight"],
                                                                          tuned["sparse_weight"])
     s = make_settings(artifacts.first, hybrid_dense_weight=0.2, hybrid_sparse_weight=0.8)
-    assert _hybrid_weights(s, manifest) == (0.2, 0.8)
+    assert retrieval_weights(s, manifest).hybrid == (0.2, 0.8)
 
 
 def test_half_set_weights_are_rejected(artifacts):

@@ -17,3 +17,15 @@ def test_service_and_models_do_not_import_torch():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_build_config_does_not_import_torch():
+    """Reading and validating a build config (the CLI's first step) stays light."""
+    code = (
+        "import sys\n"
+        "from index_build.config import load_config\n"
+        "load_config()\n"
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
