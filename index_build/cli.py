@@ -47,11 +47,21 @@ def export(kind: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(json.dumps(p.export(kind).result, indent=2))
 
 
+def _students(p) -> None:
+    """The stages every student needs before it can be evaluated or packaged."""
+    p.mine()
+    for kind in p.cfg.students.kinds:
+        p.distill(kind)
+        p.export(kind)
+
+
 @app.command()
 def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Evaluate every system and write benchmarks/results/<collection>.json (+ trec-dl.json)."""
+    """Evaluate every system on the test split (and TREC DL) and write the results files."""
     p = _pipeline(config, set_)
-    p.run_all()
+    _students(p)
+    p.evaluate()
+    typer.echo(json.dumps(p.write_results()["systems"], indent=2))
 
 
 @app.command("all")
@@ -63,10 +73,13 @@ def all_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 def artifact(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Build (or refresh) the artifact directory after the students are exported."""
+    """Build (or refresh) the artifact directory from the exported students (no evaluation)."""
     p = _pipeline(config, set_)
-    p.run_all()
-    typer.echo(json.dumps(p.records["artifact"].result, indent=2))
+    if not p.cfg.build_artifact:
+        typer.echo("error: this config sets build_artifact = false; set it to true to build an artifact", err=True)
+        raise typer.Exit(2)
+    _students(p)
+    typer.echo(json.dumps(p.artifact().result, indent=2))
 
 
 @app.command()

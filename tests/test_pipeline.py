@@ -127,6 +127,25 @@ def test_verify_cli(built):
     assert res.exit_code == 1
 
 
+def test_stage_clis_do_what_they_say(built, tiny_beir, tiny_bert):
+    """``evaluate`` evaluates and writes results (cached stages: nothing retrains); ``artifact``
+    packages without evaluating, and refuses a config that turns artifacts off."""
+    from typer.testing import CliRunner
+
+    from index_build.cli import app
+
+    root = built[0]
+    sets = [x for o in tiny_overrides(tiny_beir, tiny_bert, root, "train.dense.epochs=2") for x in ("--set", o)]
+    res = CliRunner().invoke(app, ["evaluate", *sets])
+    assert res.exit_code == 0, res.output
+    assert SYSTEMS <= set(json.loads(res.output[res.output.index("{"):]))
+    res = CliRunner().invoke(app, ["artifact", *sets])
+    assert res.exit_code == 0, res.output
+    assert '"artifact_version"' in res.output
+    res = CliRunner().invoke(app, ["artifact", *sets, "--set", "build_artifact=false"])
+    assert res.exit_code == 2 and "build_artifact = false" in res.output
+
+
 def test_training_loss_falls(tiny_beir, tiny_bert, tmp_path):
     """Margin-MSE on a toy problem: the loss falls as the dense student learns the teacher."""
     import numpy as np
