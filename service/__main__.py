@@ -28,6 +28,24 @@ class GracefulServer(uvicorn.Server):
             captured.clear()
 
 
+class StartupFailureFilter(logging.Filter):
+    """Drops uvicorn's copies of a start-up failure that the lifespan already reported in one
+    line (a :class:`~service.errors.StartupError`: bad or missing artifact): the traceback
+    Starlette hands to uvicorn and uvicorn's "Application startup failed" line. Any other
+    failure keeps its traceback: that one is a bug to read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reported = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Traceback") and "service.errors.StartupError" in message:
+            self.reported = True
+            return False
+        return not (self.reported and message.startswith("Application startup failed"))
+
+
 #: thread-count variables of the native libraries under NumPy and FAISS (OpenMP, OpenBLAS, MKL)
 NATIVE_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -64,10 +82,13 @@ def main() -> int:
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         log_level=settings.log_level, lifespan="on", timeout_graceful_shutdown=settings.graceful_shutdown_s,
     )
+    startup_failures = StartupFailureFilter()
+    logging.getLogger("uvicorn.error").addFilter(startup_failures)
     server = GracefulServer(config)
     server.run()
     if not server.started:
-        logger.error("the service did not start")
+        if not startup_failures.reported:
+            logger.error("the service did not start")
         return 3
     return 0
 

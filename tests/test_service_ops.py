@@ -426,6 +426,10 @@ def test_server_process_exits_non_zero_on_corrupt_artifact(artifacts, tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
     assert "dense/index.faiss" in proc.stderr
+    # one error line that names the problem, no traceback
+    errors = [line for line in proc.stderr.splitlines() if json.loads(line)["level"] == "error"]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "dense/index.faiss" in errors[0]
 
 
 # -- native thread limits ---------------------------------------------------------------------------
