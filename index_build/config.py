@@ -6,13 +6,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 
 from index_build.distill_vq import DistillVQConfig
 from index_build.export import INT8_ACTIVATIONS
 from models.token_index import KMEANS_NITER
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -246,10 +249,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ValueError(f"config: train.{kind}.precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {tcfg.precision!r}")
         if str(tcfg.device) not in ("auto", "cpu"):  # a GPU request: check that torch can use it
-            from index_build.train import resolve_device
-
             try:
                 resolve_device(str(tcfg.device))
             except ValueError as e:
                 raise ValueError(f"config: train.{kind}.device: {e}") from None
     return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``name`` (see :attr:`TrainConfig.device`), with a clear error when
+    a GPU is asked for and torch cannot use one.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    import torch  # only here: reading a config stays torch-free
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"train device {name!r}: {e}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"train device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train device {name!r}: this torch build sees no CUDA GPU "
+                             "(install a CUDA build of torch, or use device 'cpu')")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"train device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device

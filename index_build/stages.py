@@ -1118,7 +1118,8 @@ def train_recipe_key(tcfg) -> str:
     not where (``device``) nor what is applied afterwards (``wise_ft``, see export_key)."""
     from dataclasses import asdict
 
-    from index_build.train import resolve_device, resolve_precision
+    from index_build.config import resolve_device
+    from index_build.train import resolve_precision
 
     data = asdict(tcfg)
     # the numerics as they resolve here ("auto" is bf16 on some machines, fp32 on others)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from index_build.config import PRECISIONS, TrainConfig
+from index_build.config import PRECISIONS, TrainConfig, resolve_device
 from index_build.losses import in_batch_negatives, margin_mse
 from index_build.sampling import Example, batches, sample_negatives
 from index_build.students import ColbertStudent, CrossEncoderStudent, DenseStudent, Student, set_seed
@@ -55,30 +55,6 @@ def native_bf16(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN
         return False
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device for ``name`` (see :attr:`TrainConfig.device`), with a clear error when
-    a GPU is asked for and torch cannot use one.
-
-    >>> resolve_device("cpu")
-    device(type='cpu')
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"train device {name!r}: {e}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"train device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"train device {name!r}: this torch build sees no CUDA GPU "
-                             "(install a CUDA build of torch, or use device 'cpu')")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"train device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 #: TrainConfig fields that do not change what is trained (left out of resume checks)
