@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from service.errors import StartupError, install_error_handlers
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
-from service.routes import protected, public
+from service.routes import admin, protected, public
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -53,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(public)
     app.include_router(protected)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.include_router(admin)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       timeout_s=settings.body_timeout_ms / 1000.0)
     app.add_middleware(RequestContextMiddleware, metrics=service.metrics)  # outermost: added last
     return app

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 #: ``scope`` key under which the request-context middleware keeps the error type of a response.
 ERROR_TYPE_SCOPE_KEY = "nrs.error_type"
+#: Error type of a request whose client went away before an answer (counted with status 499,
+#: nginx's "client closed request": not a server error).
+CLIENT_CLOSED = "client_closed"
 
 
 class ServiceError(Exception):
@@ -79,6 +82,13 @@ class PayloadTooLarge(ServiceError):
     error_type = "payload_too_large"
 
 
+class BodyTimeout(ServiceError):
+    """The request body stalled for longer than ``body_timeout_ms`` (408)."""
+
+    status_code = 408
+    error_type = "body_timeout"
+
+
 class Unauthorized(ServiceError):
     """Missing or wrong API key (401)."""
 
@@ -87,6 +97,13 @@ class Unauthorized(ServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ServiceError):
+    """A route that this configuration turns off (403)."""
+
+    status_code = 403
+    error_type = "forbidden"
 
 
 class Overloaded(ServiceError):
@@ -168,7 +185,7 @@ def format_validation_errors(errors: Sequence[Any]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-_HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+_HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
                413: "payload_too_large", 415: "unsupported_media_type", 429: "overloaded"}
 
 

@@ -11,7 +11,7 @@ Exposed at ``GET /metrics``:
 - ``nrs_queue_depth``: search requests waiting for a permit
 - ``nrs_encode_batch_size{model}``: queries per ONNX encode batch (dynamic batching)
 - ``nrs_index_documents``: documents in the served artifact
-- ``nrs_artifact_info{artifact_version, artifact_dir, ...}``: the served artifact
+- ``nrs_artifact_info{artifact_version, dense_factory, ...}``: the served artifact (no filesystem paths)
 - ``nrs_reloads_total{outcome}``, ``nrs_ready``
 """
 

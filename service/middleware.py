@@ -3,6 +3,7 @@ and the request body size limit."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -12,7 +13,14 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ERROR_TYPE_SCOPE_KEY, PayloadTooLarge, internal_error_response, service_error_response
+from service.errors import (
+    CLIENT_CLOSED,
+    ERROR_TYPE_SCOPE_KEY,
+    BodyTimeout,
+    PayloadTooLarge,
+    internal_error_response,
+    service_error_response,
+)
 from service.metrics import ServiceMetrics
 
 access_logger = logging.getLogger("service.access")
@@ -36,7 +44,8 @@ class RequestContextMiddleware:
     - answers an exception no handler mapped with a generic 500 envelope (the traceback
       goes to the log, never to the client);
     - counts the request in ``nrs_requests_total{route, status, error_type}`` and writes
-      one JSON access-log line.
+      one JSON access-log line; a request whose client left before any answer counts as
+      status 499, error type ``client_closed``.
     """
 
     def __init__(self, app: ASGIApp, *, metrics: ServiceMetrics) -> None:
@@ -70,6 +79,8 @@ class RequestContextMiddleware:
             route = scope.get("route")
             route_path = getattr(route, "path", None) or "unmatched"
             error_type = str(scope.get(ERROR_TYPE_SCOPE_KEY, "")) or "none"
+            if not state["started"] and error_type == CLIENT_CLOSED:
+                state["status"] = 499
             total_ms = (time.perf_counter() - started) * 1000.0
             self.metrics.requests.labels(route_path, str(state["status"]), error_type).inc()
             access_logger.info(
@@ -83,12 +94,15 @@ class RequestContextMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """413 for a body over ``max_bytes``: at once from ``Content-Length``, else while
-    reading the stream (a chunked upload is buffered up to the limit, then replayed)."""
+    """Reads the whole request body before the app sees it: 413 for a body over
+    ``max_bytes`` (at once from ``Content-Length``, else while reading the stream), 408 when
+    the next piece of the body takes longer than ``timeout_s``; a client that disconnects
+    mid-body is recorded as ``client_closed``. The buffered body is then replayed to the app."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float = 5.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     def _too_large(self, size: str) -> PayloadTooLarge:
         return PayloadTooLarge(f"request body of {size} bytes is over the limit of {self.max_bytes} bytes")
@@ -110,8 +124,15 @@ class BodySizeLimitMiddleware:
         size = 0
         more = True
         while more:
-            message = await receive()
-            if message["type"] != "http.request":  # disconnect: nothing to answer
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                error = BodyTimeout(f"the request body stalled: no data for {self.timeout_s:g} s "
+                                    f"after {size} bytes")
+                await service_error_response(error, scope)(scope, receive, send)
+                return
+            if message["type"] != "http.request":  # the client left: nothing to answer
+                scope[ERROR_TYPE_SCOPE_KEY] = CLIENT_CLOSED
                 return
             body = message.get("body", b"")
             size += len(body)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 
 from models.retrieval import StageTimings
-from service.errors import NotReady, Unauthorized
+from service.errors import Forbidden, NotReady, Unauthorized
 from service.schemas import (
     BatchSearchRequest,
     BatchSearchResponse,
@@ -28,7 +28,8 @@ from service.state import ServiceState
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": desc}
     for code, desc in {
-        401: "Missing or invalid API key", 413: "Body too large", 422: "Invalid request",
+        400: "Body is not UTF-8 JSON", 401: "Missing or invalid API key", 408: "Body stalled",
+        413: "Body too large", 422: "Invalid request",
         429: "Overloaded (see Retry-After)", 503: "Not ready", 504: "Timed out",
     }.items()
 }
@@ -42,23 +43,35 @@ def get_service(request: Request) -> ServiceState:
 ServiceDep = Annotated[ServiceState, Depends(get_service)]
 
 
-def require_api_key(request: Request, svc: ServiceDep) -> None:
-    """When ``api_key`` is set, accept ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
-    expected = svc.settings.api_key
-    if expected is None:
-        return
+def _check_key(request: Request, expected: str, what: str) -> None:
+    """Accept ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (compared in constant time)."""
     supplied = request.headers.get("x-api-key") or None  # an empty header does not hide a Bearer key
     if supplied is None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         supplied = token.strip() if scheme.lower() == "bearer" else None
     if not supplied:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-    if not hmac.compare_digest(supplied.encode(), expected.get_secret_value().encode()):
-        raise Unauthorized("invalid API key")
+        raise Unauthorized(f"missing {what}: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+    if not hmac.compare_digest(supplied.encode(), expected.encode()):
+        raise Unauthorized(f"invalid {what}")
+
+
+def require_api_key(request: Request, svc: ServiceDep) -> None:
+    """When ``api_key`` is set, the search and info routes need it."""
+    if svc.settings.api_key is not None:
+        _check_key(request, svc.settings.api_key.get_secret_value(), "API key")
+
+
+def require_admin_key(request: Request, svc: ServiceDep) -> None:
+    """The admin routes are off (403) unless ``admin_key`` is set, and then need it."""
+    if svc.settings.admin_key is None:
+        raise Forbidden("the admin routes are disabled: set NRS_ADMIN_KEY to enable them")
+    _check_key(request, svc.settings.admin_key.get_secret_value(), "admin key")
 
 
 public = APIRouter()
 protected = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
+admin = APIRouter(dependencies=[Depends(require_admin_key)], responses={
+    **ERRORS, 403: {"model": ErrorResponse, "description": "Admin routes disabled (no NRS_ADMIN_KEY)"}})
 
 
 def _timing_headers(response: Response, t: StageTimings) -> None:
@@ -104,13 +117,13 @@ async def info(svc: ServiceDep) -> dict[str, Any]:
     out["limits"] = {
         name: getattr(s, name)
         for name in ("default_k", "max_k", "default_candidates", "max_candidates", "max_cross_encoder_candidates",
-                     "max_query_chars", "max_batch_queries", "max_body_bytes", "max_concurrency", "max_queue",
-                     "request_timeout_ms", "batch_max_size", "batch_max_wait_ms")
+                     "max_query_chars", "max_batch_queries", "max_body_bytes", "body_timeout_ms", "max_concurrency",
+                     "max_queue", "request_timeout_ms", "batch_max_size", "batch_max_wait_ms")
     }
     return out
 
 
-@protected.post("/admin/reload", response_model=ReloadResponse,
+@admin.post("/admin/reload", response_model=ReloadResponse,
                 responses={409: {"model": ErrorResponse, "description": "Reload in progress"}})
 async def reload(svc: ServiceDep, body: ReloadRequest | None = None) -> ReloadResponse:
     """Load an artifact beside the served one, verify and warm it up, then swap it in."""

@@ -344,8 +344,8 @@ class SearchEngine:
                 self.dense_index.default_nprobe if self.dense_index.is_ivf else None))
         return {
             "artifact_version": self.artifact_version,
-            "artifact_dir": str(self.artifact_dir),
             "created_at": self.manifest.created_at,
+            "checksums": {rel: entry.sha256 for rel, entry in sorted(self.manifest.files.items())},
             "n_docs": self.n_docs,
             "corpus": self.manifest.corpus.model_dump(),
             "models": models,

@@ -10,7 +10,7 @@ Groups (one flat object so every env var name is simply ``NRS_<FIELD>``):
 - backpressure: ``max_concurrency``, ``max_queue``, ``request_timeout_ms``
 - dynamic batching: ``batch_max_size``, ``batch_max_wait_ms``
 - fusion: ``hybrid_dense_weight``, ``hybrid_sparse_weight``, ``colbert_weight``, ``cross_encoder_weight``
-- server: ``host``, ``port``, ``log_level``, ``api_key``, ``graceful_shutdown_s``
+- server: ``host``, ``port``, ``log_level``, ``api_key``, ``admin_key``, ``artifact_root``, ``graceful_shutdown_s``
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     max_query_chars: int = Field(2048, ge=1)
     max_batch_queries: int = Field(64, ge=1, description="Most queries in one /search/batch request.")
     max_body_bytes: int = Field(1 << 20, ge=256, description="Largest request body accepted (413 above).")
+    body_timeout_ms: float = Field(5_000.0, gt=0, description=(
+        "Longest wait for the next piece of a request body (408 past it: a client that stalls "
+        "mid-body does not hold a connection open)."))
 
     # -- backpressure ----------------------------------------------------------------------------
     max_concurrency: int = Field(8, ge=1, description="Search requests processed at once (permits).")
@@ -91,7 +94,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: LogLevel = "info"
-    api_key: SecretStr | None = Field(None, description="When set, required on /search*, /info and /admin/*.")
+    api_key: SecretStr | None = Field(None, description="When set, required on /search* and /info.")
+    admin_key: SecretStr | None = Field(None, description=(
+        "Enables /admin/* (403 while unset) and is required there "
+        "(`Authorization: Bearer <key>` or `X-API-Key: <key>`)."))
+    artifact_root: Path | None = Field(None, description=(
+        "/admin/reload loads only artifact directories under this one "
+        "(default: the directory that holds artifact_dir)."))
     graceful_shutdown_s: int = Field(10, ge=1, description="Time in-flight requests get after SIGTERM.")
 
     @model_validator(mode="after")
@@ -114,6 +123,8 @@ class Settings(BaseSettings):
             problems.append(f"int8_models names unknown models {sorted(unknown)}; known: {', '.join(MODEL_ROLES)}")
         if self.api_key is not None and not self.api_key.get_secret_value().strip():
             problems.append("api_key is set but empty (unset NRS_API_KEY to disable authentication)")
+        if self.admin_key is not None and not self.admin_key.get_secret_value().strip():
+            problems.append("admin_key is set but empty (unset NRS_ADMIN_KEY to disable /admin/*)")
         if problems:
             raise ValueError("invalid service settings: " + "; ".join(problems))
         return self
@@ -130,6 +141,11 @@ class Settings(BaseSettings):
     def cpu_workers(self) -> int:
         """Size of the thread pool for CPU work."""
         return self.worker_threads or self.max_concurrency + 2
+
+    @property
+    def reload_root(self) -> Path:
+        """The directory /admin/reload may load artifacts from (resolved)."""
+        return (self.artifact_root or Path(self.artifact_dir).resolve().parent).resolve()
 
     @property
     def request_timeout_s(self) -> float:

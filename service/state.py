@@ -190,7 +190,7 @@ class ServiceState:
         self.artifact_dir = artifact_dir
         dense = engine.manifest.indexes.get("dense", {})
         self.metrics.set_artifact(
-            {"artifact_version": engine.artifact_version, "artifact_dir": str(artifact_dir),
+            {"artifact_version": engine.artifact_version,
              "dense_factory": str(dense.get("factory", "")), "rerank_modes": ",".join(engine.rerank_modes()),
              "created_at": engine.manifest.created_at},
             engine.n_docs,
@@ -294,6 +294,9 @@ class ServiceState:
             raise ReloadInProgress("another reload is in progress; try again when it has finished")
         async with self._reload_lock:
             target = Path(artifact_dir) if artifact_dir is not None else self.artifact_dir
+            if not target.resolve().is_relative_to(self.settings.reload_root):
+                raise InvalidRequest(f"artifact_dir {str(target)!r} is outside the directory reloads may load "
+                                     "from (NRS_ARTIFACT_ROOT)")
             previous = self.engine
             started = time.perf_counter()
             try:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -157,3 +159,58 @@ def test_batcher_retries_a_failed_batch_per_request():
     assert sorted(map(tuple, engine.calls[1:])) == [("a",), ("bad",), ("ccc", "dd")]  # then one call per request
     assert isinstance(bad, TypeError)
     assert first.vectors.tolist() == [[1.0]] and third.vectors.tolist() == [[3.0], [2.0]]
+
+
+# -- clients that stall or leave mid-body -----------------------------------------------------------
+def _post_scope(body_length: int) -> dict:
+    return {"type": "http", "method": "POST", "path": "/search", "raw_path": b"/search", "query_string": b"",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(body_length).encode())],
+            "scheme": "http", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000), "http_version": "1.1",
+            "root_path": "", "app": None}
+
+
+def _call(app, receive) -> list[dict]:
+    """Run one request through the ASGI app (middlewares first: no lifespan needed) and
+    return what it sent."""
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(_post_scope(100), receive, send))
+    return sent
+
+
+def test_client_leaving_mid_body_is_not_a_server_error(artifacts):
+    from tests.service_fixtures import metric_value
+
+    app = create_app(make_settings(artifacts.first))
+    messages = iter([{"type": "http.request", "body": b'{"query": ', "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    assert _call(app, receive) == []  # nobody to answer
+    text = app.state.service.metrics.render()[0].decode()
+    assert metric_value(text, "nrs_requests_total", route="unmatched", status="499", error_type="client_closed") == 1
+    assert 'status="500"' not in text
+
+
+def test_stalled_body_gets_408(artifacts):
+    app = create_app(make_settings(artifacts.first, body_timeout_ms=200))
+    first = True
+
+    async def receive():  # 10 of the 100 declared bytes, then nothing
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": b'{"query": ', "more_body": True}
+        await asyncio.sleep(30)
+        return {"type": "http.disconnect"}
+
+    started = time.perf_counter()
+    sent = _call(app, receive)
+    assert time.perf_counter() - started < 5
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert body["error"]["type"] == "body_timeout" and "after 10 bytes" in body["error"]["message"]

@@ -263,10 +263,20 @@ def test_concurrent_requests_share_encode_batches(artifacts):
 
 
 # -- hot reload -----------------------------------------------------------------------------------
+ADMIN = {"X-API-Key": "admin-s3cret"}
+
+
+def admin_settings(artifacts: ServiceArtifacts, **overrides):
+    """Settings with the admin routes on; reloads may load anything under the test session's
+    base temp dir (where both test artifacts and every tmp_path live)."""
+    return make_settings(artifacts.first, admin_key=ADMIN["X-API-Key"], artifact_root=artifacts.first.parents[1],
+                         **overrides)
+
+
 def test_hot_reload_under_load(artifacts):
     old, new = version_of(artifacts.first), version_of(artifacts.second)
     assert old != new
-    with TestClient(create_app(make_settings(artifacts.first, max_queue=256))) as c:
+    with TestClient(create_app(admin_settings(artifacts, max_queue=256))) as c:
         wait_ready(c)
         stop = threading.Event()
         outcomes: list[tuple[int, str | None]] = []
@@ -286,7 +296,7 @@ def test_hot_reload_under_load(artifacts):
         for t in threads:
             t.start()
         wait_until(lambda: len(outcomes) >= 8)
-        r = c.post("/admin/reload", json={"artifact_dir": str(artifacts.second)})
+        r = c.post("/admin/reload", json={"artifact_dir": str(artifacts.second)}, headers=ADMIN)
         assert r.status_code == 200, r.text
         assert r.json()["artifact_version"] == new and r.json()["previous_artifact_version"] == old
         n_at_swap = len(outcomes)
@@ -306,7 +316,7 @@ def test_hot_reload_under_load(artifacts):
 
 
 def test_in_flight_request_finishes_on_its_engine(artifacts, monkeypatch):
-    with TestClient(create_app(make_settings(artifacts.first))) as c:
+    with TestClient(create_app(admin_settings(artifacts))) as c:
         wait_ready(c)
         svc = service_of(c)
         old_engine = svc.engine
@@ -315,7 +325,8 @@ def test_in_flight_request_finishes_on_its_engine(artifacts, monkeypatch):
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(c.post, "/search", json={"query": "heart"})
             wait_until(lambda: svc._admission is not None and svc._admission.in_flight == 1)
-            assert c.post("/admin/reload", json={"artifact_dir": str(artifacts.second)}).status_code == 200
+            r = c.post("/admin/reload", json={"artifact_dir": str(artifacts.second)}, headers=ADMIN)
+            assert r.status_code == 200
             assert svc.engine is not old_engine
             assert c.post("/search", json={"query": "heart"}).json()["artifact_version"] == version_of(artifacts.second)
             assert pending.result().json()["artifact_version"] == version_of(artifacts.first)
@@ -325,11 +336,13 @@ def test_failed_reload_keeps_serving(artifacts, tmp_path, monkeypatch):
     bad = tmp_path / "bad"
     shutil.copytree(artifacts.second, bad)
     (bad / "docs.sqlite").write_bytes(b"garbage")
-    with TestClient(create_app(make_settings(artifacts.first))) as c:
+    with TestClient(create_app(admin_settings(artifacts))) as c:
         wait_ready(c)
-        err = assert_envelope(c.post("/admin/reload", json={"artifact_dir": str(bad)}), 422, "invalid_artifact")
+        err = assert_envelope(c.post("/admin/reload", json={"artifact_dir": str(bad)}, headers=ADMIN), 422,
+                              "invalid_artifact")
         assert "docs.sqlite" in err["message"] and "still serving" in err["message"]
-        err = assert_envelope(c.post("/admin/reload", json={"artifact_dir": str(tmp_path / "missing")}), 422)
+        err = assert_envelope(c.post("/admin/reload", json={"artifact_dir": str(tmp_path / "missing")},
+                                     headers=ADMIN), 422)
         assert "does not exist" in err["message"]
         assert c.post("/search", json={"query": "tumor"}).json()["artifact_version"] == version_of(artifacts.first)
         assert metric_value(c.get("/metrics").text, "nrs_reloads_total", outcome="failed") == 2
@@ -345,11 +358,35 @@ def test_failed_reload_keeps_serving(artifacts, tmp_path, monkeypatch):
 
         monkeypatch.setattr(svc, "_load_and_warm", blocked)
         with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(c.post, "/admin/reload", json={})
+            first = pool.submit(c.post, "/admin/reload", json={}, headers=ADMIN)
             wait_until(lambda: svc._reload_lock is not None and svc._reload_lock.locked())
-            assert_envelope(c.post("/admin/reload", json={}), 409, "reload_in_progress")
+            assert_envelope(c.post("/admin/reload", json={}, headers=ADMIN), 409, "reload_in_progress")
             release.set()
             assert first.result().status_code == 200
+
+
+def test_admin_routes_off_without_admin_key_and_confined_to_the_root(artifacts, tmp_path):
+    with TestClient(create_app(make_settings(artifacts.first, api_key="user-key"))) as c:
+        wait_ready(c)
+        for headers in ({}, {"X-API-Key": "user-key"}):  # the search key does not open admin routes
+            err = assert_envelope(c.post("/admin/reload", json={}, headers=headers), 403, "forbidden")
+            assert "NRS_ADMIN_KEY" in err["message"]
+    outside = tmp_path.parent.parent / "elsewhere"
+    with TestClient(create_app(make_settings(artifacts.first, admin_key="adm",
+                                             artifact_root=artifacts.first.parent))) as c:
+        wait_ready(c)
+        assert_envelope(c.post("/admin/reload", json={}), 401, "unauthorized")
+        assert_envelope(c.post("/admin/reload", json={}, headers={"Authorization": "Bearer nope"}), 401)
+        err = assert_envelope(c.post("/admin/reload", json={"artifact_dir": str(outside)},
+                                     headers={"Authorization": "Bearer adm"}), 422, "invalid_request")
+        assert "outside" in err["message"] and str(artifacts.first.parent) not in err["message"]
+        r = c.post("/admin/reload", json={"artifact_dir": str(artifacts.second)},
+                   headers={"Authorization": "Bearer adm"})
+        assert r.status_code == 200, r.text
+        # no server paths where anyone (or any key holder) can read them
+        info = c.get("/info").json()
+        assert str(artifacts.first.parent) not in json.dumps(info) and info["checksums"]
+        assert str(artifacts.first.parent) not in c.get("/metrics").text
 
 
 # -- logging and import hygiene -------------------------------------------------------------------
