@@ -187,6 +187,9 @@ class SearchEngine:
         self.providers = list(providers)
         self.model_files = dict(model_files or {})
         self.weights = retrieval_weights(settings, manifest)
+        self.closed = False
+        #: requests and thread jobs using this engine now (kept by the service's event loop)
+        self.leases = 0
         self._input_names = {
             enc.kind: {i.name for i in enc.session.get_inputs()}
             for enc in (dense_encoder, colbert_encoder, cross_encoder)
@@ -295,8 +298,18 @@ class SearchEngine:
             raise ArtifactError(f"{root}: inconsistent artifact: " + "; ".join(problems))
 
     def close(self) -> None:
-        """Close the document store's connections (call only when no request uses this engine)."""
+        """Release what this engine holds: the document store's connections, the ONNX
+        sessions, the FAISS index, the token arrays and BM25. Call only when no request uses
+        the engine (:class:`service.state.ServiceState` counts them); a closed engine is
+        never used again, so its components are dropped now rather than whenever the
+        garbage collector next runs."""
+        if self.closed:
+            return
+        self.closed = True
         self.docstore.close()
+        for name in ("dense_encoder", "colbert_encoder", "cross_encoder", "dense_index", "token_index", "bm25",
+                     "_input_names"):
+            vars(self).pop(name, None)
 
     # -- introspection ----------------------------------------------------------------------------
     @property

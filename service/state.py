@@ -123,10 +123,29 @@ class ServiceState:
 
     # -- threads ----------------------------------------------------------------------------------
     async def run_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking CPU work in the search thread pool (never on the event loop)."""
+        """Run blocking CPU work in the search thread pool (never on the event loop). Work on
+        an engine (a bound method of a :class:`SearchEngine`) leases that engine until the
+        thread is done, even when the awaiting request gave up meanwhile."""
         if self._executor is None:
             raise RuntimeError("the service is not started")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+        loop = asyncio.get_running_loop()
+        engine = getattr(fn, "__self__", None)
+        if not isinstance(engine, SearchEngine):
+            return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        self._lease(engine)
+        job = self._executor.submit(fn, *args)
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, engine))
+        return await asyncio.wrap_future(job)
+
+    # -- engine lifetime --------------------------------------------------------------------------
+    def _lease(self, engine: SearchEngine) -> None:
+        engine.leases += 1
+
+    def _release(self, engine: SearchEngine) -> None:
+        """End one lease; a replaced engine is closed when its last lease ends."""
+        engine.leases -= 1
+        if engine.leases == 0 and engine is not self.engine:
+            engine.close()
 
     async def _run_admin(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._admin_executor is not None
@@ -221,6 +240,15 @@ class ServiceState:
         """
         started = time.perf_counter()
         engine = self.ready_engine()
+        self._lease(engine)  # the engine stays open until this request is done with it
+        try:
+            return await self._search_on(engine, queries, options, started)
+        finally:
+            self._release(engine)
+
+    async def _search_on(
+        self, engine: SearchEngine, queries: Sequence[str], options: dict[str, Any], started: float
+    ) -> BatchOutcome:
         s = self.settings
         if not queries:
             raise InvalidRequest("queries must not be empty")
@@ -307,6 +335,8 @@ class ServiceState:
                                previous.artifact_version if previous else None, exc)
                 raise InvalidArtifact(f"reload failed, still serving the previous artifact: {exc}") from None
             self._install(engine, target)
+            if previous is not None and previous.leases == 0:  # else its last request closes it
+                previous.close()
             if self._warmup_task is not None and not self._warmup_task.done():
                 self._warmup_task.cancel()
             self.not_ready_reason = ""
@@ -314,8 +344,6 @@ class ServiceState:
             self.metrics.reloads.labels("ok").inc()
             load_ms = (time.perf_counter() - started) * 1000.0
             logger.info("reloaded artifact %s (version %s) in %.0f ms", target, engine.artifact_version, load_ms)
-            # The previous engine is not closed: requests that started on it finish on it, and its
-            # resources are released when the last of them drops its reference.
             return {
                 "artifact_version": engine.artifact_version,
                 "previous_artifact_version": previous.artifact_version if previous else None,

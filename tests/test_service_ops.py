@@ -4,6 +4,7 @@ batching, hot reload under load, logging, and the real server process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -327,9 +328,40 @@ def test_in_flight_request_finishes_on_its_engine(artifacts, monkeypatch):
             wait_until(lambda: svc._admission is not None and svc._admission.in_flight == 1)
             r = c.post("/admin/reload", json={"artifact_dir": str(artifacts.second)}, headers=ADMIN)
             assert r.status_code == 200
-            assert svc.engine is not old_engine
+            assert svc.engine is not old_engine and not old_engine.closed  # still in use
             assert c.post("/search", json={"query": "heart"}).json()["artifact_version"] == version_of(artifacts.second)
             assert pending.result().json()["artifact_version"] == version_of(artifacts.first)
+        wait_until(lambda: old_engine.closed)  # closed by its last request
+        assert old_engine.leases == 0 and not hasattr(old_engine, "dense_index")
+
+
+def _open_files_under(root: Path) -> int:
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            if str(Path(os.readlink(fd))).startswith(str(root)):
+                count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count open files")
+def test_reloads_release_the_old_artifact(artifacts):
+    """Each reload closes the engine it replaces once no request uses it: the process holds
+    the same open files under the artifacts after 12 reloads as after 2."""
+    root = artifacts.first.parent
+    with TestClient(create_app(admin_settings(artifacts))) as c:
+        wait_ready(c)
+        svc = service_of(c)
+        engines, counts = [], []
+        for i in range(12):
+            engines.append(svc.engine)
+            target = artifacts.second if i % 2 == 0 else artifacts.first
+            assert c.post("/admin/reload", json={"artifact_dir": str(target)}, headers=ADMIN).status_code == 200
+            assert c.post("/search", json={"query": "tumor", "rerank": "colbert"}).status_code == 200
+            counts.append(_open_files_under(root))
+        assert all(e is not None and e.closed for e in engines)
+        assert counts[-1] <= counts[1], counts
 
 
 def test_failed_reload_keeps_serving(artifacts, tmp_path, monkeypatch):
