@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,25 +42,49 @@ T = TypeVar("T")
 
 
 class AdmissionControl:
-    """At most ``max_concurrency`` requests run at once and at most ``max_queue`` wait for a
-    permit; a request beyond that is refused at once with :class:`Overloaded` (429)."""
+    """At most ``max_concurrency`` requests run at once; the others wait for a permit, but
+    only as many as can still be served within the deadline.
 
-    def __init__(self, max_concurrency: int, max_queue: int, metrics: ServiceMetrics) -> None:
+    The time a request holds its permit is tracked as a moving average (``service_s``). A
+    request that finds every permit taken is refused at once with :class:`Overloaded` (429,
+    ``Retry-After`` the expected wait) when ``max_queue`` requests already wait, or when its
+    expected wait (``position * service_s / max_concurrency``) plus its own service time
+    would pass ``deadline_s``: it would only time out in the queue, after using a slot."""
+
+    #: weight of the newest service time in the moving average
+    SMOOTHING = 0.2
+
+    def __init__(self, max_concurrency: int, max_queue: int, metrics: ServiceMetrics, deadline_s: float) -> None:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
+        self.deadline_s = deadline_s
         self._metrics = metrics
         self._sem = asyncio.Semaphore(max_concurrency)
         self.waiting = 0
         self.in_flight = 0
+        self.service_s = 0.0
+
+    def expected_wait_s(self, position: int) -> float:
+        """Expected wait of the ``position``-th request in the queue (1 = next)."""
+        return position * self.service_s / self.max_concurrency
+
+    def _observe(self, held_s: float) -> None:
+        a = self.SMOOTHING
+        self.service_s = held_s if self.service_s == 0.0 else (1 - a) * self.service_s + a * held_s
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[float]:
         """Hold a permit for the ``async with`` block; yields the ms spent waiting for it."""
-        if self._sem.locked() and self.waiting >= self.max_queue:
-            raise Overloaded(
-                f"server busy: {self.in_flight} requests in flight and {self.waiting} waiting "
-                f"(max_concurrency={self.max_concurrency}, max_queue={self.max_queue}); retry later"
-            )
+        if self._sem.locked():
+            wait_s = self.expected_wait_s(self.waiting + 1)
+            if self.waiting >= self.max_queue or wait_s + self.service_s > self.deadline_s:
+                raise Overloaded(
+                    f"server busy: {self.in_flight} requests in flight and {self.waiting} waiting "
+                    f"(max_concurrency={self.max_concurrency}, max_queue={self.max_queue}); a new request "
+                    f"would wait about {wait_s * 1000:.0f} ms and take {self.service_s * 1000:.0f} ms against a "
+                    f"deadline of {self.deadline_s * 1000:.0f} ms; retry later",
+                    retry_after_s=math.ceil(wait_s),
+                )
         started = time.perf_counter()
         self.waiting += 1
         self._metrics.queue_depth.set(self.waiting)
@@ -70,9 +95,11 @@ class AdmissionControl:
             self._metrics.queue_depth.set(self.waiting)
         self.in_flight += 1
         self._metrics.in_flight.set(self.in_flight)
+        held_from = time.perf_counter()
         try:
-            yield (time.perf_counter() - started) * 1000.0
+            yield (held_from - started) * 1000.0
         finally:
+            self._observe(time.perf_counter() - held_from)
             self.in_flight -= 1
             self._metrics.in_flight.set(self.in_flight)
             self._sem.release()
@@ -161,7 +188,7 @@ class ServiceState:
         if s.rerank_threads > 1:  # helpers of a lone request's ColBERT rerank (see Settings.rerank_threads)
             self._rerank_executor = ThreadPoolExecutor(max_workers=s.rerank_threads - 1,
                                                        thread_name_prefix="nrs-rerank")
-        self._admission = AdmissionControl(s.max_concurrency, s.max_queue, self.metrics)
+        self._admission = AdmissionControl(s.max_concurrency, s.max_queue, self.metrics, s.request_timeout_s)
         self._reload_lock = asyncio.Lock()
         self.batcher.start()
         try:

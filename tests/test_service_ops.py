@@ -138,6 +138,34 @@ def test_queue_admits_up_to_max_queue(artifacts, monkeypatch):
             assert first.result().status_code == 200 and second.result().status_code == 200
 
 
+def test_queue_is_bounded_by_the_deadline(artifacts, monkeypatch):
+    """With 0.5 s a request, one permit and a 1.75 s deadline, two requests may wait (0.5 + 0.5
+    and 1.0 + 0.5 s are within it); the next (1.5 + 0.5 s) is refused at once instead of timing
+    out in the queue."""
+    settings = make_settings(artifacts.first, max_concurrency=1, max_queue=64, request_timeout_ms=1750)
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        svc = service_of(c)
+        assert svc.engine is not None and svc._admission is not None
+        admission = svc._admission
+        monkeypatch.setattr(svc.engine, "retrieve", slowed(svc.engine.retrieve, 0.5))
+        assert c.post("/search", json={"query": "tumor"}).status_code == 200  # measures the service time
+        assert 0.44 < admission.service_s < 0.58, admission.service_s
+        with ThreadPoolExecutor(3) as pool:
+            running = [pool.submit(c.post, "/search", json={"query": "tumor"})]
+            wait_until(lambda: admission.in_flight == 1)
+            for n in (1, 2):
+                running.append(pool.submit(c.post, "/search", json={"query": f"heart {n}"}))
+                wait_until(lambda n=n: admission.waiting == n)
+            started = time.perf_counter()
+            r = c.post("/search", json={"query": "virus"})
+            refused_s = time.perf_counter() - started
+            err = assert_envelope(r, 429, "overloaded")
+            assert "deadline of 1750 ms" in err["message"] and int(r.headers["retry-after"]) >= 1
+            assert refused_s < 0.25  # answered at once, not after waiting
+            assert [f.result().status_code for f in running] == [200, 200, 200]
+
+
 def test_timeout_gives_504(artifacts, monkeypatch):
     with TestClient(create_app(make_settings(artifacts.first, request_timeout_ms=100))) as c:
         wait_ready(c)
