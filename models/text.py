@@ -12,15 +12,16 @@ characters) is rejected as blank.
 from __future__ import annotations
 
 import re
-import unicodedata
 
 #: A lone surrogate code point: never valid in text that came from UTF-8.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 #: C0 and C1 control characters other than tab, line feed and carriage return.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-#: Unicode categories that show nothing: controls, format characters (zero-width space,
-#: joiners, BOM, soft hyphen, ...), separators, unassigned and private-use code points.
-_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Cn", "Co", "Zs", "Zl", "Zp"})
+#: One character that shows something: not whitespace, not a control, not a zero-width or
+#: other invisible format character (soft hyphen, joiners, direction marks, word joiner,
+#: BOM). The service's OpenAPI schema states the same pattern for queries.
+VISIBLE_PATTERN = "[^\\s\\x00-\\x1f\\x7f-\\x9f\\u00ad\\u200b-\\u200f\\u2028-\\u202f\\u205f-\\u206f\\ufeff]"
+_VISIBLE = re.compile(VISIBLE_PATTERN)
 
 
 class QueryTextError(ValueError):
@@ -33,7 +34,7 @@ def has_visible_text(text: str) -> bool:
     >>> has_visible_text("\\u200b \\x00\\ufeff"), has_visible_text(" \\u200bx")
     (False, True)
     """
-    return any(unicodedata.category(ch) not in _INVISIBLE_CATEGORIES for ch in text)
+    return _VISIBLE.search(text) is not None
 
 
 def clean_query(text: str) -> str:

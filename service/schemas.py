@@ -4,22 +4,40 @@ these models only fix shapes, types and fixed ranges."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from annotated_types import Ge, Le
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from models.retrieval import FirstStage, RerankMode, StageTimings
 
 
+def _json_integer(value: Any) -> Any:
+    """What JSON Schema calls an integer: ``5`` or ``5.0``, never ``true`` or ``"5"``."""
+    if isinstance(value, bool | str):
+        raise ValueError("Input should be a valid integer")
+    return value
+
+
+#: A positive integer as JSON Schema defines integers (``5`` or ``5.0``; no booleans, no strings).
+PositiveInt = Annotated[int, Ge(1), BeforeValidator(_json_integer)]
+
+
 class SearchOptionsBody(BaseModel):
-    """Options shared by ``/search`` and ``/search/batch``."""
+    """Options shared by ``/search`` and ``/search/batch``.
+
+    Query texts are plain strings here: the service checks them itself
+    (:func:`service.search.validate_query`), so that a lone surrogate or an invisible query
+    gets a message naming the problem; the OpenAPI schema states the same rules (see
+    ``service.app``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    k: StrictInt | None = Field(None, ge=1, description="Hits to return (default and maximum from the settings).")
+    k: PositiveInt | None = Field(None, description="Hits to return (default and maximum from the settings).")
     rerank: RerankMode = Field("none", description="Second stage: none, ColBERT MaxSim or the cross-encoder.")
-    candidates: StrictInt | None = Field(None, ge=1, description="First-stage depth handed to the reranker.")
-    nprobe: StrictInt | None = Field(None, ge=1, le=1 << 16, description="IVF lists probed (default: the index's).")
+    candidates: PositiveInt | None = Field(None, description="First-stage depth handed to the reranker.")
+    nprobe: Annotated[int, Ge(1), Le(1 << 16), BeforeValidator(_json_integer)] | None = Field(
+        None, description="IVF lists probed (default: the index's).")
     include_text: StrictBool = Field(False, description="Return each hit's title and text.")
     first_stage: FirstStage = Field("dense", description="dense (FAISS), sparse (BM25) or hybrid (fused).")
 
@@ -32,7 +50,9 @@ class SearchOptionsBody(BaseModel):
 
 
 class SearchRequest(SearchOptionsBody):
-    query: str = Field(description="The query text (non-blank, at most max_query_chars characters).")
+    query: str = Field(description=(
+        "The query text: at most max_query_chars characters, some of them visible (not only "
+        "whitespace, control or zero-width characters), valid Unicode (no lone surrogates)."))
 
     model_config = ConfigDict(
         extra="forbid",
@@ -41,7 +61,8 @@ class SearchRequest(SearchOptionsBody):
 
 
 class BatchSearchRequest(SearchOptionsBody):
-    queries: list[str] = Field(description="Queries, encoded together in one ONNX batch.")
+    queries: list[str] = Field(description=(
+        "Queries (each as `query` of /search, at most max_batch_queries of them), encoded together."))
 
 
 class HitOut(BaseModel):
@@ -69,7 +90,8 @@ class BatchSearchResponse(BaseModel):
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    artifact_dir: str | None = Field(None, description="Directory to load (default: reload the current one).")
+    artifact_dir: str | None = Field(None, min_length=1, description=(
+        "Directory to load, under the configured artifact root (default: reload the current one)."))
 
 
 class ReloadResponse(BaseModel):

@@ -25,6 +25,7 @@ from models.artifacts import ArtifactError
 from models.retrieval import StageTimings
 from service.batching import EncodeBatcher
 from service.errors import (
+    Forbidden,
     InvalidArtifact,
     InvalidRequest,
     NotReady,
@@ -350,8 +351,8 @@ class ServiceState:
         async with self._reload_lock:
             target = Path(artifact_dir) if artifact_dir is not None else self.artifact_dir
             if not target.resolve().is_relative_to(self.settings.reload_root):
-                raise InvalidRequest(f"artifact_dir {str(target)!r} is outside the directory reloads may load "
-                                     "from (NRS_ARTIFACT_ROOT)")
+                raise Forbidden(f"artifact_dir {str(target)!r} is outside the directory reloads may load "
+                                "from (NRS_ARTIFACT_ROOT)")
             previous = self.engine
             started = time.perf_counter()
             try:

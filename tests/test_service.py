@@ -180,7 +180,8 @@ def test_search_validation_errors(client, body, error_type, needle):
 
 @pytest.mark.parametrize(
     ("body", "needle"),
-    [({"queries": []}, "must not be empty"), ({"queries": ["a"] * 5}, "maximum is 4"),
+    [({"queries": []}, "must not be empty"), ({"queries": ["ok", ""]}, "queries[1]: query must be a non-empty"),
+     ({"queries": ["a"] * 5}, "maximum is 4"),
      ({"queries": ["ok", " "]}, "queries[1]: query must be a non-empty"), ({"queries": "not a list"}, "body.queries")],
 )
 def test_batch_validation_errors(client, body, needle):

@@ -76,7 +76,7 @@ def test_control_characters_search_as_spaces(client):
 
 
 @pytest.mark.parametrize(("body", "field"), [
-    ({"query": "q", "k": True}, "body.k"), ({"query": "q", "k": "5"}, "body.k"), ({"query": "q", "k": 2.0}, "body.k"),
+    ({"query": "q", "k": True}, "body.k"), ({"query": "q", "k": "5"}, "body.k"), ({"query": "q", "k": 2.5}, "body.k"),
     ({"query": "q", "candidates": "10"}, "body.candidates"), ({"query": "q", "nprobe": False}, "body.nprobe"),
     ({"query": "q", "include_text": 0}, "body.include_text"), ({"query": "q", "include_text": "yes"},
                                                                "body.include_text"),

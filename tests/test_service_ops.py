@@ -438,7 +438,7 @@ def test_admin_routes_off_without_admin_key_and_confined_to_the_root(artifacts, 
         assert_envelope(c.post("/admin/reload", json={}), 401, "unauthorized")
         assert_envelope(c.post("/admin/reload", json={}, headers={"Authorization": "Bearer nope"}), 401)
         err = assert_envelope(c.post("/admin/reload", json={"artifact_dir": str(outside)},
-                                     headers={"Authorization": "Bearer adm"}), 422, "invalid_request")
+                                     headers={"Authorization": "Bearer adm"}), 403, "forbidden")
         assert "outside" in err["message"] and str(artifacts.first.parent) not in err["message"]
         r = c.post("/admin/reload", json={"artifact_dir": str(artifacts.second)},
                    headers={"Authorization": "Bearer adm"})
