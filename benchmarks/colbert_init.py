@@ -83,7 +83,7 @@ def maxsim_run(query_states: dict[str, np.ndarray], doc_states: dict[str, np.nda
 
 def evaluate_pool(path: Path, model: str, seed: int) -> dict:
     from index_build.data import load_collection, load_trec_run
-    from index_build.export_cache import base_dense_onnx
+    from index_build.export import base_dense_onnx
     from index_build.students import ColbertStudent, new_student, set_seed
     from models.encoders import DenseEncoder
     from models.sources import resolve_model

@@ -47,9 +47,9 @@ from index_build.export import (  # noqa: E402
     INT8_WEIGHT_BITS,
     ONNX_NAME,
     OUTLIER_RATIO,
+    base_dense_onnx,  # noqa: E402
     quantize_int8,
 )
-from index_build.export_cache import base_dense_onnx  # noqa: E402
 from models.encoders import DenseEncoder  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "scifact"

@@ -57,6 +57,8 @@ from typing import Any
 
 import httpx
 
+from models.artifacts import write_json_atomic
+
 log = logging.getLogger("benchmarks.latency")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,21 +138,6 @@ def summarize_run(samples: Sequence[Sample], wall_s: float) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ output
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to a temporary sibling, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def machine_info() -> dict[str, Any]:
     """CPU model and count, memory, OS, load average and library versions."""
     from importlib.metadata import PackageNotFoundError, version

@@ -82,8 +82,7 @@ def scifact(cache: ArrayCache, fp32: bool) -> dict:
 
 
 def trec(name: str, cache: ArrayCache) -> dict:
-    from index_build.export import INT8_NAME, ONNX_NAME, quantize_int8
-    from index_build.export_cache import base_dense_onnx
+    from index_build.export import INT8_NAME, ONNX_NAME, base_dense_onnx, quantize_int8
     from models.encoders import DenseEncoder
 
     path = REPO.parent / "shared" / "data" / "trec-dl" / name

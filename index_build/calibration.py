@@ -1,6 +1,6 @@
 """Corpus-independent calibration passages: realistic text of about 200 word pieces each, for
 finding the MatMuls whose activations have outliers before an int8 export of a checkpoint
-that is cached across corpora (:func:`index_build.export_cache.base_dense_onnx`). Short
+that is cached across corpora (:func:`index_build.export.base_dense_onnx`). Short
 sentences understate the peaks (fewer tokens, smaller extremes), so these are full
 paragraphs from several domains."""
 

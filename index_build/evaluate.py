@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import ir_measures
 import numpy as np
 from ir_measures import RR, R, nDCG
+
+from models.artifacts import write_json_atomic
+
+__all__ = ["markdown_table", "metrics", "one_se_choice", "per_query_ndcg", "run_from_arrays", "write_json_atomic"]
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
@@ -59,13 +59,6 @@ def run_from_arrays(qids: list[str], doc_ids: list[str], scores, indices) -> Run
     for r, qid in enumerate(qids):
         run[qid] = {doc_ids[int(j)]: float(s) for s, j in zip(scores[r], indices[r]) if j >= 0}
     return run
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
 
 
 def markdown_table(systems: dict[str, dict[str, float]], title: str) -> str:

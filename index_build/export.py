@@ -1,10 +1,13 @@
 """ONNX export of the students (dynamic batch and sequence axes), parity check against a
-freshly loaded torch model, and optional int8 dynamic quantization."""
+freshly loaded torch model, and optional int8 dynamic quantization; plus the exports of
+untrained base checkpoints (teacher bi-encoders, the ``base-dense`` system), made once per
+checkpoint into the cache dir (:func:`base_dense_onnx`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +19,7 @@ import numpy as np
 
 from index_build.calibration import CALIBRATION_TEXTS
 from models.encoders import ONNX_NAME, ColbertEncoder, CrossEncoderScorer, DenseEncoder, EncoderConfig
+from models.sources import cache_dir, fingerprint, resolve_model
 
 INT8_NAME = "model.int8.onnx"
 _OUTPUT_NAMES = {"dense": "embeddings", "colbert": "token_embeddings", "cross-encoder": "scores"}
@@ -387,3 +391,31 @@ DEFAULT_PARITY_TEXTS = [
     "although observational studies suggested a benefit; bias and confounding explain part of it.",
     "ONNX Runtime runs exported graphs on CPU and GPU.",
 ]
+
+
+def base_dense_onnx(model_ref: str, *, max_doc_len: int = 256) -> tuple[Path, str]:
+    """``(dir, fingerprint)`` of a dense ONNX export of ``model_ref`` without training; its
+    int8 graph (an int8 teacher member's) is quantized per channel, outlier MatMuls kept fp32."""
+    path = resolve_model(model_ref)
+    fp = fingerprint(path)
+    # "-pc-o<ratio>-w<bits>": int8 per channel, MatMuls with outlier inputs kept fp32
+    # (export.OUTLIER_RATIO), weights in export.INT8_WEIGHT_BITS bits
+    out = cache_dir() / "onnx" / f"dense-{fp}-{max_doc_len}-pc-o{OUTLIER_RATIO:g}-w{INT8_WEIGHT_BITS}"
+    if (out / "model.onnx").is_file():
+        return out, fp
+    from index_build.students import new_student
+
+    staging = out.with_name(out.name + f".staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        new_student("dense", path, max_doc_len=max_doc_len).save(staging / "student")
+        export_student(staging / "student", staging / "onnx", int8=True, per_channel=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(staging / "onnx", out)
+        except OSError:
+            if not (out / "model.onnx").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out, fp

@@ -752,8 +752,7 @@ class Pipeline:
     def evaluate_trec(self, path: Path) -> dict[str, dict[str, float]]:
         """Rerank the BM25 run's top-100 of a TREC DL pool with every scoring model."""
         from index_build.data import load_trec_run
-        from index_build.export import INT8_NAME
-        from index_build.export_cache import base_dense_onnx
+        from index_build.export import INT8_NAME, base_dense_onnx
         from index_build.teachers import build_teacher, cached_teacher_scores
         from models.encoders import ColbertEncoder, DenseEncoder, maxsim
 
@@ -866,7 +865,7 @@ class Pipeline:
 
     def artifact(self) -> StageRecord:
         """Encode the corpus with the ONNX students, build the indexes, write the artifact dir."""
-        from index_build.artifact import build_artifact
+        from index_build.package import build_artifact
         from models.artifacts import ArtifactError, verify
 
         key = self.artifact_key()

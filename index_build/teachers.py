@@ -67,8 +67,7 @@ class BiEncoderTeacher:
     def __init__(self, model_ref: str, corpus_texts: list[str], cache: ArrayCache, *,
                  max_doc_len: int = BI_ENCODER_MAX_DOC_LEN, int8: bool = False,
                  threads: int = 0, progress: bool = True, name: str | None = None) -> None:
-        from index_build.export import INT8_NAME, INT8_WEIGHTS_MARK, ONNX_NAME, OUTLIER_RATIO
-        from index_build.export_cache import base_dense_onnx
+        from index_build.export import INT8_NAME, INT8_WEIGHTS_MARK, ONNX_NAME, OUTLIER_RATIO, base_dense_onnx
 
         self.model_ref = model_ref
         self.onnx_dir, model_fp = base_dense_onnx(model_ref, max_doc_len=max_doc_len)

@@ -381,18 +381,23 @@ class ArtifactWriter:
             raise ArtifactError(f"{self.final_dir}: invalid manifest fields: {exc}") from None
         manifest.artifact_version = manifest_version(manifest)
         _check_references(self.final_dir, manifest)
-        _write_json_atomic(tmp / MANIFEST_NAME, manifest.model_dump(mode="json"))
+        write_json_atomic(tmp / MANIFEST_NAME, manifest.model_dump(mode="json"))
         _fsync_dir(tmp)
         _swap_into_place(tmp, self.final_dir)
         self._finalized = True
         return self.final_dir
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON to a temporary sibling of ``path``, flush it to disk, then
+    rename it over ``path``: a reader sees the old file or the new one, never half of one.
+    Every JSON file the project writes (manifests, stage records, results) goes through here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2)
+            json.dump(data, fh, indent=2, allow_nan=False)  # NaN / inf are not JSON: refused
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
