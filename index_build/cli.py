@@ -1,15 +1,55 @@
-"""``index-build``: one subcommand per stage; ``all`` runs them in order with stage caching."""
+"""``index-build``: one subcommand per stage; ``all`` runs them in order with stage caching.
+
+A user error (missing or malformed config, unknown key, unreadable data) prints one line on
+stderr and exits with 2; ``--debug`` (or ``NRS_DEBUG=1``) shows the traceback instead."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+F = TypeVar("F", bound=Callable[..., Any])
+_debug = {"on": os.environ.get("NRS_DEBUG", "") not in ("", "0")}
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from index_build.config import ConfigError
+    from index_build.data import DataError
+    from models.artifacts import ArtifactError
+    from models.sources import ModelSourceError
+
+    return ConfigError, DataError, ArtifactError, ModelSourceError
+
+
+def reports_user_errors(fn: F) -> F:
+    """Run a command; a user error becomes ``error: <message>`` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as e:
+            if _debug["on"]:
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="show tracebacks of user errors (or NRS_DEBUG=1)")) -> None:
+    """Offline builder: distill students, export them, build the indexes and the artifact."""
+    if debug:
+        _debug["on"] = True
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML/YAML build config")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. train.dense.epochs=2")]
@@ -24,12 +64,14 @@ def _pipeline(config: Path | None, overrides: list[str] | None):
 
 
 @app.command()
+@reports_user_errors
 def mine(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Candidate pools, hard negatives and teacher scores for the training queries."""
     typer.echo(json.dumps(_pipeline(config, set_).mine().result, indent=2))
 
 
 @app.command()
+@reports_user_errors
 def distill(kind: str = typer.Argument(..., help="dense | colbert | cross-encoder"),
             config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Train one student with Margin-MSE."""
@@ -39,6 +81,7 @@ def distill(kind: str = typer.Argument(..., help="dense | colbert | cross-encode
 
 
 @app.command()
+@reports_user_errors
 def export(kind: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Export a distilled student to ONNX (+ int8), with a parity check."""
     p = _pipeline(config, set_)
@@ -56,6 +99,7 @@ def _students(p) -> None:
 
 
 @app.command()
+@reports_user_errors
 def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Evaluate every system on the test split (and TREC DL) and write the results files."""
     p = _pipeline(config, set_)
@@ -65,6 +109,7 @@ def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command("all")
+@reports_user_errors
 def all_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the whole pipeline; stages whose inputs did not change are skipped."""
     res = _pipeline(config, set_).run_all()
@@ -72,6 +117,7 @@ def all_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
+@reports_user_errors
 def artifact(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Build (or refresh) the artifact directory from the exported students (no evaluation)."""
     p = _pipeline(config, set_)
@@ -83,6 +129,7 @@ def artifact(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
+@reports_user_errors
 def verify(path: Path, quick: bool = typer.Option(False, help="sizes only, skip hashing")) -> None:
     """Check every checksum and cross-reference of an artifact dir; fail on the first problem."""
     from models.artifacts import ArtifactError
@@ -97,15 +144,12 @@ def verify(path: Path, quick: bool = typer.Option(False, help="sizes only, skip 
 
 
 @app.command()
+@reports_user_errors
 def check_data(path: Path) -> None:
     """Validate a BEIR folder and print its counts (errors name file and line)."""
-    from index_build.data import DataError, load_collection
+    from index_build.data import load_collection
 
-    try:
-        c = load_collection(path)
-    except DataError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    c = load_collection(path)
     typer.echo(json.dumps({"docs": len(c.docs), "queries": len(c.queries),
                            "qrels": {k: len(v) for k, v in c.qrels.items()}, "checksum": c.checksum()}, indent=2))
 

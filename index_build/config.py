@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -16,6 +17,10 @@ from models.token_index import KMEANS_NITER
 
 if TYPE_CHECKING:
     import torch
+
+
+class ConfigError(ValueError):
+    """A build configuration that cannot be used; the message names the file or key."""
 
 
 @dataclass
@@ -187,7 +192,9 @@ def _merge(obj: Any, data: dict, where: str) -> Any:
     known = {f.name: f for f in fields(obj)}
     for key, value in data.items():
         if key not in known:
-            raise ValueError(f"config: unknown key {where}{key!r}; known: {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"did you mean '{where}{close[0]}'? " if close else ""
+            raise ConfigError(f"config: unknown key '{where}{key}'; {hint}known: {', '.join(sorted(known))}")
         current = getattr(obj, key)
         if key == "train" and isinstance(value, dict):
             for kind, sub in value.items():
@@ -206,18 +213,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file {p} not found")
+            raise ConfigError(f"config file {p} not found")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
         if p.suffix in {".yaml", ".yml"}:
             import yaml
 
-            data = yaml.safe_load(p.read_text()) or {}
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{p}: invalid YAML: {' '.join(str(e).split())}") from None
         else:
-            data = tomllib.loads(p.read_text())
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{p}: invalid TOML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a table of settings at the top level")
         _merge(cfg, data, "")
         cfg.source = str(path)
     for item in overrides or []:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         try:
             value = json.loads(raw)
@@ -231,28 +250,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cursor[parts[-1]] = value
         _merge(cfg, nested, "")
     cfg.overrides = list(overrides or [])
-    cfg.index.distill_vq.validate()
+    try:
+        cfg.index.distill_vq.validate()
+    except ValueError as e:
+        raise ConfigError(f"config: index.distill_vq: {e}") from None
     if cfg.export_int8_activations not in INT8_ACTIVATIONS:
-        raise ValueError(f"config: export_int8_activations must be one of {', '.join(INT8_ACTIVATIONS)}, "
+        raise ConfigError(f"config: export_int8_activations must be one of {', '.join(INT8_ACTIVATIONS)}, "
                          f"got {cfg.export_int8_activations!r}")
     if int(cfg.index.colbert_kmeans_niter) < 1:
-        raise ValueError(f"config: index.colbert_kmeans_niter must be at least 1, got {cfg.index.colbert_kmeans_niter}")
+        raise ConfigError(
+            f"config: index.colbert_kmeans_niter must be at least 1, got {cfg.index.colbert_kmeans_niter}")
     for kind, tcfg in cfg.train.items():
         if tcfg.wise_ft is not None and not 0.0 <= float(tcfg.wise_ft) <= 1.0:
-            raise ValueError(f"config: train.{kind}.wise_ft must be in [0, 1], got {tcfg.wise_ft}")
+            raise ConfigError(f"config: train.{kind}.wise_ft must be in [0, 1], got {tcfg.wise_ft}")
         if tcfg.proj_init not in PROJ_INITS:
-            raise ValueError(f"config: train.{kind}.proj_init must be one of {', '.join(PROJ_INITS)}, "
+            raise ConfigError(f"config: train.{kind}.proj_init must be one of {', '.join(PROJ_INITS)}, "
                              f"got {tcfg.proj_init!r}")
         if tcfg.proj_init != "random" and kind != "colbert":
-            raise ValueError(f"config: train.{kind}.proj_init applies to the ColBERT student only")
+            raise ConfigError(f"config: train.{kind}.proj_init applies to the ColBERT student only")
         if tcfg.precision not in PRECISIONS:
-            raise ValueError(f"config: train.{kind}.precision must be one of {', '.join(PRECISIONS)}, "
+            raise ConfigError(f"config: train.{kind}.precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {tcfg.precision!r}")
         if str(tcfg.device) not in ("auto", "cpu"):  # a GPU request: check that torch can use it
             try:
                 resolve_device(str(tcfg.device))
             except ValueError as e:
-                raise ValueError(f"config: train.{kind}.device: {e}") from None
+                raise ConfigError(f"config: train.{kind}.device: {e}") from None
     return cfg
 
 

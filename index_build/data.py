@@ -73,18 +73,29 @@ class Collection:
         return bool(self.queries) and bool(self.qrels)
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file; a line that is not UTF-8 is a
+    :class:`DataError` naming the file, line and column."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1})") from None
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def _required_str(obj: dict, key: str, path: Path, lineno: int, *, allow_empty: bool = False) -> str:
@@ -140,30 +151,29 @@ def load_qrels(path: Path, doc_ids: set[str], query_ids: set[str] | None = None,
     ranking counts them as trec_eval does (one warning gives their number)."""
     qrels: dict[str, dict[str, int]] = {}
     outside = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t") if "\t" in line else line.split()
-            if lineno == 1 and parts[0].strip().lower() in {"query-id", "query_id", "qid"}:
-                continue
-            if len(parts) == 4:  # TREC qrels: qid iter docid grade
-                parts = [parts[0], parts[2], parts[3]]
-            if len(parts) != 3:
-                raise DataError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(parts)}")
-            qid, did, grade_s = (p.strip() for p in parts)
-            try:
-                grade = int(float(grade_s))
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: relevance grade {grade_s!r} is not a number") from None
-            if did not in doc_ids:
-                if unknown_docs != "keep":
-                    raise DataError(f"{path}:{lineno}: qrels point at unknown document {did!r}")
-                outside += 1
-            if query_ids is not None and qid not in query_ids:
-                raise DataError(f"{path}:{lineno}: qrels point at unknown query {qid!r}")
-            qrels.setdefault(qid, {})[did] = grade
+    for lineno, line in text_lines(path):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        parts = line.split("\t") if "\t" in line else line.split()
+        if lineno == 1 and parts[0].strip().lower() in {"query-id", "query_id", "qid"}:
+            continue
+        if len(parts) == 4:  # TREC qrels: qid iter docid grade
+            parts = [parts[0], parts[2], parts[3]]
+        if len(parts) != 3:
+            raise DataError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(parts)}")
+        qid, did, grade_s = (p.strip() for p in parts)
+        try:
+            grade = int(float(grade_s))
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: relevance grade {grade_s!r} is not a number") from None
+        if did not in doc_ids:
+            if unknown_docs != "keep":
+                raise DataError(f"{path}:{lineno}: qrels point at unknown document {did!r}")
+            outside += 1
+        if query_ids is not None and qid not in query_ids:
+            raise DataError(f"{path}:{lineno}: qrels point at unknown query {qid!r}")
+        qrels.setdefault(qid, {})[did] = grade
     if outside:
         log.warning("%s: %d judgments name documents outside this (pool) corpus", path, outside)
     return qrels
