@@ -42,6 +42,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.latency import command_line, machine_info, write_json_atomic  # noqa: E402
+from index_build.asymmetric import (  # noqa: E402
+    AsymmetricTrainConfig,
+    TeacherSpace,
+    encode_queries,
+    init_maps_by_ridge,
+    teacher_pools,
+    train_asymmetric,
+)
 from index_build.cache import ArrayCache  # noqa: E402
 from index_build.data import load_collection  # noqa: E402
 from index_build.evaluate import markdown_table, metrics, one_se_choice, per_query_ndcg  # noqa: E402
@@ -51,44 +59,13 @@ from index_build.pseudo_queries import (  # noqa: E402
     TitleGenerator,
     filter_queries,
 )
+from index_build.students import new_asymmetric_student, ridge_map  # noqa: E402
 from index_build.teachers import BiEncoderTeacher, exact_topk  # noqa: E402
-from models.fusion import normalize  # noqa: E402
 from models.retrieval import Ranked, fuse_hybrid  # noqa: E402
 from models.sources import cache_dir, resolve_model  # noqa: E402
 from models.sparse_index import BM25Index  # noqa: E402
 
 WEIGHT_GRID = [round(0.1 * i, 1) for i in range(11)]
-
-
-# -- the teacher's space --------------------------------------------------------------------------
-def teacher_query_vectors(members: list[BiEncoderTeacher], texts: list[str]) -> np.ndarray:
-    """``[q_member1; q_member2; ...]``: dotted with the concatenated document vectors it gives
-    the sum of the members' cosines."""
-    return np.hstack([m.encode_queries(texts) for m in members]).astype(np.float32)
-
-
-def ensemble_scores(parts: list[np.ndarray]) -> np.ndarray:
-    """Equal-weight sum of per-query z-scores of each member's scores over one pool."""
-    return np.sum([normalize(p) for p in parts], axis=0)
-
-
-def pools_and_teacher(q_members: list[np.ndarray], member_docs: list[np.ndarray], bm25: BM25Index,
-                      texts: list[str], depth: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per query, the union of the three members' top-``depth`` and the ensemble's scores on it."""
-    tops = [exact_topk(d, q, depth)[1] for q, d in zip(q_members, member_docs)]
-    _, bm_top = bm25.search(texts, depth)
-    pools, scores = [], []
-    for r, text in enumerate(texts):
-        pool = np.unique(np.concatenate([t[r] for t in tops] + [bm_top[r][bm_top[r] >= 0]])).astype(np.int64)
-        parts = [d[pool] @ q[r] for q, d in zip(q_members, member_docs)] + [bm25.scores(text)[pool]]
-        pools.append(pool)
-        scores.append(ensemble_scores(parts).astype(np.float32))
-    return pools, scores
-
-
-def ridge_map(x: np.ndarray, y: np.ndarray, alpha: float = 1.0) -> np.ndarray:
-    """``W`` minimizing ``|x W - y|^2 + alpha |W|^2`` (``[dim_x, dim_y]``)."""
-    return np.linalg.solve(x.T @ x + alpha * np.eye(x.shape[1]), x.T @ y).astype(np.float32)
 
 
 def l2(x: np.ndarray) -> np.ndarray:
@@ -119,114 +96,6 @@ def tune_hybrid(dev_qids, doc_ids, dev_qrels, dense, bm) -> tuple[float, dict[st
     return one_se_choice(per_query, prior=0.5), {str(w): round(float(v.mean()), 4) for w, v in per_query.items()}
 
 
-# -- the student ----------------------------------------------------------------------------------
-def make_student(w_init: np.ndarray, max_query_len: int):
-    import torch
-    from torch import nn
-
-    from index_build.students import DenseStudent
-    from models.encoders import EncoderConfig
-
-    class AsymmetricQueryStudent(nn.Module):
-        """MiniLM's normalized pooled query state, and a linear map of it to the second
-        member's space, normalized: ``[u; normalize(W u)]``."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.base = DenseStudent(resolve_model("packaged:minilm"),
-                                     EncoderConfig(kind="dense", max_query_len=max_query_len))
-            self.proj = nn.Linear(w_init.shape[0], w_init.shape[1], bias=False)
-            with torch.no_grad():
-                self.proj.weight.copy_(torch.from_numpy(w_init.T.copy()))
-
-        def forward(self, texts: list[str]) -> torch.Tensor:
-            u = self.base.encode_queries(texts)
-            return torch.cat([u, torch.nn.functional.normalize(self.proj(u), dim=-1)], dim=-1)
-
-    return AsymmetricQueryStudent()
-
-
-def encode_student(student, texts: list[str], batch: int = 128) -> np.ndarray:
-    import torch
-
-    student.eval()
-    out = []
-    with torch.no_grad():
-        order = np.argsort([len(t) for t in texts])
-        for start in range(0, len(texts), batch):
-            idx = order[start : start + batch]
-            out.append((idx, student([texts[i] for i in idx]).numpy()))
-    vecs = np.zeros((len(texts), out[0][1].shape[1]), np.float32)
-    for idx, v in out:
-        vecs[idx] = v
-    return vecs
-
-
-def train_student(student, texts: list[str], q_teacher: np.ndarray, pools: list[np.ndarray],
-                  t_scores: list[np.ndarray], docs: np.ndarray, *, epochs: float, batch: int, lr: float,
-                  kl_weight: float, pool_size: int, scale: float, dev_eval, eval_every: int, seed: int,
-                  log: list[dict[str, Any]]) -> dict[str, Any]:
-    """Alignment MSE to the teacher's query vectors plus listwise KL over each query's pool;
-    keeps the parameters that scored best on the dev slice."""
-    import copy
-
-    import torch
-    import torch.nn.functional as F
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    docs_t = torch.from_numpy(docs)
-    opt = torch.optim.AdamW([
-        {"params": student.base.parameters(), "lr": lr},
-        {"params": student.proj.parameters(), "lr": lr * 10},
-    ], weight_decay=0.01)
-    steps = int(epochs * len(texts) / batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10))
-                                              * max(0.0, (steps - s) / steps))
-    best = {"dev": dev_eval(student), "step": 0, "state": copy.deepcopy(student.state_dict())}
-    log.append({"step": 0, "dev_nDCG@10": best["dev"]})
-    started = time.perf_counter()
-    order = rng.permutation(len(texts))
-    pos = 0
-    for step in range(1, steps + 1):
-        if pos + batch > len(order):
-            order, pos = rng.permutation(len(texts)), 0
-        idx = order[pos : pos + batch]
-        pos += batch
-        student.train()
-        q = student([texts[i] for i in idx])
-        target = torch.from_numpy(q_teacher[idx])
-        loss = F.mse_loss(q, target, reduction="sum") / len(idx)
-        if kl_weight > 0:
-            kl = torch.zeros(())
-            for row, i in enumerate(idx):
-                pool, ts = pools[i], t_scores[i]
-                if len(pool) > pool_size:  # the teacher's top half of the sample, the rest at random
-                    top = np.argsort(-ts)[: pool_size // 2]
-                    rest = rng.choice(np.setdiff1d(np.arange(len(pool)), top), pool_size - len(top), replace=False)
-                    keep = np.concatenate([top, rest])
-                    pool, ts = pool[keep], ts[keep]
-                s = scale * (docs_t[torch.from_numpy(pool)] @ q[row])
-                kl = kl + F.kl_div(F.log_softmax(s, -1), F.log_softmax(torch.from_numpy(ts), -1),
-                                   log_target=True, reduction="sum")
-            loss = loss + kl_weight * kl / len(idx)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % eval_every == 0 or step == steps:
-            dev = dev_eval(student)
-            log.append({"step": step, "loss": round(float(loss), 4), "dev_nDCG@10": dev,
-                        "seconds": round(time.perf_counter() - started, 1)})
-            print(log[-1], flush=True)
-            if dev > best["dev"]:
-                best = {"dev": dev, "step": step, "state": copy.deepcopy(student.state_dict())}
-    student.load_state_dict(best["state"])
-    return {"steps": steps, "best_step": best["step"], "best_dev_nDCG@10": best["dev"],
-            "train_seconds": round(time.perf_counter() - started, 1)}
-
-
 # -- the run --------------------------------------------------------------------------------------
 def main(
     data: Path = typer.Option(REPO.parent / "shared" / "data" / "scifact", help="BEIR folder with train and test"),
@@ -247,10 +116,10 @@ def main(
     col = load_collection(data)
     doc_ids, texts = col.doc_ids, col.doc_texts()
     cache = ArrayCache(cache_dir() / "arrays.sqlite")
-    members = [BiEncoderTeacher("packaged:minilm", texts, cache),
-               BiEncoderTeacher("packaged:mpnet", texts, cache, int8=True)]
+    space = TeacherSpace([BiEncoderTeacher("packaged:minilm", texts, cache),
+                          BiEncoderTeacher("packaged:mpnet", texts, cache, int8=True)])
     t = time.perf_counter()
-    member_docs = [m.doc_embeddings.astype(np.float32) for m in members]
+    member_docs = space.doc_parts()
     docs = np.hstack(member_docs)
     bm25 = BM25Index.build(texts)
     t = lap("corpus (cached teacher encodings, BM25)", t)
@@ -273,10 +142,10 @@ def main(
     qrels = col.qrels["test"]
     print(f"{len(fit_texts)} training queries ({len(fit_qids)} labelled + pseudo), {len(dev_qids)} dev", flush=True)
 
-    q_fit = [m.encode_queries(fit_texts) for m in members]
-    q_teacher = np.hstack(q_fit).astype(np.float32)
+    q_fit = space.query_parts(fit_texts)
+    q_teacher = np.hstack(q_fit)
     t = lap("teacher query vectors (training queries)", t)
-    pools, t_scores = pools_and_teacher(q_fit, member_docs, bm25, fit_texts, pool_depth)
+    pools, t_scores = teacher_pools(q_fit, member_docs, bm25, fit_texts, pool_depth)
     t = lap("training pools and teacher scores", t)
 
     systems: dict[str, dict[str, float]] = {}
@@ -285,11 +154,11 @@ def main(
     from index_build.evaluate import run_from_arrays
 
     systems["bm25"] = metrics(qrels, run_from_arrays(test_qids, doc_ids, *bm_test))
-    q_test = [m.encode_queries(test_texts) for m in members]
-    q_dev = [m.encode_queries(dev_texts) for m in members]
+    q_test = space.query_parts(test_texts)
+    q_dev = space.query_parts(dev_texts)
     run, _ = dense_run(test_qids, doc_ids, q_test[0], member_docs[0])
     systems["base-dense"] = metrics(qrels, run)
-    t_pools, t_test = pools_and_teacher(q_test, member_docs, bm25, test_texts, 100)
+    t_pools, t_test = teacher_pools(q_test, member_docs, bm25, test_texts, 100)
     systems["teacher"] = metrics(qrels, {qid: {doc_ids[int(j)]: float(x) for j, x in zip(p, s)}
                                          for qid, p, s in zip(test_qids, t_pools, t_test)})
 
@@ -307,19 +176,22 @@ def main(
                    np.hstack([q_dev[0], l2(q_dev[0] @ w_ridge)]))
     t = lap("reference rows", t)
 
-    student = make_student(w_ridge, max_query_len)
+    # the student: MiniLM's pooled query state mapped to each member's part (ridge fits on
+    # the training queries to start), trained by alignment and listwise KL
+    student = new_asymmetric_student(resolve_model("packaged:minilm"), space.names, space.dims,
+                                     max_query_len=max_query_len)
+    init_maps_by_ridge(student, fit_texts, q_fit)
 
     def dev_eval(model) -> float:
-        vecs = encode_student(model, dev_texts)
-        run, _ = dense_run(dev_qids, doc_ids, vecs, docs)
+        run, _ = dense_run(dev_qids, doc_ids, encode_queries(model, dev_texts), docs)
         return round(float(per_query_ndcg(dev_qrels, run, dev_qids).mean()), 4)
 
     history: list[dict[str, Any]] = []
-    training = train_student(student, fit_texts, q_teacher, pools, t_scores, docs, epochs=epochs, batch=batch,
-                             lr=lr, kl_weight=kl_weight, pool_size=pool_size, scale=scale, dev_eval=dev_eval,
-                             eval_every=eval_every, seed=seed, log=history)
+    train_cfg = AsymmetricTrainConfig(epochs=epochs, batch=batch, lr=lr, kl_weight=kl_weight, pool_size=pool_size,
+                                      scale=scale, eval_every=eval_every, seed=seed)
+    training = train_asymmetric(student, fit_texts, q_teacher, pools, t_scores, docs, train_cfg, dev_eval, history)
     t = lap("student training", t)
-    add_dense_rows("asym-dense", encode_student(student, test_texts), encode_student(student, dev_texts))
+    add_dense_rows("asym-dense", encode_queries(student, test_texts), encode_queries(student, dev_texts))
     lap("student evaluation", t)
 
     result = {

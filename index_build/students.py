@@ -223,6 +223,82 @@ def principal_directions(x: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
     return vt[:k], float(variance[:k].sum() / variance.sum())
 
 
+class AsymmetricStudent(DenseStudent):
+    """A query encoder into a teacher's document space (asymmetric distillation).
+
+    The document space is the concatenation of the teacher's dense members' normalized
+    document embeddings, so one dot product with ``[q_1; ...; q_m]`` sums the members'
+    cosines. The student encodes queries only: its pooled, normalized embedding ``u`` is
+    mapped to each member's part by a linear map and normalized, ``[n(W_1 u); ...; n(W_m u)]``.
+    Documents are never encoded by it: the artifact's index holds the members' own document
+    vectors. Saved and served as a dense model (``config.extra["asymmetric"]`` records the
+    members and their dimensions; ``config.dim`` is their sum).
+    """
+
+    def __init__(self, checkpoint: Path, config: EncoderConfig) -> None:
+        super().__init__(checkpoint, config)
+        spec = config.extra.get("asymmetric")
+        if not spec or not spec.get("dims"):
+            raise ValueError("an asymmetric student needs config.extra['asymmetric'] with the members' dims")
+        hidden = self.encoder.config.hidden_size
+        if sum(spec["dims"]) != config.dim:
+            raise ValueError(f"asymmetric student: dim {config.dim} != the members' dims {spec['dims']} summed")
+        self.maps = nn.ModuleList(nn.Linear(hidden, d, bias=False) for d in spec["dims"])
+
+    def forward(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        u = super().forward(input_ids, attention_mask, token_type_ids)
+        return torch.cat([F.normalize(m(u), dim=-1) for m in self.maps], dim=-1)
+
+    def encode_pooled(self, texts: list[str]) -> torch.Tensor:
+        """The normalized pooled query embedding ``u`` the maps read."""
+        return super().forward(**to_torch(self.tokenizer.encode(texts, self.config.max_query_len), self.device))
+
+    def set_maps(self, weights: list[np.ndarray]) -> None:
+        """Set each member's map (``[hidden, dim_i]`` arrays, as :func:`ridge_map` fits them)."""
+        if len(weights) != len(self.maps):
+            raise ValueError(f"{len(weights)} maps for {len(self.maps)} members")
+        with torch.no_grad():
+            for m, w in zip(self.linear_maps, weights):
+                m.weight.copy_(torch.from_numpy(np.ascontiguousarray(np.asarray(w, dtype=np.float32).T)))
+
+    @property
+    def linear_maps(self) -> list[nn.Linear]:
+        """The members' maps, in the order of their parts."""
+        return [m for m in self.maps if isinstance(m, nn.Linear)]
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.maps.state_dict().items()}
+
+
+def new_asymmetric_student(checkpoint: Path, members: list[str], dims: list[int],
+                           **config_overrides) -> AsymmetricStudent:
+    """An asymmetric student from ``checkpoint`` into the space of ``members`` (model
+    references, in the order of their parts) with part dimensions ``dims``. Each map starts
+    at zero; :meth:`AsymmetricStudent.set_maps` sets them (e.g. to ridge fits)."""
+    base = new_student("dense", checkpoint, **config_overrides)
+    config = base.config
+    config.dim = int(sum(dims))
+    config.similarity = "cos"
+    config.extra = {**config.extra, "asymmetric": {"members": list(members), "dims": [int(d) for d in dims]}}
+    student = AsymmetricStudent(Path(checkpoint), config)
+    with torch.no_grad():
+        for m in student.linear_maps:
+            m.weight.zero_()
+    return student
+
+
+def ridge_map(x: np.ndarray, y: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """``W`` (``[dim_x, dim_y]``) minimizing ``|x W - y|^2 + alpha |W|^2``: the linear map that
+    best predicts ``y`` (e.g. a teacher member's query embeddings) from ``x`` (the student's).
+
+    >>> x = np.eye(3, dtype=np.float32); ridge_map(x, 2 * x, alpha=0.0).round(3).tolist()
+    [[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]]
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    return np.linalg.solve(x.T @ x + alpha * np.eye(x.shape[1]), x.T @ y).astype(np.float32)
+
+
 STUDENTS: dict[str, type[Student]] = {
     "dense": DenseStudent,
     "colbert": ColbertStudent,
@@ -270,11 +346,14 @@ def load_student(directory: Path) -> Student:
     """Rebuild a saved student exactly (weights of encoder and head)."""
     directory = Path(directory)
     config = EncoderConfig.load(directory)
-    student = STUDENTS[config.kind](directory / "hf", config)
+    cls = AsymmetricStudent if config.extra.get("asymmetric") else STUDENTS[config.kind]
+    student = cls(directory / "hf", config)
     head = directory / "head.pt"
     if head.is_file():
         state = torch.load(head, map_location="cpu", weights_only=True)
-        if isinstance(student, ColbertStudent):
+        if isinstance(student, AsymmetricStudent):
+            student.maps.load_state_dict(state)
+        elif isinstance(student, ColbertStudent):
             student.proj.weight.data.copy_(state["proj.weight"])
         elif isinstance(student, CrossEncoderStudent):
             student.classifier.load_state_dict(state)

@@ -1,0 +1,196 @@
+"""Asymmetric distillation: a query encoder trained into the teacher's document space.
+
+The teacher's dense members (bi-encoders) encode every document once; their normalized
+embeddings, concatenated, are the document vectors the index holds (:class:`TeacherSpace`).
+The teacher's own query vector in that space, ``[q_1; ...; q_m]``, scores a document with
+the sum of the members' cosines. The student (:class:`index_build.students.AsymmetricStudent`)
+learns to produce that vector from the query alone:
+
+- ``alignment_mse`` to the teacher's query vector, and
+- ``listwise_kl`` to the full teacher (BM25 included, per-query z-scores summed) over each
+  training query's candidate pool (the union of the members' and BM25's top candidates).
+
+Documents are fixed vectors, so a training step runs only short queries through the
+network, and the student can see every pseudo-query a corpus yields.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from index_build.teachers import BiEncoderTeacher, exact_topk
+from models.fusion import normalize
+from models.sparse_index import BM25Index
+
+if TYPE_CHECKING:
+    from index_build.students import AsymmetricStudent
+
+
+class TeacherSpace:
+    """The document space of a teacher's dense members: per document, the concatenation of
+    the members' (unit-norm) embeddings."""
+
+    def __init__(self, members: Sequence[BiEncoderTeacher]) -> None:
+        if not members:
+            raise ValueError("a teacher space needs at least one bi-encoder member")
+        self.members = list(members)
+
+    @property
+    def dims(self) -> list[int]:
+        return [m.encoder.dim for m in self.members]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    def doc_parts(self) -> list[np.ndarray]:
+        """Each member's ``[n_docs, dim_i]`` document embeddings (encoded once, cached)."""
+        return [np.ascontiguousarray(m.doc_embeddings, dtype=np.float32) for m in self.members]
+
+    def doc_vectors(self) -> np.ndarray:
+        """``[n_docs, sum(dims)]``: the members' document embeddings side by side."""
+        return np.hstack(self.doc_parts())
+
+    def query_parts(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(m.encode_queries(texts), dtype=np.float32) for m in self.members]
+
+    def query_vectors(self, texts: list[str]) -> np.ndarray:
+        """The teacher's query vectors: dotted with :meth:`doc_vectors`, the members' cosines summed."""
+        return np.hstack(self.query_parts(texts))
+
+
+def teacher_pools(query_parts: list[np.ndarray], doc_parts: list[np.ndarray], bm25: BM25Index,
+                  texts: list[str], depth: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per query, the union of each dense member's and BM25's top-``depth`` documents and the
+    full teacher's score of each: the equal-weight sum of the members' and BM25's per-query
+    z-scores over that pool."""
+    tops = [exact_topk(d, q, depth)[1] for q, d in zip(query_parts, doc_parts)]
+    _, bm_top = bm25.search(texts, depth)
+    pools, scores = [], []
+    for r, text in enumerate(texts):
+        pool = np.unique(np.concatenate([t[r] for t in tops] + [bm_top[r][bm_top[r] >= 0]])).astype(np.int64)
+        parts = [d[pool] @ q[r] for q, d in zip(query_parts, doc_parts)] + [bm25.scores(text)[pool]]
+        pools.append(pool)
+        scores.append(np.sum([normalize(p) for p in parts], axis=0).astype(np.float32))
+    return pools, scores
+
+
+@dataclass
+class AsymmetricTrainConfig:
+    epochs: float = 2.0
+    batch: int = 32
+    lr: float = 2e-5
+    map_lr_factor: float = 10.0     # the maps learn this many times faster than the transformer
+    kl_weight: float = 1.0          # weight of the listwise KL to the full teacher (0: alignment only)
+    pool_size: int = 64             # candidates per query in the KL: the teacher's top half, the rest sampled
+    scale: float = 20.0             # student score multiplier in the KL
+    eval_every: int = 200
+    seed: int = 13
+
+
+def init_maps_by_ridge(student: AsymmetricStudent, texts: list[str], query_parts: list[np.ndarray],
+                       batch: int = 128) -> None:
+    """Start each member's map at the ridge regression from the student's pooled query
+    embedding to that member's query embeddings on ``texts``
+    (:func:`index_build.students.ridge_map`)."""
+    import torch
+
+    from index_build.students import ridge_map
+
+    student.eval()
+    with torch.no_grad():
+        pooled = np.concatenate([student.encode_pooled(texts[i : i + batch]).numpy()
+                                 for i in range(0, len(texts), batch)])
+    student.set_maps([ridge_map(pooled, part) for part in query_parts])
+
+
+def encode_queries(student: AsymmetricStudent, texts: list[str], batch: int = 128) -> np.ndarray:
+    """The student's query vectors (texts batched by length)."""
+    import torch
+
+    student.eval()
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros((len(texts), student.config.dim), np.float32)
+    with torch.no_grad():
+        for start in range(0, len(texts), batch):
+            idx = order[start : start + batch]
+            out[idx] = student.encode_queries([texts[i] for i in idx]).numpy()
+    return out
+
+
+def train_asymmetric(
+    student: AsymmetricStudent, texts: list[str], q_teacher: np.ndarray, pools: list[np.ndarray],
+    t_scores: list[np.ndarray], docs: np.ndarray, cfg: AsymmetricTrainConfig,
+    dev_eval: Callable[[AsymmetricStudent], float], log: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Alignment MSE to ``q_teacher`` plus ``cfg.kl_weight`` times the listwise KL to the
+    teacher's pool scores; keeps the parameters that scored best on ``dev_eval``."""
+    import torch
+
+    from index_build.losses import alignment_mse, listwise_kl
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    docs_t = torch.from_numpy(np.ascontiguousarray(docs, dtype=np.float32))
+    opt = torch.optim.AdamW([
+        {"params": student.encoder.parameters(), "lr": cfg.lr},
+        {"params": student.maps.parameters(), "lr": cfg.lr * cfg.map_lr_factor},
+    ], weight_decay=0.01)
+    steps = max(1, int(cfg.epochs * len(texts) / cfg.batch))
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / steps))
+    best_dev, best_step, best_state = dev_eval(student), 0, copy.deepcopy(student.state_dict())
+    log.append({"step": 0, "dev_nDCG@10": best_dev})
+    started = time.perf_counter()
+    order, pos = rng.permutation(len(texts)), 0
+    for step in range(1, steps + 1):
+        if pos + cfg.batch > len(order):
+            order, pos = rng.permutation(len(texts)), 0
+        idx = order[pos : pos + cfg.batch]
+        pos += cfg.batch
+        student.train()
+        q = student.encode_queries([texts[i] for i in idx])
+        loss = alignment_mse(q, torch.from_numpy(q_teacher[idx]))
+        if cfg.kl_weight > 0:
+            cand, target = _pool_batch(idx, pools, t_scores, cfg.pool_size, rng)
+            mask = cand >= 0
+            s = torch.einsum("bnd,bd->bn", docs_t[torch.from_numpy(np.where(mask, cand, 0))], q)
+            loss = loss + cfg.kl_weight * listwise_kl(s, torch.from_numpy(target), cfg.scale, torch.from_numpy(mask))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % cfg.eval_every == 0 or step == steps:
+            dev = dev_eval(student)
+            log.append({"step": step, "loss": round(float(loss.detach()), 4), "dev_nDCG@10": dev,
+                        "seconds": round(time.perf_counter() - started, 1)})
+            if dev > best_dev:
+                best_dev, best_step, best_state = dev, step, copy.deepcopy(student.state_dict())
+    student.load_state_dict(best_state)
+    return {"steps": steps, "best_step": best_step, "best_dev_nDCG@10": best_dev,
+            "train_seconds": round(time.perf_counter() - started, 1)}
+
+
+def _pool_batch(idx: np.ndarray, pools: list[np.ndarray], t_scores: list[np.ndarray], size: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``[batch, size]`` candidates (-1: padding) and teacher scores for the queries ``idx``:
+    a pool larger than ``size`` keeps the teacher's top half and a random sample of the rest."""
+    cand = np.full((len(idx), size), -1, np.int64)
+    target = np.zeros((len(idx), size), np.float32)
+    for row, i in enumerate(idx):
+        pool, ts = pools[i], t_scores[i]
+        if len(pool) > size:
+            top = np.argsort(-ts)[: size // 2]
+            rest = rng.choice(np.setdiff1d(np.arange(len(pool)), top), size - len(top), replace=False)
+            keep = np.concatenate([top, rest])
+            pool, ts = pool[keep], ts[keep]
+        cand[row, : len(pool)] = pool
+        target[row, : len(pool)] = ts
+    return cand, target

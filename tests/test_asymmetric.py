@@ -1,0 +1,101 @@
+"""Asymmetric distillation on the tiny corpus: the teacher's space, the losses, the query-only
+student (training, save/load, ONNX export served as a dense model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from index_build.asymmetric import (  # noqa: E402
+    AsymmetricTrainConfig,
+    TeacherSpace,
+    encode_queries,
+    init_maps_by_ridge,
+    teacher_pools,
+    train_asymmetric,
+)
+from index_build.cache import ArrayCache  # noqa: E402
+from index_build.data import load_collection  # noqa: E402
+from index_build.losses import alignment_mse, listwise_kl  # noqa: E402
+from index_build.students import AsymmetricStudent, load_student, new_asymmetric_student  # noqa: E402
+from index_build.teachers import BiEncoderTeacher  # noqa: E402
+from models.sparse_index import BM25Index  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def space(tiny_beir, tiny_bert, tmp_path_factory):
+    col = load_collection(tiny_beir)
+    cache = ArrayCache(tmp_path_factory.mktemp("asym") / "arrays.sqlite")
+    members = [BiEncoderTeacher(str(tiny_bert), col.doc_texts(), cache, progress=False),
+               BiEncoderTeacher(str(tiny_bert), col.doc_texts(), cache, int8=True, progress=False, name="int8")]
+    return col, TeacherSpace(members)
+
+
+def test_teacher_query_vectors_reproduce_each_members_cosines(space):
+    col, sp = space
+    queries = list(col.queries.values())[:8]
+    docs, q = sp.doc_vectors(), sp.query_vectors(queries)
+    assert docs.shape == (len(col.docs), sum(sp.dims)) and q.shape == (8, sum(sp.dims))
+    per_member = [m.encode_queries(queries) @ m.doc_embeddings.T for m in sp.members]
+    np.testing.assert_allclose(q @ docs.T, sum(per_member), atol=1e-4)
+    start = 0
+    for dim, cos in zip(sp.dims, per_member):  # each part alone is that member's cosine
+        np.testing.assert_allclose(q[:, start : start + dim] @ docs[:, start : start + dim].T, cos, atol=1e-4)
+        start += dim
+
+
+def test_alignment_and_listwise_losses_match_hand_computations():
+    s = torch.tensor([[0.6, 0.8, 0.0], [1.0, 0.0, 0.0]])
+    t = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    by_hand = (((0.6 - 1) ** 2 + 0.8**2) + (1 + 1)) / 2
+    assert alignment_mse(s, t).item() == pytest.approx(by_hand)
+    student, teacher = np.array([[1.0, 2.0, 0.5]]), np.array([[0.0, 3.0, 1.0]])
+    p = np.exp(teacher) / np.exp(teacher).sum()
+    q = np.exp(2 * student) / np.exp(2 * student).sum()
+    kl = float((p * np.log(p / q)).sum())
+    assert listwise_kl(torch.tensor(student), torch.tensor(teacher), scale=2.0).item() == pytest.approx(kl, rel=1e-6)
+    # a padded candidate changes nothing
+    padded = listwise_kl(torch.tensor([[1.0, 2.0, 0.5, 9.0]]), torch.tensor([[0.0, 3.0, 1.0, -9.0]]), scale=2.0,
+                         mask=torch.tensor([[True, True, True, False]]))
+    assert padded.item() == pytest.approx(kl, rel=1e-6)
+    with pytest.raises(ValueError, match="alignment_mse"):
+        alignment_mse(s, t[:, :2])
+
+
+def test_student_trains_saves_and_exports_as_a_dense_model(space, tiny_bert, tmp_path):
+    from index_build.export import export_student
+    from models.encoders import DenseEncoder
+
+    col, sp = space
+    texts = [d.title for d in col.docs] + list(col.queries.values())
+    parts = sp.query_parts(texts)
+    student = new_asymmetric_student(tiny_bert, sp.names, sp.dims)
+    assert isinstance(student, AsymmetricStudent) and student.config.dim == sum(sp.dims)
+    init_maps_by_ridge(student, texts, parts)
+    q_teacher, docs = np.hstack(parts), sp.doc_vectors()
+    before = alignment_mse(torch.from_numpy(encode_queries(student, texts)), torch.from_numpy(q_teacher)).item()
+    pools, scores = teacher_pools(parts, sp.doc_parts(), BM25Index.build(col.doc_texts()), texts, 10)
+    history: list[dict] = []
+    result = train_asymmetric(student, texts, q_teacher, pools, scores, docs,
+                              AsymmetricTrainConfig(epochs=3, batch=8, lr=3e-4, pool_size=8, eval_every=5),
+                              lambda m: -alignment_mse(torch.from_numpy(encode_queries(m, texts)),
+                                                       torch.from_numpy(q_teacher)).item(), history)
+    after = alignment_mse(torch.from_numpy(encode_queries(student, texts)), torch.from_numpy(q_teacher)).item()
+    assert result["steps"] >= 20 and after < before, history  # the best checkpoint is closer to the teacher
+    vecs = encode_queries(student, texts[:4])
+    start = 0
+    for dim in sp.dims:  # each part is unit-norm, as the members' own vectors
+        np.testing.assert_allclose(np.linalg.norm(vecs[:, start : start + dim], axis=1), 1.0, atol=1e-5)
+        start += dim
+
+    student.save(tmp_path / "student")
+    again = load_student(tmp_path / "student")
+    assert isinstance(again, AsymmetricStudent)
+    np.testing.assert_allclose(encode_queries(again, texts[:4]), vecs, atol=1e-6)
+    report = export_student(tmp_path / "student", tmp_path / "onnx", int8=False, parity_texts=texts[:6])
+    assert report.max_abs_diff < 1e-4
+    served = DenseEncoder(tmp_path / "onnx")
+    assert served.dim == sum(sp.dims)
+    np.testing.assert_allclose(served.encode_queries(texts[:4]), vecs, atol=1e-4)
