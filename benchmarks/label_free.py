@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/label_free.py [--only scifact,cranfield,dl19,dl20]
 
 Each collection is an ordinary ``index-build all`` with ``configs/labelfree-<name>.toml``
-(stage-cached, so a rerun only redoes what changed). Training and tuning never see the
+(stage-cached, so a rerun only redoes what changed); each build's own results files are
+copied into ``benchmarks/results/label-free/``. Training and tuning never see the
 collections' queries or judgments: the test judgments are read by the final evaluation only.
 """
 
@@ -20,6 +21,7 @@ import typer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.publish_build import publish  # noqa: E402
 from index_build.config import load_config  # noqa: E402
 from index_build.evaluate import markdown_table, write_json_atomic  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
@@ -33,6 +35,7 @@ def collect(name: str) -> dict:
     cfg = load_config(REPO / "configs" / f"labelfree-{name}.toml")
     p = Pipeline(cfg)
     result = p.run_all()
+    publish(cfg.results_path, REPO / "benchmarks" / "results" / "label-free")  # the build's own files
     systems = {RENAME.get(k, k): v for k, v in result["systems"].items()}
     mine = p.records["mine"].result
     return {

@@ -39,9 +39,7 @@ class TrainConfig:
     in_batch_weight: float = 0.0       # dense only: add in-batch-negatives loss with this weight
     # ColBERT only: how the new projection starts. "random": nn.Linear's init (seeded); "pca":
     # the top principal directions of the base checkpoint's token states over a sample of the
-    # corpus (ColbertStudent.init_projection_pca). Measured on SciFact (labelled mine, 182 steps,
-    # benchmarks/results/colbert-proj-init/): pca starts higher on the 81 dev queries (0.6995 vs
-    # 0.6779) but ends lower (0.7324 vs 0.7634); off by default
+    # corpus (ColbertStudent.init_projection_pca); its effect: benchmarks/results/colbert-proj-init/
     proj_init: str = "random"
     # Teacher score multiplier. "auto": match the spread (std) of the teacher's margins to the
     # initial student's on a few batches, so Margin-MSE does not demand margins the student's
@@ -59,7 +57,6 @@ class TrainConfig:
     # Inverse cloze (Lee et al. 2019): with this probability, a training positive that contains the
     # query verbatim (an extracted pseudo-query: a sentence or title of that document) is shown to
     # the student with that copy cut out, so it learns the context rather than string overlap.
-    # Measured on label-free SciFact (dense, 0.9): test nDCG@10 0.6512 vs 0.6549 without; off by default.
     ict_remove: float = 0.0
     # After training, interpolate the transformer with the base model (WiSE-FT): weights =
     # base + wise_ft * (trained - base). None: 1.0 (no interpolation) on labelled builds,
@@ -133,7 +130,7 @@ class EvalConfig:
     rerank_depth: int = 100
     mode: str = "retrieval"      # retrieval: full-corpus first stages on the test split; rerank: TREC DL run
     trec_dl: list[str] = field(default_factory=lambda: ["../shared/data/trec-dl/dl19", "../shared/data/trec-dl/dl20"])
-    results_dir: str = "benchmarks/results"
+    results_dir: str = ""        # where the results files go ("": <work_dir>/results)
     name: str = ""               # results file stem (default: the collection folder name)
     # with int8 export: also the rows of int8 graphs encoding the corpus (dense-int8,
     # dense+colbert-int8), a corpus pass per student. The service encodes queries only at run
@@ -168,9 +165,8 @@ class BuildConfig:
     })
     export_int8: bool = True
     # int8 graphs with one scale per output column of each weight matrix instead of one per
-    # matrix (what int8 teacher members use); same speed. On by default since the weights take
-    # 7 bits (export.INT8_WEIGHT_BITS): one scale per matrix then cost all-MiniLM-L6-v2 a mean
-    # query cosine to fp32 of 0.8399, per column 0.992 (benchmarks/results/int8-fidelity.md)
+    # matrix (what int8 teacher members use); same speed, much closer to fp32 with 7-bit weights
+    # (export.INT8_WEIGHT_BITS; benchmarks/results/int8-fidelity.md)
     export_int8_per_channel: bool = True
     # "token": each row of a MatMul input gets its own int8 scale, so a query's int8 embedding
     # no longer depends on what the service batched it with (ONNX Runtime's dynamic quantization,
@@ -186,6 +182,13 @@ class BuildConfig:
         data = asdict(self)
         payload = json.dumps({n: data[n] for n in names}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    @property
+    def results_path(self) -> Path:
+        """Where this build writes its results files: ``evaluate.results_dir``, by default
+        ``<work_dir>/results`` (a build never writes into the repository's benchmarks/results;
+        ``benchmarks/publish_build.py`` copies a build's results there)."""
+        return Path(self.evaluate.results_dir or Path(self.work_dir) / "results")
 
 
 def _merge(obj: Any, data: dict, where: str) -> Any:

@@ -577,8 +577,9 @@ class Pipeline:
     # ----------------------------------------------------------------- evaluation
     def evaluate_key(self) -> str:
         kinds = self.cfg.students.kinds
-        # (keys written before `mode` and `int8_corpus` existed stay valid)
-        drop = ["mode"] if self.cfg.evaluate.mode == "retrieval" else []
+        # where results go and what they are called do not change what is evaluated; (keys
+        # written before `mode` and `int8_corpus` existed stay valid)
+        drop = ["results_dir", "name"] + (["mode"] if self.cfg.evaluate.mode == "retrieval" else [])
         if self.cfg.evaluate.int8_corpus:
             drop.append("int8_corpus")
         ev = _hash_without(self.cfg, "evaluate", *drop)
@@ -1078,7 +1079,7 @@ class Pipeline:
                       **{k: v for k, v in r.result.items() if k not in {"collection", "trec"}}}
                   for n, r in self.records.items()}
         name = self.cfg.evaluate.name or Path(self.cfg.data.path).name
-        results_dir = Path(self.cfg.evaluate.results_dir)
+        results_dir = self.cfg.results_path
         main = {"collection": name, "split": self.cfg.data.test_split, "rerank_depth": self.cfg.evaluate.rerank_depth,
                 "systems": ev.result["collection"], "stages": stages,
                 "teacher": {"members": self.cfg.teacher.members, "norm": self.cfg.teacher.norm,

@@ -1,0 +1,32 @@
+"""A build writes its results next to its work; benchmarks/publish_build.py copies them into
+the repository's results folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.publish_build import publish
+from index_build.config import load_config
+
+
+def test_results_go_next_to_the_work_by_default(tmp_path: Path):
+    cfg = load_config(overrides=[f'work_dir="{tmp_path}/work"'])
+    assert cfg.results_path == tmp_path / "work" / "results"
+    cfg = load_config(overrides=[f'work_dir="{tmp_path}/work"', f'evaluate.results_dir="{tmp_path}/elsewhere"'])
+    assert cfg.results_path == tmp_path / "elsewhere"
+    for name in ("scifact.toml", "labelfree-scifact.toml", "labelfree-dl19.toml"):
+        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+        assert "benchmarks" not in cfg.results_path.parts, name
+
+
+def test_publish_copies_results_files(tmp_path: Path):
+    results = tmp_path / "work" / "results"
+    results.mkdir(parents=True)
+    (results / "tiny.json").write_text('{"a": 1}\n')
+    (results / "tiny.md").write_text("| a |\n")
+    (results / "scratch.tmp").write_text("not a result")
+    dest = tmp_path / "published"
+    copied = publish(results, dest)
+    assert sorted(p.name for p in copied) == ["tiny.json", "tiny.md"]
+    assert sorted(p.name for p in dest.iterdir()) == ["tiny.json", "tiny.md"]
+    assert (dest / "tiny.json").read_text() == '{"a": 1}\n'
