@@ -35,29 +35,10 @@ from models.retrieval import FIRST_STAGES, Ranked, first_stages, fuse_hybrid, re
 log = logging.getLogger(__name__)
 
 
-#: Bumped when the evaluate stage measures a different set of full-corpus (``retrieval``
-#: mode) systems, so cached evaluations rerun. 2: int8 query encoders against the
-#: fp32-encoded corpus. 3: ColBERT scores interpolated with the first stage's
-#: (``*-maxsim``: plain reranking). 4: weights chosen by the one-standard-error rule.
-EVALUATE_SYSTEMS_VERSION = 4
-#: Likewise for a TREC DL pool evaluated in ``rerank`` mode by students trained on it. 2: ColBERT
-#: scores interpolated with the first stage's (``dense+colbert-maxsim``: plain reranking). 3: the
-#: stage records the dev-slice weights it used (``weights``).
-RERANK_SYSTEMS_VERSION = 3
-#: Bumped when the TREC DL rows of a build trained elsewhere (a labelled SciFact build reranking
-#: DL19/DL20) change. 1: the rerankers' scores interpolated with the dense student's at the
-#: weights the build's artifact serves (``-maxsim`` / ``-plain``: the reranker alone).
-TREC_TRANSFER_VERSION = 1
-#: Students whose new parameters (a head) are initialized after seeding with their train seed,
-#: so they do not depend on what ran before in the process (distill keys of these kinds say so).
-SEEDED_HEADS = ("colbert", "cross-encoder")
-#: Bumped when the full-corpus cross-encoder systems change (keys of builds without a
-#: cross-encoder stay as they were). 1: its scores interpolated with the dense student's
-#: (``dense+cross-encoder-plain``: plain reranking). 2: ``dense+cross-encoder-int8``.
-CROSS_ENCODER_SYSTEMS_VERSION = 2
-#: Bumped when the dev-slice choice of fusion / interpolation weights changes. 2: the
-#: one-standard-error rule (:func:`index_build.evaluate.one_se_choice`).
-WEIGHT_SELECTION_VERSION = 2
+#: The version of each stage's code, part of its key: bump a stage's number when what it
+#: writes changes, and that stage and every stage after it (their keys include its key)
+#: rebuild. The teacher's scores and encodings are cached by content, not by these keys.
+STAGE_VERSIONS = {"mine": 1, "pseudo": 1, "distill": 1, "export": 1, "evaluate": 1, "artifact": 1}
 #: fusion and interpolation weights tried on the dev slice
 WEIGHT_GRID = [round(0.1 * i, 1) for i in range(11)]
 
@@ -212,14 +193,19 @@ class Pipeline:
         _, de_idx = self.base_dense.retrieve(queries, depth)
         return union_pools([bm_idx, de_idx], extra), [bm_idx, de_idx]
 
-    def key(self, *parts: str) -> str:
+    def key(self, stage: str, *parts: str) -> str:
+        """A stage's key: the corpus, the stage's code version and what it depends on."""
+        return content_key(self.collection.checksum(), stage, f"v{STAGE_VERSIONS[stage]}", *parts)[:16]
+
+    def content_fp(self, *parts: str) -> str:
+        """The fingerprint under which a content cache (corpus encodings, scores) keeps this
+        corpus's arrays for ``parts`` (a model's export key, ...)."""
         return content_key(self.collection.checksum(), *parts)[:16]
 
     # ----------------------------------------------------------------- stages
     def mine_key(self) -> str:
-        if self.label_free:
-            return self.key("mine", self.cfg.section_hash("data", "teacher", "students", "label_free"), "label-free")
-        return self.key("mine", self.cfg.section_hash("data", "teacher", "students"))
+        sections = ("data", "teacher", "students", "label_free") if self.label_free else ("data", "teacher", "students")
+        return self.key("mine", self.cfg.section_hash(*sections), f"label_free={self.label_free}")
 
     def mine(self) -> StageRecord:
         def run(out: Path) -> dict:
@@ -338,8 +324,6 @@ class Pipeline:
     def distill_key(self, kind: str) -> str:
         tcfg = self.cfg.train[kind]
         parts = [train_recipe_key(tcfg)]
-        if kind in SEEDED_HEADS:  # (the dense student has no new parameters: its keys stay)
-            parts.append("seeded-head")
         if tcfg.pseudo_queries:
             parts.append(self.pseudo_key(tcfg.pseudo_queries))
         return self.key("distill", kind, self.mine_key(), *parts)
@@ -474,15 +458,11 @@ class Pipeline:
     def export_key(self, kind: str, onnx_file: str | None = None) -> str:
         """The export stage's key; with ``onnx_file``, the key of that one graph (the fp32
         graph's does not depend on how the int8 one is quantized, so its caches outlive a change)."""
-        alpha = self.wise_ft(kind)
-        extra = [f"wise_ft={alpha}"] if alpha != 1.0 else []  # keys from before WiSE-FT stay valid
-        if self.cfg.export_int8 and self.cfg.export_int8_per_channel and onnx_file != ONNX_NAME:
-            extra.append("int8-per-channel")
-        if self.cfg.export_int8 and onnx_file != ONNX_NAME:
-            extra += [f"int8-outliers-fp32-{OUTLIER_RATIO:g}", f"int8-{INT8_WEIGHTS_MARK}"]
-            if self.cfg.export_int8_activations != "tensor":
-                extra.append(f"int8-activations-{self.cfg.export_int8_activations}")
-        return self.key("export", kind, self.distill_key(kind), str(self.cfg.export_int8), *extra)
+        extra = [f"wise_ft={self.wise_ft(kind)}"]
+        if self.cfg.export_int8 and onnx_file != ONNX_NAME:  # the fp32 graph's key leaves int8 settings out
+            extra += [f"per_channel={self.cfg.export_int8_per_channel}", f"outliers-fp32-{OUTLIER_RATIO:g}",
+                      INT8_WEIGHTS_MARK, f"activations={self.cfg.export_int8_activations}"]
+        return self.key("export", kind, self.distill_key(kind), f"int8={self.cfg.export_int8}", *extra)
 
     def export(self, kind: str) -> StageRecord:
         def run(out: Path) -> dict:
@@ -554,14 +534,14 @@ class Pipeline:
         from models.encoders import DenseEncoder
 
         enc = DenseEncoder(self.onnx_dir("dense"), onnx_file=onnx_file, threads=self.cfg.threads)
-        fp = self.key("dense-corpus", self.export_key("dense", onnx_file), onnx_file)
+        fp = self.content_fp("dense-corpus", self.export_key("dense", onnx_file), onnx_file)
         return encode_corpus_cached(enc, self.corpus_texts, self.cache, fp, progress=self.progress)
 
     def colbert_corpus(self, onnx_file: str = ONNX_NAME, subset: np.ndarray | None = None) -> dict[int, np.ndarray]:
         from models.encoders import ColbertEncoder
 
         enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=onnx_file, threads=self.cfg.threads)
-        fp = self.key("colbert-corpus", self.export_key("colbert", onnx_file), onnx_file)
+        fp = self.content_fp("colbert-corpus", self.export_key("colbert", onnx_file), onnx_file)
         idx = np.arange(len(self.corpus_texts)) if subset is None else np.unique(subset)
         keys = [content_key(fp, self.corpus_texts[i]) for i in idx]
         found = self.cache.get_many(keys)
@@ -576,23 +556,9 @@ class Pipeline:
 
     # ----------------------------------------------------------------- evaluation
     def evaluate_key(self) -> str:
-        kinds = self.cfg.students.kinds
-        # where results go and what they are called do not change what is evaluated; (keys
-        # written before `mode` and `int8_corpus` existed stay valid)
-        drop = ["results_dir", "name"] + (["mode"] if self.cfg.evaluate.mode == "retrieval" else [])
-        if self.cfg.evaluate.int8_corpus:
-            drop.append("int8_corpus")
-        ev = _hash_without(self.cfg, "evaluate", *drop)
-        # (the systems versions changed the full-corpus systems only; the weight selection, also
-        # used by the hybrid row of a TREC DL rerank evaluation, changed for every mode)
-        retrieval = self.cfg.evaluate.mode == "retrieval"
-        extra = [f"systems-v{EVALUATE_SYSTEMS_VERSION}"] if retrieval else [f"rerank-systems-v{RERANK_SYSTEMS_VERSION}"]
-        extra.append(f"weights-v{WEIGHT_SELECTION_VERSION}")
-        if retrieval and "cross-encoder" in kinds:
-            extra.append(f"cross-encoder-v{CROSS_ENCODER_SYSTEMS_VERSION}")
-        if retrieval and self.cfg.evaluate.trec_dl:
-            extra.append(f"trec-transfer-v{TREC_TRANSFER_VERSION}")
-        return self.key("evaluate", ev, *[self.export_key(k) for k in kinds], *extra)
+        # where results go and what they are called do not change what is evaluated
+        ev = _hash_without(self.cfg, "evaluate", "results_dir", "name")
+        return self.key("evaluate", ev, *[self.export_key(k) for k in self.cfg.students.kinds])
 
     def evaluate(self) -> StageRecord:
         def run(out: Path) -> dict:
@@ -695,7 +661,7 @@ class Pipeline:
 
         from models.encoders import CrossEncoderScorer
 
-        fp = self.key("cross-encoder-scores", self.export_key("cross-encoder", onnx_file),
+        fp = self.content_fp("cross-encoder-scores", self.export_key("cross-encoder", onnx_file),
                       *([onnx_file] if onnx_file != ONNX_NAME else []))
         keys = [content_key(fp, q, *texts) for q, texts in zip(queries, candidate_texts)]
         found = self.cache.get_many(keys)
@@ -854,15 +820,10 @@ class Pipeline:
 
     # ----------------------------------------------------------------- artifact
     def artifact_key(self) -> str:
-        # (manifest-v2: the ColBERT index records its tuned interpolation weights; v3: weights
-        # chosen by the one-standard-error rule; a cross-encoder records its weights too; the
-        # manifest schema decides what artifact_version covers)
         from models.artifacts import SCHEMA_VERSION
 
-        kinds = self.cfg.students.kinds
         return self.key("artifact", self.cfg.section_hash("index"), self.cfg.artifact_dir,
-                        *[self.export_key(k) for k in kinds], "manifest-v3", f"schema-{SCHEMA_VERSION}",
-                        *(["cross-encoder-interpolation"] if "cross-encoder" in kinds else []))
+                        *[self.export_key(k) for k in self.cfg.students.kinds], f"schema-{SCHEMA_VERSION}")
 
     def artifact(self) -> StageRecord:
         """Encode the corpus with the ONNX students, build the indexes, write the artifact dir."""
@@ -1124,9 +1085,6 @@ def train_recipe_key(tcfg) -> str:
     data = asdict(tcfg)
     # the numerics as they resolve here ("auto" is bf16 on some machines, fp32 on others)
     data["precision"] = "fp32" if resolve_precision(tcfg.precision, resolve_device(tcfg.device)) is None else "bf16"
-    for name, default in _LATER_TRAIN_FIELDS.items():  # keys from before these fields existed stay valid
-        if data.get(name) == default:
-            data.pop(name)
     data.pop("wise_ft", None)
     data.pop("device", None)
     return json.dumps(data, sort_keys=True)
@@ -1150,6 +1108,3 @@ def _hash_without(cfg: BuildConfig, section: str, *drop: str) -> str:
 #: WiSE-FT weight of a label-free build's distilled dense student (see TrainConfig.wise_ft):
 #: distilling on extractive pseudo-queries alone pulls the student away from real queries.
 LABEL_FREE_WISE_FT = 0.5
-_LATER_TRAIN_FIELDS: dict[str, object] = {"pseudo_queries": 0, "dev_retrieval": False, "teacher_scale": 1.0,
-                                          "ict_remove": 0.0,
-                                          "calibration_batches": 16, "precision": "fp32", "proj_init": "random"}

@@ -53,7 +53,7 @@ def test_pca_projection_needs_dim_within_hidden(tiny_bert):
 
 def test_proj_init_config_and_keys(tiny_beir, tiny_bert, tmp_path):
     default = train_recipe_key(TrainConfig())
-    assert "proj_init" not in json.loads(default)  # keys written before the field existed stay valid
+    assert json.loads(default)["proj_init"] == "random"  # every recipe field is part of the key
     assert train_recipe_key(TrainConfig(proj_init="pca")) != default
     with pytest.raises(ValueError, match="proj_init must be one of random, pca"):
         load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'train.colbert.proj_init="svd"'))

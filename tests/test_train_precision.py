@@ -32,7 +32,7 @@ def test_precision_is_validated_at_load(tiny_beir, tiny_bert, tmp_path):
 
 def test_precision_in_stage_keys():
     fp32 = train_recipe_key(TrainConfig())
-    assert "precision" not in json.loads(fp32)  # keys written before the field existed stay valid
+    assert json.loads(fp32)["precision"] == "fp32"  # keyed as resolved
     assert train_recipe_key(TrainConfig(precision="bf16")) != fp32
     auto = train_recipe_key(TrainConfig(precision="auto"))  # keyed as it resolves on this machine
     assert auto == (train_recipe_key(TrainConfig(precision="bf16")) if native_bf16(torch.device("cpu")) else fp32)
