@@ -60,6 +60,10 @@ class ServiceMetrics:
             "nrs_requests", "HTTP requests by route, status and error type.",
             ["route", "status", "error_type"], registry=r,
         )
+        self.request_latency = Histogram(
+            "nrs_request_duration_seconds", "Server-side time of an HTTP request, by route and status.",
+            ["route", "status"], buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.in_flight = Gauge("nrs_requests_in_flight", "Search requests holding a concurrency permit.", registry=r)
         self.queue_depth = Gauge("nrs_queue_depth", "Search requests waiting for a concurrency permit.", registry=r)
         self.batch_size = Histogram(

@@ -44,8 +44,9 @@ class RequestContextMiddleware:
     - answers an exception no handler mapped with a generic 500 envelope (the traceback
       goes to the log, never to the client);
     - counts the request in ``nrs_requests_total{route, status, error_type}`` and writes
-      one JSON access-log line; a request whose client left before any answer counts as
-      status 499, error type ``client_closed``.
+      its server-side time in ``nrs_request_duration_seconds{route, status}`` (how fast a 429
+      is answered under overload, for one), and writes one JSON access-log line; a request
+      whose client left before any answer counts as status 499, error type ``client_closed``.
     """
 
     def __init__(self, app: ASGIApp, *, metrics: ServiceMetrics) -> None:
@@ -83,6 +84,7 @@ class RequestContextMiddleware:
                 state["status"] = 499
             total_ms = (time.perf_counter() - started) * 1000.0
             self.metrics.requests.labels(route_path, str(state["status"]), error_type).inc()
+            self.metrics.request_latency.labels(route_path, str(state["status"])).observe(total_ms / 1000.0)
             access_logger.info(
                 "request",
                 extra={

@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.batching import EncodeBatcher
 from service.errors import StartupError
+from service.metrics import LATENCY_BUCKETS
 from service.search import EncodedQueries, SearchEngine
 from service.state import ServiceState
 from tests.service_fixtures import (
@@ -119,6 +120,9 @@ def test_overload_gives_429_with_retry_after(artifacts, monkeypatch):
         assert c.post("/search", json={"query": "vaccine"}).status_code == 200
         text = c.get("/metrics").text
         assert metric_value(text, "nrs_requests_total", route="/search", status="429", error_type="overloaded") == 1
+        # the refusal's server-side time, by status: answered within 50 ms
+        assert metric_value(text, "nrs_request_duration_seconds_bucket", route="/search", status="429",
+                            le=next(f"{b!r}" for b in LATENCY_BUCKETS if b >= 0.05)) == 1
 
 
 def test_queue_admits_up_to_max_queue(artifacts, monkeypatch):
