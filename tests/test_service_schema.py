@@ -32,8 +32,7 @@ def _free_port() -> int:
 
 def test_schemathesis_all_checks(tmp_path_factory, tiny_beir, tiny_bert, tmp_path):
     cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
-    if cli is None:
-        pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
+    assert cli is not None, "schemathesis is not installed: pip install -e '.[dev]' (scripts/setup.sh does)"
     artifacts = build_service_artifacts(tmp_path_factory, tiny_beir, tiny_bert)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NRS_")}
