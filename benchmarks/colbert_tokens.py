@@ -83,7 +83,7 @@ def measure(args: argparse.Namespace, mode: str, queries: dict[str, str]) -> dic
     engine = SearchEngine.load(args.artifact, settings_for(args, mode))
     load_s = time.perf_counter() - started
     k = args.candidates
-    served_weights = dict(engine.weights.colbert or {})
+    served_weights = dict(engine.weights.colbert)
     engine.search(next(iter(queries.values())), rerank="colbert", candidates=k, k=k)  # warm
     runs: dict[str, dict[str, dict[str, float]]] = {}
     rerank_ms: list[float] = []

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, NamedTuple, Protocol, get_args
 
 import numpy as np
@@ -198,13 +198,13 @@ class RetrievalWeights:
     per first stage, each reranker's interpolation weight."""
 
     hybrid: tuple[float, float] = (0.5, 0.5)
-    colbert: Mapping[str, float] | None = None
-    cross_encoder: Mapping[str, float] | None = None
+    colbert: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(FIRST_STAGES, 1.0))
+    cross_encoder: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(FIRST_STAGES, 1.0))
 
     def rerank_weight(self, mode: str, stage: str) -> float:
         """Weight of reranker ``mode``'s scores after first stage ``stage`` (1 when untuned)."""
         table = self.colbert if mode == "colbert" else self.cross_encoder
-        return float((table or {}).get(stage, 1.0))
+        return float(table.get(stage, 1.0))
 
     @classmethod
     def from_manifest(
