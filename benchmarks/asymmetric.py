@@ -43,7 +43,6 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.latency import command_line, machine_info, write_json_atomic  # noqa: E402
 from index_build.asymmetric import (  # noqa: E402
-    AsymmetricTrainConfig,
     TeacherSpace,
     encode_queries,
     init_maps_by_ridge,
@@ -51,6 +50,7 @@ from index_build.asymmetric import (  # noqa: E402
     train_asymmetric,
 )
 from index_build.cache import ArrayCache  # noqa: E402
+from index_build.config import AsymmetricConfig  # noqa: E402
 from index_build.data import load_collection  # noqa: E402
 from index_build.evaluate import markdown_table, metrics, one_se_choice, per_query_ndcg  # noqa: E402
 from index_build.pseudo_queries import (  # noqa: E402
@@ -187,7 +187,7 @@ def main(
         return round(float(per_query_ndcg(dev_qrels, run, dev_qids).mean()), 4)
 
     history: list[dict[str, Any]] = []
-    train_cfg = AsymmetricTrainConfig(epochs=epochs, batch=batch, lr=lr, kl_weight=kl_weight, pool_size=pool_size,
+    train_cfg = AsymmetricConfig(epochs=epochs, batch=batch, lr=lr, kl_weight=kl_weight, pool_size=pool_size,
                                       scale=scale, eval_every=eval_every, seed=seed)
     training = train_asymmetric(student, fit_texts, q_teacher, pools, t_scores, docs, train_cfg, dev_eval, history)
     t = lap("student training", t)

@@ -174,15 +174,16 @@ def create_baseline_app(config: Path | None, overrides: Sequence[str] = (), thre
     @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
     def search(body: SearchRequest, request: Request) -> dict[str, Any]:
         engine: BaselineEngine = request.app.state.engine
-        if body.first_stage != "dense":
+        if body.first_stage not in (None, "dense"):
             raise HTTPException(422, f"first_stage={body.first_stage!r}: the baseline has only the dense one")
-        if body.rerank not in engine.rerank_modes():
-            raise HTTPException(422, f"rerank={body.rerank!r} is not available")
+        rerank = body.rerank or "none"
+        if rerank not in engine.rerank_modes():
+            raise HTTPException(422, f"rerank={rerank!r} is not available")
         if not body.query.strip():
             raise HTTPException(422, "query must be a non-empty string")
         k = body.k or 10
         candidates = body.candidates or 100
-        return engine.search(body.query, k, body.rerank, candidates)
+        return engine.search(body.query, k, rerank, candidates)
 
     @app.get("/ready")
     def ready(request: Request) -> dict[str, str]:

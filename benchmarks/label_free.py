@@ -28,7 +28,8 @@ from index_build.stages import Pipeline  # noqa: E402
 
 COLLECTIONS = ["scifact", "cranfield", "dl19", "dl20"]
 RENAME = {"dense": "labelfree-dense", "dense+colbert": "labelfree-dense+colbert"}
-KEEP = ["bm25", "base-dense", "teacher", "labelfree-dense", "labelfree-dense+colbert", "hybrid", "hybrid+colbert"]
+KEEP = ["bm25", "base-dense", "teacher", "labelfree-dense", "labelfree-dense+colbert", "hybrid", "hybrid+colbert",
+        "asym-dense", "asym-hybrid", "served-default"]
 
 
 def collect(name: str) -> dict:
@@ -44,6 +45,7 @@ def collect(name: str) -> dict:
         "pseudo_query_filters": mine["filters"],
         "by_generator": mine["by_generator"],
         "stages": result["stages"],
+        "serving": result.get("serving", {}),
         "config": f"configs/labelfree-{name}.toml",
         "protocol": "rerank runs/BM25.trec top-100" if cfg.evaluate.mode == "rerank"
         else f"full-corpus retrieval on the {cfg.data.test_split!r} judgments",

@@ -12,6 +12,11 @@ on a free loopback port), waits for ``/ready``, then for every rerank mode (``no
 ``--max-seconds`` have passed. It records the client's end-to-end latency and the
 server's per-stage ``timings_ms``.
 
+The rerank modes run after the dense first stage; ``default`` sends requests that name no
+mode (the artifact's served default, ``/info`` ``default_mode``). The **encoder reference**
+times, in-process and interleaved, the artifact's dense query encoder against the base
+all-MiniLM-L6-v2 int8 graph.
+
 A **live check** compares, for 20 test queries, the service's top-10 (``rerank=none``)
 with the same artifact's dense model and FAISS index loaded in-process
 (:class:`models.encoders.DenseEncoder` with the ONNX file the service reports in ``/info``,
@@ -22,7 +27,7 @@ vectors), i.e. what the IVF-PQ approximation costs.
 
 Writes ``benchmarks/results/latency.json`` atomically::
 
-    {"none" | "colbert" | "cross-encoder": {"c1" | "c16": {
+    {"none" | "colbert" | "cross-encoder" | "default": {"c1" | "c16": {
         "p50_ms", "p95_ms", "p99_ms", "stages": {stage: {"p50_ms", "p95_ms", "p99_ms"}},
         "qps", "requests", "errors", "errors_by_status", "candidates"}},
      "live_check": {...}, "machine": {...}, "command": "...", "settings": {...}}
@@ -64,7 +69,9 @@ log = logging.getLogger("benchmarks.latency")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "scifact"
-MODES = ("none", "colbert", "cross-encoder")
+#: ``default``: requests that name no mode, served in the artifact's default mode
+DEFAULT_MODE = "default"
+MODES = ("none", "colbert", "cross-encoder", DEFAULT_MODE)
 CONCURRENCY = (1, 16)
 STAGES = ("queue", "tokenize", "encode", "ann", "sparse", "rerank", "fetch", "total")
 
@@ -343,8 +350,11 @@ async def closed_loop(base_url: str, payloads: Sequence[dict[str, Any]], *, conc
 
 
 def search_payloads(texts: Sequence[str], *, rerank: str, k: int, candidates: int) -> list[dict[str, Any]]:
-    """One ``/search`` body per query text."""
-    return [{"query": t, "k": k, "rerank": rerank, "candidates": candidates} for t in texts]
+    """One ``/search`` body per query text: the dense first stage with rerank mode ``rerank``,
+    or for ``default`` no mode at all (the artifact's served default, see ``/info``)."""
+    if rerank == DEFAULT_MODE:
+        return [{"query": t, "k": k} for t in texts]
+    return [{"query": t, "k": k, "rerank": rerank, "first_stage": "dense", "candidates": candidates} for t in texts]
 
 
 # ------------------------------------------------------------------------------------ live check
@@ -375,7 +385,8 @@ def live_check(base_url: str, artifact_dir: Path, texts: Sequence[str], *, k: in
         # the ONNX file the service loaded (int8 or not)
         onnx_file = str(client.get("/info").raise_for_status().json()["models"]["dense"]["onnx_file"])
         for t in texts:
-            r = client.post("/search", json={"query": t, "k": k, "rerank": "none", "candidates": candidates})
+            r = client.post("/search", json={"query": t, "k": k, "rerank": "none", "first_stage": "dense",
+                                              "candidates": candidates})
             r.raise_for_status()
             served.append([h["id"] for h in r.json()["hits"]])
     encoder = DenseEncoder(root / str(dense_info["path"]), onnx_file=onnx_file, threads=1)
@@ -398,7 +409,7 @@ def live_check(base_url: str, artifact_dir: Path, texts: Sequence[str], *, k: in
         from index_build.teachers import exact_topk
 
         pipeline = Pipeline(load_config(config), progress=False)
-        corpus = pipeline.dense_corpus()
+        corpus = pipeline.corpus_vectors()
         _, exact = exact_topk(corpus, vectors, k)
         exact_ids = [[ids[int(j)] for j in row if j >= 0] for row in exact]
         overlaps = [len(set(a) & set(b)) / k for a, b in zip(served, exact_ids)]
@@ -408,6 +419,42 @@ def live_check(base_url: str, artifact_dir: Path, texts: Sequence[str], *, k: in
             "reference": f"exact inner product over the builder's cached corpus vectors ({config})",
         }
     return out
+
+
+# ------------------------------------------------------------------------------------ encoder reference
+def encoder_reference(artifact_dir: Path, texts: Sequence[str], *, threads: int, base: str = "packaged:minilm",
+                      repeats: int = 2) -> dict[str, Any]:
+    """In-process query-encode time, one query per call as at concurrency 1, of the artifact's
+    dense model (fp32 and int8 graphs) and of the base model's int8 graph (``base`` without
+    training: the reference the served query encoder is held to), interleaved in one run on
+    the same threads; p50/p95 in ms and each encoder's p50 over the base int8 one's."""
+    from index_build.export import base_dense_onnx
+    from models.artifacts import load_manifest
+    from models.encoders import DenseEncoder
+
+    manifest = load_manifest(artifact_dir)
+    dense = manifest.models["dense"]
+    encoders = {"base-int8": DenseEncoder(base_dense_onnx(base)[0], onnx_file="model.int8.onnx", threads=threads)}
+    for name, key in (("artifact-dense-fp32", "onnx_file"), ("artifact-dense-int8", "int8_onnx_file")):
+        if dense.get(key):
+            encoders[name] = DenseEncoder(artifact_dir / dense["path"], onnx_file=dense[key], threads=threads)
+    times: dict[str, list[float]] = {name: [] for name in encoders}
+    for enc in encoders.values():  # warm-up
+        enc.encode_queries(list(texts[:5]))
+    for _ in range(repeats):
+        for text in texts:
+            for name, enc in encoders.items():
+                started = time.perf_counter()
+                enc.encode_queries([text])
+                times[name].append((time.perf_counter() - started) * 1000.0)
+    base_p50 = percentile(times["base-int8"], 50)
+    return {
+        "encoders": {name: {"p50_ms": round(percentile(v, 50), 3), "p95_ms": round(percentile(v, 95), 3),
+                            "dim": encoders[name].dim, "ratio_to_base_int8_p50": round(percentile(v, 50) / base_p50, 3)}
+                     for name, v in times.items()},
+        "base": base, "calls": len(texts) * repeats, "threads": threads,
+        "how": "DenseEncoder.encode_queries([query]) in this process, encoders interleaved query by query",
+    }
 
 
 # ------------------------------------------------------------------------------------ main
@@ -420,7 +467,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                          log_path=args.server_log) as server:
         info = httpx.get(f"{server.base_url}/info", timeout=10).json()
         limits = info.get("limits", {})
-        available = info.get("rerank_modes", list(MODES))
+        available = [*info.get("rerank_modes", MODES), DEFAULT_MODE]
         # the client waits longer than the server's own time budget, so a slow request is the
         # server's 504, not a client-side disconnect (status 0)
         client_timeout_s = float(limits.get("request_timeout_ms", 60000.0)) / 1000.0 + 10.0
@@ -429,7 +476,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 log.warning("rerank %s is not available in this artifact: skipped", mode)
                 continue
             candidates = args.candidates
-            if mode == "cross-encoder":
+            if mode == DEFAULT_MODE:
+                candidates = int(limits.get("default_candidates", candidates))
+            elif mode == "cross-encoder":
                 candidates = min(candidates, int(limits.get("max_cross_encoder_candidates", candidates)))
             payloads = search_payloads(texts, rerank=mode, k=args.k, candidates=candidates)
             asyncio.run(closed_loop(server.base_url, payloads[: args.warmup], concurrency=1,
@@ -448,8 +497,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             results["live_check"] = live_check(server.base_url, args.artifact, texts[: args.live_check], k=args.k,
                                                candidates=args.candidates, config=args.config)
             log.info("live check: %s", results["live_check"])
+        results["encoder_reference"] = encoder_reference(args.artifact, texts[:200], threads=args.threads)
+        log.info("encoder reference: %s", results["encoder_reference"]["encoders"])
         results["info"] = {key: info.get(key) for key in ("artifact_version", "n_docs", "rerank_modes", "providers",
-                                                          "limits")}
+                                                          "limits", "default_mode")}
         results["info"]["dense_index"] = {key: info.get("indexes", {}).get("dense", {}).get(key)
                                           for key in ("factory", "default_nprobe", "ntotal")}
     results["machine"] = machine_info()

@@ -5,7 +5,8 @@ Only the standard library and locust are imported, so the stock ``locustio/locus
 runs it. Everything is configured from the environment:
 
 ``LOCUST_QUERIES``      a BEIR ``queries.jsonl`` (one ``{"_id", "text"}`` per line); required
-``LOCUST_MIX``          weighted rerank modes, ``none:3,colbert:5,cross-encoder:1`` (default ``none:1``)
+``LOCUST_MIX``          weighted modes, ``none:3,colbert:5,cross-encoder:1,default:1`` (default ``none:1``;
+                       ``default``: requests that name no mode)
 ``LOCUST_BATCH_SHARE``  share of requests sent to ``/search/batch`` (default 0)
 ``LOCUST_BATCH_SIZE``   queries per ``/search/batch`` request (default 8)
 ``LOCUST_K``            hits per query (default 10)
@@ -38,7 +39,8 @@ from typing import Any, ClassVar
 
 from locust import FastHttpUser, constant, constant_throughput, events, task
 
-MODES = ("none", "colbert", "cross-encoder")
+#: rerank modes after the dense first stage, and ``default``: no mode named (the artifact's served default)
+MODES = ("none", "colbert", "cross-encoder", "default")
 
 
 def parse_mix(text: str) -> list[tuple[str, float]]:
@@ -131,7 +133,9 @@ class Workload:
         """``(route, mode, body)`` of the next request."""
         modes, weights = zip(*self.mix)
         mode = rng.choices(modes, weights=weights)[0]
-        body: dict[str, Any] = {"k": self.k, "rerank": mode, "candidates": self.candidates_for(mode)}
+        body: dict[str, Any] = {"k": self.k}
+        if mode != "default":
+            body.update(rerank=mode, first_stage="dense", candidates=self.candidates_for(mode))
         if self.batch_share > 0 and rng.random() < self.batch_share:
             body["queries"] = rng.sample(self.queries, min(self.batch_size, len(self.queries)))
             return "/search/batch", mode, body

@@ -19,11 +19,11 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from index_build.config import AsymmetricConfig
 from index_build.teachers import BiEncoderTeacher, exact_topk
 from models.fusion import normalize
 from models.sparse_index import BM25Index
@@ -65,33 +65,27 @@ class TeacherSpace:
         return np.hstack(self.query_parts(texts))
 
 
+def candidate_union(query_parts: list[np.ndarray], doc_parts: list[np.ndarray], bm25: BM25Index | None,
+                    texts: list[str], depth: int) -> list[np.ndarray]:
+    """Per query, the union (sorted corpus indices) of each dense member's top-``depth``
+    documents and, with ``bm25``, BM25's."""
+    tops = [exact_topk(d, q, depth)[1] for q, d in zip(query_parts, doc_parts)]
+    if bm25 is not None:
+        _, bm_top = bm25.search(texts, depth)
+        tops.append(bm_top)
+    return [np.unique(np.concatenate([t[r][t[r] >= 0] for t in tops])).astype(np.int64) for r in range(len(texts))]
+
+
 def teacher_pools(query_parts: list[np.ndarray], doc_parts: list[np.ndarray], bm25: BM25Index,
                   texts: list[str], depth: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per query, the union of each dense member's and BM25's top-``depth`` documents and the
-    full teacher's score of each: the equal-weight sum of the members' and BM25's per-query
-    z-scores over that pool."""
-    tops = [exact_topk(d, q, depth)[1] for q, d in zip(query_parts, doc_parts)]
-    _, bm_top = bm25.search(texts, depth)
-    pools, scores = [], []
-    for r, text in enumerate(texts):
-        pool = np.unique(np.concatenate([t[r] for t in tops] + [bm_top[r][bm_top[r] >= 0]])).astype(np.int64)
+    """Per query, :func:`candidate_union` and the full teacher's score of each candidate: the
+    equal-weight sum of the members' and BM25's per-query z-scores over that pool."""
+    pools = candidate_union(query_parts, doc_parts, bm25, texts, depth)
+    scores = []
+    for r, (text, pool) in enumerate(zip(texts, pools)):
         parts = [d[pool] @ q[r] for q, d in zip(query_parts, doc_parts)] + [bm25.scores(text)[pool]]
-        pools.append(pool)
         scores.append(np.sum([normalize(p) for p in parts], axis=0).astype(np.float32))
     return pools, scores
-
-
-@dataclass
-class AsymmetricTrainConfig:
-    epochs: float = 2.0
-    batch: int = 32
-    lr: float = 2e-5
-    map_lr_factor: float = 10.0     # the maps learn this many times faster than the transformer
-    kl_weight: float = 1.0          # weight of the listwise KL to the full teacher (0: alignment only)
-    pool_size: int = 64             # candidates per query in the KL: the teacher's top half, the rest sampled
-    scale: float = 20.0             # student score multiplier in the KL
-    eval_every: int = 200
-    seed: int = 13
 
 
 def init_maps_by_ridge(student: AsymmetricStudent, texts: list[str], query_parts: list[np.ndarray],
@@ -126,12 +120,15 @@ def encode_queries(student: AsymmetricStudent, texts: list[str], batch: int = 12
 
 def train_asymmetric(
     student: AsymmetricStudent, texts: list[str], q_teacher: np.ndarray, pools: list[np.ndarray],
-    t_scores: list[np.ndarray], docs: np.ndarray, cfg: AsymmetricTrainConfig,
-    dev_eval: Callable[[AsymmetricStudent], float], log: list[dict[str, Any]],
+    t_scores: list[np.ndarray], docs: np.ndarray, cfg: AsymmetricConfig,
+    dev_eval: Callable[[AsymmetricStudent], float] | None, log: list[dict[str, Any]],
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Alignment MSE to ``q_teacher`` plus ``cfg.kl_weight`` times the listwise KL to the
-    teacher's pool scores; keeps the parameters that scored best on ``dev_eval``."""
+    teacher's pool scores; keeps the parameters that scored best on ``dev_eval`` (without
+    one, the last)."""
     import torch
+    from tqdm import tqdm
 
     from index_build.losses import alignment_mse, listwise_kl
 
@@ -145,11 +142,14 @@ def train_asymmetric(
     steps = max(1, int(cfg.epochs * len(texts) / cfg.batch))
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / steps))
-    best_dev, best_step, best_state = dev_eval(student), 0, copy.deepcopy(student.state_dict())
-    log.append({"step": 0, "dev_nDCG@10": best_dev})
+    best_dev, best_step, best_state = None, 0, None
+    if dev_eval is not None:
+        best_dev, best_state = dev_eval(student), copy.deepcopy(student.state_dict())
+        log.append({"step": 0, "dev_nDCG@10": best_dev})
     started = time.perf_counter()
     order, pos = rng.permutation(len(texts)), 0
-    for step in range(1, steps + 1):
+    for step in tqdm(range(1, steps + 1), desc="asymmetric student: training steps", unit="step",
+                     disable=not progress):
         if pos + cfg.batch > len(order):
             order, pos = rng.permutation(len(texts)), 0
         idx = order[pos : pos + cfg.batch]
@@ -168,12 +168,17 @@ def train_asymmetric(
         opt.step()
         sched.step()
         if step % cfg.eval_every == 0 or step == steps:
-            dev = dev_eval(student)
-            log.append({"step": step, "loss": round(float(loss.detach()), 4), "dev_nDCG@10": dev,
-                        "seconds": round(time.perf_counter() - started, 1)})
-            if dev > best_dev:
-                best_dev, best_step, best_state = dev, step, copy.deepcopy(student.state_dict())
-    student.load_state_dict(best_state)
+            entry: dict[str, Any] = {"step": step, "loss": round(float(loss.detach()), 4),
+                                     "seconds": round(time.perf_counter() - started, 1)}
+            if dev_eval is not None:
+                entry["dev_nDCG@10"] = dev = dev_eval(student)
+                if best_dev is None or dev > best_dev:
+                    best_dev, best_step, best_state = dev, step, copy.deepcopy(student.state_dict())
+            log.append(entry)
+    if best_state is None:
+        best_step = steps
+    else:
+        student.load_state_dict(best_state)
     return {"steps": steps, "best_step": best_step, "best_dev_nDCG@10": best_dev,
             "train_seconds": round(time.perf_counter() - started, 1)}
 

@@ -74,9 +74,33 @@ class TrainConfig:
 
 
 PRECISIONS = ("fp32", "bf16", "auto")
+#: the students a build can distill: full-tower dense, ColBERT and cross-encoder students
+#: (Margin-MSE, :mod:`index_build.train`) and the asymmetric query encoder
+STUDENT_KINDS = ("dense", "asymmetric", "colbert", "cross-encoder")
 PROJ_INITS = ("random", "pca")
 #: corpus documents whose token states a "pca" projection is fitted on
 PROJ_INIT_DOCS = 256
+
+
+@dataclass
+class AsymmetricConfig:
+    """How the asymmetric student (``students.kinds`` includes ``"asymmetric"``) is distilled:
+    a query encoder into the teacher's document space (:mod:`index_build.asymmetric`)."""
+
+    epochs: float = 2.0
+    batch: int = 32
+    lr: float = 2e-5
+    map_lr_factor: float = 10.0     # the maps learn this many times faster than the transformer
+    kl_weight: float = 1.0          # weight of the listwise KL to the full teacher (0: alignment only)
+    pool_size: int = 64             # candidates per query in the KL: the teacher's top half, the rest sampled
+    pool_depth: int = 50            # each teacher member's top-k pooled per training query
+    scale: float = 20.0             # student score multiplier in the KL
+    eval_every: int = 200           # steps between dev evaluations (full-corpus retrieval)
+    seed: int = 13
+    # pseudo-queries from every document (title, two sentences, key-phrases) added to the
+    # training queries; at most this many per document (0: none)
+    pseudo_per_doc: int = 5
+    max_queries: int = 0            # cap on training queries, after shuffling (0: all)
 
 
 @dataclass
@@ -158,6 +182,7 @@ class BuildConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     label_free: LabelFreeConfig = field(default_factory=LabelFreeConfig)
     students: StudentConfig = field(default_factory=StudentConfig)
+    asymmetric: AsymmetricConfig = field(default_factory=AsymmetricConfig)
     train: dict[str, TrainConfig] = field(default_factory=lambda: {
         "dense": TrainConfig(),
         "colbert": TrainConfig(head_lr=1e-3),
@@ -263,6 +288,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if int(cfg.index.colbert_kmeans_niter) < 1:
         raise ConfigError(
             f"config: index.colbert_kmeans_niter must be at least 1, got {cfg.index.colbert_kmeans_niter}")
+    unknown_kinds = [k for k in cfg.students.kinds if k not in STUDENT_KINDS]
+    if unknown_kinds:
+        raise ConfigError(f"config: students.kinds: unknown {', '.join(map(repr, unknown_kinds))}; "
+                          f"known: {', '.join(STUDENT_KINDS)}")
     for kind, tcfg in cfg.train.items():
         if tcfg.wise_ft is not None and not 0.0 <= float(tcfg.wise_ft) <= 1.0:
             raise ConfigError(f"config: train.{kind}.wise_ft must be in [0, 1], got {tcfg.wise_ft}")

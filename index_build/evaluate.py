@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
 import ir_measures
 import numpy as np
 from ir_measures import RR, R, nDCG
@@ -12,6 +15,7 @@ __all__ = ["markdown_table", "metrics", "one_se_choice", "per_query_ndcg", "run_
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
+K = TypeVar("K", bound=Any)
 
 
 def metrics(qrels: Qrels, run: Run, *, min_rel: int = 1) -> dict[str, float]:
@@ -28,29 +32,36 @@ def per_query_ndcg(qrels: Qrels, run: Run, queries: list[str]) -> np.ndarray:
     return np.array([got.get(q, 0.0) for q in queries])
 
 
-def one_se_choice(per_query: dict[float, np.ndarray], prior: float) -> float:
+def one_se_choice(per_query: Mapping[K, np.ndarray], prior: K,
+                  distance: Callable[[K, K], float] | None = None) -> K:
     """The setting closest to ``prior`` among those not worse than the best one by more than
     one standard error (the "one-standard-error rule" of model selection, Breiman et al. 1984;
     Hastie et al., ESL 7.10), measured on paired per-query scores: setting ``w`` qualifies
     when ``mean(best - w) <= std(best - w) / sqrt(n)``. On a small or saturated dev slice,
     where a single query separates the settings, this keeps the prior instead of an extreme.
+    ``distance(w, prior)`` orders the qualifying settings (default ``|w - prior|``, for
+    numbers); ties go to the higher mean.
 
     >>> one_se_choice({0.0: np.array([1.0, 1.0, 1.0, 1.0]), 0.5: np.array([1.0, 1.0, 1.0, 0.5])}, 0.5)
     0.5
     >>> one_se_choice({0.0: np.array([1.0, 1.0, 1.0, 1.0]), 0.5: np.array([0.5, 0.5, 0.5, 0.5])}, 0.5)
     0.0
+    >>> same = lambda a, b: float(a != b)
+    >>> one_se_choice({"a": np.array([1.0, 0.5, 1.0]), "b": np.array([1.0, 0.5, 0.9])}, "b", same)
+    'b'
     """
     if not per_query:
         raise ValueError("no settings to choose from")
+    dist: Callable[[K, K], float] = distance or (lambda w, p: abs(w - p))  # type: ignore[operator]
     means = {w: float(np.mean(v)) for w, v in per_query.items()}
-    best = max(means, key=lambda w: (means[w], -abs(w - prior)))
+    best = max(means, key=lambda w: (means[w], -dist(w, prior)))
     qualifying = []
     for w, scores in per_query.items():
         diff = per_query[best] - scores
         se = float(np.std(diff, ddof=1)) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
         if float(np.mean(diff)) <= se + 1e-12:
             qualifying.append(w)
-    return min(qualifying, key=lambda w: (abs(w - prior), -means[w]))
+    return min(qualifying, key=lambda w: (dist(w, prior), -means[w]))
 
 
 def run_from_arrays(qids: list[str], doc_ids: list[str], scores, indices) -> Run:

@@ -52,6 +52,7 @@ def build_artifact(
     distill_vq_queries: tuple[np.ndarray, dict[str, Any]] | None = None,
     training: dict[str, Any] | None = None,
     build: dict[str, Any] | None = None,
+    serving: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> Path:
     from models.artifacts import ArtifactWriter
@@ -112,6 +113,7 @@ def build_artifact(
             "docstore": {"path": "docs.sqlite"},
             "training": training or {},
             "build": build or {},
+            "serving": serving or {},
         })
 
 

@@ -29,6 +29,7 @@ from index_build.config import BuildConfig
 from index_build.data import Collection, load_collection
 from index_build.evaluate import metrics, one_se_choice, per_query_ndcg, run_from_arrays
 from index_build.export import INT8_WEIGHTS_MARK, OUTLIER_RATIO
+from index_build.teachers import exact_topk
 from models.encoders import ONNX_NAME
 from models.retrieval import FIRST_STAGES, Ranked, first_stages, fuse_hybrid, rerank_order
 
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 #: writes changes, and that stage and every stage after it (their keys include its key)
 #: rebuild. The teacher's scores and encodings are cached by content, not by these keys.
 STAGE_VERSIONS = {"mine": 1, "pseudo": 1, "distill": 1, "export": 1, "evaluate": 1, "artifact": 1}
+#: the prefix of a dense model's rows in the results (``dense``/``asym-dense``, ``hybrid``/``asym-hybrid``)
+DENSE_ROW_PREFIX = {"dense": "", "asymmetric": "asym-"}
 #: fusion and interpolation weights tried on the dev slice
 WEIGHT_GRID = [round(0.1 * i, 1) for i in range(11)]
 
@@ -90,6 +93,7 @@ class Pipeline:
         self.trec_weights: dict[str, dict[str, Any]] = {}
         self._rerank_tuning: dict[tuple, dict[str, Any]] = {}  # see tune_rerank_weights
         self._hybrid_tuning: dict[tuple, dict[str, Any]] = {}
+        self._default_choice: dict[tuple, dict[str, Any]] = {}  # see choose_default
         if cfg.threads:
             import os
 
@@ -322,6 +326,8 @@ class Pipeline:
             return pickle.load(f)
 
     def distill_key(self, kind: str) -> str:
+        if kind == "asymmetric":
+            return self.key("distill", kind, self.mine_key(), self.cfg.section_hash("asymmetric", "label_free"))
         tcfg = self.cfg.train[kind]
         parts = [train_recipe_key(tcfg)]
         if tcfg.pseudo_queries:
@@ -329,6 +335,9 @@ class Pipeline:
         return self.key("distill", kind, self.mine_key(), *parts)
 
     def distill(self, kind: str) -> StageRecord:
+        if kind == "asymmetric":
+            return self.stage("distill-asymmetric", self.distill_key(kind), self.distill_asymmetric)
+
         def run(out: Path) -> dict:
             from index_build.sampling import cluster_queries
             from index_build.students import new_student, set_seed
@@ -398,6 +407,95 @@ class Pipeline:
         s, i = self.base_dense.retrieve(dev["queries"], 100)
         return metrics(self.dev_qrels(dev), run_from_arrays(dev["qids"], self.collection.doc_ids, s, i))["nDCG@10"]
 
+    # ----------------------------------------------------------------- asymmetric student
+    @cached_property
+    def teacher_space(self):
+        """The document space of the teacher's bi-encoder members
+        (:class:`index_build.asymmetric.TeacherSpace`): the asymmetric student's target, and
+        the vectors the artifact's dense index holds when it serves that student."""
+        from index_build.asymmetric import TeacherSpace
+        from index_build.config import ConfigError
+        from index_build.teachers import BiEncoderTeacher
+
+        members = [m for m in self.teacher.members if isinstance(m, BiEncoderTeacher)]
+        if not members:
+            raise ConfigError("students.kinds includes 'asymmetric', whose document space is the teacher's "
+                              "bi-encoder members, but teacher.members has none")
+        return TeacherSpace(members)
+
+    @property
+    def served_dense(self) -> str:
+        """The dense model the artifact serves (and the first stage that the hybrid, the
+        rerank weights and the served default are tuned on): the asymmetric student when the
+        build distills one, else the full-tower dense student."""
+        return "asymmetric" if "asymmetric" in self.cfg.students.kinds else "dense"
+
+    def asymmetric_training_texts(self, dev: dict) -> tuple[list[str], dict[str, Any]]:
+        """The asymmetric student's training queries: the mined training queries (labelled,
+        or the label-free pseudo-queries) plus, ``asymmetric.pseudo_per_doc`` > 0, pseudo-queries
+        from every document (titles, sentences, key-phrases); never a dev or test query."""
+        from index_build.pseudo_queries import KeyphraseGenerator, SentenceGenerator, TitleGenerator, filter_queries
+
+        a = self.cfg.asymmetric
+        mined = [e.query for e in self.load_mined()["examples"]]
+        pseudo: list[str] = []
+        stats: dict[str, Any] = {}
+        if a.pseudo_per_doc > 0:
+            docs = self.collection.docs
+            generated = [q for g in (TitleGenerator(), SentenceGenerator(per_doc=2), KeyphraseGenerator())
+                         for q in g.generate(docs)]
+            kept, stats = filter_queries(generated, docs, per_doc=a.pseudo_per_doc)
+            pseudo = [q.text for q in kept]
+        held_out = set(dev["queries"])
+        if self.cfg.data.test_split in self.collection.qrels:
+            held_out |= set(self.collection.split_queries(self.cfg.data.test_split).values())
+        texts = [t for t in dict.fromkeys(mined + pseudo) if t not in held_out]
+        random.Random(a.seed).shuffle(texts)
+        if a.max_queries:
+            texts = texts[: a.max_queries]
+        return texts, {"queries": len(texts), "mined": len(set(mined)), "pseudo": len(set(pseudo)),
+                       "pseudo_filters": stats}
+
+    def distill_asymmetric(self, out: Path) -> dict:
+        """Distill the asymmetric student (:mod:`index_build.asymmetric`): alignment to the
+        teacher's query vectors plus listwise KL to the full teacher over each training
+        query's candidates; the checkpoint that retrieves the dev slice best is kept."""
+        from index_build.asymmetric import candidate_union, encode_queries, init_maps_by_ridge, train_asymmetric
+        from index_build.students import new_asymmetric_student, set_seed
+        from index_build.teachers import BM25Teacher, cached_teacher_scores
+        from models.sources import resolve_model
+
+        a, space = self.cfg.asymmetric, self.teacher_space
+        dev = self.load_mined()["dev"]
+        texts, about = self.asymmetric_training_texts(dev)
+        log.info("asymmetric student: %d training queries (%d mined, %d pseudo), %d dev; teacher space %s, dims %s",
+                 len(texts), about["mined"], about["pseudo"], len(dev["qids"]), space.names, space.dims)
+        doc_parts = space.doc_parts()
+        docs = np.hstack(doc_parts)
+        q_parts = space.query_parts(texts)
+        with_bm25 = any(isinstance(m, BM25Teacher) for m in self.teacher.members)
+        pools = candidate_union(q_parts, doc_parts, self.bm25 if with_bm25 else None, texts, a.pool_depth)
+        t_scores = cached_teacher_scores(self.teacher, self.cache, texts, pools, progress=self.progress)
+        set_seed(a.seed)
+        student = new_asymmetric_student(resolve_model(self.cfg.students.base), space.names, space.dims,
+                                         max_query_len=self.cfg.students.max_query_len)
+        init_maps_by_ridge(student, texts, q_parts)
+        dev_eval = None
+        if dev["qids"]:
+            qrels = self.dev_qrels(dev)
+
+            def dev_eval(model) -> float:
+                s, i = exact_topk(docs, encode_queries(model, dev["queries"]), 100)
+                run = run_from_arrays(dev["qids"], self.collection.doc_ids, s, i)
+                return round(float(per_query_ndcg(qrels, run, dev["qids"]).mean()), 4)
+
+        history: list[dict[str, Any]] = []
+        res = train_asymmetric(student, texts, np.hstack(q_parts), pools, t_scores, docs, a, dev_eval, history,
+                               progress=self.progress)
+        student.save(out / "student")
+        return {**about, **res, "space": {"members": space.names, "dims": space.dims},
+                "mean_pool": float(np.mean([len(p) for p in pools])) if pools else 0.0, "dev_history": history}
+
     def pool_dev_score(self, dev: dict, queries: np.ndarray, doc_embeddings: np.ndarray) -> float:
         """Dev nDCG@10 of a dense model reranking each dev query's pool, from its query vectors
         and its (cached) corpus vectors: what :meth:`dev_evaluator` measures, without encoding
@@ -425,7 +523,6 @@ class Pipeline:
         def evaluate_retrieval(student) -> float:
             from tqdm import tqdm
 
-            from index_build.teachers import exact_topk
             from models.encoders import length_sorted_batches
 
             texts = self.corpus_texts
@@ -450,6 +547,8 @@ class Pipeline:
 
     def wise_ft(self, kind: str) -> float:
         """The WiSE-FT weight of the distilled model against the base for ``kind``."""
+        if kind == "asymmetric":  # its maps have no counterpart in the base model to interpolate with
+            return 1.0
         value = self.cfg.train[kind].wise_ft  # range checked by load_config
         if value is None:
             value = LABEL_FREE_WISE_FT if (self.label_free and kind == "dense") else 1.0
@@ -518,7 +617,6 @@ class Pipeline:
 
     def dense_metrics(self, qids: list[str], queries: list[str], qrels, depth: int = 100) -> dict[str, float]:
         """Exact full-corpus search with the exported dense graph (corpus encodings cached)."""
-        from index_build.teachers import exact_topk
         from models.encoders import DenseEncoder
 
         q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(queries)
@@ -529,6 +627,20 @@ class Pipeline:
         return self.work / f"export-{kind}" / "onnx"
 
     # ----------------------------------------------------------------- encoders used by evaluation
+    def corpus_vectors(self, kind: str | None = None) -> np.ndarray:
+        """The document vectors dense model ``kind`` (default :attr:`served_dense`) searches:
+        the full-tower student's own corpus encodings, or for the asymmetric student the
+        teacher members' (cached) document vectors."""
+        kind = kind or self.served_dense
+        return self.teacher_space.doc_vectors() if kind == "asymmetric" else self.dense_corpus()
+
+    def dense_queries(self, texts: list[str], kind: str | None = None, onnx_file: str = ONNX_NAME) -> np.ndarray:
+        """Query vectors of dense model ``kind`` (default :attr:`served_dense`) from its exported graph."""
+        from models.encoders import DenseEncoder
+
+        enc = DenseEncoder(self.onnx_dir(kind or self.served_dense), onnx_file=onnx_file, threads=self.cfg.threads)
+        return np.ascontiguousarray(enc.encode_queries(texts), dtype=np.float32)
+
     def dense_corpus(self, onnx_file: str = ONNX_NAME) -> np.ndarray:
         from index_build.teachers import encode_corpus_cached
         from models.encoders import DenseEncoder
@@ -581,11 +693,12 @@ class Pipeline:
         return self.stage("evaluate", self.evaluate_key(), run)
 
     def evaluate_collection(self) -> dict[str, dict[str, float]]:
-        """Every system on the test split: first stages over the whole corpus, rerankers on
-        the distilled dense student's top-``rerank_depth``."""
+        """Every system on the test split: first stages over the whole corpus (the full-tower
+        dense student's rows ``dense``, ``hybrid``, ...; the asymmetric student's ``asym-*``),
+        rerankers on the served dense model's top-``rerank_depth``, and ``served-default``:
+        the row of the mode the artifact serves by default (:meth:`choose_default`)."""
         from index_build.export import INT8_NAME
-        from index_build.teachers import cached_teacher_scores, exact_topk
-        from models.encoders import DenseEncoder
+        from index_build.teachers import cached_teacher_scores
 
         col, depth = self.collection, self.cfg.evaluate.rerank_depth
         split = self.cfg.data.test_split
@@ -605,43 +718,53 @@ class Pipeline:
         systems["teacher"] = metrics(qrels, {q: {doc_ids[int(d)]: float(s) for d, s in zip(p, ts)}
                                               for q, p, ts in zip(qids, pools, t_scores)})
         kinds = self.cfg.students.kinds
-        if "dense" not in kinds:
+        served = self.served_dense
+        if served not in kinds:
             return systems
-        dense_q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(texts)
-        # hybrid first stage: z-score fusion of dense and BM25 top-depth, weight tuned on the dev slice
-        hybrid = self.tune_hybrid(depth)
-        firsts = self.first_stage_lists(texts, dense_q, hybrid["dense_weight"], depth)
-        systems["dense"] = metrics(qrels, self.run_of(qids, firsts["dense"]))
         int8_corpus = self.cfg.export_int8 and self.cfg.evaluate.int8_corpus
-        if self.cfg.export_int8:
-            dense8 = DenseEncoder(self.onnx_dir("dense"), onnx_file=INT8_NAME, threads=self.cfg.threads)
-            if int8_corpus:
-                s8, i8 = exact_topk(self.dense_corpus(INT8_NAME), dense8.encode_queries(texts), depth)
-                systems["dense-int8"] = metrics(qrels, run_from_arrays(qids, doc_ids, s8, i8))
-            # what the service serves with NRS_USE_INT8: int8 query encoders, fp32-encoded corpus
-            q8_s, q8_i = exact_topk(self.dense_corpus(), dense8.encode_queries(texts), depth)
-            systems["dense-int8-query"] = metrics(qrels, run_from_arrays(qids, doc_ids, q8_s, q8_i))
-        systems["hybrid"] = metrics(qrels, self.run_of(qids, firsts["hybrid"]))
+        firsts: dict[str, list[Ranked]] = {}
+        q8_lists: list[Ranked] = []
+        for kind in ("dense", "asymmetric"):
+            if kind not in kinds:
+                continue
+            prefix = DENSE_ROW_PREFIX[kind]
+            # hybrid first stage: z-score fusion with BM25's top-depth, weight tuned on the dev slice
+            hw = self.tune_hybrid(depth, kind)["dense_weight"]
+            lists = self.first_stage_lists(texts, self.dense_queries(texts, kind), hw, depth, kind)
+            systems[f"{prefix}dense"] = metrics(qrels, self.run_of(qids, lists["dense"]))
+            systems[f"{prefix}hybrid"] = metrics(qrels, self.run_of(qids, lists["hybrid"]))
+            if self.cfg.export_int8:
+                q8 = self.dense_queries(texts, kind, INT8_NAME)
+                if int8_corpus and kind == "dense":
+                    s8, i8 = exact_topk(self.dense_corpus(INT8_NAME), q8, depth)
+                    systems["dense-int8"] = metrics(qrels, run_from_arrays(qids, doc_ids, s8, i8))
+                # what the service serves with NRS_USE_INT8: int8 query encoder, fp32 document vectors
+                q8_s, q8_i = exact_topk(self.corpus_vectors(kind), q8, depth)
+                systems[f"{prefix}dense-int8-query"] = metrics(qrels, run_from_arrays(qids, doc_ids, q8_s, q8_i))
+                if kind == served:
+                    q8_lists = [Ranked(i[i >= 0], s[i >= 0]) for s, i in zip(q8_s, q8_i)]
+            if kind == served:
+                firsts = lists
+        hybrid_weight = self.tune_hybrid(depth)["dense_weight"]
         if "colbert" in kinds:
             # ColBERT reranks, its scores interpolated with the first stage's (weights tuned on the dev slice)
-            weights = self.tune_rerank_weights("colbert", hybrid["dense_weight"], depth)["weights"]
+            weights = self.tune_rerank_weights("colbert", hybrid_weight, depth)["weights"]
             for f in [ONNX_NAME] + ([INT8_NAME] if int8_corpus else []):
                 cb = self.colbert_scores(texts, firsts["dense"], f)
                 systems["dense+colbert" + ("-int8" if f == INT8_NAME else "")] = metrics(
                     qrels, self.run_of(qids, firsts["dense"], cb, weights["dense"]))
                 if f == ONNX_NAME:
                     systems["dense+colbert-maxsim"] = metrics(qrels, self.run_of(qids, firsts["dense"], cb, 1.0))
-            if self.cfg.export_int8:  # as served with NRS_USE_INT8: int8 query encoders, fp32-encoded corpus
-                q8_lists = [(i[i >= 0], s[i >= 0]) for s, i in zip(q8_s, q8_i)]
+            if q8_lists:  # as served with NRS_USE_INT8: int8 query encoders, fp32-encoded corpus
                 cb = self.colbert_scores(texts, q8_lists, query_onnx_file=INT8_NAME)
                 systems["dense+colbert-int8-query"] = metrics(qrels, self.run_of(qids, q8_lists, cb, weights["dense"]))
             cb = self.colbert_scores(texts, firsts["hybrid"])
             systems["hybrid+colbert"] = metrics(qrels, self.run_of(qids, firsts["hybrid"], cb, weights["hybrid"]))
             systems["hybrid+colbert-maxsim"] = metrics(qrels, self.run_of(qids, firsts["hybrid"], cb, 1.0))
         if "cross-encoder" in kinds:
-            # the cross-encoder reranks the dense top-depth, its scores interpolated with the dense
-            # student's as the service serves it (weight tuned on the dev slice); "-plain": its scores alone
-            ce_weight = self.tune_rerank_weights("cross-encoder", hybrid["dense_weight"], depth)["weights"]["dense"]
+            # the cross-encoder reranks the dense top-depth, its scores interpolated with the served
+            # dense model's (weight tuned on the dev slice); "-plain": its scores alone
+            ce_weight = self.tune_rerank_weights("cross-encoder", hybrid_weight, depth)["weights"]["dense"]
             cand_texts = [[self.corpus_texts[int(j)] for j in c] for c, _ in firsts["dense"]]
             scores = self.cross_encoder_scores(texts, cand_texts)
             systems["dense+cross-encoder"] = metrics(qrels, self.run_of(qids, firsts["dense"], scores, ce_weight))
@@ -650,7 +773,54 @@ class Pipeline:
                 scores8 = self.cross_encoder_scores(texts, cand_texts, onnx_file=INT8_NAME)
                 systems["dense+cross-encoder-int8"] = metrics(
                     qrels, self.run_of(qids, firsts["dense"], scores8, ce_weight))
+        row = self.mode_row(self.choose_default())
+        if row in systems:
+            systems["served-default"] = dict(systems[row])
         return systems
+
+    def mode_row(self, mode: Mapping[str, str]) -> str:
+        """The results row that measures served mode ``{"first_stage", "rerank"}``."""
+        prefix = DENSE_ROW_PREFIX[self.served_dense]
+        stage, rerank = mode["first_stage"], mode["rerank"]
+        if rerank == "none":
+            return "bm25" if stage == "sparse" else f"{prefix}{stage}"
+        return f"{stage}+{rerank}"
+
+    def choose_default(self, depth: int = 100) -> dict[str, Any]:
+        """The mode ``/search`` serves when a request names none: among the cheap modes (every
+        first stage, alone or reranked by ColBERT; the cross-encoder costs seconds a query on
+        CPU and is never a default), the hybrid first stage alone (the served dense model
+        where there is no BM25) unless another mode beats it on the dev slice by more than one
+        standard error (:func:`index_build.evaluate.one_se_choice`), then the best of those.
+        Never on test judgments. Computed once per pipeline and exported models."""
+        memo = (depth, *[self.export_key(k) for k in self.cfg.students.kinds])
+        if memo not in self._default_choice:
+            self._default_choice[memo] = self._choose_default(depth)
+        return self._default_choice[memo]
+
+    def _choose_default(self, depth: int) -> dict[str, Any]:
+        kinds = self.cfg.students.kinds
+        prior = ("hybrid", "none")
+        dev = self.load_mined()["dev"]
+        if not dev["qids"]:
+            return {"first_stage": prior[0], "rerank": prior[1], "chosen_on": "default (no dev queries)"}
+        qrels, qids = self.dev_qrels(dev), dev["qids"]
+        hybrid_weight = self.tune_hybrid(depth)["dense_weight"]
+        firsts = self.first_stage_lists(dev["queries"], self.dense_queries(dev["queries"]), hybrid_weight, depth)
+        per_mode = {(stage, "none"): per_query_ndcg(qrels, self.run_of(qids, firsts[stage]), qids)
+                    for stage in FIRST_STAGES}
+        if "colbert" in kinds:
+            weights = self.tune_rerank_weights("colbert", hybrid_weight, depth)["weights"]
+            reranked = {stage: firsts[stage] for stage in ("dense", "hybrid")}
+            scores = self.rerank_scores("colbert", dev["queries"], reranked)
+            for stage, lists in reranked.items():
+                per_mode[(stage, "colbert")] = per_query_ndcg(
+                    qrels, self.run_of(qids, lists, scores[stage], weights[stage]), qids)
+        stage, rerank = one_se_choice(per_mode, prior, lambda m, p: float(m != p))
+        return {"first_stage": stage, "rerank": rerank,
+                "chosen_on": "pseudo-query dev slice" if self.label_free else "train dev slice",
+                "selection": "one-standard-error rule toward hybrid without rerank",
+                "dev_nDCG@10": {f"{s}+{r}": round(float(v.mean()), 4) for (s, r), v in per_mode.items()}}
 
     def cross_encoder_scores(self, queries: list[str], candidate_texts: list[list[str]],
                              onnx_file: str = ONNX_NAME) -> list[np.ndarray]:
@@ -693,13 +863,12 @@ class Pipeline:
         return out
 
     def first_stage_lists(self, texts: list[str], dense_queries: np.ndarray, hybrid_weight: float,
-                          depth: int) -> dict[str, list[Ranked]]:
-        """Per first stage (``dense``: exact search over the student's corpus vectors,
-        ``sparse``: BM25, ``hybrid``: their z-score fusion), each query's top-``depth``, ranked
-        by the service's own first stages (:func:`models.retrieval.first_stages`)."""
-        from index_build.teachers import exact_topk
-
-        corpus = self.dense_corpus()
+                          depth: int, kind: str | None = None) -> dict[str, list[Ranked]]:
+        """Per first stage (``dense``: exact search over dense model ``kind``'s corpus vectors,
+        default :attr:`served_dense`; ``sparse``: BM25; ``hybrid``: their z-score fusion), each
+        query's top-``depth``, ranked by the service's own first stages
+        (:func:`models.retrieval.first_stages`)."""
+        corpus = self.corpus_vectors(kind)
         return first_stages(FIRST_STAGES, texts, depth, dense_vectors=dense_queries,
                             dense_search=lambda q, k: exact_topk(corpus, q, k), sparse=self.bm25,
                             hybrid_weights=(hybrid_weight, 1.0 - hybrid_weight))
@@ -765,26 +934,47 @@ class Pipeline:
         # Rerankers are evaluated as the service serves them after the dense first stage: their
         # scores interpolated with the dense student's (on this pool's BM25 candidates), at the
         # weights chosen on the build's dev slice, the artifact's; never on these judgments.
-        firsts: dict[str, dict[str, dict[str, float]]] = {}
+        firsts: dict[str, dict[str, dict[str, float]]] = {}  # the served dense model's first stages
         hw, record = 1.0, {}
-        if "dense" in kinds:
-            dense_run = score_all(dense_fn(DenseEncoder(self.onnx_dir("dense"))))
-            systems["dense"] = metrics(qrels, dense_run, min_rel=2)
-            firsts["dense"] = dense_run
-            hw = self.tune_hybrid()["dense_weight"]
-            record = self.trec_weights[path.name] = {"hybrid_dense_weight": hw}
+        served = self.served_dense
+        for kind in ("dense", "asymmetric"):
+            if kind not in kinds:
+                continue
+            prefix = DENSE_ROW_PREFIX[kind]
+            if kind == "asymmetric":  # the student's queries against the teacher members' document vectors
+                from index_build.asymmetric import TeacherSpace
+                from index_build.teachers import BiEncoderTeacher, EnsembleTeacher
+
+                assert isinstance(teacher, EnsembleTeacher)
+                space = TeacherSpace([m for m in teacher.members if isinstance(m, BiEncoderTeacher)])
+                asym = DenseEncoder(self.onnx_dir(kind), threads=self.cfg.threads)
+
+                def asym_fn(q: str, cs: list[str], enc: DenseEncoder = asym, space=space) -> np.ndarray:
+                    idx = np.array([col.doc_index[c] for c in cs], np.int64)
+                    return np.hstack([m.embeddings(idx) for m in space.members]) @ enc.encode_queries([q])[0]
+
+                dense_run = score_all(asym_fn)
+            else:
+                dense_run = score_all(dense_fn(DenseEncoder(self.onnx_dir(kind), threads=self.cfg.threads)))
+                if self.cfg.export_int8:
+                    enc8 = DenseEncoder(self.onnx_dir(kind), onnx_file=INT8_NAME, threads=self.cfg.threads)
+                    systems["dense-int8"] = metrics(qrels, score_all(dense_fn(enc8)), min_rel=2)
+            systems[f"{prefix}dense"] = metrics(qrels, dense_run, min_rel=2)
+            kind_hw = self.tune_hybrid(kind=kind)["dense_weight"]
+            if kind == served:
+                firsts["dense"], hw = dense_run, kind_hw
+                record = self.trec_weights[path.name] = {"hybrid_dense_weight": hw}
             if own_pool:
                 hybrid_run = {}
                 for qid, cs in zip(qids, cands):  # the service's hybrid over this pool's candidates
                     bm25, pool = dict(run_in[qid]), np.arange(len(cs))
                     fused = fuse_hybrid(Ranked(pool, np.array([dense_run[qid][c] for c in cs])),
-                                        Ranked(pool, np.array([bm25[c] for c in cs])), (hw, 1 - hw), len(cs))
+                                        Ranked(pool, np.array([bm25[c] for c in cs])), (kind_hw, 1 - kind_hw),
+                                        len(cs))
                     hybrid_run[qid] = {cs[int(j)]: float(x) for j, x in zip(*fused)}
-                systems["hybrid"] = metrics(qrels, hybrid_run, min_rel=2)
-                firsts["hybrid"] = hybrid_run
-            if self.cfg.export_int8:
-                enc8 = DenseEncoder(self.onnx_dir("dense"), onnx_file=INT8_NAME)
-                systems["dense-int8"] = metrics(qrels, score_all(dense_fn(enc8)), min_rel=2)
+                systems[f"{prefix}hybrid"] = metrics(qrels, hybrid_run, min_rel=2)
+                if kind == served:
+                    firsts["hybrid"] = hybrid_run
         if "colbert" in kinds:
             cb = ColbertEncoder(self.onnx_dir("colbert"))
 
@@ -816,6 +1006,9 @@ class Pipeline:
                 systems["dense+cross-encoder-plain"] = metrics(qrels, ce_run, min_rel=2)
             else:
                 systems["dense+cross-encoder"] = metrics(qrels, ce_run, min_rel=2)
+        row = self.mode_row(self.choose_default()) if firsts else None
+        if row in systems:  # e.g. no hybrid rows on another collection's pool
+            systems["served-default"] = dict(systems[row])
         return systems
 
     # ----------------------------------------------------------------- artifact
@@ -835,9 +1028,11 @@ class Pipeline:
 
         def run(out: Path) -> dict:
             kinds = self.cfg.students.kinds
-            if "dense" not in kinds:
-                raise RuntimeError("an artifact needs the dense student (students.kinds must include 'dense')")
-            dense = self.dense_corpus()
+            served = self.served_dense
+            if served not in kinds:
+                raise RuntimeError("an artifact needs a dense student (students.kinds must include 'dense' "
+                                   "or 'asymmetric')")
+            dense = self.corpus_vectors()
             colbert = None
             if "colbert" in kinds:
                 toks = self.colbert_corpus()
@@ -858,12 +1053,17 @@ class Pipeline:
             dvq = self.cfg.index.distill_vq
             distill_vq = self.distill_vq_queries(dvq.queries, dvq.max_queries) if dvq.enabled else None
             build_artifact(
-                final, collection=self.collection, onnx_dirs={k: self.onnx_dir(k) for k in kinds},
+                final, collection=self.collection,
+                # the served dense model is the artifact's "dense" model (a full-tower student
+                # beside an asymmetric one is evaluated, not served)
+                onnx_dirs={"dense": self.onnx_dir(served),
+                           **{k: self.onnx_dir(k) for k in ("colbert", "cross-encoder") if k in kinds}},
                 dense_vectors=dense, colbert_vectors=colbert, bm25=self.bm25, factory=self.cfg.index.factory,
                 colbert_bits=self.cfg.index.colbert_bits, colbert_kmeans_niter=self.cfg.index.colbert_kmeans_niter,
                 nprobe=self.cfg.index.nprobe,
                 calibration_queries=self.calibration_queries(), hybrid=hybrid, rerank_interpolation=interpolation,
                 distill_vq=dvq, distill_vq_queries=distill_vq,
+                serving={"default": self.choose_default(), "dense_model": served},
                 training=training,
                 build={"key": key, "config": _jsonable(self.cfg), "stages": stages},
                 progress=self.progress,
@@ -888,16 +1088,10 @@ class Pipeline:
         random.Random(0).shuffle(texts)
         return texts
 
-    def encode_dense_queries(self, texts: list[str]) -> np.ndarray:
-        from models.encoders import DenseEncoder
-
-        enc = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads)
-        return np.ascontiguousarray(enc.encode_queries(texts), dtype=np.float32)
-
     def calibration_queries(self, limit: int = 512) -> np.ndarray:
         """Dense-student vectors of up to ``limit`` training (or pseudo-) queries, for choosing
         the default ``nprobe``."""
-        return self.encode_dense_queries(self.training_query_texts()[:limit])
+        return self.dense_queries(self.training_query_texts()[:limit])
 
     def distill_vq_queries(self, source: str, limit: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Dense-student vectors of the queries that train a distilled index, and a record of
@@ -916,33 +1110,32 @@ class Pipeline:
             origin = "label-free pseudo-queries" if self.label_free else "training queries (train and dev slices)"
         texts = texts[:limit]
         log.info("distill-vq: encoding %d queries (%s)", len(texts), origin)
-        return self.encode_dense_queries(texts), {"source": source, "origin": origin, "n_queries": len(texts)}
+        return self.dense_queries(texts), {"source": source, "origin": origin, "n_queries": len(texts)}
 
-    def tune_hybrid(self, depth: int = 100) -> dict[str, Any]:
+    def tune_hybrid(self, depth: int = 100, kind: str | None = None) -> dict[str, Any]:
         """Choose the dense weight of the hybrid (z-score fusion of dense and BM25 top-``depth``)
         on the dev slice: held-out train queries, or held-out pseudo-queries when label-free.
         Never on test judgments. The weight is the one closest to equal weights among those
         within one standard error of the best (:func:`index_build.evaluate.one_se_choice`):
         pseudo-queries extracted from the documents favour BM25 by construction (BM25 finds
         their source at rank 1), so a single dev query must not pull the weight to an extreme.
-        Computed once per pipeline and exported dense student (evaluation, each TREC DL pool
-        and the artifact stage all need it)."""
-        memo = (depth, self.export_key("dense"))
+        ``kind``: the dense model fused (default :attr:`served_dense`). Computed once per
+        pipeline and exported dense model (evaluation, each TREC DL pool and the artifact stage
+        all need it)."""
+        kind = kind or self.served_dense
+        memo = (depth, kind, self.export_key(kind))
         if memo not in self._hybrid_tuning:
-            self._hybrid_tuning[memo] = self._tune_hybrid(depth)
+            self._hybrid_tuning[memo] = self._tune_hybrid(depth, kind)
         return self._hybrid_tuning[memo]
 
-    def _tune_hybrid(self, depth: int) -> dict[str, Any]:
-        from models.encoders import DenseEncoder
-
+    def _tune_hybrid(self, depth: int, kind: str) -> dict[str, Any]:
         dev = self.load_mined()["dev"]
         if not dev["qids"]:
             return {"method": "zscore", "dense_weight": 0.5, "sparse_weight": 0.5, "depth": depth,
                     "tuned_on": "default (no dev queries)"}
         qrels = self.dev_qrels(dev)
         doc_ids = self.collection.doc_ids
-        dense_q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(dev["queries"])
-        firsts = self.first_stage_lists(dev["queries"], dense_q, 0.5, depth)
+        firsts = self.first_stage_lists(dev["queries"], self.dense_queries(dev["queries"], kind), 0.5, depth, kind)
         per_query: dict[float, np.ndarray] = {}
         for w in WEIGHT_GRID:
             run = {}
@@ -959,37 +1152,38 @@ class Pipeline:
     def tune_rerank_weights(self, kind: str, hybrid_weight: float, depth: int = 100) -> dict[str, Any]:
         """Per first stage, the weight of reranker ``kind``'s score (``colbert`` or
         ``cross-encoder``) against the first stage's score in the final ranking
-        (:func:`models.fusion.interpolate`; 1 = plain reranking), chosen on the dev slice like
-        :meth:`tune_hybrid`, with plain reranking as the prior. Never on test judgments.
+        (:func:`models.fusion.interpolate`; 1 = plain reranking, 0 = the first stage alone),
+        chosen on the dev slice like :meth:`tune_hybrid` with the first stage alone as the
+        prior: a reranker that does not beat its first stage on dev by more than one standard
+        error gets weight 0 (``no_dev_gain`` lists those first stages). Never on test judgments.
         Computed once per pipeline and exported models (the evaluate and artifact stages both
         need it)."""
-        memo = (kind, hybrid_weight, depth, self.export_key("dense"), self.export_key(kind))
+        memo = (kind, hybrid_weight, depth, self.export_key(self.served_dense), self.export_key(kind))
         if memo not in self._rerank_tuning:
             self._rerank_tuning[memo] = self._tune_rerank_weights(kind, hybrid_weight, depth)
         return self._rerank_tuning[memo]
 
     def _tune_rerank_weights(self, kind: str, hybrid_weight: float, depth: int) -> dict[str, Any]:
-        from models.encoders import DenseEncoder
-
         dev = self.load_mined()["dev"]
         stages = ("dense", "sparse", "hybrid")
         if not dev["qids"]:
             return {"method": "zscore", "weights": dict.fromkeys(stages, 1.0), "depth": depth,
                     "tuned_on": "default (no dev queries)"}
         qrels = self.dev_qrels(dev)
-        dense_q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(dev["queries"])
-        firsts = self.first_stage_lists(dev["queries"], dense_q, hybrid_weight, depth)
+        firsts = self.first_stage_lists(dev["queries"], self.dense_queries(dev["queries"]), hybrid_weight, depth)
         scores = self.rerank_scores(kind, dev["queries"], firsts)
         weights, curves = {}, {}
         for stage in stages:
             per_query = {a: per_query_ndcg(qrels, self.run_of(dev["qids"], firsts[stage], scores[stage], a),
                                            dev["qids"])
                          for a in WEIGHT_GRID}
-            weights[stage] = one_se_choice(per_query, prior=1.0)
+            weights[stage] = one_se_choice(per_query, prior=0.0)
             curves[stage] = {str(a): round(float(v.mean()), 4) for a, v in per_query.items()}
         return {"method": "zscore", "weights": weights, "depth": depth,
                 "tuned_on": "pseudo-query dev slice" if self.label_free else "train dev slice",
-                "selection": "one-standard-error rule toward plain reranking (1.0)",
+                "selection": "one-standard-error rule toward the first stage alone (0.0)",
+                # first stages after which the reranker did not beat the first stage alone on dev
+                "no_dev_gain": [stage for stage, w in weights.items() if w == 0.0],
                 "dev_nDCG@10": curves}
 
     def rerank_scores(self, kind: str, texts: list[str],
@@ -1046,6 +1240,10 @@ class Pipeline:
                 "teacher": {"members": self.cfg.teacher.members, "norm": self.cfg.teacher.norm,
                             "pool_depth": self.cfg.teacher.pool_depth},
                 "command": self.command()}
+        if self.served_dense in self.cfg.students.kinds:
+            # the served dense model (whose first stage the rerank and served-default rows use)
+            # and the default mode, chosen on the dev slice
+            main["serving"] = {"dense_model": self.served_dense, "default": self.choose_default()}
         write_json_atomic(results_dir / f"{name}.json", main)
         md = markdown_table(main["systems"], f"{name} ({self.cfg.data.test_split})")
         if ev.result["trec"]:

@@ -107,12 +107,26 @@ class BiEncoderTeacher:
         return self._emb
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
-        """Query embeddings, each distinct query encoded once per instance (the base model
-        embeds the same training queries for mining and again as a teacher member)."""
+        """Query embeddings, each distinct query encoded once and cached by content like the
+        documents (the base model embeds the same training queries for mining and again as a
+        teacher member; an asymmetric student's tens of thousands of training queries are
+        embedded by every member)."""
+        from tqdm import tqdm
+
         todo = list(dict.fromkeys(q for q in queries if q not in self._queries))
+        keys = {q: content_key(self._fp, "query", q) for q in todo}
+        found = self.cache.get_many(list(keys.values()))
+        self._queries.update((q, found[k]) for q, k in keys.items() if k in found)
+        todo = [q for q in todo if keys[q] not in found]
+        bar = tqdm(total=len(todo), desc=f"{self.name}: encode queries", unit="query",
+                   disable=not self.progress or len(todo) <= QUERY_CHUNK)
         for start in range(0, len(todo), QUERY_CHUNK):
             part = todo[start : start + QUERY_CHUNK]
-            self._queries.update(zip(part, self.encoder.encode_queries(part)))
+            vecs = np.asarray(self.encoder.encode_queries(part), dtype=np.float32)
+            self._queries.update(zip(part, vecs))
+            self.cache.put_many([(keys[q], v) for q, v in zip(part, vecs)])
+            bar.update(len(part))
+        bar.close()
         if not queries:
             return np.zeros((0, self.encoder.dim), np.float32)
         return np.stack([self._queries[q] for q in queries])

@@ -105,6 +105,9 @@ class Manifest(BaseModel):
     build: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
+    #: how the builder recommends serving it: ``default`` is the mode (``first_stage``,
+    #: ``rerank``) it measured best on its dev queries, used when a request names none
+    serving: dict[str, Any] = Field(default_factory=dict)
 
     def referenced_paths(self) -> list[tuple[str, str]]:
         """``(what, relative path)`` for every model, index and docstore path it names."""

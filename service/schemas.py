@@ -34,12 +34,16 @@ class SearchOptionsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     k: PositiveInt | None = Field(None, description="Hits to return (default and maximum from the settings).")
-    rerank: RerankMode = Field("none", description="Second stage: none, ColBERT MaxSim or the cross-encoder.")
+    rerank: RerankMode | None = Field(None, description=(
+        "Second stage: none, ColBERT MaxSim or the cross-encoder (default: the artifact's served "
+        "default, see /info default_mode)."))
     candidates: PositiveInt | None = Field(None, description="First-stage depth handed to the reranker.")
     nprobe: Annotated[int, Ge(1), Le(1 << 16), BeforeValidator(_json_integer)] | None = Field(
         None, description="IVF lists probed (default: the index's).")
     include_text: StrictBool = Field(False, description="Return each hit's title and text.")
-    first_stage: FirstStage = Field("dense", description="dense (FAISS), sparse (BM25) or hybrid (fused).")
+    first_stage: FirstStage | None = Field(None, description=(
+        "dense (FAISS), sparse (BM25) or hybrid (fused) (default: the artifact's served default, "
+        "see /info default_mode)."))
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for :meth:`service.search.SearchEngine.resolve_options`."""

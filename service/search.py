@@ -187,6 +187,7 @@ class SearchEngine:
         self.providers = list(providers)
         self.model_files = dict(model_files or {})
         self.weights = retrieval_weights(settings, manifest)
+        self.default_mode = self._default_mode()
         self.closed = False
         #: requests and thread jobs using this engine now (kept by the service's event loop)
         self.leases = 0
@@ -311,6 +312,27 @@ class SearchEngine:
                      "_input_names"):
             vars(self).pop(name, None)
 
+    def _default_mode(self) -> dict[str, str]:
+        """The mode of a request that names none: the settings' where given, else the
+        artifact's (``manifest.serving.default``, the builder's choice on its dev queries),
+        else dense without rerank; each field on its own."""
+        built = self.manifest.serving.get("default", {})
+        out: dict[str, str] = {}
+        for name, configured, fallback in (("first_stage", self.settings.default_first_stage, "dense"),
+                                           ("rerank", self.settings.default_rerank, "none")):
+            available = self.first_stages() if name == "first_stage" else self.rerank_modes()
+            if configured is not None:
+                if configured not in available:
+                    raise ArtifactError(f"default_{name}={configured!r} is not available in this artifact "
+                                        f"(it has {', '.join(available)})")
+                out[name], source = configured, "settings"
+            elif built.get(name) in available:
+                out[name], source = built[name], "artifact"
+            else:
+                out[name], source = fallback, "built-in"
+            out[f"{name}_source"] = source
+        return out
+
     # -- introspection ----------------------------------------------------------------------------
     @property
     def artifact_version(self) -> str:
@@ -365,6 +387,7 @@ class SearchEngine:
             "indexes": indexes,
             "rerank_modes": self.rerank_modes(),
             "first_stages": self.first_stages(),
+            "default_mode": dict(self.default_mode),
             "hybrid_weights": {"dense": self.weights.hybrid[0], "sparse": self.weights.hybrid[1]},
             "colbert_weights": dict(self.weights.colbert),
             "cross_encoder_weights": dict(self.weights.cross_encoder),
@@ -379,13 +402,16 @@ class SearchEngine:
         *,
         k: int | None = None,
         candidates: int | None = None,
-        rerank: str = "none",
-        first_stage: str = "dense",
+        rerank: str | None = None,
+        first_stage: str | None = None,
         nprobe: int | None = None,
         include_text: bool = False,
     ) -> SearchOptions:
-        """Fill defaults from the settings and check every limit; :class:`InvalidRequest` if not met."""
+        """Fill defaults (:attr:`default_mode`, the settings) and check every limit;
+        :class:`InvalidRequest` if not met."""
         s = self.settings
+        rerank = self.default_mode["rerank"] if rerank is None else rerank
+        first_stage = self.default_mode["first_stage"] if first_stage is None else first_stage
         if rerank not in RERANK_MODES:
             raise InvalidRequest(f"unknown rerank {rerank!r}; expected one of {', '.join(RERANK_MODES)}")
         if first_stage not in FIRST_STAGES:

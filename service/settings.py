@@ -21,6 +21,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.retrieval import FirstStage, RerankMode
+
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 #: the models an artifact may hold (manifest ``models`` keys)
 MODEL_ROLES = ("dense", "colbert", "cross-encoder")
@@ -76,6 +78,13 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(32, ge=1, description="Most query texts encoded in one ONNX call.")
     batch_max_wait_ms: float = Field(
         0.0, ge=0, description="How long a batch waits for more queries (0: continuous batching, no wait).")
+
+    # -- served default mode ---------------------------------------------------------------------
+    default_first_stage: FirstStage | None = Field(None, description=(
+        "First stage of a request that names none (default: the artifact's, chosen by the builder "
+        "on its dev queries; dense for an artifact without one)."))
+    default_rerank: RerankMode | None = Field(None, description=(
+        "Rerank mode of a request that names none (default: the artifact's, else none)."))
 
     # -- hybrid first stage ----------------------------------------------------------------------
     hybrid_dense_weight: float | None = Field(

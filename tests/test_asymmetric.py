@@ -9,7 +9,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from index_build.asymmetric import (  # noqa: E402
-    AsymmetricTrainConfig,
     TeacherSpace,
     encode_queries,
     init_maps_by_ridge,
@@ -17,6 +16,7 @@ from index_build.asymmetric import (  # noqa: E402
     train_asymmetric,
 )
 from index_build.cache import ArrayCache  # noqa: E402
+from index_build.config import AsymmetricConfig  # noqa: E402
 from index_build.data import load_collection  # noqa: E402
 from index_build.losses import alignment_mse, listwise_kl  # noqa: E402
 from index_build.students import AsymmetricStudent, load_student, new_asymmetric_student  # noqa: E402
@@ -79,7 +79,7 @@ def test_student_trains_saves_and_exports_as_a_dense_model(space, tiny_bert, tmp
     pools, scores = teacher_pools(parts, sp.doc_parts(), BM25Index.build(col.doc_texts()), texts, 10)
     history: list[dict] = []
     result = train_asymmetric(student, texts, q_teacher, pools, scores, docs,
-                              AsymmetricTrainConfig(epochs=3, batch=8, lr=3e-4, pool_size=8, eval_every=5),
+                              AsymmetricConfig(epochs=3, batch=8, lr=3e-4, pool_size=8, eval_every=5),
                               lambda m: -alignment_mse(torch.from_numpy(encode_queries(m, texts)),
                                                        torch.from_numpy(q_teacher)).item(), history)
     after = alignment_mse(torch.from_numpy(encode_queries(student, texts)), torch.from_numpy(q_teacher)).item()

@@ -224,7 +224,7 @@ def test_baseline_app_answers_with_the_service_shape(artifacts, tiny_beir, tiny_
                 # the service scores that document (z-scored interpolation amplifies the graphs'
                 # ~1e-6 differences to ~1e-4), and no other candidate beats the baseline's fifth
                 served = {h.id: h.score for h in engine.search("tumor cancer cells", k=20, rerank=mode,
-                                                               candidates=20).hits}
+                                                               first_stage="dense", candidates=20).hits}
                 assert [served.get(h.id) for h in body.hits] == pytest.approx([h.score for h in body.hits],
                                                                                abs=1e-3), mode
                 others = [x for d, x in served.items() if d not in {h.id for h in body.hits}]

@@ -474,7 +474,7 @@ def test_per_token_int8_export_option(built, tiny_beir, tiny_bert):
     queries = ["vitamin bone", "gene mutation and dna expression in the brain cortex of the elderly", "heart"]
     with TestClient(create_app(settings)) as c:
         for rerank in ("none", "colbert"):
-            body = {"k": 5, "candidates": 10, "rerank": rerank}
+            body = {"k": 5, "candidates": 10, "rerank": rerank, "first_stage": "dense"}
             batch = c.post("/search/batch", json={"queries": queries, **body}).json()["results"]
             for query, res in zip(queries, batch):
                 alone = c.post("/search", json={"query": query, **body}).json()["hits"]
@@ -578,3 +578,20 @@ def test_pool_scores_encode_each_document_once_and_match_per_query_scores(built,
             want = student_scores(student, [q], [[texts[int(d)] for d in pool]])[0][0].numpy()
             assert g.shape == (len(pool),)
             np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_reranker_without_dev_gain_gets_weight_zero(built, monkeypatch):
+    """Reranker scores that carry no information (noise) do not beat the first stage on the
+    dev slice: the tuned weight is 0 (the first stage alone) and the record says so."""
+    _, _, p, _ = built
+    rng = np.random.default_rng(0)
+
+    def noise(kind, texts, firsts):
+        return {stage: [rng.normal(size=len(c)) for c, _ in lists] for stage, lists in firsts.items()}
+
+    monkeypatch.setattr(p, "rerank_scores", noise)
+    monkeypatch.setattr(p, "_rerank_tuning", {})
+    tuned = p.tune_rerank_weights("colbert", p.tune_hybrid()["dense_weight"])
+    assert tuned["weights"] == {"dense": 0.0, "sparse": 0.0, "hybrid": 0.0}
+    assert tuned["no_dev_gain"] == ["dense", "sparse", "hybrid"]
+    assert "toward the first stage alone" in tuned["selection"]

@@ -103,13 +103,33 @@ def test_search_matches_engine(client, first_stage, rerank):
     assert t["total"] >= t["encode"]
 
 
-def test_search_defaults_and_text(client):
+def test_search_defaults_and_text(client, artifacts):
+    """A request that names no mode is served in the artifact's default mode (the builder's
+    choice on its dev queries, shown by /info); explicit fields override it."""
+    built = json.loads((artifacts.first / "manifest.json").read_text())["serving"]["default"]
+    assert built["first_stage"] in ("dense", "sparse", "hybrid") and built["rerank"] in ("none", "colbert")
+    assert "dev_nDCG@10" in built and built["chosen_on"] == "train dev slice"
+    info = client.get("/info").json()["default_mode"]
+    assert info == {"first_stage": built["first_stage"], "first_stage_source": "artifact",
+                    "rerank": built["rerank"], "rerank_source": "artifact"}
     data = client.post("/search", json={"query": QUERIES[1], "include_text": True}).json()
-    assert len(data["hits"]) == 10 and data["rerank"] == "none" and data["first_stage"] == "dense"
+    assert len(data["hits"]) == 10 and data["rerank"] == built["rerank"] and data["first_stage"] == built["first_stage"]
+    explicit = client.post("/search", json={"query": QUERIES[1], "first_stage": "sparse", "rerank": "none"}).json()
+    assert explicit["first_stage"] == "sparse" and explicit["rerank"] == "none"
     docs = engine_of(client).docstore.get_by_index(range(engine_of(client).n_docs))
     by_id = {d["id"]: d for d in docs}
     for h in data["hits"]:
         assert h["title"] == by_id[h["id"]]["title"] and h["text"] == by_id[h["id"]]["text"]
+
+
+def test_default_mode_from_settings(artifacts):
+    settings = make_settings(artifacts.first, default_first_stage="sparse", default_rerank="colbert", warmup=False)
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        assert c.get("/info").json()["default_mode"] == {
+            "first_stage": "sparse", "first_stage_source": "settings", "rerank": "colbert", "rerank_source": "settings"}
+        data = c.post("/search", json={"query": QUERIES[0]}).json()
+        assert data["first_stage"] == "sparse" and data["rerank"] == "colbert"
 
 
 def test_cross_encoder_default_candidates_capped(artifacts):
@@ -209,7 +229,7 @@ def test_rerank_or_first_stage_missing_from_artifact(client, monkeypatch):
     for first_stage in ("sparse", "hybrid"):
         err = assert_envelope(client.post("/search", json={"query": "q", "first_stage": first_stage}), 422)
         assert "BM25" in err["message"]
-    assert client.post("/search", json={"query": "q"}).status_code == 200
+    assert client.post("/search", json={"query": "q", "first_stage": "dense", "rerank": "none"}).status_code == 200
 
 
 def test_body_too_large(client):

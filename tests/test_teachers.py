@@ -108,10 +108,24 @@ def test_bi_encoder_encodes_only_the_documents_it_scores(tiny_beir, tiny_bert, t
     cache = ArrayCache(tmp_path / "c.sqlite")
     teacher = BiEncoderTeacher(str(tiny_bert), texts, cache, progress=False)
     scores = teacher.score(["vitamin bone"], [np.array([3, 1])])[0]
-    assert len(cache) == 2 and teacher._have.sum() == 2            # candidates only, not the corpus
+    assert len(cache) == 2 + 1 and teacher._have.sum() == 2        # candidates (and the query) only
     full = teacher.doc_embeddings                                  # retrieval needs every document
-    assert len(cache) == len(texts) and teacher._have.all()
+    assert len(cache) == len(texts) + 1 and teacher._have.all()
     np.testing.assert_allclose(scores, full[[3, 1]] @ teacher.encode_queries(["vitamin bone"])[0], rtol=1e-5)
+
+
+def test_bi_encoder_query_vectors_are_cached_by_content(tiny_beir, tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setenv("NRS_CACHE_DIR", str(tmp_path / "cache"))
+    texts = load_collection(tiny_beir).doc_texts()
+    cache = ArrayCache(tmp_path / "c.sqlite")
+    first = BiEncoderTeacher(str(tiny_bert), texts, cache, progress=False).encode_queries(["heart", "gene dna"])
+    again = BiEncoderTeacher(str(tiny_bert), texts, cache, progress=False)
+
+    def fail(_texts):
+        raise AssertionError("a cached query was encoded again")
+
+    monkeypatch.setattr(again.encoder, "encode_queries", fail)
+    np.testing.assert_array_equal(again.encode_queries(["gene dna", "heart"]), first[::-1])
 
 
 def test_bi_encoder_int8_member(tiny_beir, tiny_bert, tmp_path, monkeypatch):

@@ -1,0 +1,99 @@
+"""A tiny asymmetric build end to end: the pipeline distills the query-only student into the
+teacher's document space, evaluates it beside the full-tower student, packages it as the
+artifact's dense model over the teacher members' document vectors, and the service serves
+it, in the default mode the builder chose on its dev slice, ranking as the builder does."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from index_build.config import load_config  # noqa: E402
+from index_build.stages import Pipeline  # noqa: E402
+from service.app import create_app  # noqa: E402
+from tests.conftest import tiny_overrides  # noqa: E402
+from tests.service_fixtures import make_settings, wait_ready  # noqa: E402
+
+DEPTH = 20
+
+
+@pytest.fixture(scope="module")
+def built(tiny_beir, tiny_bert, tmp_path_factory):
+    root = tmp_path_factory.mktemp("asym-build")
+    cfg = load_config(overrides=tiny_overrides(
+        tiny_beir, tiny_bert, root, 'students.kinds=["dense","asymmetric","colbert"]',
+        "train.dense.epochs=1", "train.colbert.epochs=1", "asymmetric.epochs=2", "asymmetric.batch=8",
+        "asymmetric.eval_every=10", "asymmetric.pool_size=8", "asymmetric.pool_depth=10",
+        "evaluate.rerank_depth=20"))
+    p = Pipeline(cfg, progress=False)
+    return p, p.run_all()
+
+
+@pytest.fixture(scope="module")
+def client(built) -> Iterator[TestClient]:
+    p, _ = built
+    with TestClient(create_app(make_settings(p.cfg.artifact_dir))) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_asymmetric_rows_beside_the_full_tower_rows(built):
+    p, result = built
+    systems = result["systems"]
+    assert {"dense", "hybrid", "asym-dense", "asym-hybrid", "asym-dense-int8-query", "dense+colbert",
+            "hybrid+colbert", "served-default"} <= set(systems)
+    default = p.choose_default()
+    assert systems["served-default"] == systems[p.mode_row(default)]
+    record = result["stages"]["distill-asymmetric"]
+    # every mined training query plus the corpus's pseudo-queries, none of them a dev query
+    assert record["queries"] > record["mined"] and record["pseudo"] > 0
+    assert record["space"]["dims"] == [32] and record["dev_history"][0]["step"] == 0
+    texts, _ = p.asymmetric_training_texts(p.load_mined()["dev"])
+    assert not set(texts) & set(p.load_mined()["dev"]["queries"])
+    assert not set(texts) & set(p.collection.split_queries("test").values())
+
+
+def test_artifact_serves_the_asymmetric_student_over_the_teacher_space(built):
+    p, _ = built
+    manifest = json.loads((Path(p.cfg.artifact_dir) / "manifest.json").read_text())
+    dense = manifest["models"]["dense"]
+    assert dense["extra"]["asymmetric"]["dims"] == [32] and dense["dim"] == 32
+    assert manifest["indexes"]["dense"]["dim"] == 32
+    assert manifest["serving"]["dense_model"] == "asymmetric"
+    assert manifest["serving"]["default"] == p.choose_default()
+    assert manifest["training"]["students"]["asymmetric"]["queries"] > 0
+    # the index holds the teacher member's document vectors, not the student's
+    from models.dense_index import DenseIndex
+
+    index = DenseIndex.load(Path(p.cfg.artifact_dir) / "dense" / "index.faiss")
+    teacher_docs = p.teacher_space.doc_vectors()
+    np.testing.assert_allclose(index.index.reconstruct_n(0, 5), teacher_docs[:5], atol=1e-5)
+
+
+def test_service_ranks_as_the_builder_evaluates(built, client):
+    p, _ = built
+    queries = list(p.collection.split_queries("test").values())
+    hw = p.tune_hybrid()["dense_weight"]
+    firsts = p.first_stage_lists(queries, p.dense_queries(queries), hw, DEPTH)
+    doc_ids = p.collection.doc_ids
+    for stage in ("dense", "hybrid"):
+        for r, text in enumerate(queries):
+            body = {"query": text, "k": DEPTH, "candidates": DEPTH, "first_stage": stage, "rerank": "none"}
+            hits = client.post("/search", json=body).json()["hits"]
+            cands, scores = firsts[stage][r]
+            assert [h["id"] for h in hits] == [doc_ids[int(j)] for j in cands], (stage, text)
+            np.testing.assert_allclose([h["score"] for h in hits], scores, rtol=1e-4, atol=1e-4)
+    info = client.get("/info").json()
+    default = p.choose_default()
+    assert info["default_mode"]["first_stage"] == default["first_stage"]
+    assert info["default_mode"]["rerank"] == default["rerank"]
+    got = client.post("/search", json={"query": queries[0]}).json()
+    assert (got["first_stage"], got["rerank"]) == (default["first_stage"], default["rerank"])
