@@ -52,7 +52,7 @@ from index_build.asymmetric import (  # noqa: E402
 from index_build.cache import ArrayCache  # noqa: E402
 from index_build.config import AsymmetricConfig  # noqa: E402
 from index_build.data import load_collection  # noqa: E402
-from index_build.evaluate import markdown_table, metrics, one_se_choice, per_query_ndcg  # noqa: E402
+from index_build.metrics import markdown_table, metrics, one_se_choice, per_query_ndcg  # noqa: E402
 from index_build.pseudo_queries import (  # noqa: E402
     KeyphraseGenerator,
     SentenceGenerator,
@@ -151,7 +151,7 @@ def main(
     systems: dict[str, dict[str, float]] = {}
     weights: dict[str, Any] = {}
     bm_test, bm_dev = bm25.search(test_texts, 100), bm25.search(dev_texts, 100)
-    from index_build.evaluate import run_from_arrays
+    from index_build.metrics import run_from_arrays
 
     systems["bm25"] = metrics(qrels, run_from_arrays(test_qids, doc_ids, *bm_test))
     q_test = space.query_parts(test_texts)

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from index_build.config import load_config  # noqa: E402
-from index_build.evaluate import metrics, write_json_atomic  # noqa: E402
+from index_build.metrics import metrics, write_json_atomic  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 from models.encoders import ColbertEncoder, maxsim  # noqa: E402
 from models.token_index import ResidualCodec, default_n_centroids  # noqa: E402

@@ -36,7 +36,7 @@ import typer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from index_build.evaluate import markdown_table, metrics, write_json_atomic  # noqa: E402
+from index_build.metrics import markdown_table, metrics, write_json_atomic  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "colbert-init.json"
 DATA = Path(os.environ.get("NRS_SHARED_DATA", REPO.parent / "shared" / "data"))

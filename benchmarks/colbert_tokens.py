@@ -76,7 +76,7 @@ def token_store_bytes(engine: Any) -> int:
 
 
 def measure(args: argparse.Namespace, mode: str, queries: dict[str, str]) -> dict[str, Any]:
-    from index_build.evaluate import metrics
+    from index_build.metrics import metrics
     from service.search import SearchEngine
 
     started = time.perf_counter()

@@ -134,7 +134,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def write_outputs(out_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    from index_build.evaluate import write_json_atomic
+    from index_build.metrics import write_json_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / JSON_NAME, rows)
@@ -159,6 +159,7 @@ def main(
     import torch
 
     from index_build.distill_vq import distill
+    from index_build.package import distill_vq_queries
     from models.dense_index import default_nlist, exact_search
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -177,7 +178,7 @@ def main(
     with cpu_threads(threads):
         exact_s, exact_i = exact_search(x, q, K)
     exact_ndcg = inputs.judged.score(exact_s, exact_i)["nDCG@10"]
-    training = {labels: inputs.pipeline.distill_vq_queries(source, dvq_cfg.max_queries)
+    training = {labels: distill_vq_queries(inputs.pipeline, source, dvq_cfg.max_queries)
                 for labels, source in ((True, "auto"), (False, "pseudo"))}
     rows: list[dict[str, Any]] = []
     for size in size_list:

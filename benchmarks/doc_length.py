@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from index_build.data import load_collection  # noqa: E402
-from index_build.evaluate import markdown_table, metrics, run_from_arrays, write_json_atomic  # noqa: E402
 from index_build.export import base_dense_onnx  # noqa: E402
+from index_build.metrics import markdown_table, metrics, run_from_arrays, write_json_atomic  # noqa: E402
 from index_build.teachers import exact_topk  # noqa: E402
 from models.encoders import DenseEncoder  # noqa: E402
 

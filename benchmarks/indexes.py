@@ -137,20 +137,20 @@ def _round(x: float, digits: int = 4) -> float:
 
 @dataclass
 class Judged:
-    """Test queries with qrels, for :func:`index_build.evaluate.metrics` on index runs."""
+    """Test queries with qrels, for :func:`index_build.metrics.metrics` on index runs."""
 
     qids: list[str]
     doc_ids: list[str]
     qrels: Qrels
 
     def score(self, scores: np.ndarray, indices: np.ndarray) -> dict[str, float]:
-        from index_build.evaluate import metrics, run_from_arrays
+        from index_build.metrics import metrics, run_from_arrays
 
         return metrics(self.qrels, run_from_arrays(self.qids, self.doc_ids, scores, indices))
 
     def score_lists(self, ranked: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
         """Metrics of one ``(doc_indices, scores)`` pair per query (any lengths)."""
-        from index_build.evaluate import metrics
+        from index_build.metrics import metrics
 
         run = {q: {self.doc_ids[int(d)]: float(s) for d, s in zip(docs, sc)}
                for q, (docs, sc) in zip(self.qids, ranked)}
@@ -561,8 +561,10 @@ class SciFactInputs:
     @cached_property
     def calibration_queries(self) -> np.ndarray:
         """Training (or pseudo-) queries for the default nprobe, as the builder uses them."""
+        from index_build.package import calibration_queries
+
         self._require_export("dense")
-        return self.pipeline.calibration_queries()
+        return calibration_queries(self.pipeline)
 
     @cached_property
     def dense_queries(self) -> np.ndarray:
@@ -804,7 +806,7 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def write_outputs(out_dir: Path, data: dict[str, Any]) -> None:
-    from index_build.evaluate import write_json_atomic
+    from index_build.metrics import write_json_atomic
 
     write_json_atomic(out_dir / JSON_NAME, data)
     md = out_dir / MD_NAME

@@ -40,7 +40,6 @@ sys.path.insert(0, str(REPO))
 
 from index_build.calibration import CALIBRATION_TEXTS  # noqa: E402
 from index_build.data import load_collection  # noqa: E402
-from index_build.evaluate import write_json_atomic  # noqa: E402
 from index_build.export import (  # noqa: E402
     DEFAULT_PARITY_TEXTS,
     INT8_NAME,
@@ -50,6 +49,7 @@ from index_build.export import (  # noqa: E402
     base_dense_onnx,  # noqa: E402
     quantize_int8,
 )
+from index_build.metrics import write_json_atomic  # noqa: E402
 from models.encoders import DenseEncoder  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "scifact"

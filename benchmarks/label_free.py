@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.publish_build import publish  # noqa: E402
 from index_build.config import load_config  # noqa: E402
-from index_build.evaluate import markdown_table, write_json_atomic  # noqa: E402
+from index_build.metrics import markdown_table, write_json_atomic  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 
 COLLECTIONS = ["scifact", "cranfield", "dl19", "dl20"]

@@ -28,7 +28,7 @@ import typer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from index_build.evaluate import write_json_atomic  # noqa: E402
+from index_build.metrics import write_json_atomic  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)

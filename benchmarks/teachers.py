@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from index_build.cache import ArrayCache  # noqa: E402
 from index_build.config import load_config  # noqa: E402
 from index_build.data import load_collection, load_trec_run  # noqa: E402
-from index_build.evaluate import markdown_table, metrics, write_json_atomic  # noqa: E402
+from index_build.metrics import markdown_table, metrics, write_json_atomic  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 from index_build.teachers import TeacherSpec, build_teacher, cached_teacher_scores  # noqa: E402
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +30,9 @@ from index_build.data import Collection
 from index_build.distill_vq import DistillVQConfig, distill, index_parts
 from models.encoders import CONFIG_NAME, ONNX_NAME, TOKENIZER_NAME
 from models.token_index import KMEANS_NITER
+
+if TYPE_CHECKING:
+    from index_build.context import BuildContext
 
 INT8_NAME = "model.int8.onnx"
 log = logging.getLogger(__name__)
@@ -132,3 +137,95 @@ def train_dense_index(dense, vectors: np.ndarray, cfg: DistillVQConfig | None,
         raise ValueError("distill-vq is enabled but no queries were given to train it")
     vectors_q, about = queries
     return {**distill(dense.index, vectors, vectors_q, cfg, progress=progress), "queries": about}
+
+
+# -- the artifact stage ---------------------------------------------------------------------------
+def artifact_stage(ctx: BuildContext, final: Path, key: str, records: Mapping[str, Any],
+                   config: dict[str, Any]) -> dict:
+    """Build the artifact into ``final``: the served dense model's document vectors indexed
+    (:func:`build_artifact`), ColBERT tokens, BM25, the dev-tuned weights and default mode,
+    the build's records (``records``: the stage records by name; ``config``: the build
+    configuration as JSON); verified before it is reported."""
+    from index_build.tune import choose_default, tune_hybrid, tune_rerank_weights
+    from models.artifacts import verify
+
+    kinds = ctx.cfg.students.kinds
+    served = ctx.served_dense
+    if served not in kinds:
+        raise RuntimeError("an artifact needs a dense student (students.kinds must include 'dense' "
+                           "or 'asymmetric')")
+    dense = ctx.corpus_vectors()
+    colbert = None
+    if "colbert" in kinds:
+        toks = ctx.colbert_corpus()
+        colbert = [toks[i] for i in range(len(ctx.corpus_texts))]
+    stages = {n: {"seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes}
+              for n, r in records.items()}
+    hybrid = tune_hybrid(ctx)
+    interpolation: dict[str, dict[str, Any]] = {
+        k: tune_rerank_weights(ctx, k, hybrid["dense_weight"])
+        for k in ("colbert", "cross-encoder") if k in kinds}
+    training: dict[str, Any] = {
+        "label_free": ctx.label_free, "teacher": ctx.cfg.teacher.members,
+        "students": {k: records[f"distill-{k}"].result for k in kinds if f"distill-{k}" in records},
+        "wise_ft": {k: ctx.wise_ft(k) for k in kinds},
+    }
+    if ctx.label_free and "mine" in records:
+        training["pseudo_queries"] = records["mine"].result
+    dvq = ctx.cfg.index.distill_vq
+    distill_vq = distill_vq_queries(ctx, dvq.queries, dvq.max_queries) if dvq.enabled else None
+    build_artifact(
+        final, collection=ctx.collection,
+        # the served dense model is the artifact's "dense" model (a full-tower student
+        # beside an asymmetric one is evaluated, not served)
+        onnx_dirs={"dense": ctx.onnx_dir(served),
+                   **{k: ctx.onnx_dir(k) for k in ("colbert", "cross-encoder") if k in kinds}},
+        dense_vectors=dense, colbert_vectors=colbert, bm25=ctx.bm25, factory=ctx.cfg.index.factory,
+        colbert_bits=ctx.cfg.index.colbert_bits, colbert_kmeans_niter=ctx.cfg.index.colbert_kmeans_niter,
+        nprobe=ctx.cfg.index.nprobe,
+        calibration_queries=calibration_queries(ctx), hybrid=hybrid, rerank_interpolation=interpolation,
+        distill_vq=dvq, distill_vq_queries=distill_vq,
+        serving={"default": choose_default(ctx), "dense_model": served},
+        training=training,
+        build={"key": key, "config": config, "stages": stages},
+        progress=ctx.progress,
+    )
+    manifest = verify(final, deep=True)
+    return {"artifact_dir": str(final), "artifact_version": manifest.artifact_version}
+
+
+
+def training_query_texts(ctx: BuildContext) -> list[str]:
+    """The training queries (pseudo-queries on a label-free build), train and dev slices,
+    deduplicated and shuffled with a fixed seed; never test queries."""
+    mined = ctx.load_mined()
+    texts = list(dict.fromkeys([e.query for e in mined["examples"]] + list(mined["dev"]["queries"])))
+    random.Random(0).shuffle(texts)
+    return texts
+
+
+def calibration_queries(ctx: BuildContext, limit: int = 512) -> np.ndarray:
+    """Dense-student vectors of up to ``limit`` training (or pseudo-) queries, for choosing
+    the default ``nprobe``."""
+    return ctx.dense_queries(training_query_texts(ctx)[:limit])
+
+
+def distill_vq_queries(ctx: BuildContext, source: str, limit: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Dense-student vectors of the queries that train a distilled index, and a record of
+    them. ``auto``: :func:`training_query_texts`; ``pseudo``: titles and the two most
+    informative sentences of every document (no queries or labels at all)."""
+    from index_build.pseudo_queries import Generator, SentenceGenerator, TitleGenerator
+
+    if source == "pseudo":
+        docs = ctx.collection.docs
+        generators: list[Generator] = [TitleGenerator(), SentenceGenerator(per_doc=2)]
+        texts = list(dict.fromkeys(p.text for g in generators for p in g.generate(docs)))
+        random.Random(0).shuffle(texts)
+        origin = "pseudo-queries: document titles and sentences"
+    else:
+        texts = training_query_texts(ctx)
+        origin = "label-free pseudo-queries" if ctx.label_free else "training queries (train and dev slices)"
+    texts = texts[:limit]
+    log.info("distill-vq: encoding %d queries (%s)", len(texts), origin)
+    return ctx.dense_queries(texts), {"source": source, "origin": origin, "n_queries": len(texts)}
+

@@ -17,7 +17,9 @@ pytest.importorskip("torch")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from index_build.config import load_config  # noqa: E402
+from index_build.distill import asymmetric_training_texts  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
+from index_build.tune import choose_default, mode_row, tune_hybrid  # noqa: E402
 from service.app import create_app  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 from tests.service_fixtures import make_settings, wait_ready  # noqa: E402
@@ -50,13 +52,13 @@ def test_asymmetric_rows_beside_the_full_tower_rows(built):
     systems = result["systems"]
     assert {"dense", "hybrid", "asym-dense", "asym-hybrid", "asym-dense-int8-query", "dense+colbert",
             "hybrid+colbert", "served-default"} <= set(systems)
-    default = p.choose_default()
-    assert systems["served-default"] == systems[p.mode_row(default)]
+    default = choose_default(p)
+    assert systems["served-default"] == systems[mode_row(p, default)]
     record = result["stages"]["distill-asymmetric"]
     # every mined training query plus the corpus's pseudo-queries, none of them a dev query
     assert record["queries"] > record["mined"] and record["pseudo"] > 0
     assert record["space"]["dims"] == [32] and record["dev_history"][0]["step"] == 0
-    texts, _ = p.asymmetric_training_texts(p.load_mined()["dev"])
+    texts, _ = asymmetric_training_texts(p, p.load_mined()["dev"])
     assert not set(texts) & set(p.load_mined()["dev"]["queries"])
     assert not set(texts) & set(p.collection.split_queries("test").values())
 
@@ -68,7 +70,7 @@ def test_artifact_serves_the_asymmetric_student_over_the_teacher_space(built):
     assert dense["extra"]["asymmetric"]["dims"] == [32] and dense["dim"] == 32
     assert manifest["indexes"]["dense"]["dim"] == 32
     assert manifest["serving"]["dense_model"] == "asymmetric"
-    assert manifest["serving"]["default"] == p.choose_default()
+    assert manifest["serving"]["default"] == choose_default(p)
     assert manifest["training"]["students"]["asymmetric"]["queries"] > 0
     # the index holds the teacher member's document vectors, not the student's
     from models.dense_index import DenseIndex
@@ -81,7 +83,7 @@ def test_artifact_serves_the_asymmetric_student_over_the_teacher_space(built):
 def test_service_ranks_as_the_builder_evaluates(built, client):
     p, _ = built
     queries = list(p.collection.split_queries("test").values())
-    hw = p.tune_hybrid()["dense_weight"]
+    hw = tune_hybrid(p)["dense_weight"]
     firsts = p.first_stage_lists(queries, p.dense_queries(queries), hw, DEPTH)
     doc_ids = p.collection.doc_ids
     for stage in ("dense", "hybrid"):
@@ -92,7 +94,7 @@ def test_service_ranks_as_the_builder_evaluates(built, client):
             assert [h["id"] for h in hits] == [doc_ids[int(j)] for j in cands], (stage, text)
             np.testing.assert_allclose([h["score"] for h in hits], scores, rtol=1e-4, atol=1e-4)
     info = client.get("/info").json()
-    default = p.choose_default()
+    default = choose_default(p)
     assert info["default_mode"]["first_stage"] == default["first_stage"]
     assert info["default_mode"]["rerank"] == default["rerank"]
     got = client.post("/search", json={"query": queries[0]}).json()

@@ -117,7 +117,7 @@ def test_label_free_switch_and_pipeline(tmp_path, tiny_bert):
     assert "hybrid" in m.indexes and 0.0 <= m.indexes["hybrid"]["dense_weight"] <= 1.0
     assert json.loads((tmp_path / "results" / "bare.json").read_text())["systems"] == {}
     # the label-free dense student is interpolated with the base (WiSE-FT); ColBERT is not
-    from index_build.stages import LABEL_FREE_WISE_FT
+    from index_build.context import LABEL_FREE_WISE_FT
 
     assert m.training["wise_ft"] == {"dense": LABEL_FREE_WISE_FT, "colbert": 1.0}
     assert p.records["export-dense"].result["wise_ft"] == LABEL_FREE_WISE_FT

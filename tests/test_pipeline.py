@@ -11,14 +11,25 @@ import pytest
 
 pytest.importorskip("torch")
 
+import index_build.distill  # noqa: E402
+import index_build.evaluate  # noqa: E402
+import index_build.tune  # noqa: E402
 from index_build.config import load_config  # noqa: E402
+from index_build.distill import base_dense_dev_score, dev_evaluator  # noqa: E402
+from index_build.evaluate import evaluate_collection, evaluate_trec  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
+from index_build.tune import rerank_scores, tune_hybrid, tune_rerank_weights  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 
 SYSTEMS = {"bm25", "teacher", "base-dense", "dense", "dense-int8", "dense-int8-query", "dense+colbert",
            "dense+colbert-int8-query", "dense+colbert-maxsim", "dense+cross-encoder", "dense+cross-encoder-plain",
            "dense+cross-encoder-int8",
            "hybrid", "hybrid+colbert", "hybrid+colbert-maxsim"}
+
+
+def fixed_weights(w: float):
+    """A stand-in for :func:`index_build.tune.tune_rerank_weights` that gives every first stage weight ``w``."""
+    return lambda *a, **k: {"weights": dict.fromkeys(("dense", "sparse", "hybrid"), w)}
 
 
 @pytest.fixture(scope="module")
@@ -216,20 +227,18 @@ def test_trec_pool_rows_of_a_build_trained_elsewhere_are_as_served(built, tmp_pa
     _, _, p, _ = built
     pool = write_trec_pool(tmp_path)
     p.trec_weights.clear()
-    systems = p.evaluate_trec(pool)
+    systems = evaluate_trec(p, pool)
     assert {"bm25", "base-dense", "teacher", "dense", "dense+colbert", "dense+colbert-maxsim",
             "dense+cross-encoder", "dense+cross-encoder-plain"} <= set(systems)
-    hw = p.tune_hybrid()["dense_weight"]
+    hw = tune_hybrid(p)["dense_weight"]
     weights = p.trec_weights["pool"]
-    assert weights["colbert_weight"] == p.tune_rerank_weights("colbert", hw)["weights"]
-    assert weights["cross_encoder_weight"] == p.tune_rerank_weights("cross-encoder", hw)["weights"]["dense"]
+    assert weights["colbert_weight"] == tune_rerank_weights(p, "colbert", hw)["weights"]
+    assert weights["cross_encoder_weight"] == tune_rerank_weights(p, "cross-encoder", hw)["weights"]["dense"]
     plain = {"dense+colbert": "dense+colbert-maxsim", "dense+cross-encoder": "dense+cross-encoder-plain"}
     for w, expect in [(1.0, plain), (0.0, {"dense+colbert": "dense", "dense+cross-encoder": "dense"})]:
-        p.tune_rerank_weights = lambda *a, w=w, **k: {"weights": dict.fromkeys(("dense", "sparse", "hybrid"), w)}
-        try:
-            fixed = p.evaluate_trec(pool)
-        finally:
-            del p.tune_rerank_weights
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(index_build.evaluate, "tune_rerank_weights", fixed_weights(w))
+            fixed = evaluate_trec(p, pool)
         for row, same_as in expect.items():
             assert fixed[row] == pytest.approx(systems[same_as]), (w, row)
     p.trec_weights.clear()
@@ -251,16 +260,16 @@ def test_rerank_mode_on_a_trec_style_pool(tmp_path, tiny_bert):
     # plain MaxSim reranking, at weight 0 the first stage's own ranking
     for w, expect in [(1.0, {"dense+colbert": "dense+colbert-maxsim", "hybrid+colbert": "dense+colbert-maxsim"}),
                       (0.0, {"dense+colbert": "dense", "hybrid+colbert": "hybrid"})]:
-        p.tune_rerank_weights = lambda *a, w=w, **k: {"weights": dict.fromkeys(("dense", "sparse", "hybrid"), w)}
-        fixed = p.evaluate_trec(data)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(index_build.evaluate, "tune_rerank_weights", fixed_weights(w))
+            fixed = evaluate_trec(p, data)
         for row, same_as in expect.items():
             assert fixed[row] == pytest.approx(systems[same_as]), (w, row)
-    del p.tune_rerank_weights
     # the teacher row is the configured teacher: a lone member ranks as that member does
     p.cfg.teacher.members = [{"kind": "bi-encoder", "model": p.cfg.students.base}]
-    assert p.evaluate_trec(data)["teacher"] == systems["base-dense"]
+    assert evaluate_trec(p, data)["teacher"] == systems["base-dense"]
     p.cfg.teacher.members = [{"kind": "bm25"}]
-    assert p.evaluate_trec(data)["teacher"] == systems["bm25"]
+    assert evaluate_trec(p, data)["teacher"] == systems["bm25"]
 
 
 def test_pseudo_query_augmentation_and_dev_retrieval(tiny_beir, tiny_bert, tmp_path):
@@ -374,7 +383,7 @@ def test_cross_encoder_scores_are_cached_by_content(built, monkeypatch):
 @pytest.mark.parametrize("kind", ["colbert", "cross-encoder"])
 def test_rerank_interpolation_weights_tuned_on_dev(built, kind):
     _, _, p, _ = built
-    tuned = p.tune_rerank_weights(kind, p.tune_hybrid()["dense_weight"])
+    tuned = tune_rerank_weights(p, kind, tune_hybrid(p)["dense_weight"])
     assert tuned["tuned_on"] == "train dev slice"
     assert "one-standard-error" in tuned["selection"]
     for stage in ("dense", "sparse", "hybrid"):
@@ -399,14 +408,14 @@ def test_rerank_scores_over_the_union_match_each_list(built, kind):
     queries = p.load_mined()["dev"]["queries"][:3]
     dense_q = DenseEncoder(p.onnx_dir("dense")).encode_queries(queries)
     firsts = p.first_stage_lists(queries, dense_q, 0.5, 10)
-    union = p.rerank_scores(kind, queries, firsts)
+    union = rerank_scores(p, kind, queries, firsts)
     for stage, lists in firsts.items():
-        alone = p.rerank_scores(kind, queries, {stage: lists})[stage]
+        alone = rerank_scores(p, kind, queries, {stage: lists})[stage]
         assert [len(x) for x in union[stage]] == [len(c) for c, _ in lists]
         for a, b in zip(union[stage], alone):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="no reranker"):
-        p.rerank_scores("bm25", queries, firsts)
+        rerank_scores(p, "bm25", queries, firsts)
 
 
 def test_cross_encoder_row_interpolates_with_dense(built):
@@ -415,11 +424,9 @@ def test_cross_encoder_row_interpolates_with_dense(built):
     _, _, p, result = built
     systems = result["systems"]
     for w, same_as in [(1.0, "dense+cross-encoder-plain"), (0.0, "dense")]:
-        p.tune_rerank_weights = lambda *a, w=w, **k: {"weights": dict.fromkeys(("dense", "sparse", "hybrid"), w)}
-        try:
-            got = p.evaluate_collection()
-        finally:
-            del p.tune_rerank_weights
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(index_build.evaluate, "tune_rerank_weights", fixed_weights(w))
+            got = evaluate_collection(p)
         assert got["dense+cross-encoder"] == pytest.approx(systems[same_as]), w
 
 
@@ -499,23 +506,23 @@ def test_dense_dev_scores_reuse_cached_encodings(tiny_beir, tiny_bert, tmp_path,
     p = Pipeline(cfg, progress=False)
     p.mine()
     dev = p.load_mined()["dev"]
-    torch_eval = p.dev_evaluator(dev, retrieval=retrieval)
+    torch_eval = dev_evaluator(p, dev, retrieval=retrieval)
     base = new_student("dense", resolve_model(cfg.students.base), max_doc_len=cfg.students.max_doc_len)
     base.eval()
     with torch.inference_mode():
         expected0 = torch_eval(base)
-    assert p.base_dense_dev_score(dev, base, retrieval) == pytest.approx(expected0, abs=1e-4)
+    assert base_dense_dev_score(p, dev, base, retrieval) == pytest.approx(expected0, abs=1e-4)
     other = new_student("dense", resolve_model(cfg.students.base), max_doc_len=32)
-    assert p.base_dense_dev_score(dev, other, retrieval) is None  # other lengths: not the cached model
+    assert base_dense_dev_score(p, dev, other, retrieval) is None  # other lengths: not the cached model
 
     calls = []
-    real = p.dev_evaluator
+    real = index_build.distill.dev_evaluator
 
-    def counting(d, retrieval=False):
-        fn = real(d, retrieval=retrieval)
+    def counting(ctx, d, retrieval=False):
+        fn = real(ctx, d, retrieval=retrieval)
         return lambda s: calls.append(1) or fn(s)
 
-    monkeypatch.setattr(p, "dev_evaluator", counting)
+    monkeypatch.setattr(index_build.distill, "dev_evaluator", counting)
     res = p.distill("dense").result
     assert tuple(res["dev_history"][0]) == (0, pytest.approx(expected0, abs=1e-4))
     assert len(calls) == len(res["dev_history"]) - 1  # step 0 was not encoded again
@@ -527,7 +534,7 @@ def test_dense_dev_scores_reuse_cached_encodings(tiny_beir, tiny_bert, tmp_path,
                                   resolve_model(cfg.students.base), 0.5)
     mixed.eval()
     with torch.inference_mode():
-        assert rec["dev_nDCG@10"] == pytest.approx(real(dev, retrieval=retrieval)(mixed), abs=1e-3)
+        assert rec["dev_nDCG@10"] == pytest.approx(real(p, dev, retrieval=retrieval)(mixed), abs=1e-3)
 
 
 def test_new_heads_are_seeded_whatever_ran_before(built, tiny_beir, tiny_bert, tmp_path):
@@ -586,12 +593,12 @@ def test_a_reranker_without_dev_gain_gets_weight_zero(built, monkeypatch):
     _, _, p, _ = built
     rng = np.random.default_rng(0)
 
-    def noise(kind, texts, firsts):
+    def noise(ctx, kind, texts, firsts):
         return {stage: [rng.normal(size=len(c)) for c, _ in lists] for stage, lists in firsts.items()}
 
-    monkeypatch.setattr(p, "rerank_scores", noise)
-    monkeypatch.setattr(p, "_rerank_tuning", {})
-    tuned = p.tune_rerank_weights("colbert", p.tune_hybrid()["dense_weight"])
+    monkeypatch.setattr(index_build.tune, "rerank_scores", noise)
+    monkeypatch.setattr(p, "tuning", {})
+    tuned = tune_rerank_weights(p, "colbert", tune_hybrid(p)["dense_weight"])
     assert tuned["weights"] == {"dense": 0.0, "sparse": 0.0, "hybrid": 0.0}
     assert tuned["no_dev_gain"] == ["dense", "sparse", "hybrid"]
     assert "toward the first stage alone" in tuned["selection"]

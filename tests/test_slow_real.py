@@ -35,7 +35,7 @@ def test_packaged_minilm_onnx_parity_on_real_text(scifact_slice, tmp_path):
 def test_ensemble_teacher_beats_members_on_slice(scifact_slice, tmp_path, monkeypatch):
     """BM25 + MiniLM z-score fusion ranks better than either alone (as on the full corpus)."""
     from index_build.cache import ArrayCache
-    from index_build.evaluate import metrics, run_from_arrays
+    from index_build.metrics import metrics, run_from_arrays
     from index_build.sampling import union_pools
     from index_build.teachers import BiEncoderTeacher, BM25Teacher, EnsembleTeacher
 

@@ -16,7 +16,7 @@ sys.path.insert(0, os.getcwd())
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from index_build.data import load_collection  # noqa: E402
-from index_build.evaluate import metrics  # noqa: E402
+from index_build.metrics import metrics  # noqa: E402
 from index_build.students import interpolate_with_base, load_student, new_student  # noqa: E402
 from index_build.train import TrainConfig, train  # noqa: E402
 

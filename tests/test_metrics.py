@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from index_build.evaluate import metrics, one_se_choice, per_query_ndcg
+from index_build.metrics import metrics, one_se_choice, per_query_ndcg
 
 
 def test_per_query_ndcg_matches_a_hand_computation_and_the_aggregate():

@@ -1,0 +1,273 @@
+"""What every build stage reads: the configuration, the corpus, BM25, the base dense model,
+the teacher, the cache of encodings and scores, and the exported students' encoders as the
+evaluation and the artifact use them (:class:`BuildContext`). The stage runner
+(:class:`index_build.stages.Pipeline`) is a build context that also keys, runs and records
+the stages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index_build.cache import ArrayCache, content_key
+from index_build.config import BuildConfig
+from index_build.data import Collection, load_collection
+from index_build.metrics import metrics, run_from_arrays
+from index_build.teachers import exact_topk
+from models.encoders import ONNX_NAME
+from models.retrieval import FIRST_STAGES, Ranked, first_stages, rerank_order
+
+log = logging.getLogger(__name__)
+
+#: WiSE-FT weight of a label-free build's distilled dense student (see TrainConfig.wise_ft):
+#: distilling on extractive pseudo-queries alone pulls the student away from real queries.
+LABEL_FREE_WISE_FT = 0.5
+
+
+class BuildContext:
+    """The shared inputs and encoders of one build (``cfg``), each made once when first used."""
+
+    def __init__(self, cfg: BuildConfig, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.work = Path(cfg.work_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        #: per TREC DL pool whose own students are evaluated: the dev-slice weights used
+        self.trec_weights: dict[str, dict[str, Any]] = {}
+        # dev-slice choices, computed once per exported models (index_build.tune)
+        self.tuning: dict[tuple, dict[str, Any]] = {}
+        if cfg.threads:
+            os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+
+    def export_key(self, kind: str, onnx_file: str | None = None) -> str:
+        """The key of student ``kind``'s export (defined by the runner, which keys the stages);
+        content caches of what an exported graph encodes are kept under it."""
+        raise NotImplementedError
+
+    @cached_property
+    def collection(self) -> Collection:
+        # a rerank-mode collection is a candidate pool: its judged documents need not all be in it
+        unknown = "keep" if self.cfg.evaluate.mode == "rerank" else "error"
+        return load_collection(self.cfg.data.path, unknown_docs=unknown)
+
+    @cached_property
+    def corpus_texts(self) -> list[str]:
+        return self.collection.doc_texts()
+
+    @cached_property
+    def cache(self) -> ArrayCache:
+        from models.sources import cache_dir
+
+        return ArrayCache(self.cfg.cache_path or cache_dir() / "arrays.sqlite")
+
+    @cached_property
+    def bm25(self):
+        from models.sparse_index import BM25Index
+
+        return BM25Index.build(self.corpus_texts)
+
+    @cached_property
+    def base_dense(self):
+        from index_build.teachers import BiEncoderTeacher
+
+        return BiEncoderTeacher(self.cfg.students.base, self.corpus_texts, self.cache,
+                                max_doc_len=self.cfg.students.max_doc_len, threads=self.cfg.threads,
+                                progress=self.progress, name="base-dense")
+
+    @cached_property
+    def teacher(self):
+        from index_build.teachers import BI_ENCODER_MAX_DOC_LEN, EnsembleTeacher, build_teacher
+
+        spec = self.teacher_spec()
+        # the base dense model is the same scorer as a bi-encoder member on the same checkpoint and length
+        same_length = self.cfg.students.max_doc_len == BI_ENCODER_MAX_DOC_LEN
+        prebuilt = {self.cfg.students.base: self.base_dense} if same_length else None
+        teacher = build_teacher(spec, self.corpus_texts, self.collection.checksum(), self.cache, bm25=self.bm25,
+                                threads=self.cfg.threads, prebuilt=prebuilt)
+        assert isinstance(teacher, EnsembleTeacher)
+        return teacher
+
+    def teacher_spec(self):
+        """The configured teacher: an ensemble of ``teacher.members``."""
+        from index_build.teachers import TeacherSpec
+
+        return TeacherSpec.from_dict({"kind": "ensemble", "members": self.cfg.teacher.members,
+                                      "norm": self.cfg.teacher.norm})
+
+    @property
+    def label_free(self) -> bool:
+        c = self.collection
+        return self.cfg.data.label_free or not (c.has_labels and self.cfg.data.train_split in c.qrels)
+
+    def candidate_pools(self, queries: list[str], depth: int, extra: list[list[int]] | None = None):
+        """Union of BM25 and base-dense top-``depth`` per query, plus the two rankings."""
+        from index_build.sampling import union_pools
+
+        _, bm_idx = self.bm25.search(queries, depth)
+        _, de_idx = self.base_dense.retrieve(queries, depth)
+        return union_pools([bm_idx, de_idx], extra), [bm_idx, de_idx]
+
+    def content_fp(self, *parts: str) -> str:
+        """The fingerprint under which a content cache (corpus encodings, scores) keeps this
+        corpus's arrays for ``parts`` (a model's export key, ...)."""
+        return content_key(self.collection.checksum(), *parts)[:16]
+
+    @cached_property
+    def teacher_space(self):
+        """The document space of the teacher's bi-encoder members
+        (:class:`index_build.asymmetric.TeacherSpace`): the asymmetric student's target, and
+        the vectors the artifact's dense index holds when it serves that student."""
+        from index_build.asymmetric import TeacherSpace
+        from index_build.config import ConfigError
+        from index_build.teachers import BiEncoderTeacher
+
+        members = [m for m in self.teacher.members if isinstance(m, BiEncoderTeacher)]
+        if not members:
+            raise ConfigError("students.kinds includes 'asymmetric', whose document space is the teacher's "
+                              "bi-encoder members, but teacher.members has none")
+        return TeacherSpace(members)
+
+    @property
+    def served_dense(self) -> str:
+        """The dense model the artifact serves (and the first stage that the hybrid, the
+        rerank weights and the served default are tuned on): the asymmetric student when the
+        build distills one, else the full-tower dense student."""
+        return "asymmetric" if "asymmetric" in self.cfg.students.kinds else "dense"
+
+    def load_mined(self) -> dict:
+        with (self.work / "mine" / "examples.pkl").open("rb") as f:
+            return pickle.load(f)
+
+    def dev_qrels(self, dev: dict) -> dict[str, dict[str, int]]:
+        """Judgments of the dev slice: its pseudo-qrels (label-free) or the held-out train qrels."""
+        train_qrels = self.collection.qrels.get(self.cfg.data.train_split, {})
+        return dev.get("qrels") or {q: train_qrels[q] for q in dev["qids"]}
+
+    def wise_ft(self, kind: str) -> float:
+        """The WiSE-FT weight of the distilled model against the base for ``kind``."""
+        if kind == "asymmetric":  # its maps have no counterpart in the base model to interpolate with
+            return 1.0
+        value = self.cfg.train[kind].wise_ft  # range checked by load_config
+        if value is None:
+            value = LABEL_FREE_WISE_FT if (self.label_free and kind == "dense") else 1.0
+        return float(value)
+
+    def onnx_dir(self, kind: str) -> Path:
+        return self.work / f"export-{kind}" / "onnx"
+
+    def corpus_vectors(self, kind: str | None = None) -> np.ndarray:
+        """The document vectors dense model ``kind`` (default :attr:`served_dense`) searches:
+        the full-tower student's own corpus encodings, or for the asymmetric student the
+        teacher members' (cached) document vectors."""
+        kind = kind or self.served_dense
+        return self.teacher_space.doc_vectors() if kind == "asymmetric" else self.dense_corpus()
+
+    def dense_queries(self, texts: list[str], kind: str | None = None, onnx_file: str = ONNX_NAME) -> np.ndarray:
+        """Query vectors of dense model ``kind`` (default :attr:`served_dense`) from its exported graph."""
+        from models.encoders import DenseEncoder
+
+        enc = DenseEncoder(self.onnx_dir(kind or self.served_dense), onnx_file=onnx_file, threads=self.cfg.threads)
+        return np.ascontiguousarray(enc.encode_queries(texts), dtype=np.float32)
+
+    def dense_corpus(self, onnx_file: str = ONNX_NAME) -> np.ndarray:
+        from index_build.teachers import encode_corpus_cached
+        from models.encoders import DenseEncoder
+
+        enc = DenseEncoder(self.onnx_dir("dense"), onnx_file=onnx_file, threads=self.cfg.threads)
+        fp = self.content_fp("dense-corpus", self.export_key("dense", onnx_file), onnx_file)
+        return encode_corpus_cached(enc, self.corpus_texts, self.cache, fp, progress=self.progress)
+
+    def colbert_corpus(self, onnx_file: str = ONNX_NAME, subset: np.ndarray | None = None) -> dict[int, np.ndarray]:
+        from models.encoders import ColbertEncoder
+
+        enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=onnx_file, threads=self.cfg.threads)
+        fp = self.content_fp("colbert-corpus", self.export_key("colbert", onnx_file), onnx_file)
+        idx = np.arange(len(self.corpus_texts)) if subset is None else np.unique(subset)
+        keys = [content_key(fp, self.corpus_texts[i]) for i in idx]
+        found = self.cache.get_many(keys)
+        todo = [int(i) for i, k in zip(idx, keys) if k not in found]
+        for start in range(0, len(todo), 1024):
+            part = todo[start : start + 1024]
+            vecs = enc.encode_docs([self.corpus_texts[i] for i in part], progress=self.progress)
+            new = [(content_key(fp, self.corpus_texts[i]), v) for i, v in zip(part, vecs)]
+            self.cache.put_many(new)
+            found.update(new)
+        return {int(i): found[k] for i, k in zip(idx, keys)}
+
+    def cross_encoder_scores(self, queries: list[str], candidate_texts: list[list[str]],
+                             onnx_file: str = ONNX_NAME) -> list[np.ndarray]:
+        """The cross-encoder student's score (its ONNX graph ``onnx_file``) of each query's
+        candidate texts, cached per query by content (model, query, texts): the slowest part
+        of evaluation is computed once per model."""
+        from tqdm import tqdm
+
+        from models.encoders import CrossEncoderScorer
+
+        fp = self.content_fp("cross-encoder-scores", self.export_key("cross-encoder", onnx_file),
+                      *([onnx_file] if onnx_file != ONNX_NAME else []))
+        keys = [content_key(fp, q, *texts) for q, texts in zip(queries, candidate_texts)]
+        found = self.cache.get_many(keys)
+        todo = [i for i, k in enumerate(keys) if k not in found]
+        if todo:
+            ce = CrossEncoderScorer(self.onnx_dir("cross-encoder"), onnx_file=onnx_file, threads=self.cfg.threads)
+            for i in tqdm(todo, desc=f"cross-encoder rerank ({onnx_file})", unit="query", disable=not self.progress):
+                item = (keys[i], np.asarray(ce.score(queries[i], candidate_texts[i]), dtype=np.float32))
+                self.cache.put_many([item])  # per query: an interrupted evaluation keeps what it scored
+                found[item[0]] = item[1]
+        return [found[k] for k in keys]
+
+    def colbert_scores(self, texts: list[str], lists: Sequence[tuple[np.ndarray, np.ndarray]],
+                       onnx_file: str = ONNX_NAME, query_onnx_file: str | None = None) -> list[np.ndarray]:
+        """MaxSim of the ColBERT student over each query's candidates (``lists`` as from
+        :meth:`first_stage_lists`): the corpus encoded with ``onnx_file``, the queries with
+        ``query_onnx_file`` (default: the same)."""
+        from models.encoders import ColbertEncoder, maxsim
+
+        enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=query_onnx_file or onnx_file,
+                             threads=self.cfg.threads)
+        toks = self.colbert_corpus(onnx_file, subset=np.concatenate([c for c, _ in lists] + [np.zeros(0, np.int64)]))
+        qv = enc.encode_queries(texts)
+        out = []
+        for r, (cands, _) in enumerate(lists):
+            offsets = np.cumsum([0] + [len(toks[int(j)]) for j in cands])
+            tokens = np.concatenate([toks[int(j)] for j in cands]) if len(cands) else np.zeros((0, enc.dim), np.float32)
+            out.append(maxsim(qv[r], tokens, offsets))
+        return out
+
+    def first_stage_lists(self, texts: list[str], dense_queries: np.ndarray, hybrid_weight: float,
+                          depth: int, kind: str | None = None) -> dict[str, list[Ranked]]:
+        """Per first stage (``dense``: exact search over dense model ``kind``'s corpus vectors,
+        default :attr:`served_dense`; ``sparse``: BM25; ``hybrid``: their z-score fusion), each
+        query's top-``depth``, ranked by the service's own first stages
+        (:func:`models.retrieval.first_stages`)."""
+        corpus = self.corpus_vectors(kind)
+        return first_stages(FIRST_STAGES, texts, depth, dense_vectors=dense_queries,
+                            dense_search=lambda q, k: exact_topk(corpus, q, k), sparse=self.bm25,
+                            hybrid_weights=(hybrid_weight, 1.0 - hybrid_weight))
+
+    def run_of(self, qids: list[str], lists: Sequence[tuple[np.ndarray, np.ndarray]],
+               rerank: list[np.ndarray] | None = None, rerank_weight: float = 1.0) -> dict[str, dict[str, float]]:
+        """A run from first-stage lists, optionally reranked as the service reranks
+        (:func:`models.retrieval.rerank_order`)."""
+        doc_ids = self.collection.doc_ids
+        run = {}
+        for r, qid in enumerate(qids):
+            cands, first = lists[r]
+            final = first if rerank is None else rerank_order(first, rerank[r], rerank_weight)[0]
+            run[qid] = {doc_ids[int(j)]: float(x) for j, x in zip(cands, final)}
+        return run
+
+    def dense_metrics(self, qids: list[str], queries: list[str], qrels, depth: int = 100) -> dict[str, float]:
+        """Exact full-corpus search with the exported dense graph (corpus encodings cached)."""
+        from models.encoders import DenseEncoder
+
+        q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(queries)
+        s, i = exact_topk(self.dense_corpus(), q, depth)
+        return metrics(qrels, run_from_arrays(qids, self.collection.doc_ids, s, i))

@@ -1,0 +1,200 @@
+"""The distill stage: a student trained from the teacher's scores. Full-tower students
+(dense, ColBERT, cross-encoder) by Margin-MSE on the mined examples
+(:func:`index_build.train.train`); the asymmetric student, a query encoder into the
+teacher's document space, by alignment and listwise KL (:mod:`index_build.asymmetric`).
+Model selection on the dev slice."""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index_build.context import BuildContext
+from index_build.metrics import metrics, per_query_ndcg, run_from_arrays
+from index_build.teachers import exact_topk
+
+log = logging.getLogger(__name__)
+
+
+def distill_student(ctx: BuildContext, kind: str, out: Path, extra: Sequence = ()) -> dict:
+    """Train full-tower student ``kind`` on the mined examples plus ``extra`` ones (the
+    labelled path's pseudo-query examples) and save the best dev checkpoint to ``out/student``."""
+    from index_build.sampling import cluster_queries
+    from index_build.students import new_student, set_seed
+    from index_build.train import train
+    from models.sources import resolve_model
+
+    mined = ctx.load_mined()
+    tcfg = ctx.cfg.train[kind]
+    examples = list(mined["examples"]) + list(extra)
+    s = ctx.cfg.students
+    overrides: dict[str, Any] = {"max_query_len": s.max_query_len, "max_doc_len": s.max_doc_len}
+    if kind == "colbert":
+        overrides.update(dim=s.colbert_dim, colbert_query_len=s.colbert_query_len)
+    set_seed(tcfg.seed)  # the new head's init (ColBERT projection, classifier) is seeded too
+    student = new_student(kind, resolve_model(s.base), **overrides)
+    init: dict[str, Any] = {}
+    if kind == "colbert" and tcfg.proj_init == "pca":
+        from index_build.config import PROJ_INIT_DOCS
+        from index_build.students import ColbertStudent
+
+        assert isinstance(student, ColbertStudent)
+        sample = random.Random(tcfg.seed).sample(ctx.corpus_texts, min(PROJ_INIT_DOCS, len(ctx.corpus_texts)))
+        init = {"proj_init": "pca", "proj_variance_kept": round(student.init_projection_pca(sample), 4)}
+    clusters = None
+    if tcfg.tas_balanced:
+        emb = ctx.base_dense.encode_queries([e.query for e in examples])
+        clusters = cluster_queries(emb, tcfg.tas_clusters, seed=tcfg.seed)
+    retrieval = tcfg.dev_retrieval and kind == "dense"
+    dev_eval = dev_evaluator(ctx, mined["dev"], retrieval=retrieval)
+    initial = ((lambda: base_dense_dev_score(ctx, mined["dev"], student, retrieval))
+               if kind == "dense" else None)
+    res = train(student, examples, ctx.corpus_texts, tcfg, ctx.work / f"train-{kind}",
+                dev_eval=dev_eval, clusters=clusters, progress=ctx.progress, initial_dev=initial)
+    shutil.copytree(ctx.work / f"train-{kind}" / "best", out / "student")
+    return {**init, "steps": res.steps, "examples": len(examples), "best_dev_nDCG@10": round(res.best_dev, 4),
+            "dev_history": res.dev_history, "train_seconds": round(res.seconds, 1),
+            "final_loss": float(np.mean(res.loss_history[-20:])) if res.loss_history else None}
+
+
+
+def base_dense_dev_score(ctx: BuildContext, dev: dict, student, retrieval: bool = True) -> float | None:
+    """Dev nDCG@10 of an untrained dense ``student`` (full-corpus search, or with
+    ``retrieval`` False reranking each dev query's pool) from the base model's cached
+    corpus encodings (the mining stage's), which score like it when checkpoint, lengths,
+    pooling and similarity agree (in fp32: the training loop evaluates at its training
+    precision); None when they do not (then it is encoded anew)."""
+    from models.sources import resolve_model
+
+    base = ctx.base_dense.encoder.config
+    same = Path(student.checkpoint) == resolve_model(ctx.cfg.students.base) and all(
+        getattr(base, f) == getattr(student.config, f)
+        for f in ("max_query_len", "max_doc_len", "pooling", "similarity", "dim"))
+    if not same or not dev["qids"]:
+        return None
+    if not retrieval:
+        return pool_dev_score(ctx, dev, ctx.base_dense.encode_queries(dev["queries"]),
+                                   ctx.base_dense.doc_embeddings)
+    s, i = ctx.base_dense.retrieve(dev["queries"], 100)
+    return metrics(ctx.dev_qrels(dev), run_from_arrays(dev["qids"], ctx.collection.doc_ids, s, i))["nDCG@10"]
+
+
+def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], dict[str, Any]]:
+    """The asymmetric student's training queries: the mined training queries (labelled,
+    or the label-free pseudo-queries) plus, ``asymmetric.pseudo_per_doc`` > 0, pseudo-queries
+    from every document (titles, sentences, key-phrases); never a dev or test query."""
+    from index_build.pseudo_queries import KeyphraseGenerator, SentenceGenerator, TitleGenerator, filter_queries
+
+    a = ctx.cfg.asymmetric
+    mined = [e.query for e in ctx.load_mined()["examples"]]
+    pseudo: list[str] = []
+    stats: dict[str, Any] = {}
+    if a.pseudo_per_doc > 0:
+        docs = ctx.collection.docs
+        generated = [q for g in (TitleGenerator(), SentenceGenerator(per_doc=2), KeyphraseGenerator())
+                     for q in g.generate(docs)]
+        kept, stats = filter_queries(generated, docs, per_doc=a.pseudo_per_doc)
+        pseudo = [q.text for q in kept]
+    held_out = set(dev["queries"])
+    if ctx.cfg.data.test_split in ctx.collection.qrels:
+        held_out |= set(ctx.collection.split_queries(ctx.cfg.data.test_split).values())
+    texts = [t for t in dict.fromkeys(mined + pseudo) if t not in held_out]
+    random.Random(a.seed).shuffle(texts)
+    if a.max_queries:
+        texts = texts[: a.max_queries]
+    return texts, {"queries": len(texts), "mined": len(set(mined)), "pseudo": len(set(pseudo)),
+                   "pseudo_filters": stats}
+
+
+def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
+    """Distill the asymmetric student (:mod:`index_build.asymmetric`): alignment to the
+    teacher's query vectors plus listwise KL to the full teacher over each training
+    query's candidates; the checkpoint that retrieves the dev slice best is kept."""
+    from index_build.asymmetric import candidate_union, encode_queries, init_maps_by_ridge, train_asymmetric
+    from index_build.students import new_asymmetric_student, set_seed
+    from index_build.teachers import BM25Teacher, cached_teacher_scores
+    from models.sources import resolve_model
+
+    a, space = ctx.cfg.asymmetric, ctx.teacher_space
+    dev = ctx.load_mined()["dev"]
+    texts, about = asymmetric_training_texts(ctx, dev)
+    log.info("asymmetric student: %d training queries (%d mined, %d pseudo), %d dev; teacher space %s, dims %s",
+             len(texts), about["mined"], about["pseudo"], len(dev["qids"]), space.names, space.dims)
+    doc_parts = space.doc_parts()
+    docs = np.hstack(doc_parts)
+    q_parts = space.query_parts(texts)
+    with_bm25 = any(isinstance(m, BM25Teacher) for m in ctx.teacher.members)
+    pools = candidate_union(q_parts, doc_parts, ctx.bm25 if with_bm25 else None, texts, a.pool_depth)
+    t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, texts, pools, progress=ctx.progress)
+    set_seed(a.seed)
+    student = new_asymmetric_student(resolve_model(ctx.cfg.students.base), space.names, space.dims,
+                                     max_query_len=ctx.cfg.students.max_query_len)
+    init_maps_by_ridge(student, texts, q_parts)
+    dev_eval = None
+    if dev["qids"]:
+        qrels = ctx.dev_qrels(dev)
+
+        def dev_eval(model) -> float:
+            s, i = exact_topk(docs, encode_queries(model, dev["queries"]), 100)
+            run = run_from_arrays(dev["qids"], ctx.collection.doc_ids, s, i)
+            return round(float(per_query_ndcg(qrels, run, dev["qids"]).mean()), 4)
+
+    history: list[dict[str, Any]] = []
+    res = train_asymmetric(student, texts, np.hstack(q_parts), pools, t_scores, docs, a, dev_eval, history,
+                           progress=ctx.progress)
+    student.save(out / "student")
+    return {**about, **res, "space": {"members": space.names, "dims": space.dims},
+            "mean_pool": float(np.mean([len(p) for p in pools])) if pools else 0.0, "dev_history": history}
+
+
+def pool_dev_score(ctx: BuildContext, dev: dict, queries: np.ndarray, doc_embeddings: np.ndarray) -> float:
+    """Dev nDCG@10 of a dense model reranking each dev query's pool, from its query vectors
+    and its (cached) corpus vectors: what :meth:`dev_evaluator` measures, without encoding
+    the pools again."""
+    doc_ids = ctx.collection.doc_ids
+    run = {}
+    for qid, q, pool in zip(dev["qids"], queries, dev["pools"]):
+        pool = np.asarray(pool, dtype=np.int64)
+        run[qid] = {doc_ids[int(d)]: float(v) for d, v in zip(pool, doc_embeddings[pool] @ q)}
+    return metrics(ctx.dev_qrels(dev), run)["nDCG@10"]
+
+
+def dev_evaluator(ctx: BuildContext, dev: dict, retrieval: bool = False) -> Callable | None:
+    """nDCG@10 on the dev slice: reranking each dev query's candidate pool, or (dense,
+    ``retrieval``) exact search over the whole corpus encoded by the student being trained."""
+    if not dev["qids"]:
+        return None
+    qrels = ctx.dev_qrels(dev)
+    doc_ids = ctx.collection.doc_ids
+
+    def evaluate_retrieval(student) -> float:
+        from tqdm import tqdm
+
+        from models.encoders import length_sorted_batches
+
+        texts = ctx.corpus_texts
+        emb = np.zeros((len(texts), student.config.dim), np.float32)
+        lengths = student.tokenizer.token_lengths(texts)
+        for idx in tqdm(list(length_sorted_batches(lengths, 64)), desc="dev corpus encode", leave=False,
+                        disable=not ctx.progress):
+            emb[idx] = student.encode_docs([texts[i] for i in idx]).cpu().numpy()
+        q = student.encode_queries(dev["queries"]).cpu().numpy()
+        s, i = exact_topk(emb, q, 100)
+        return metrics(qrels, run_from_arrays(dev["qids"], doc_ids, s, i))["nDCG@10"]
+
+    def evaluate(student) -> float:
+        from index_build.train import pool_scores
+
+        scores = pool_scores(student, dev["queries"], dev["pools"], ctx.corpus_texts, progress=ctx.progress)
+        run = {qid: {doc_ids[int(d)]: float(v) for d, v in zip(pool, sc)}
+               for qid, pool, sc in zip(dev["qids"], dev["pools"], scores)}
+        return metrics(qrels, run)["nDCG@10"]
+
+    return evaluate_retrieval if retrieval else evaluate
+

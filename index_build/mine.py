@@ -1,0 +1,119 @@
+"""The mine stage: training examples (a query, its positives, hard negatives and the
+teacher's score of each) and the dev slice that model selection and tuning use. Labelled
+corpora mine their training queries; label-free ones generate pseudo-queries (GPL-style)."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+
+from index_build.context import BuildContext
+
+
+def mine(ctx: BuildContext, out: Path) -> dict:
+    """Mine ``out/examples.pkl``: :func:`mine_labelled` or, on a label-free build,
+    :func:`mine_label_free`."""
+    return mine_label_free(ctx, out) if ctx.label_free else mine_labelled(ctx, out)
+
+
+def mine_labelled(ctx: BuildContext, out: Path) -> dict:
+    """The training split's queries, a share held out as the dev slice (``data.dev_fraction``);
+    positives from its judgments, negatives from BM25 and the base dense model's top
+    candidates, every candidate scored by the teacher."""
+    from index_build.sampling import make_examples
+    from index_build.teachers import cached_teacher_scores
+
+    col = ctx.collection
+    train_q = col.split_queries(ctx.cfg.data.train_split)
+    qids = list(train_q)
+    rng = random.Random(0)
+    rng.shuffle(qids)
+    n_dev = max(1, int(round(ctx.cfg.data.dev_fraction * len(qids)))) if len(qids) > 10 else 0
+    dev_ids, train_ids = sorted(qids[:n_dev]), sorted(qids[n_dev:])
+    qrels = col.qrels[ctx.cfg.data.train_split]
+
+    def positives(ids: list[str]) -> list[set[int]]:
+        return [{col.doc_index[d] for d, g in qrels[q].items() if g > 0} for q in ids]
+
+    texts = [train_q[q] for q in train_ids]
+    pos = positives(train_ids)
+    pools, rankings = ctx.candidate_pools(texts, ctx.cfg.teacher.pool_depth, [sorted(p) for p in pos])
+    t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, texts, pools, progress=ctx.progress)
+    examples = make_examples(train_ids, texts, pools, t_scores, rankings, positives=pos,
+                             neg_depth=ctx.cfg.students.neg_depth)
+    dev_texts = [train_q[q] for q in dev_ids]
+    dev_pools, _ = ctx.candidate_pools(dev_texts, ctx.cfg.students.dev_pool_depth,
+                                        [sorted(p) for p in positives(dev_ids)])
+    with (out / "examples.pkl").open("wb") as f:
+        pickle.dump({"examples": examples, "dev": {"qids": dev_ids, "queries": dev_texts,
+                                                   "pools": dev_pools,
+                                                   "qrels": {q: qrels[q] for q in dev_ids}}}, f)
+    return {"train_queries": len(train_ids), "examples": len(examples), "dev_queries": len(dev_ids),
+            "mean_pool": float(np.mean([len(p) for p in pools])),
+            "mean_negatives": float(np.mean([len(e.negatives) for e in examples]))}
+
+
+
+def mine_label_free(ctx: BuildContext, out: Path) -> dict:
+    """GPL-style: pseudo-queries from the corpus, filtered (incl. round trip through the
+    teacher), BM25 + base-dense hard negatives, the teacher scores every pair."""
+    from index_build.pseudo_queries import default_budget
+
+    lf = ctx.cfg.label_free
+    budget = lf.budget or default_budget(len(ctx.collection.docs))
+    examples, dev, info = pseudo_examples(ctx, budget, lf.dev_queries, out / "pseudo_queries.tsv")
+    with (out / "examples.pkl").open("wb") as f:
+        pickle.dump({"examples": examples, "dev": dev}, f)
+    return {"label_free": True, **info}
+
+
+def pseudo_examples(ctx: BuildContext, budget: int, n_dev: int, tsv: Path | None = None) -> tuple[list, dict, dict]:
+    """``budget`` training examples (+ ``n_dev`` dev queries with pseudo-qrels) from
+    pseudo-queries of the corpus; the source document is the positive."""
+    from index_build.pseudo_queries import filter_queries, make_generator, round_trip_filter
+    from index_build.sampling import make_examples
+    from index_build.teachers import cached_teacher_scores
+
+    lf = ctx.cfg.label_free
+    docs = ctx.collection.docs
+    generated = [q for spec in lf.generators for q in make_generator(spec).generate(docs)]
+    # over-generate before the round trip (it drops a share), then cap to the budget
+    kept, stats = filter_queries(generated, docs, min_words=lf.min_words, max_words=lf.max_words,
+                                 per_doc=lf.per_doc, budget=int(budget * 1.5) + n_dev)
+    texts = [q.text for q in kept]
+    pools, rankings = ctx.candidate_pools(texts, ctx.cfg.teacher.pool_depth, [[q.doc] for q in kept])
+    t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, texts, pools, progress=ctx.progress)
+    keep = round_trip_filter(kept, pools, t_scores, top_k=lf.round_trip_top_k)
+    stats["round_trip_dropped"] = int(len(keep) - sum(keep))
+    idx = [i for i, k in enumerate(keep) if k]
+    rng = random.Random(0)
+    rng.shuffle(idx)
+    n_dev = min(n_dev, len(idx) // 5)
+    dev_idx, train_idx = sorted(idx[:n_dev]), sorted(idx[n_dev : n_dev + budget])
+    qids = [f"pq{i}" for i in range(len(kept))]
+    examples = make_examples([qids[i] for i in train_idx], [texts[i] for i in train_idx],
+                             [pools[i] for i in train_idx], [t_scores[i] for i in train_idx],
+                             [r[train_idx] for r in rankings], positives=[{kept[i].doc} for i in train_idx],
+                             neg_depth=ctx.cfg.students.neg_depth)
+    dev_texts = [texts[i] for i in dev_idx]
+    dev_pools, _ = ctx.candidate_pools(dev_texts, ctx.cfg.students.dev_pool_depth,
+                                        [[kept[i].doc] for i in dev_idx]) if dev_idx else ([], [])
+    doc_ids = ctx.collection.doc_ids
+    dev = {"qids": [qids[i] for i in dev_idx], "queries": dev_texts, "pools": dev_pools,
+           "qrels": {qids[i]: {doc_ids[kept[i].doc]: 1} for i in dev_idx}}
+    by_gen: dict[str, int] = {}
+    for i in train_idx:
+        by_gen[kept[i].generator] = by_gen.get(kept[i].generator, 0) + 1
+    if tsv is not None:
+        with tsv.open("w") as f:
+            for i in train_idx + dev_idx:
+                f.write(f"{qids[i]}\t{doc_ids[kept[i].doc]}\t{kept[i].generator}\t{texts[i]}\n")
+    info = {"generated": len(generated), "filters": stats, "pseudo_queries": len(train_idx),
+            "dev_queries": len(dev_idx), "by_generator": by_gen, "generators": lf.generators,
+            "examples": len(examples),
+            "mean_negatives": float(np.mean([len(e.negatives) for e in examples])) if examples else 0.0}
+    return examples, dev, info
+

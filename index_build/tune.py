@@ -1,0 +1,163 @@
+"""Choices made on the dev slice (held-out training queries, or held-out pseudo-queries on a
+label-free build; never test judgments): the hybrid's fusion weight, each reranker's
+interpolation weight per first stage, and the mode served by default. Each is made once per
+build and exported models, and recorded in the artifact's manifest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from index_build.context import BuildContext
+from index_build.metrics import one_se_choice, per_query_ndcg
+from models.retrieval import FIRST_STAGES, fuse_hybrid
+
+#: fusion and interpolation weights tried on the dev slice
+WEIGHT_GRID = [round(0.1 * i, 1) for i in range(11)]
+#: the prefix of a dense model's rows in the results (``dense``/``asym-dense``, ``hybrid``/``asym-hybrid``)
+DENSE_ROW_PREFIX = {"dense": "", "asymmetric": "asym-"}
+
+
+def _once(ctx: BuildContext, key: tuple, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    if key not in ctx.tuning:
+        ctx.tuning[key] = compute()
+    return ctx.tuning[key]
+
+
+def mode_row(ctx: BuildContext, mode: Mapping[str, str]) -> str:
+    """The results row that measures served mode ``{"first_stage", "rerank"}``."""
+    prefix = DENSE_ROW_PREFIX[ctx.served_dense]
+    stage, rerank = mode["first_stage"], mode["rerank"]
+    if rerank == "none":
+        return "bm25" if stage == "sparse" else f"{prefix}{stage}"
+    return f"{stage}+{rerank}"
+
+
+def choose_default(ctx: BuildContext, depth: int = 100) -> dict[str, Any]:
+    """The mode ``/search`` serves when a request names none: among the cheap modes (every
+    first stage, alone or reranked by ColBERT; the cross-encoder costs seconds a query on
+    CPU and is never a default), the hybrid first stage alone (the served dense model
+    where there is no BM25) unless another mode beats it on the dev slice by more than one
+    standard error (:func:`index_build.metrics.one_se_choice`), then the best of those.
+    Never on test judgments. Computed once per build and exported models."""
+    memo = ("default", depth, *[ctx.export_key(k) for k in ctx.cfg.students.kinds])
+    return _once(ctx, memo, lambda: _choose_default(ctx, depth))
+
+
+def _choose_default(ctx: BuildContext, depth: int) -> dict[str, Any]:
+    kinds = ctx.cfg.students.kinds
+    prior = ("hybrid", "none")
+    dev = ctx.load_mined()["dev"]
+    if not dev["qids"]:
+        return {"first_stage": prior[0], "rerank": prior[1], "chosen_on": "default (no dev queries)"}
+    qrels, qids = ctx.dev_qrels(dev), dev["qids"]
+    hybrid_weight = tune_hybrid(ctx, depth)["dense_weight"]
+    firsts = ctx.first_stage_lists(dev["queries"], ctx.dense_queries(dev["queries"]), hybrid_weight, depth)
+    per_mode = {(stage, "none"): per_query_ndcg(qrels, ctx.run_of(qids, firsts[stage]), qids)
+                for stage in FIRST_STAGES}
+    if "colbert" in kinds:
+        weights = tune_rerank_weights(ctx, "colbert", hybrid_weight, depth)["weights"]
+        reranked = {stage: firsts[stage] for stage in ("dense", "hybrid")}
+        scores = rerank_scores(ctx, "colbert", dev["queries"], reranked)
+        for stage, lists in reranked.items():
+            per_mode[(stage, "colbert")] = per_query_ndcg(
+                qrels, ctx.run_of(qids, lists, scores[stage], weights[stage]), qids)
+    stage, rerank = one_se_choice(per_mode, prior, lambda m, p: float(m != p))
+    return {"first_stage": stage, "rerank": rerank,
+            "chosen_on": "pseudo-query dev slice" if ctx.label_free else "train dev slice",
+            "selection": "one-standard-error rule toward hybrid without rerank",
+            "dev_nDCG@10": {f"{s}+{r}": round(float(v.mean()), 4) for (s, r), v in per_mode.items()}}
+
+
+def tune_hybrid(ctx: BuildContext, depth: int = 100, kind: str | None = None) -> dict[str, Any]:
+    """Choose the dense weight of the hybrid (z-score fusion of dense and BM25 top-``depth``)
+    on the dev slice: held-out train queries, or held-out pseudo-queries when label-free.
+    Never on test judgments. The weight is the one closest to equal weights among those
+    within one standard error of the best (:func:`index_build.metrics.one_se_choice`):
+    pseudo-queries extracted from the documents favour BM25 by construction (BM25 finds
+    their source at rank 1), so a single dev query must not pull the weight to an extreme.
+    ``kind``: the dense model fused (default: the served one, :attr:`BuildContext.served_dense`). Computed once per
+    build and exported dense model (evaluation, each TREC DL pool and the artifact stage
+    all need it)."""
+    kind = kind or ctx.served_dense
+    memo = ("hybrid", depth, kind, ctx.export_key(kind))
+    return _once(ctx, memo, lambda: _tune_hybrid(ctx, depth, kind))
+
+
+def _tune_hybrid(ctx: BuildContext, depth: int, kind: str) -> dict[str, Any]:
+    dev = ctx.load_mined()["dev"]
+    if not dev["qids"]:
+        return {"method": "zscore", "dense_weight": 0.5, "sparse_weight": 0.5, "depth": depth,
+                "tuned_on": "default (no dev queries)"}
+    qrels = ctx.dev_qrels(dev)
+    doc_ids = ctx.collection.doc_ids
+    firsts = ctx.first_stage_lists(dev["queries"], ctx.dense_queries(dev["queries"], kind), 0.5, depth, kind)
+    per_query: dict[float, np.ndarray] = {}
+    for w in WEIGHT_GRID:
+        run = {}
+        for r, qid in enumerate(dev["qids"]):
+            fused = fuse_hybrid(firsts["dense"][r], firsts["sparse"][r], (w, 1.0 - w), depth)
+            run[qid] = {doc_ids[int(d)]: float(x) for d, x in zip(*fused)}
+        per_query[w] = per_query_ndcg(qrels, run, dev["qids"])
+    best = one_se_choice(per_query, prior=0.5)
+    return {"method": "zscore", "dense_weight": best, "sparse_weight": round(1.0 - best, 1),
+            "depth": depth, "tuned_on": "pseudo-query dev slice" if ctx.label_free else "train dev slice",
+            "selection": "one-standard-error rule toward equal weights (0.5)",
+            "dev_nDCG@10": {str(w): round(float(v.mean()), 4) for w, v in per_query.items()}}
+
+
+def tune_rerank_weights(ctx: BuildContext, kind: str, hybrid_weight: float, depth: int = 100) -> dict[str, Any]:
+    """Per first stage, the weight of reranker ``kind``'s score (``colbert`` or
+    ``cross-encoder``) against the first stage's score in the final ranking
+    (:func:`models.fusion.interpolate`; 1 = plain reranking, 0 = the first stage alone),
+    chosen on the dev slice like :func:`tune_hybrid` with the first stage alone as the
+    prior: a reranker that does not beat its first stage on dev by more than one standard
+    error gets weight 0 (``no_dev_gain`` lists those first stages). Never on test judgments.
+    Computed once per build and exported models (the evaluate and artifact stages both
+    need it)."""
+    memo = ("rerank", kind, hybrid_weight, depth, ctx.export_key(ctx.served_dense), ctx.export_key(kind))
+    return _once(ctx, memo, lambda: _tune_rerank_weights(ctx, kind, hybrid_weight, depth))
+
+
+def _tune_rerank_weights(ctx: BuildContext, kind: str, hybrid_weight: float, depth: int) -> dict[str, Any]:
+    dev = ctx.load_mined()["dev"]
+    stages = ("dense", "sparse", "hybrid")
+    if not dev["qids"]:
+        return {"method": "zscore", "weights": dict.fromkeys(stages, 1.0), "depth": depth,
+                "tuned_on": "default (no dev queries)"}
+    qrels = ctx.dev_qrels(dev)
+    firsts = ctx.first_stage_lists(dev["queries"], ctx.dense_queries(dev["queries"]), hybrid_weight, depth)
+    scores = rerank_scores(ctx, kind, dev["queries"], firsts)
+    weights, curves = {}, {}
+    for stage in stages:
+        per_query = {a: per_query_ndcg(qrels, ctx.run_of(dev["qids"], firsts[stage], scores[stage], a),
+                                       dev["qids"])
+                     for a in WEIGHT_GRID}
+        weights[stage] = one_se_choice(per_query, prior=0.0)
+        curves[stage] = {str(a): round(float(v.mean()), 4) for a, v in per_query.items()}
+    return {"method": "zscore", "weights": weights, "depth": depth,
+            "tuned_on": "pseudo-query dev slice" if ctx.label_free else "train dev slice",
+            "selection": "one-standard-error rule toward the first stage alone (0.0)",
+            # first stages after which the reranker did not beat the first stage alone on dev
+            "no_dev_gain": [stage for stage, w in weights.items() if w == 0.0],
+            "dev_nDCG@10": curves}
+
+
+def rerank_scores(ctx: BuildContext, kind: str, texts: list[str],
+                  firsts: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]]) -> dict[str, list[np.ndarray]]:
+    """Reranker ``kind``'s score of every candidate of every first stage in ``firsts`` (as
+    from :meth:`BuildContext.first_stage_lists`). Each query's candidates are scored once, over the
+    union of its lists (the stages overlap heavily, and a cross-encoder pass is costly)."""
+    unions = [np.unique(np.concatenate([lists[r][0] for lists in firsts.values()] + [np.zeros(0, np.int64)]))
+              for r in range(len(texts))]
+    if kind == "colbert":
+        scored = ctx.colbert_scores(texts, [(u, np.zeros(len(u))) for u in unions])
+    elif kind == "cross-encoder":
+        scored = ctx.cross_encoder_scores(texts, [[ctx.corpus_texts[int(j)] for j in u] for u in unions])
+    else:
+        raise ValueError(f"no reranker {kind!r}")
+    return {stage: [scored[r][np.searchsorted(unions[r], cands)] for r, (cands, _) in enumerate(lists)]
+            for stage, lists in firsts.items()}
+
