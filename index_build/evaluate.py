@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from index_build.context import BuildContext
-from index_build.data import load_collection
-from index_build.metrics import markdown_table, metrics, run_from_arrays, write_json_atomic
+from index_build.data import Collection, load_collection
+from index_build.metrics import Run, markdown_table, metrics, run_from_arrays, write_json_atomic
 from index_build.teachers import exact_topk
 from index_build.tune import DENSE_ROW_PREFIX, choose_default, mode_row, tune_hybrid, tune_rerank_weights
 from models.encoders import ONNX_NAME
@@ -43,218 +46,301 @@ def evaluate(ctx: BuildContext, out: Path) -> dict:
 
 
 
+@dataclass
+class JudgedQueries:
+    """The collection's test split as every full-corpus row reads it."""
+
+    qids: list[str]
+    texts: list[str]
+    qrels: dict[str, dict[str, int]]
+    doc_ids: list[str]
+    depth: int
+
+    def metrics(self, run: Run) -> dict[str, float]:
+        return metrics(self.qrels, run)
+
+    def arrays(self, scores: np.ndarray, indices: np.ndarray) -> dict[str, float]:
+        """The metrics of ``[n_queries, k]`` score and corpus-index arrays."""
+        return metrics(self.qrels, run_from_arrays(self.qids, self.doc_ids, scores, indices))
+
+
 def evaluate_collection(ctx: BuildContext) -> dict[str, dict[str, float]]:
     """Every system on the test split: first stages over the whole corpus (the full-tower
     dense student's rows ``dense``, ``hybrid``, ...; the asymmetric student's ``asym-*``),
     rerankers on the served dense model's top-``rerank_depth``, and ``served-default``:
     the row of the mode the artifact serves by default (:func:`index_build.tune.choose_default`)."""
-    from index_build.export import INT8_NAME
-    from index_build.teachers import cached_teacher_scores
-
-    col, depth = ctx.collection, ctx.cfg.evaluate.rerank_depth
-    split = ctx.cfg.data.test_split
+    col, split = ctx.collection, ctx.cfg.data.test_split
     if split not in col.qrels:
         log.warning("no %r judgments in %s: nothing to evaluate on this corpus", split, ctx.cfg.data.path)
         return {}
     tq = col.split_queries(split)
-    qids, texts = list(tq), list(tq.values())
-    qrels, doc_ids = col.qrels[split], col.doc_ids
-    systems: dict[str, dict[str, float]] = {}
-    bm_s, bm_i = ctx.bm25.search(texts, depth)
-    systems["bm25"] = metrics(qrels, run_from_arrays(qids, doc_ids, bm_s, bm_i))
-    base_s, base_i = ctx.base_dense.retrieve(texts, depth)
-    systems["base-dense"] = metrics(qrels, run_from_arrays(qids, doc_ids, base_s, base_i))
-    pools, _ = ctx.candidate_pools(texts, ctx.cfg.teacher.pool_depth)
-    t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, texts, pools, progress=ctx.progress)
-    systems["teacher"] = metrics(qrels, {q: {doc_ids[int(d)]: float(s) for d, s in zip(p, ts)}
-                                          for q, p, ts in zip(qids, pools, t_scores)})
-    kinds = ctx.cfg.students.kinds
-    served = ctx.served_dense
-    if served not in kinds:
+    test = JudgedQueries(list(tq), list(tq.values()), col.qrels[split], col.doc_ids, ctx.cfg.evaluate.rerank_depth)
+    systems = _reference_rows(ctx, test)
+    if ctx.served_dense not in ctx.cfg.students.kinds:
         return systems
-    int8_corpus = ctx.cfg.export_int8 and ctx.cfg.evaluate.int8_corpus
-    firsts: dict[str, list[Ranked]] = {}
-    q8_lists: list[Ranked] = []
-    for kind in ("dense", "asymmetric"):
-        if kind not in kinds:
-            continue
-        prefix = DENSE_ROW_PREFIX[kind]
-        # hybrid first stage: z-score fusion with BM25's top-depth, weight tuned on the dev slice
-        hw = tune_hybrid(ctx, depth, kind)["dense_weight"]
-        lists = ctx.first_stage_lists(texts, ctx.dense_queries(texts, kind), hw, depth, kind)
-        systems[f"{prefix}dense"] = metrics(qrels, ctx.run_of(qids, lists["dense"]))
-        systems[f"{prefix}hybrid"] = metrics(qrels, ctx.run_of(qids, lists["hybrid"]))
-        if ctx.cfg.export_int8:
-            q8 = ctx.dense_queries(texts, kind, INT8_NAME)
-            if int8_corpus and kind == "dense":
-                s8, i8 = exact_topk(ctx.dense_corpus(INT8_NAME), q8, depth)
-                systems["dense-int8"] = metrics(qrels, run_from_arrays(qids, doc_ids, s8, i8))
-            # what the service serves with NRS_USE_INT8: int8 query encoder, fp32 document vectors
-            q8_s, q8_i = exact_topk(ctx.corpus_vectors(kind), q8, depth)
-            systems[f"{prefix}dense-int8-query"] = metrics(qrels, run_from_arrays(qids, doc_ids, q8_s, q8_i))
-            if kind == served:
-                q8_lists = [Ranked(i[i >= 0], s[i >= 0]) for s, i in zip(q8_s, q8_i)]
-        if kind == served:
-            firsts = lists
-    hybrid_weight = tune_hybrid(ctx, depth)["dense_weight"]
-    if "colbert" in kinds:
-        # ColBERT reranks, its scores interpolated with the first stage's (weights tuned on the dev slice)
-        weights = tune_rerank_weights(ctx, "colbert", hybrid_weight, depth)["weights"]
-        for f in [ONNX_NAME] + ([INT8_NAME] if int8_corpus else []):
-            cb = ctx.colbert_scores(texts, firsts["dense"], f)
-            systems["dense+colbert" + ("-int8" if f == INT8_NAME else "")] = metrics(
-                qrels, ctx.run_of(qids, firsts["dense"], cb, weights["dense"]))
-            if f == ONNX_NAME:
-                systems["dense+colbert-maxsim"] = metrics(qrels, ctx.run_of(qids, firsts["dense"], cb, 1.0))
-        if q8_lists:  # as served with NRS_USE_INT8: int8 query encoders, fp32-encoded corpus
-            cb = ctx.colbert_scores(texts, q8_lists, query_onnx_file=INT8_NAME)
-            systems["dense+colbert-int8-query"] = metrics(qrels, ctx.run_of(qids, q8_lists, cb, weights["dense"]))
-        cb = ctx.colbert_scores(texts, firsts["hybrid"])
-        systems["hybrid+colbert"] = metrics(qrels, ctx.run_of(qids, firsts["hybrid"], cb, weights["hybrid"]))
-        systems["hybrid+colbert-maxsim"] = metrics(qrels, ctx.run_of(qids, firsts["hybrid"], cb, 1.0))
-    if "cross-encoder" in kinds:
-        # the cross-encoder reranks the dense top-depth, its scores interpolated with the served
-        # dense model's (weight tuned on the dev slice); "-plain": its scores alone
-        ce_weight = tune_rerank_weights(ctx, "cross-encoder", hybrid_weight, depth)["weights"]["dense"]
-        cand_texts = [[ctx.corpus_texts[int(j)] for j in c] for c, _ in firsts["dense"]]
-        scores = ctx.cross_encoder_scores(texts, cand_texts)
-        systems["dense+cross-encoder"] = metrics(qrels, ctx.run_of(qids, firsts["dense"], scores, ce_weight))
-        systems["dense+cross-encoder-plain"] = metrics(qrels, ctx.run_of(qids, firsts["dense"], scores, 1.0))
-        if ctx.cfg.export_int8:  # as served with NRS_USE_INT8 and the cross-encoder among NRS_INT8_MODELS
-            scores8 = ctx.cross_encoder_scores(texts, cand_texts, onnx_file=INT8_NAME)
-            systems["dense+cross-encoder-int8"] = metrics(
-                qrels, ctx.run_of(qids, firsts["dense"], scores8, ce_weight))
+    firsts, q8_lists = _first_stage_rows(ctx, test, systems)
+    hybrid_weight = tune_hybrid(ctx, test.depth)["dense_weight"]
+    if "colbert" in ctx.cfg.students.kinds:
+        _colbert_rows(ctx, test, firsts, q8_lists, hybrid_weight, systems)
+    if "cross-encoder" in ctx.cfg.students.kinds:
+        _cross_encoder_rows(ctx, test, firsts, hybrid_weight, systems)
     row = mode_row(ctx, choose_default(ctx))
     if row in systems:
         systems["served-default"] = dict(systems[row])
     return systems
 
 
-def evaluate_trec(ctx: BuildContext, path: Path) -> dict[str, dict[str, float]]:
-    """Rerank the BM25 run's top-100 of a TREC DL pool with every scoring model."""
-    from index_build.data import load_trec_run
-    from index_build.export import INT8_NAME, base_dense_onnx
-    from index_build.teachers import build_teacher, cached_teacher_scores
-    from models.encoders import ColbertEncoder, DenseEncoder, maxsim
+def _reference_rows(ctx: BuildContext, test: JudgedQueries) -> dict[str, dict[str, float]]:
+    """``bm25``, ``base-dense`` (the base model untrained) and ``teacher`` (over the union of
+    BM25's and the base model's top candidates)."""
+    from index_build.teachers import cached_teacher_scores
 
-    col = load_collection(path, unknown_docs="keep")
-    split = next(iter(col.qrels))
-    qrels = col.qrels[split]
-    run_in = load_trec_run(path / "runs" / "BM25.trec", depth=ctx.cfg.evaluate.rerank_depth)
-    qids = [q for q in col.queries if q in qrels and q in run_in]
-    texts = [col.queries[q] for q in qids]
-    cands = [[d for d, _ in run_in[q]] for q in qids]
-    docs = {d.id: d.full_text for d in col.docs}
-    systems: dict[str, dict[str, float]] = {}
+    systems = {"bm25": test.arrays(*ctx.bm25.search(test.texts, test.depth)),
+               "base-dense": test.arrays(*ctx.base_dense.retrieve(test.texts, test.depth))}
+    pools, _ = ctx.candidate_pools(test.texts, ctx.cfg.teacher.pool_depth)
+    t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, test.texts, pools, progress=ctx.progress)
+    systems["teacher"] = test.metrics({q: {test.doc_ids[int(d)]: float(s) for d, s in zip(p, ts)}
+                                       for q, p, ts in zip(test.qids, pools, t_scores)})
+    return systems
 
-    def score_all(fn) -> dict[str, dict[str, float]]:
-        run = {}
-        for qid, q, cs in zip(qids, texts, cands):
-            run[qid] = dict(zip(cs, map(float, fn(q, cs))))
-        return run
 
-    systems["bm25"] = metrics(qrels, {q: dict(run_in[q]) for q in qids}, min_rel=2)
+def _first_stage_rows(ctx: BuildContext, test: JudgedQueries,
+                      systems: dict[str, dict[str, float]]) -> tuple[dict[str, list[Ranked]], list[Ranked]]:
+    """Each dense student's first stages (``dense``, ``hybrid``, the int8 rows; ``asym-*``
+    for the asymmetric one); returns the served dense model's lists per first stage and its
+    int8-query dense lists (empty without int8 export)."""
+    from index_build.export import INT8_NAME
 
-    def dense_fn(enc: DenseEncoder):
-        def fn(q: str, cs: list[str]) -> np.ndarray:
-            return enc.encode_docs([docs[c] for c in cs]) @ enc.encode_queries([q])[0]
-        return fn
-
-    base = DenseEncoder(base_dense_onnx(ctx.cfg.students.base, max_doc_len=ctx.cfg.students.max_doc_len)[0],
-                        threads=ctx.cfg.threads)
-    base_run = score_all(dense_fn(base))
-    systems["base-dense"] = metrics(qrels, base_run, min_rel=2)
-    # teacher: the configured ensemble (members z-scored per query), BM25 statistics over this pool's corpus
-    teacher = build_teacher(ctx.teacher_spec(), col.doc_texts(), col.checksum(), ctx.cache,
-                            threads=ctx.cfg.threads)
-    t_scores = cached_teacher_scores(teacher, ctx.cache, texts,
-                                     [np.array([col.doc_index[c] for c in cs], np.int64) for cs in cands],
-                                     progress=ctx.progress)
-    teacher_run = {qid: dict(zip(cs, map(float, ts))) for qid, cs, ts in zip(qids, cands, t_scores)}
-    systems["teacher"] = metrics(qrels, teacher_run, min_rel=2)
-    kinds = ctx.cfg.students.kinds
-    # students trained on this pool (a label-free build): the first stages and the ColBERT
-    # interpolation are evaluated as the service serves them, weights from the dev slice
-    own_pool = ctx.cfg.evaluate.mode == "rerank" and Path(ctx.cfg.data.path).resolve() == path.resolve()
-    # Rerankers are evaluated as the service serves them after the dense first stage: their
-    # scores interpolated with the dense student's (on this pool's BM25 candidates), at the
-    # weights chosen on the build's dev slice, the artifact's; never on these judgments.
-    firsts: dict[str, dict[str, dict[str, float]]] = {}  # the served dense model's first stages
-    hw, record = 1.0, {}
-    served = ctx.served_dense
+    int8_corpus = ctx.cfg.export_int8 and ctx.cfg.evaluate.int8_corpus
+    firsts: dict[str, list[Ranked]] = {}
+    q8_lists: list[Ranked] = []
     for kind in ("dense", "asymmetric"):
-        if kind not in kinds:
+        if kind not in ctx.cfg.students.kinds:
             continue
         prefix = DENSE_ROW_PREFIX[kind]
-        if kind == "asymmetric":  # the student's queries against the teacher members' document vectors
-            from index_build.asymmetric import TeacherSpace
-            from index_build.teachers import BiEncoderTeacher, EnsembleTeacher
+        # hybrid first stage: z-score fusion with BM25's top-depth, weight tuned on the dev slice
+        hw = tune_hybrid(ctx, test.depth, kind)["dense_weight"]
+        lists = ctx.first_stage_lists(test.texts, ctx.dense_queries(test.texts, kind), hw, test.depth, kind)
+        systems[f"{prefix}dense"] = test.metrics(ctx.run_of(test.qids, lists["dense"]))
+        systems[f"{prefix}hybrid"] = test.metrics(ctx.run_of(test.qids, lists["hybrid"]))
+        if ctx.cfg.export_int8:
+            q8 = ctx.dense_queries(test.texts, kind, INT8_NAME)
+            if int8_corpus and kind == "dense":
+                systems["dense-int8"] = test.arrays(*exact_topk(ctx.dense_corpus(INT8_NAME), q8, test.depth))
+            # what the service serves with NRS_USE_INT8: int8 query encoder, fp32 document vectors
+            q8_s, q8_i = exact_topk(ctx.corpus_vectors(kind), q8, test.depth)
+            systems[f"{prefix}dense-int8-query"] = test.arrays(q8_s, q8_i)
+            if kind == ctx.served_dense:
+                q8_lists = [Ranked(i[i >= 0], s[i >= 0]) for s, i in zip(q8_s, q8_i)]
+        if kind == ctx.served_dense:
+            firsts = lists
+    return firsts, q8_lists
 
-            assert isinstance(teacher, EnsembleTeacher)
-            space = TeacherSpace([m for m in teacher.members if isinstance(m, BiEncoderTeacher)])
-            asym = DenseEncoder(ctx.onnx_dir(kind), threads=ctx.cfg.threads)
 
-            def asym_fn(q: str, cs: list[str], enc: DenseEncoder = asym, space=space) -> np.ndarray:
-                idx = np.array([col.doc_index[c] for c in cs], np.int64)
-                return np.hstack([m.embeddings(idx) for m in space.members]) @ enc.encode_queries([q])[0]
+def _colbert_rows(ctx: BuildContext, test: JudgedQueries, firsts: dict[str, list[Ranked]], q8_lists: list[Ranked],
+                  hybrid_weight: float, systems: dict[str, dict[str, float]]) -> None:
+    """ColBERT reranking the served dense and hybrid first stages, its scores interpolated
+    with the first stage's at the dev-tuned weights (``-maxsim``: MaxSim alone; ``-int8``:
+    the int8 graph encoding the corpus too; ``-int8-query``: as served with NRS_USE_INT8)."""
+    from index_build.export import INT8_NAME
 
-            dense_run = score_all(asym_fn)
-        else:
-            dense_run = score_all(dense_fn(DenseEncoder(ctx.onnx_dir(kind), threads=ctx.cfg.threads)))
-            if ctx.cfg.export_int8:
-                enc8 = DenseEncoder(ctx.onnx_dir(kind), onnx_file=INT8_NAME, threads=ctx.cfg.threads)
-                systems["dense-int8"] = metrics(qrels, score_all(dense_fn(enc8)), min_rel=2)
-        systems[f"{prefix}dense"] = metrics(qrels, dense_run, min_rel=2)
-        kind_hw = tune_hybrid(ctx, kind=kind)["dense_weight"]
-        if kind == served:
-            firsts["dense"], hw = dense_run, kind_hw
-            record = ctx.trec_weights[path.name] = {"hybrid_dense_weight": hw}
-        if own_pool:
-            hybrid_run = {}
-            for qid, cs in zip(qids, cands):  # the service's hybrid over this pool's candidates
-                bm25, pool = dict(run_in[qid]), np.arange(len(cs))
-                fused = fuse_hybrid(Ranked(pool, np.array([dense_run[qid][c] for c in cs])),
-                                    Ranked(pool, np.array([bm25[c] for c in cs])), (kind_hw, 1 - kind_hw),
-                                    len(cs))
-                hybrid_run[qid] = {cs[int(j)]: float(x) for j, x in zip(*fused)}
-            systems[f"{prefix}hybrid"] = metrics(qrels, hybrid_run, min_rel=2)
-            if kind == served:
-                firsts["hybrid"] = hybrid_run
-    if "colbert" in kinds:
-        cb = ColbertEncoder(ctx.onnx_dir("colbert"))
+    weights = tune_rerank_weights(ctx, "colbert", hybrid_weight, test.depth)["weights"]
+    int8_corpus = ctx.cfg.export_int8 and ctx.cfg.evaluate.int8_corpus
+    for f in [ONNX_NAME] + ([INT8_NAME] if int8_corpus else []):
+        cb = ctx.colbert_scores(test.texts, firsts["dense"], f)
+        systems["dense+colbert" + ("-int8" if f == INT8_NAME else "")] = test.metrics(
+            ctx.run_of(test.qids, firsts["dense"], cb, weights["dense"]))
+        if f == ONNX_NAME:
+            systems["dense+colbert-maxsim"] = test.metrics(ctx.run_of(test.qids, firsts["dense"], cb, 1.0))
+    if q8_lists:
+        cb = ctx.colbert_scores(test.texts, q8_lists, query_onnx_file=INT8_NAME)
+        systems["dense+colbert-int8-query"] = test.metrics(ctx.run_of(test.qids, q8_lists, cb, weights["dense"]))
+    cb = ctx.colbert_scores(test.texts, firsts["hybrid"])
+    systems["hybrid+colbert"] = test.metrics(ctx.run_of(test.qids, firsts["hybrid"], cb, weights["hybrid"]))
+    systems["hybrid+colbert-maxsim"] = test.metrics(ctx.run_of(test.qids, firsts["hybrid"], cb, 1.0))
 
-        def colbert_fn(q: str, cs: list[str]) -> np.ndarray:
-            toks = cb.encode_docs([docs[c] for c in cs])
-            offsets = np.cumsum([0] + [len(t) for t in toks])
-            return maxsim(cb.encode_queries([q])[0], np.concatenate(toks), offsets)
 
-        colbert_run = score_all(colbert_fn)
-        if not firsts:
-            systems["dense+colbert"] = metrics(qrels, colbert_run, min_rel=2)
-        else:
-            # ColBERT's scores interpolated with the first stage's (models.fusion.interpolate), as
-            # in full-corpus evaluation and the service; "-maxsim": plain reranking
-            weights = tune_rerank_weights(ctx, "colbert", hw)["weights"]
-            record["colbert_weight"] = weights
-            for stage, first_run in firsts.items():
-                systems[f"{stage}+colbert"] = metrics(
-                    qrels, interpolated_run(first_run, colbert_run, weights[stage]), min_rel=2)
-            systems["dense+colbert-maxsim"] = metrics(qrels, colbert_run, min_rel=2)
-    if "cross-encoder" in kinds:
-        scores = ctx.cross_encoder_scores(texts, [[docs[c] for c in cs] for cs in cands])
-        ce_run = {qid: dict(zip(cs, map(float, sc))) for qid, cs, sc in zip(qids, cands, scores)}
-        if "dense" in firsts:  # as served: interpolated with the dense student; "-plain": alone
-            ce_weight = tune_rerank_weights(ctx, "cross-encoder", hw)["weights"]["dense"]
-            record["cross_encoder_weight"] = ce_weight
-            systems["dense+cross-encoder"] = metrics(
-                qrels, interpolated_run(firsts["dense"], ce_run, ce_weight), min_rel=2)
-            systems["dense+cross-encoder-plain"] = metrics(qrels, ce_run, min_rel=2)
-        else:
-            systems["dense+cross-encoder"] = metrics(qrels, ce_run, min_rel=2)
+def _cross_encoder_rows(ctx: BuildContext, test: JudgedQueries, firsts: dict[str, list[Ranked]],
+                        hybrid_weight: float, systems: dict[str, dict[str, float]]) -> None:
+    """The cross-encoder reranking the served dense top-depth, its scores interpolated with the
+    dense model's at the dev-tuned weight (``-plain``: its scores alone; ``-int8``: as served
+    with NRS_USE_INT8 and the cross-encoder among NRS_INT8_MODELS)."""
+    from index_build.export import INT8_NAME
+
+    ce_weight = tune_rerank_weights(ctx, "cross-encoder", hybrid_weight, test.depth)["weights"]["dense"]
+    cand_texts = [[ctx.corpus_texts[int(j)] for j in c] for c, _ in firsts["dense"]]
+    scores = ctx.cross_encoder_scores(test.texts, cand_texts)
+    systems["dense+cross-encoder"] = test.metrics(ctx.run_of(test.qids, firsts["dense"], scores, ce_weight))
+    systems["dense+cross-encoder-plain"] = test.metrics(ctx.run_of(test.qids, firsts["dense"], scores, 1.0))
+    if ctx.cfg.export_int8:
+        scores8 = ctx.cross_encoder_scores(test.texts, cand_texts, onnx_file=INT8_NAME)
+        systems["dense+cross-encoder-int8"] = test.metrics(ctx.run_of(test.qids, firsts["dense"], scores8, ce_weight))
+
+
+@dataclass
+class TrecPool:
+    """A TREC DL pool: its collection, graded judgments and the BM25 run whose top
+    candidates every system reranks."""
+
+    path: Path
+    collection: Collection
+    qrels: dict[str, dict[str, int]]
+    bm25_run: dict[str, list[tuple[str, float]]]
+    qids: list[str]
+    texts: list[str]
+    candidates: list[list[str]]
+
+    @classmethod
+    def load(cls, path: Path, depth: int) -> TrecPool:
+        from index_build.data import load_trec_run
+
+        col = load_collection(path, unknown_docs="keep")
+        qrels = col.qrels[next(iter(col.qrels))]
+        run_in = load_trec_run(path / "runs" / "BM25.trec", depth=depth)
+        qids = [q for q in col.queries if q in qrels and q in run_in]
+        return cls(path, col, qrels, run_in, qids, [col.queries[q] for q in qids],
+                   [[d for d, _ in run_in[q]] for q in qids])
+
+    @cached_property
+    def docs(self) -> dict[str, str]:
+        return {d.id: d.full_text for d in self.collection.docs}
+
+    def score_all(self, fn: Callable[[str, list[str]], np.ndarray]) -> Run:
+        """The run of ``fn(query, candidate ids) -> scores`` over every query."""
+        return {qid: dict(zip(cs, map(float, fn(q, cs)))) for qid, q, cs in zip(self.qids, self.texts, self.candidates)}
+
+    def metrics(self, run: Run) -> dict[str, float]:
+        """nDCG@10, RR@10 and R@100, grade >= 2 relevant for the last two (the TREC DL convention)."""
+        return metrics(self.qrels, run, min_rel=2)
+
+
+def evaluate_trec(ctx: BuildContext, path: Path) -> dict[str, dict[str, float]]:
+    """Rerank the BM25 run's top candidates of a TREC DL pool with every scoring model: the
+    reference rows, each dense student's first stages and the rerankers after the served
+    one, as the service serves them, at the weights chosen on the build's dev slice (never
+    on these judgments)."""
+    pool = TrecPool.load(path, ctx.cfg.evaluate.rerank_depth)
+    systems, teacher = _trec_reference_rows(ctx, pool)
+    firsts, hw = _trec_first_stage_rows(ctx, pool, teacher, systems)
+    record: dict[str, Any] = {}
+    if firsts:  # the dev-slice weights this pool is evaluated with (recorded with the evaluate stage)
+        record = ctx.trec_weights[path.name] = {"hybrid_dense_weight": hw}
+    _trec_rerank_rows(ctx, pool, firsts, hw, record, systems)
     row = mode_row(ctx, choose_default(ctx)) if firsts else None
     if row in systems:  # e.g. no hybrid rows on another collection's pool
         systems["served-default"] = dict(systems[row])
     return systems
+
+
+def _dense_fn(enc, docs: dict[str, str]) -> Callable[[str, list[str]], np.ndarray]:
+    return lambda q, cs: enc.encode_docs([docs[c] for c in cs]) @ enc.encode_queries([q])[0]
+
+
+def _trec_reference_rows(ctx: BuildContext, pool: TrecPool) -> tuple[dict[str, dict[str, float]], Any]:
+    """``bm25`` (the run itself), ``base-dense`` and ``teacher`` (the configured ensemble,
+    BM25 statistics over the pool's corpus); also the teacher, whose bi-encoder members'
+    document vectors the asymmetric student searches."""
+    from index_build.export import base_dense_onnx
+    from index_build.teachers import build_teacher, cached_teacher_scores
+    from models.encoders import DenseEncoder
+
+    col, s = pool.collection, ctx.cfg.students
+    systems = {"bm25": pool.metrics({q: dict(pool.bm25_run[q]) for q in pool.qids})}
+    base = DenseEncoder(base_dense_onnx(s.base, max_doc_len=s.max_doc_len)[0], threads=ctx.cfg.threads)
+    systems["base-dense"] = pool.metrics(pool.score_all(_dense_fn(base, pool.docs)))
+    teacher = build_teacher(ctx.teacher_spec(), col.doc_texts(), col.checksum(), ctx.cache, threads=ctx.cfg.threads)
+    t_scores = cached_teacher_scores(teacher, ctx.cache, pool.texts,
+                                     [np.array([col.doc_index[c] for c in cs], np.int64) for cs in pool.candidates],
+                                     progress=ctx.progress)
+    systems["teacher"] = pool.metrics({qid: dict(zip(cs, map(float, ts)))
+                                       for qid, cs, ts in zip(pool.qids, pool.candidates, t_scores)})
+    return systems, teacher
+
+
+def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
+                           systems: dict[str, dict[str, float]]) -> tuple[dict[str, Run], float]:
+    """Each dense student's rows (``dense``/``asym-dense``, ``dense-int8``) and, on the pool
+    the students were trained on (a label-free build), the service's hybrid over its BM25
+    candidates (``hybrid``/``asym-hybrid``); returns the served dense model's first-stage runs
+    and its hybrid weight."""
+    from index_build.asymmetric import TeacherSpace
+    from index_build.export import INT8_NAME
+    from index_build.teachers import BiEncoderTeacher
+    from models.encoders import DenseEncoder
+
+    own_pool = ctx.cfg.evaluate.mode == "rerank" and Path(ctx.cfg.data.path).resolve() == pool.path.resolve()
+    firsts: dict[str, Run] = {}
+    hw = 1.0
+    for kind in ("dense", "asymmetric"):
+        if kind not in ctx.cfg.students.kinds:
+            continue
+        prefix = DENSE_ROW_PREFIX[kind]
+        enc = DenseEncoder(ctx.onnx_dir(kind), threads=ctx.cfg.threads)
+        if kind == "asymmetric":  # the student's queries against the teacher members' document vectors
+            space = TeacherSpace([m for m in teacher.members if isinstance(m, BiEncoderTeacher)])
+
+            def asym_fn(q: str, cs: list[str], enc: DenseEncoder = enc, space: TeacherSpace = space) -> np.ndarray:
+                idx = np.array([pool.collection.doc_index[c] for c in cs], np.int64)
+                return np.hstack([m.embeddings(idx) for m in space.members]) @ enc.encode_queries([q])[0]
+
+            dense_run = pool.score_all(asym_fn)
+        else:
+            dense_run = pool.score_all(_dense_fn(enc, pool.docs))
+            if ctx.cfg.export_int8:
+                enc8 = DenseEncoder(ctx.onnx_dir(kind), onnx_file=INT8_NAME, threads=ctx.cfg.threads)
+                systems["dense-int8"] = pool.metrics(pool.score_all(_dense_fn(enc8, pool.docs)))
+        systems[f"{prefix}dense"] = pool.metrics(dense_run)
+        kind_hw = tune_hybrid(ctx, kind=kind)["dense_weight"]
+        served = kind == ctx.served_dense
+        if served:
+            firsts["dense"], hw = dense_run, kind_hw
+        if own_pool:
+            hybrid_run = {}
+            for qid, cs in zip(pool.qids, pool.candidates):  # the service's hybrid over this pool's candidates
+                bm25, idx = dict(pool.bm25_run[qid]), np.arange(len(cs))
+                fused = fuse_hybrid(Ranked(idx, np.array([dense_run[qid][c] for c in cs])),
+                                    Ranked(idx, np.array([bm25[c] for c in cs])), (kind_hw, 1 - kind_hw), len(cs))
+                hybrid_run[qid] = {cs[int(j)]: float(x) for j, x in zip(*fused)}
+            systems[f"{prefix}hybrid"] = pool.metrics(hybrid_run)
+            if served:
+                firsts["hybrid"] = hybrid_run
+    return firsts, hw
+
+
+def _trec_rerank_rows(ctx: BuildContext, pool: TrecPool, firsts: dict[str, Run], hw: float,
+                      record: dict[str, Any], systems: dict[str, dict[str, float]]) -> None:
+    """ColBERT and the cross-encoder reranking the pool's candidates, their scores
+    interpolated with each first stage's (as the service serves them; ``-maxsim`` /
+    ``-plain``: the reranker alone); the weights used go into ``record``."""
+    from models.encoders import ColbertEncoder, maxsim
+
+    kinds = ctx.cfg.students.kinds
+    if "colbert" in kinds:
+        cb = ColbertEncoder(ctx.onnx_dir("colbert"))
+
+        def colbert_fn(q: str, cs: list[str]) -> np.ndarray:
+            toks = cb.encode_docs([pool.docs[c] for c in cs])
+            offsets = np.cumsum([0] + [len(t) for t in toks])
+            return maxsim(cb.encode_queries([q])[0], np.concatenate(toks), offsets)
+
+        colbert_run = pool.score_all(colbert_fn)
+        if not firsts:
+            systems["dense+colbert"] = pool.metrics(colbert_run)
+        else:
+            weights = record["colbert_weight"] = tune_rerank_weights(ctx, "colbert", hw)["weights"]
+            for stage, first_run in firsts.items():
+                systems[f"{stage}+colbert"] = pool.metrics(interpolated_run(first_run, colbert_run, weights[stage]))
+            systems["dense+colbert-maxsim"] = pool.metrics(colbert_run)
+    if "cross-encoder" in kinds:
+        scores = ctx.cross_encoder_scores(pool.texts, [[pool.docs[c] for c in cs] for cs in pool.candidates])
+        ce_run = {qid: dict(zip(cs, map(float, sc))) for qid, cs, sc in zip(pool.qids, pool.candidates, scores)}
+        if "dense" in firsts:
+            ce_weight = tune_rerank_weights(ctx, "cross-encoder", hw)["weights"]["dense"]
+            record["cross_encoder_weight"] = ce_weight
+            systems["dense+cross-encoder"] = pool.metrics(interpolated_run(firsts["dense"], ce_run, ce_weight))
+            systems["dense+cross-encoder-plain"] = pool.metrics(ce_run)
+        else:
+            systems["dense+cross-encoder"] = pool.metrics(ce_run)
 
 
 def interpolated_run(first: dict[str, dict[str, float]], rerank: dict[str, dict[str, float]],
