@@ -214,7 +214,6 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
     it means "evaluate as usual".
     """
     from tqdm import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
     if not examples:
         raise ValueError("no training examples (no query has both a positive and a negative)")
@@ -225,65 +224,20 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
     student.compute_dtype = resolve_precision(cfg.precision, device)
     work_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    run = _TrainRun(student, cfg, work_dir, len(examples))
+    run.resume()
     scale = cfg.score_scale if cfg.score_scale is not None else (20.0 if isinstance(student, DenseStudent) else 1.0)
-
-    head_params = [p for n, p in student.named_parameters() if not n.startswith("encoder.")]
-    body_params = [p for n, p in student.named_parameters() if n.startswith("encoder.")]
-    optimizer = torch.optim.AdamW([{"params": body_params, "lr": cfg.lr},
-                                   {"params": head_params, "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
-    steps_per_epoch = -(-len(examples) // cfg.batch_queries)
-    total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total_steps), total_steps)
-    eval_every = cfg.eval_every or steps_per_epoch
-
-    ckpt_path = work_dir / "checkpoint.pt"
-    state: dict[str, Any] = {"step": 0, "best_dev": -1.0, "dev_history": [], "loss_history": [], "seconds": 0.0}
-    if ckpt_path.is_file():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if _recipe(saved.get("config", {})) == _recipe(asdict(cfg)) and saved.get("n_examples") == len(examples):
-            student.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            rng.setstate(saved["rng"])
-            torch.set_rng_state(saved["torch_rng"])
-            state = saved["state"]
-            log.info("resumed %s at step %d", work_dir, state["step"])
-        else:
-            log.warning("ignoring checkpoint %s: written for another config", ckpt_path)
-
-    def save_checkpoint() -> None:
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"config": asdict(cfg), "n_examples": len(examples), "model": student.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "state": state}, tmp)
-        tmp.replace(ckpt_path)
-
-    def evaluate_and_keep(known: float | None = None) -> None:
-        if dev_eval is None:
-            return
-        if known is None:
-            student.eval()
-            with torch.inference_mode():
-                known = dev_eval(student)
-            student.train(cfg.dropout)
-        score = float(known)
-        state["dev_history"].append((state["step"], score))
-        log.info("step %d dev %.4f (best %.4f)", state["step"], score, state["best_dev"])
-        if score > state["best_dev"]:
-            state["best_dev"] = score
-            student.save(work_dir / "best")
-
+    state = run.state
     # Deterministic order of batches: regenerate the schedule from the seed, skip done steps.
     order_rng = random.Random(cfg.seed + 1)
     schedule: list[list[int]] = []
-    while len(schedule) < total_steps:
+    while len(schedule) < run.total_steps:
         schedule.extend(batches(examples, cfg.batch_queries, order_rng, clusters))
-    schedule = schedule[:total_steps]
+    schedule = schedule[: run.total_steps]
 
     if state["step"] == 0 and dev_eval is not None and not state["dev_history"]:
         # the initial model competes too: distillation must not make it worse
-        evaluate_and_keep(initial_dev() if initial_dev is not None else None)
+        run.evaluate_and_keep(dev_eval, initial_dev() if initial_dev is not None else None)
     if "teacher_scale" not in state:
         state["teacher_scale"] = (calibrate_teacher_scale(student, examples, corpus_texts, cfg, scale)
                                   if cfg.teacher_scale == "auto" else float(cfg.teacher_scale))
@@ -291,46 +245,115 @@ def train(student: Student, examples: list[Example], corpus_texts: list[str], cf
     t_scale = float(state["teacher_scale"])
     student.train(cfg.dropout)
     t0 = time.perf_counter() - state["seconds"]
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"distill {student.kind}", unit="step",
+    bar = tqdm(total=run.total_steps, initial=state["step"], desc=f"distill {student.kind}", unit="step",
                disable=not progress)
-    stop_at = total_steps if stop_after is None else min(total_steps, state["step"] + stop_after)
+    stop_at = run.total_steps if stop_after is None else min(run.total_steps, state["step"] + stop_after)
     while state["step"] < stop_at:
-        batch = [examples[i] for i in schedule[state["step"]]]
-        docs, t_rows = batch_inputs(batch, corpus_texts, cfg.negatives, rng, balanced=cfg.tas_balanced,
-                                    ict_remove=cfg.ict_remove)
-        s, emb = student_scores(student, [ex.query for ex in batch], docs)
-        s = s * scale
-        t = torch.tensor(t_rows, dtype=s.dtype, device=s.device) * t_scale
-        n = s.shape[1] - 1
-        loss = margin_mse(s[:, :1].expand(-1, n), s[:, 1:], t[:, :1].expand(-1, n), t[:, 1:])
-        if cfg.in_batch_weight and emb is not None:
-            # every scored document of the batch is a candidate for every query; query i's positive is row i*(n+1)
-            q_emb, d_emb = emb
-            loss = loss + cfg.in_batch_weight * in_batch_negatives(
-                q_emb, d_emb, torch.arange(len(batch), device=s.device) * (n + 1), scale=scale)
+        loss = step_loss(student, [examples[i] for i in schedule[state["step"]]], corpus_texts, cfg, run.rng,
+                         scale, t_scale)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["loss_history"].append(float(loss.detach()))
         state["seconds"] = time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(state['loss_history'][-20:]):.3f}")
-        if state["step"] % eval_every == 0 or state["step"] == total_steps:
-            evaluate_and_keep()
-        if state["step"] % cfg.checkpoint_every == 0 or state["step"] in (total_steps, stop_at):
-            save_checkpoint()
+        if state["step"] % run.eval_every == 0 or state["step"] == run.total_steps:
+            run.evaluate_and_keep(dev_eval)
+        if state["step"] % cfg.checkpoint_every == 0 or state["step"] in (run.total_steps, stop_at):
+            run.save_checkpoint()
     bar.close()
     student.to("cpu")  # callers go on to export / evaluate on the CPU, in fp32
     student.compute_dtype = None
-    if state["step"] < total_steps:
-        return TrainResult(state["step"], state["best_dev"], state["dev_history"], state["seconds"],
-                           state["loss_history"])
-    if dev_eval is None:
-        student.save(work_dir / "best")
-    (work_dir / "train_log.json").write_text(json.dumps(state, indent=1))
-    return TrainResult(state["step"], state["best_dev"], state["dev_history"], state["seconds"],
-                       state["loss_history"])
+    if state["step"] >= run.total_steps:
+        if dev_eval is None:
+            student.save(work_dir / "best")
+        (work_dir / "train_log.json").write_text(json.dumps(state, indent=1))
+    return TrainResult(state["step"], state["best_dev"], state["dev_history"], state["seconds"], state["loss_history"])
+
+
+def step_loss(student: Student, batch: list[Example], corpus_texts: list[str], cfg: TrainConfig,
+              rng: random.Random, scale: float, t_scale: float) -> torch.Tensor:
+    """Margin-MSE of one batch: each query's positive against its sampled negatives, the
+    student's score margins (times ``scale``) against the teacher's (times ``t_scale``), plus
+    ``cfg.in_batch_weight`` times the in-batch-negatives loss for a dense student."""
+    docs, t_rows = batch_inputs(batch, corpus_texts, cfg.negatives, rng, balanced=cfg.tas_balanced,
+                                ict_remove=cfg.ict_remove)
+    s, emb = student_scores(student, [ex.query for ex in batch], docs)
+    s = s * scale
+    t = torch.tensor(t_rows, dtype=s.dtype, device=s.device) * t_scale
+    n = s.shape[1] - 1
+    loss = margin_mse(s[:, :1].expand(-1, n), s[:, 1:], t[:, :1].expand(-1, n), t[:, 1:])
+    if cfg.in_batch_weight and emb is not None:
+        # every scored document of the batch is a candidate for every query; query i's positive is row i*(n+1)
+        q_emb, d_emb = emb
+        loss = loss + cfg.in_batch_weight * in_batch_negatives(
+            q_emb, d_emb, torch.arange(len(batch), device=s.device) * (n + 1), scale=scale)
+    return loss
+
+
+class _TrainRun:
+    """The optimizer, schedule, sampling state and progress of one training run, and its
+    checkpoint (``work_dir/checkpoint.pt``) and best-on-dev model (``work_dir/best``)."""
+
+    def __init__(self, student: Student, cfg: TrainConfig, work_dir: Path, n_examples: int) -> None:
+        from transformers import get_linear_schedule_with_warmup
+
+        self.student, self.cfg, self.work_dir, self.n_examples = student, cfg, work_dir, n_examples
+        self.rng = random.Random(cfg.seed)
+        head_params = [p for n, p in student.named_parameters() if not n.startswith("encoder.")]
+        body_params = [p for n, p in student.named_parameters() if n.startswith("encoder.")]
+        self.optimizer = torch.optim.AdamW([{"params": body_params, "lr": cfg.lr},
+                                            {"params": head_params, "lr": cfg.head_lr}],
+                                           weight_decay=cfg.weight_decay)
+        steps_per_epoch = -(-n_examples // cfg.batch_queries)
+        self.total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.warmup * self.total_steps),
+                                                         self.total_steps)
+        self.eval_every = cfg.eval_every or steps_per_epoch
+        self.ckpt_path = work_dir / "checkpoint.pt"
+        self.state: dict[str, Any] = {"step": 0, "best_dev": -1.0, "dev_history": [], "loss_history": [],
+                                      "seconds": 0.0}
+
+    def resume(self) -> None:
+        """Continue from the checkpoint when it was written for this recipe and these examples."""
+        if not self.ckpt_path.is_file():
+            return
+        saved = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        if _recipe(saved.get("config", {})) != _recipe(asdict(self.cfg)) or saved.get("n_examples") != self.n_examples:
+            log.warning("ignoring checkpoint %s: written for another config", self.ckpt_path)
+            return
+        self.student.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.rng.setstate(saved["rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        self.state = saved["state"]
+        log.info("resumed %s at step %d", self.work_dir, self.state["step"])
+
+    def save_checkpoint(self) -> None:
+        tmp = self.ckpt_path.with_suffix(".tmp")
+        torch.save({"config": asdict(self.cfg), "n_examples": self.n_examples, "model": self.student.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(), "state": self.state}, tmp)
+        tmp.replace(self.ckpt_path)
+
+    def evaluate_and_keep(self, dev_eval: Callable[[Student], float] | None, known: float | None = None) -> None:
+        """Record the dev score (``known``, or measured now) and save the model when it is the best yet."""
+        if dev_eval is None:
+            return
+        if known is None:
+            self.student.eval()
+            with torch.inference_mode():
+                known = dev_eval(self.student)
+            self.student.train(self.cfg.dropout)
+        score = float(known)
+        self.state["dev_history"].append((self.state["step"], score))
+        log.info("step %d dev %.4f (best %.4f)", self.state["step"], score, self.state["best_dev"])
+        if score > self.state["best_dev"]:
+            self.state["best_dev"] = score
+            self.student.save(self.work_dir / "best")
 
