@@ -96,20 +96,17 @@ def export_student(student_dir: Path, out_dir: Path, *, int8: bool = True, parit
 #: a MatMul whose input activations on the calibration texts peak above this many times their
 #: RMS keeps fp32 weights in the int8 graph. ONNX Runtime's dynamic quantization gives each
 #: activation tensor one scale, so at a peak/RMS ratio r a typical value spans about 255 / (2r)
-#: levels. On the calibration passages, all-mpnet-base-v2's FFN output projections in layers 0
-#: and 6-10 exceed it (174-293 in layers 6-10 on 16 SciFact abstracts, where every other MatMul
-#: input of it, and every one of all-MiniLM-L6-v2, stayed at most 94). Those six are a sixth of
-#: mpnet's MatMul work, so its int8 graph gets slower; what that buys in fidelity to fp32:
-#: ``benchmarks/results/int8-fidelity.md``.
+#: levels. Some of all-mpnet-base-v2's FFN output projections exceed it (all-MiniLM-L6-v2 has
+#: none); keeping them fp32 makes its int8 graph slower and closer to fp32
+#: (``benchmarks/results/int8-fidelity.md``).
 OUTLIER_RATIO = 128.0
 
 #: bits of the int8 graphs' MatMul weights (``reduce_range``: values in [-64, 64]). ONNX
 #: Runtime's u8 x s8 integer GEMM on x86 CPUs without VNNI (AVX2 or AVX-512 alone) adds the
 #: products of adjacent byte pairs into int16 with saturation (VPMADDUBSW): 255 * 127 * 2
-#: overflows it, 255 * 64 * 2 does not. With 8-bit weights all-mpnet-base-v2's int8 graph,
-#: exact on a VNNI host, gave embeddings at cosine -0.003 to its fp32 ones on an AVX2-only
-#: AMD EPYC (7-bit: 0.991, on 64 DL19 passages), and a label-free DL19 teacher with it fell to
-#: nDCG@10 0.5299 from 0.6442. The graph runs on any host, so the weights stay in 7 bits.
+#: overflows it, 255 * 64 * 2 does not. With 8-bit weights an int8 graph that is exact on a
+#: VNNI host gives garbage embeddings on an AVX2-only one; a graph must run on any host, so
+#: the weights stay in 7 bits.
 INT8_WEIGHT_BITS = 7
 #: the mark of that width in cache keys (export stage, int8 teacher members)
 INT8_WEIGHTS_MARK = f"weights-{INT8_WEIGHT_BITS}bit"

@@ -73,8 +73,8 @@ class BiEncoderTeacher:
         self.onnx_dir, model_fp = base_dense_onnx(model_ref, max_doc_len=max_doc_len)
         from models.encoders import DenseEncoder
 
-        # int8: the dynamically quantized graph, per channel (about 3x faster on CPU, e.g. for a large
-        # teacher's corpus pass: all-mpnet-base-v2 on SciFact 5.3 min instead of about 15)
+        # int8: the dynamically quantized graph, per channel (several times faster on CPU for a
+        # large teacher's corpus pass; benchmarks/results/int8-fidelity.md)
         self.encoder = DenseEncoder(self.onnx_dir, onnx_file=INT8_NAME if int8 else ONNX_NAME, threads=threads)
         int8_marks = ["int8-per-channel", f"outliers-fp32-{OUTLIER_RATIO:g}", INT8_WEIGHTS_MARK] if int8 else []
         self._fp = content_key("bi-encoder", model_fp, str(max_doc_len), *int8_marks)[:16]

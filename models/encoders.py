@@ -27,9 +27,8 @@ ONNX_NAME = "model.onnx"
 TOKENIZER_NAME = "tokenizer.json"
 QUERY_CHUNK = 256  # queries per ONNX run in encode_queries
 QUERY_BATCH = 64  # length-sorted queries per ONNX run when a dense encoder encodes many
-#: documents (or query-document pairs) per ONNX run on the document side. Measured on 2 cores
-#: with 256-token SciFact abstracts (benchmarks/results/onnx-batch.md): 8 is within a few
-#: percent of the fastest size for every model and precision, and 15-26% faster than 32.
+#: documents (or query-document pairs) per ONNX run on the document side: small batches pad
+#: less and stay in cache on CPU (the sizes compared: benchmarks/results/onnx-batch.md).
 DOC_BATCH = 8
 
 

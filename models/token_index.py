@@ -55,8 +55,8 @@ IVF_OFFSETS_NAME = "ivf_offsets.npy"
 CODEC_FILES = (CENTROIDS_NAME, CUTOFFS_NAME, WEIGHTS_NAME)
 FORMAT_VERSION = 1
 _CHUNK_TOKENS = 65536
-#: tokens decoded and scored at a time by :meth:`TokenIndex.rerank`. Measured on SciFact
-#: (100 candidates, ~21k tokens, 2-bit, dim 128): 2k 7.1 ms, 4k 6.5, 8k 5.8, 16k 5.4, 32k 5.7
+#: tokens decoded and scored at a time by :meth:`TokenIndex.rerank`: bounds the decoded buffer
+#: (this many ``dim``-float rows) while keeping NumPy's per-call overhead small
 RERANK_CHUNK_TOKENS = 8192
 #: fewest candidate tokens per thread when :meth:`TokenIndex.rerank` splits one query's work
 RERANK_MIN_SPLIT_TOKENS = 4096
@@ -120,10 +120,9 @@ def _inverse_norms(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-#: k-means iterations of the codec's centroids: ColBERTv2's default (``kmeans_niters=4``).
-#: On SciFact's 1.09M ColBERT tokens (16384 centroids, 200k-token sample) 20 iterations cost
-#: 3.8x the time of 4 for the same fidelity: decoded-token cosine 0.9702 against 0.96995, the
-#: same dev nDCG@10 (``benchmarks/results/codec-kmeans.json``, ``benchmarks/codec_kmeans.py``).
+#: k-means iterations of the codec's centroids: ColBERTv2's default (``kmeans_niters=4``);
+#: more iterations cost time without improving the codec's fidelity
+#: (``benchmarks/codec_kmeans.py``, ``benchmarks/results/codec-kmeans.json``).
 KMEANS_NITER = 4
 
 
