@@ -14,7 +14,6 @@ from service.schemas import (
     BatchSearchResponse,
     ErrorResponse,
     HealthResponse,
-    HitOut,
     ReadyResponse,
     ReloadRequest,
     ReloadResponse,
@@ -82,8 +81,7 @@ def _timing_headers(response: Response, t: StageTimings) -> None:
 
 def _result(r: SearchResult) -> SearchResponse:
     return SearchResponse(
-        hits=[HitOut(id=h.id, score=h.score, rank=h.rank, first_stage_score=h.first_stage_score,
-                     title=h.title, text=h.text) for h in r.hits],
+        hits=r.hits,
         timings_ms=StageTimings(**r.timings.as_dict()),
         artifact_version=r.artifact_version,
         rerank=r.rerank,  # type: ignore[arg-type]

@@ -46,11 +46,12 @@ from models.sparse_index import BM25Index
 from models.text import QueryTextError, clean_query
 from models.token_index import TokenIndex
 from service.errors import InvalidRequest
+from service.schemas import HitOut
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FIRST_STAGES", "RERANK_MODES", "EncodedQueries", "FirstStage", "Hit", "QueryModel", "RerankMode",
+__all__ = ["FIRST_STAGES", "RERANK_MODES", "EncodedQueries", "FirstStage", "QueryModel", "RerankMode",
            "SearchEngine", "SearchOptions", "SearchResult", "StageTimings", "doc_full_text", "retrieval_weights",
            "validate_query"]
 
@@ -87,21 +88,8 @@ class SearchOptions:
 
 
 @dataclass
-class Hit:
-    """One result; ``doc_index`` is the corpus row (FAISS id)."""
-
-    doc_index: int
-    id: str
-    score: float
-    rank: int
-    first_stage_score: float
-    title: str | None = None
-    text: str | None = None
-
-
-@dataclass
 class SearchResult:
-    hits: list[Hit]
+    hits: list[HitOut]
     timings: StageTimings
     rerank: str
     first_stage: str
@@ -478,7 +466,7 @@ class SearchEngine:
     def _finish(
         self, query: str, cands: Ranked, timings: StageTimings, opts: SearchOptions, colbert: np.ndarray | None,
         rerank_executor: Executor | None = None,
-    ) -> tuple[list[Hit], StageTimings]:
+    ) -> tuple[list[HitOut], StageTimings]:
         idx, first_scores = cands
         docs: list[dict[str, str]] | None = None
         if opts.rerank == "none" or len(idx) == 0:
@@ -506,14 +494,10 @@ class SearchEngine:
             texts = [docs[i] for i in chosen] if docs is not None else self.docstore.get_by_index(idx[chosen].tolist())
         hits = []
         for rank, i in enumerate(chosen, start=1):
-            doc_index = int(idx[i])
-            hit = Hit(
-                doc_index=doc_index, id=self.docstore.ids[doc_index], score=float(final_scores[i]), rank=rank,
-                first_stage_score=float(first_scores[i]),
-            )
-            if opts.include_text:
-                hit.title, hit.text = texts[rank - 1]["title"], texts[rank - 1]["text"]
-            hits.append(hit)
+            text = texts[rank - 1] if opts.include_text else {}
+            hits.append(HitOut.model_construct(  # built from trusted values: no validation on the hot path
+                id=self.docstore.ids[int(idx[i])], score=float(final_scores[i]), rank=rank,
+                first_stage_score=float(first_scores[i]), title=text.get("title"), text=text.get("text")))
         timings.fetch += _ms(started)
         return hits, timings
 
@@ -524,7 +508,7 @@ class SearchEngine:
         dense: np.ndarray | None = None,
         colbert: np.ndarray | None = None,
         rerank_executor: Executor | None = None,
-    ) -> list[tuple[list[Hit], StageTimings]]:
+    ) -> list[tuple[list[HitOut], StageTimings]]:
         """First stage, rerank and fetch for already-encoded queries (one row per query).
 
         Fills the ``ann``, ``sparse``, ``rerank`` and ``fetch`` timings. With
