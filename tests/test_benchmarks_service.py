@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from benchmarks import colbert_tokens, latency, load, plot_rerank_cost
+from benchmarks import colbert_tokens, latency, load, overload, plot_rerank_cost
 from service.schemas import SearchResponse
 from tests.conftest import tiny_overrides
 from tests.service_fixtures import ServiceArtifacts, build_service_artifacts
@@ -235,6 +235,28 @@ def test_baseline_app_answers_with_the_service_shape(artifacts, tiny_beir, tiny_
 
 
 # ------------------------------------------------------------------------------------ end to end
+def test_overload_script_end_to_end(artifacts, tiny_beir, tmp_path):
+    """A short overload check on the tiny artifact: every phase runs and the result file has
+    the issue's keys, each aim with its value; the reloads lose no search."""
+    out = tmp_path / "overload.json"
+    code = overload.main(["--artifact", str(artifacts.first), "--queries", str(tiny_beir / "queries.jsonl"),
+                          "--users", "1,2", "--step-seconds", "2", "--seconds", "3", "--warmup-s", "0.5",
+                          "--reloads", "3", "--out", str(out), "--locust-dir", str(tmp_path / "locust")])
+    assert code == 0
+    data = json.loads(out.read_text())
+    capacity = data["sweep"]["capacity_users"]
+    assert capacity in (1, 2) and data["overload"]["users"] == 4 * capacity
+    o, r = data["overload"], data["reloads"]
+    assert {"p99_429_server_ms", "errors_5xx", "share_429", "accepted_p99_ms", "qps", "deadline_ms"} <= set(o)
+    assert o["deadline_ms"] == 250.0 and o["requests"] > 0
+    assert r["reloads"] == 3 and r["failed_reloads"] == 0 and r["failed_searches"] == 0 and r["searches"] > 0
+    assert isinstance(r["rss_growth"], float)
+    assert set(data["aims"]) == {"p99_429_server_ms", "accepted_p99_within_deadline", "errors_5xx",
+                                 "qps_under_overload", "rss_growth", "failed_searches_during_reloads"}
+    assert all(isinstance(a["met"], bool) for a in data["aims"].values())
+    assert data["command"].startswith("python benchmarks/overload.py")
+
+
 def test_latency_script_end_to_end(artifacts, tiny_beir, tmp_path):
     out = tmp_path / "latency.json"
     code = latency.main(["--artifact", str(artifacts.first), "--data", str(tiny_beir), "--requests", "6",
