@@ -72,9 +72,9 @@ def mine(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 @reports_user_errors
-def distill(kind: str = typer.Argument(..., help="dense | colbert | cross-encoder"),
+def distill(kind: str = typer.Argument(..., help="asymmetric | dense | colbert | cross-encoder"),
             config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Train one student with Margin-MSE."""
+    """Train one student (the asymmetric query encoder, or a full-tower student by Margin-MSE)."""
     p = _pipeline(config, set_)
     p.mine()
     typer.echo(json.dumps(p.distill(kind).result, indent=2))
@@ -126,6 +126,25 @@ def artifact(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         raise typer.Exit(2)
     _students(p)
     typer.echo(json.dumps(p.artifact().result, indent=2))
+
+
+@app.command()
+@reports_user_errors
+def quickstart(
+    data: Path = typer.Argument(..., help="a BEIR folder or a corpus.jsonl file"),
+    artifact_dir: Path = typer.Option(Path("artifacts/quickstart"), help="where the artifact goes"),
+    model: str = typer.Option("packaged:minilm", help="dense model: packaged:minilm, a checkpoint dir, a hub name"),
+    threads: int = typer.Option(0, help="ONNX Runtime threads (0: all cores)"),
+) -> None:
+    """A servable artifact in minutes, no training: the base model's dense index, BM25, hybrid by default."""
+    import shlex
+
+    from index_build.quickstart import quickstart as build
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = build(data, artifact_dir, model=model, threads=threads)
+    typer.echo(json.dumps(result, indent=2))
+    typer.echo(f"serve it:  NRS_ARTIFACT_DIR={shlex.quote(str(artifact_dir))} python -m service")
 
 
 @app.command()
