@@ -36,7 +36,7 @@ def served_quality(artifact: Path, data: Path, split: str = "test") -> dict[str,
     from service.settings import Settings
 
     col = load_collection(data)
-    engine = SearchEngine.load(artifact, Settings(**{"artifact_dir": artifact, "max_k": 100}))
+    engine = SearchEngine.load(artifact, Settings.model_validate({"artifact_dir": artifact, "max_k": 100}))
     try:
         run = {}
         for qid, text in col.split_queries(split).items():
