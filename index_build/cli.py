@@ -112,8 +112,12 @@ def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @reports_user_errors
 def all_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the whole pipeline; stages whose inputs did not change are skipped."""
-    res = _pipeline(config, set_).run_all()
+    from index_build.stages import summary
+
+    p = _pipeline(config, set_)
+    res = p.run_all()
     typer.echo(json.dumps(res["systems"], indent=2))
+    typer.echo(summary(p, res))
 
 
 @app.command()

@@ -30,6 +30,16 @@ from models.encoders import ONNX_NAME
 log = logging.getLogger(__name__)
 
 
+#: What each stage does, as the build log announces it ("stage k/n: name: ...")
+STAGE_ABOUT = {
+    "mine": "training queries (or pseudo-queries) with candidates from BM25 and the base model, scored by the teacher",
+    "pseudo": "pseudo-queries from the corpus, scored by the teacher",
+    "distill": "train the {kind} student",
+    "export": "export the {kind} student to ONNX (+ int8), checked against the torch model",
+    "evaluate": "every system on the test queries (and TREC DL pools); tune weights and the default mode on dev",
+    "artifact": "encode the corpus, build the indexes and the document store, write and verify the artifact",
+}
+
 #: The version of each stage's code, part of its key: bump a stage's number when what it
 #: writes changes, and that stage and every stage after it (their keys include its key)
 #: rebuild. The teacher's scores and encodings are cached by content, not by these keys.
@@ -78,6 +88,8 @@ class Pipeline(BuildContext):
     def __init__(self, cfg: BuildConfig, *, progress: bool = True) -> None:
         super().__init__(cfg, progress=progress)
         self.records: dict[str, StageRecord] = {}
+        #: the stages :meth:`run_all` runs, in order (for "stage k/n" in the log)
+        self.plan: list[str] = []
 
     # ----------------------------------------------------------------- running a stage
     def up_to_date(self, name: str, key: str) -> StageRecord | None:
@@ -100,10 +112,10 @@ class Pipeline(BuildContext):
         if not force and (rec := self.up_to_date(name, key)) is not None:
             log.info("stage %s: up to date (key %s)", name, key)
             return rec
+        log.info("%s: %s%s", self._stage_title(name), self._stage_about(name), _last_time(meta))
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        log.info("stage %s: running", name)
         t0 = time.perf_counter()
         with PeakMemory() as mem:
             result = fn(out)
@@ -114,6 +126,16 @@ class Pipeline(BuildContext):
         tmp.replace(meta)
         self.records[name] = rec
         return rec
+
+    def _stage_title(self, name: str) -> str:
+        if name in self.plan:
+            return f"stage {self.plan.index(name) + 1}/{len(self.plan)}: {name}"
+        return f"stage {name}"
+
+    @staticmethod
+    def _stage_about(name: str) -> str:
+        base, _, kind = name.partition("-")
+        return STAGE_ABOUT.get(base, "").format(kind=kind)
 
     # ----------------------------------------------------------------- stage keys
     def key(self, stage: str, *parts: str) -> str:
@@ -227,6 +249,11 @@ class Pipeline(BuildContext):
 
     # ----------------------------------------------------------------- the whole build
     def run_all(self) -> dict:
+        kinds = self.cfg.students.kinds
+        self.plan = ["mine", *[f"{step}-{k}" for k in kinds for step in ("distill", "export")], "evaluate",
+                     *(["artifact"] if self.cfg.build_artifact else [])]
+        log.info("build %s: %d stages (%s); work dir %s", self.cfg.source or "(default config)", len(self.plan),
+                 ", ".join(self.plan), self.work)
         self.mine()
         for kind in self.cfg.students.kinds:
             self.distill(kind)
@@ -258,6 +285,40 @@ class Pipeline(BuildContext):
                       **{k: v for k, v in r.result.items() if k not in {"collection", "trec"}}}
                   for n, r in self.records.items()}
         return write_results(self, ev.result, stages, self.command())
+
+
+def _last_time(meta: Path) -> str:
+    """`` (took N min last time)`` from an earlier run's record of a stage, else ``""``."""
+    try:
+        seconds = float(json.loads(meta.read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f" (its last run took {seconds / 60:.1f} min)"
+
+
+def summary(p: Pipeline, result: dict) -> str:
+    """The end-of-build summary: headline quality rows, where the artifact is, its size and
+    how to serve it."""
+    import shlex
+
+    systems = result.get("systems", {})
+    rows = [r for r in ("served-default", "teacher", "bm25", "base-dense", "asym-dense", "asym-hybrid", "dense",
+                        "hybrid", "hybrid+colbert") if r in systems]
+    lines = [f"build done: {sum(r.seconds for r in p.records.values() if not r.cached) / 60:.1f} min of stages run; "
+             f"results in {p.cfg.results_path}"]
+    if rows:
+        lines.append(f"  {'system':<16} nDCG@10  ({p.cfg.data.test_split} queries)")
+        lines += [f"  {r:<16} {systems[r]['nDCG@10']:.4f}" for r in rows]
+    default = result.get("serving", {}).get("default")
+    if default:
+        lines.append(f"  served by default: first_stage={default['first_stage']} rerank={default['rerank']} "
+                     f"(chosen on the {default.get('chosen_on', 'dev slice')})")
+    art = Path(p.cfg.artifact_dir)
+    if "artifact" in p.records and art.is_dir():
+        size = sum(f.stat().st_size for f in art.rglob("*") if f.is_file())
+        lines.append(f"artifact: {art} ({size / 2**20:.0f} MiB)")
+        lines.append(f"serve it:  NRS_ARTIFACT_DIR={shlex.quote(str(art))} python -m service")
+    return "\n".join(lines)
 
 
 def train_recipe_key(tcfg) -> str:

@@ -98,6 +98,8 @@ class OnnxEncoder:
         self.tokenizer = TextTokenizer.from_file(self.directory / TOKENIZER_NAME)
         self.session = make_session(self.directory / onnx_file, threads=threads, providers=providers)
         self._input_names = {i.name for i in self.session.get_inputs()}
+        #: how progress bars name this model: its base checkpoint, role and graph
+        self.label = f"{Path(self.config.base_model or self.directory.name).name} ({self.kind}, {onnx_file})"
 
     def _run(self, batch: Batch) -> np.ndarray:
         feed = {k: v for k, v in batch.as_dict().items() if k in self._input_names}
@@ -136,7 +138,7 @@ class DenseEncoder(OnnxEncoder):
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         lengths = self.tokenizer.token_lengths(texts)
         batches = list(length_sorted_batches(lengths, batch_size))
-        for idx in _maybe_tqdm(batches, progress, "encode docs (dense)"):
+        for idx in _maybe_tqdm(batches, progress, f"encode documents: {self.label}"):
             out[idx] = self._run(self.tokenizer.encode([texts[i] for i in idx], self.config.max_doc_len))
         return out
 
@@ -157,7 +159,8 @@ class ColbertEncoder(OnnxEncoder):
         """One ``[n_tokens_i, dim]`` float32 array per document, skiplist applied."""
         out: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)] * len(texts)
         lengths = self.tokenizer.token_lengths(texts)
-        for idx in _maybe_tqdm(list(length_sorted_batches(lengths, batch_size)), progress, "encode docs (colbert)"):
+        for idx in _maybe_tqdm(list(length_sorted_batches(lengths, batch_size)), progress,
+                               f"encode documents: {self.label}"):
             batch = self.tokenizer.encode_colbert_docs([texts[i] for i in idx], self.config.max_doc_len)
             vecs = self._run(batch)
             keep = self.tokenizer.colbert_doc_keep_mask(batch)

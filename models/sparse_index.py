@@ -8,6 +8,7 @@ English stopwords, no stemming.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +36,10 @@ class BM25Index:
     def build(cls, texts: list[str], config: BM25Config | None = None, progress: bool = False) -> BM25Index:
         import bm25s
 
+        # bm25s sets its own logger to DEBUG, which would put its internals in every build log
+        bm25s_log = logging.getLogger("bm25s")
+        if bm25s_log.level < logging.INFO:
+            bm25s_log.setLevel(logging.INFO)
         config = config or BM25Config()
         stemmer = _make_stemmer(config.stemmer)
         tokens = bm25s.tokenize(texts, stopwords=config.stopwords, stemmer=stemmer, show_progress=progress)

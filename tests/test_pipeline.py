@@ -602,3 +602,24 @@ def test_a_reranker_without_dev_gain_gets_weight_zero(built, monkeypatch):
     assert tuned["weights"] == {"dense": 0.0, "sparse": 0.0, "hybrid": 0.0}
     assert tuned["no_dev_gain"] == ["dense", "sparse", "hybrid"]
     assert "toward the first stage alone" in tuned["selection"]
+
+
+def test_build_log_names_each_stage_and_the_summary_says_how_to_serve(built, caplog):
+    import logging
+
+    from index_build.stages import summary
+
+    _, _, p, result = built
+    assert p.plan[0] == "mine" and p.plan[-2:] == ["evaluate", "artifact"] and "distill-colbert" in p.plan
+    text = summary(p, result)
+    assert "served-default" in text and "served by default: first_stage=" in text
+    assert f"serve it:  NRS_ARTIFACT_DIR={p.cfg.artifact_dir} python -m service" in text and "MiB)" in text
+    p.plan.append("probe")
+    with caplog.at_level(logging.INFO, logger="index_build.stages"):
+        p.stage("probe", "first", lambda out: {})
+        p.stage("probe", "second", lambda out: {})
+    lines = [r.getMessage() for r in caplog.records if "probe" in r.getMessage()]
+    n = len(p.plan)
+    assert lines[0].startswith(f"stage {n}/{n}: probe") and "its last run took" not in lines[0]
+    assert lines[1].startswith(f"stage {n}/{n}: probe") and "its last run took 0.0 min" in lines[1]
+    p.plan.remove("probe")
