@@ -60,7 +60,8 @@ from index_build.pseudo_queries import (  # noqa: E402
     filter_queries,
 )
 from index_build.students import new_asymmetric_student, ridge_map  # noqa: E402
-from index_build.teachers import BiEncoderTeacher, exact_topk  # noqa: E402
+from index_build.teachers import BiEncoderTeacher  # noqa: E402
+from models.dense_index import exact_search  # noqa: E402
 from models.retrieval import Ranked, fuse_hybrid  # noqa: E402
 from models.sources import cache_dir, resolve_model  # noqa: E402
 from models.sparse_index import BM25Index  # noqa: E402
@@ -74,7 +75,7 @@ def l2(x: np.ndarray) -> np.ndarray:
 
 # -- evaluation -----------------------------------------------------------------------------------
 def dense_run(qids: list[str], doc_ids: list[str], q: np.ndarray, docs: np.ndarray, depth: int = 100):
-    s, i = exact_topk(docs, q, depth)
+    s, i = exact_search(docs, q, depth)
     return {qid: {doc_ids[int(j)]: float(x) for j, x in zip(i[r], s[r])} for r, qid in enumerate(qids)}, (s, i)
 
 

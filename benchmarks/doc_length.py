@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from index_build.data import load_collection  # noqa: E402
 from index_build.export import base_dense_onnx  # noqa: E402
 from index_build.metrics import markdown_table, metrics, run_from_arrays, write_json_atomic  # noqa: E402
-from index_build.teachers import exact_topk  # noqa: E402
+from models.dense_index import exact_search  # noqa: E402
 from models.encoders import DenseEncoder  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "doc-length.json"
@@ -60,7 +60,7 @@ def main(lengths: str = typer.Option("256,384,512", help="comma-separated max_do
         for split in ("train", "test"):
             qids = sorted(coll.qrels[split])
             q = encoder.encode_queries([coll.queries[i] for i in qids])
-            scores, idx = exact_topk(docs, q, 100)
+            scores, idx = exact_search(docs, q, 100)
             m = metrics(coll.qrels[split], run_from_arrays(qids, doc_ids, scores, idx))
             row[split] = {k: round(v, 4) for k, v in m.items()}
             systems[f"max_doc_len={n} ({split})"] = row[split]

@@ -406,11 +406,11 @@ def live_check(base_url: str, artifact_dir: Path, texts: Sequence[str], *, k: in
     if config is not None:
         from index_build.config import load_config
         from index_build.stages import Pipeline
-        from index_build.teachers import exact_topk
+        from models.dense_index import exact_search
 
         pipeline = Pipeline(load_config(config), progress=False)
         corpus = pipeline.corpus_vectors()
-        _, exact = exact_topk(corpus, vectors, k)
+        _, exact = exact_search(corpus, vectors, k)
         exact_ids = [[ids[int(j)] for j in row if j >= 0] for row in exact]
         overlaps = [len(set(a) & set(b)) / k for a, b in zip(served, exact_ids)]
         out["vs_builder_exact"] = {

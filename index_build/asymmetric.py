@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from index_build.config import AsymmetricConfig
-from index_build.teachers import BiEncoderTeacher, exact_topk
+from index_build.teachers import BiEncoderTeacher
+from models.dense_index import exact_search
 from models.fusion import normalize
 from models.sparse_index import BM25Index
 
@@ -69,7 +70,7 @@ def candidate_union(query_parts: list[np.ndarray], doc_parts: list[np.ndarray], 
                     texts: list[str], depth: int) -> list[np.ndarray]:
     """Per query, the union (sorted corpus indices) of each dense member's top-``depth``
     documents and, with ``bm25``, BM25's."""
-    tops = [exact_topk(d, q, depth)[1] for q, d in zip(query_parts, doc_parts)]
+    tops = [exact_search(d, q, depth)[1] for q, d in zip(query_parts, doc_parts)]
     if bm25 is not None:
         _, bm_top = bm25.search(texts, depth)
         tops.append(bm_top)

@@ -20,7 +20,7 @@ from index_build.cache import ArrayCache, content_key
 from index_build.config import BuildConfig
 from index_build.data import Collection, load_collection
 from index_build.metrics import metrics, run_from_arrays
-from index_build.teachers import exact_topk
+from models.dense_index import exact_search
 from models.encoders import ONNX_NAME
 from models.retrieval import FIRST_STAGES, Ranked, first_stages, rerank_order
 
@@ -249,7 +249,7 @@ class BuildContext:
         (:func:`models.retrieval.first_stages`)."""
         corpus = self.corpus_vectors(kind)
         return first_stages(FIRST_STAGES, texts, depth, dense_vectors=dense_queries,
-                            dense_search=lambda q, k: exact_topk(corpus, q, k), sparse=self.bm25,
+                            dense_search=lambda q, k: exact_search(corpus, q, k), sparse=self.bm25,
                             hybrid_weights=(hybrid_weight, 1.0 - hybrid_weight))
 
     def run_of(self, qids: list[str], lists: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -269,5 +269,5 @@ class BuildContext:
         from models.encoders import DenseEncoder
 
         q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(queries)
-        s, i = exact_topk(self.dense_corpus(), q, depth)
+        s, i = exact_search(self.dense_corpus(), q, depth)
         return metrics(qrels, run_from_arrays(qids, self.collection.doc_ids, s, i))

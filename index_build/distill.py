@@ -17,7 +17,7 @@ import numpy as np
 
 from index_build.context import BuildContext
 from index_build.metrics import metrics, per_query_ndcg, run_from_arrays
-from index_build.teachers import exact_topk
+from models.dense_index import exact_search
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
         qrels = ctx.dev_qrels(dev)
 
         def dev_eval(model) -> float:
-            s, i = exact_topk(docs, encode_queries(model, dev["queries"]), 100)
+            s, i = exact_search(docs, encode_queries(model, dev["queries"]), 100)
             run = run_from_arrays(dev["qids"], ctx.collection.doc_ids, s, i)
             return round(float(per_query_ndcg(qrels, run, dev["qids"]).mean()), 4)
 
@@ -185,7 +185,7 @@ def dev_evaluator(ctx: BuildContext, dev: dict, retrieval: bool = False) -> Call
                         disable=not ctx.progress):
             emb[idx] = student.encode_docs([texts[i] for i in idx]).cpu().numpy()
         q = student.encode_queries(dev["queries"]).cpu().numpy()
-        s, i = exact_topk(emb, q, 100)
+        s, i = exact_search(emb, q, 100)
         return metrics(qrels, run_from_arrays(dev["qids"], doc_ids, s, i))["nDCG@10"]
 
     def evaluate(student) -> float:

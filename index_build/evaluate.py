@@ -17,8 +17,8 @@ import numpy as np
 from index_build.context import BuildContext
 from index_build.data import Collection, load_collection
 from index_build.metrics import Run, markdown_table, metrics, run_from_arrays, write_json_atomic
-from index_build.teachers import exact_topk
 from index_build.tune import DENSE_ROW_PREFIX, choose_default, mode_row, tune_hybrid, tune_rerank_weights
+from models.dense_index import exact_search
 from models.encoders import ONNX_NAME
 from models.retrieval import Ranked, fuse_hybrid, rerank_order
 
@@ -126,9 +126,9 @@ def _first_stage_rows(ctx: BuildContext, test: JudgedQueries,
         if ctx.cfg.export_int8:
             q8 = ctx.dense_queries(test.texts, kind, INT8_NAME)
             if int8_corpus and kind == "dense":
-                systems["dense-int8"] = test.arrays(*exact_topk(ctx.dense_corpus(INT8_NAME), q8, test.depth))
+                systems["dense-int8"] = test.arrays(*exact_search(ctx.dense_corpus(INT8_NAME), q8, test.depth))
             # what the service serves with NRS_USE_INT8: int8 query encoder, fp32 document vectors
-            q8_s, q8_i = exact_topk(ctx.corpus_vectors(kind), q8, test.depth)
+            q8_s, q8_i = exact_search(ctx.corpus_vectors(kind), q8, test.depth)
             systems[f"{prefix}dense-int8-query"] = test.arrays(q8_s, q8_i)
             if kind == ctx.served_dense:
                 q8_lists = [Ranked(i[i >= 0], s[i >= 0]) for s, i in zip(q8_s, q8_i)]

@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from index_build.cache import ArrayCache, content_key
+from models.dense_index import exact_search
 from models.encoders import DOC_BATCH, QUERY_CHUNK
 from models.fusion import Norm, normalize
 from models.sparse_index import BM25Config, BM25Index
@@ -138,7 +139,7 @@ class BiEncoderTeacher:
 
     def retrieve(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         q = self.encode_queries(queries)
-        return exact_topk(self.doc_embeddings, q, k)
+        return exact_search(self.doc_embeddings, q, k)
 
 
 class CrossEncoderTeacher:
@@ -261,15 +262,6 @@ def encode_corpus_cached(encoder, texts: list[str], cache: ArrayCache, model_fp:
             cache.put_many(new)
             found.update(new)
     return np.stack([found[k] for k in keys]).astype(np.float32)
-
-
-def exact_topk(doc_embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    k = min(k, len(doc_embeddings))
-    scores = queries @ doc_embeddings.T
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    part = np.take_along_axis(scores, top, axis=1)
-    order = np.argsort(-part, axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1), np.take_along_axis(top, order, axis=1).astype(np.int64)
 
 
 @dataclass
