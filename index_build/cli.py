@@ -112,12 +112,12 @@ def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @reports_user_errors
 def all_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the whole pipeline; stages whose inputs did not change are skipped."""
-    from index_build.stages import summary
+    from index_build.evaluate import build_summary
 
     p = _pipeline(config, set_)
     res = p.run_all()
     typer.echo(json.dumps(res["systems"], indent=2))
-    typer.echo(summary(p, res))
+    typer.echo(build_summary(p, res, p.records))
 
 
 @app.command()

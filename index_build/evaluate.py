@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -386,3 +386,29 @@ def write_results(ctx: BuildContext, evaluation: dict[str, Any], stages: dict[st
         md += f"| {n} | {s['seconds']} | {s['peak_rss_bytes'] / 2**20:.0f} |\n"
     (results_dir / f"{name}.md").write_text(md)
     return main
+
+
+def build_summary(ctx: BuildContext, result: dict, records: Mapping[str, Any]) -> str:
+    """The end-of-build summary of a build's ``result`` (its results file's contents) and stage
+    ``records``: headline quality rows, the default mode, where the artifact is, its size and
+    how to serve it."""
+    import shlex
+
+    systems = result.get("systems", {})
+    rows = [r for r in ("served-default", "teacher", "bm25", "base-dense", "asym-dense", "asym-hybrid", "dense",
+                        "hybrid", "hybrid+colbert") if r in systems]
+    lines = [f"build done: {sum(r.seconds for r in records.values() if not r.cached) / 60:.1f} min of stages run; "
+             f"results in {ctx.cfg.results_path}"]
+    if rows:
+        lines.append(f"  {'system':<16} nDCG@10  ({ctx.cfg.data.test_split} queries)")
+        lines += [f"  {r:<16} {systems[r]['nDCG@10']:.4f}" for r in rows]
+    default = result.get("serving", {}).get("default")
+    if default:
+        lines.append(f"  served by default: first_stage={default['first_stage']} rerank={default['rerank']} "
+                     f"(chosen on the {default.get('chosen_on', 'dev slice')})")
+    art = Path(ctx.cfg.artifact_dir)
+    if "artifact" in records and art.is_dir():
+        size = sum(f.stat().st_size for f in art.rglob("*") if f.is_file())
+        lines.append(f"artifact: {art} ({size / 2**20:.0f} MiB)")
+        lines.append(f"serve it:  NRS_ARTIFACT_DIR={shlex.quote(str(art))} python -m service")
+    return "\n".join(lines)

@@ -296,31 +296,6 @@ def _last_time(meta: Path) -> str:
     return f" (its last run took {seconds / 60:.1f} min)"
 
 
-def summary(p: Pipeline, result: dict) -> str:
-    """The end-of-build summary: headline quality rows, where the artifact is, its size and
-    how to serve it."""
-    import shlex
-
-    systems = result.get("systems", {})
-    rows = [r for r in ("served-default", "teacher", "bm25", "base-dense", "asym-dense", "asym-hybrid", "dense",
-                        "hybrid", "hybrid+colbert") if r in systems]
-    lines = [f"build done: {sum(r.seconds for r in p.records.values() if not r.cached) / 60:.1f} min of stages run; "
-             f"results in {p.cfg.results_path}"]
-    if rows:
-        lines.append(f"  {'system':<16} nDCG@10  ({p.cfg.data.test_split} queries)")
-        lines += [f"  {r:<16} {systems[r]['nDCG@10']:.4f}" for r in rows]
-    default = result.get("serving", {}).get("default")
-    if default:
-        lines.append(f"  served by default: first_stage={default['first_stage']} rerank={default['rerank']} "
-                     f"(chosen on the {default.get('chosen_on', 'dev slice')})")
-    art = Path(p.cfg.artifact_dir)
-    if "artifact" in p.records and art.is_dir():
-        size = sum(f.stat().st_size for f in art.rglob("*") if f.is_file())
-        lines.append(f"artifact: {art} ({size / 2**20:.0f} MiB)")
-        lines.append(f"serve it:  NRS_ARTIFACT_DIR={shlex.quote(str(art))} python -m service")
-    return "\n".join(lines)
-
-
 def train_recipe_key(tcfg) -> str:
     """The part of a distill stage's key that comes from its train section: what is trained,
     not where (``device``) nor what is applied afterwards (``wise_ft``, see export_key)."""

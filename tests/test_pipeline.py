@@ -607,11 +607,11 @@ def test_a_reranker_without_dev_gain_gets_weight_zero(built, monkeypatch):
 def test_build_log_names_each_stage_and_the_summary_says_how_to_serve(built, caplog):
     import logging
 
-    from index_build.stages import summary
+    from index_build.evaluate import build_summary
 
     _, _, p, result = built
     assert p.plan[0] == "mine" and p.plan[-2:] == ["evaluate", "artifact"] and "distill-colbert" in p.plan
-    text = summary(p, result)
+    text = build_summary(p, result, p.records)
     assert "served-default" in text and "served by default: first_stage=" in text
     assert f"serve it:  NRS_ARTIFACT_DIR={p.cfg.artifact_dir} python -m service" in text and "MiB)" in text
     p.plan.append("probe")
