@@ -427,15 +427,7 @@ class TokenIndex:
         path.mkdir(parents=True, exist_ok=True)
         if bits not in (None, 1, 2, 4):
             raise ValueError(f"bits must be None, 1, 2 or 4, got {bits}")
-        if len(doc_vectors) == 0:
-            raise ValueError("no documents")
-        dims = {int(np.shape(v)[1]) for v in doc_vectors if np.ndim(v) == 2}
-        if len(dims) != 1 or any(np.ndim(v) != 2 for v in doc_vectors):
-            raise ValueError(f"every document needs a [n_tokens, dim] array with one common dim, got dims {dims}")
-        dim = dims.pop()
-        lengths = np.fromiter((len(v) for v in doc_vectors), dtype=np.int64, count=len(doc_vectors))
-        offsets = np.zeros(len(doc_vectors) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        dim, offsets = _token_layout(doc_vectors)
         n_tokens = int(offsets[-1])
         chunks = list(_doc_chunks(offsets, _CHUNK_TOKENS))
 
@@ -465,18 +457,10 @@ class TokenIndex:
             else:
                 if n_tokens == 0:
                     raise ValueError("cannot train a residual codec without tokens; use bits=None")
-                rng = np.random.default_rng(seed)
-                n_sample = min(sample_tokens, n_tokens)
-                picked = np.sort(rng.choice(n_tokens, size=n_sample, replace=False))
-                sample_parts = []
-                for a, b in chunks:
-                    lo, hi = np.searchsorted(picked, [offsets[a], offsets[b]])
-                    if hi > lo:
-                        sample_parts.append(concat(a, b)[picked[lo:hi] - offsets[a]])
-                sample = np.concatenate(sample_parts, axis=0)
+                sample = _sample_tokens(concat, chunks, offsets, sample_tokens, seed)
                 k = default_n_centroids(n_tokens) if n_centroids is None else int(n_centroids)
-                codec = ResidualCodec.train(sample, min(k, n_sample), bits, seed=seed, niter=kmeans_niter)
-                del sample, sample_parts
+                codec = ResidualCodec.train(sample, min(k, len(sample)), bits, seed=seed, niter=kmeans_niter)
+                del sample
                 codes = writers.new(CODES_NAME, (n_tokens,), codec.code_dtype)
                 residuals = writers.new(RESIDUALS_NAME, (n_tokens, codec.packed_dim), np.uint8)
                 for a, b in bar(chunks, f"token index ({bits}-bit)"):
@@ -492,26 +476,7 @@ class TokenIndex:
             writers.commit()
         finally:
             writers.discard()
-        payload_names = (FP16_NAME, CODES_NAME, RESIDUALS_NAME)
-        token_bytes = sum((path / n).stat().st_size for n in payload_names if (path / n).exists())
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "type": "colbert-token-index",
-            "bits": bits,
-            "dim": dim,
-            "n_docs": len(doc_vectors),
-            "n_tokens": n_tokens,
-            "n_centroids": n_centroids_used,
-            "bytes_per_token": _bytes_per_token(bits, dim, n_centroids_used),
-            "token_bytes": token_bytes,
-            "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != META_NAME),
-            "compression": "per-dimension residual quantiles" if bits else "float16",
-        }
-        if bits is not None:
-            meta["kmeans_niter"] = int(kmeans_niter)
-        tmp = _tmp_name(path / META_NAME)
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path / META_NAME)
+        _write_meta(path, bits, dim, len(doc_vectors), n_tokens, n_centroids_used, kmeans_niter)
         return cls.load(path)
 
     # -- load ---------------------------------------------------------------------------------
@@ -817,3 +782,49 @@ def _build_ivf(codes: np.ndarray, offsets: np.ndarray, n_centroids: int) -> tupl
     np.cumsum(np.bincount(cells, minlength=n_centroids), out=ivf_offsets[1:])
     doc_dtype = np.int32 if n_docs < 2**31 else np.int64
     return docs.astype(doc_dtype), ivf_offsets
+
+
+def _token_layout(doc_vectors: Sequence[np.ndarray]) -> tuple[int, np.ndarray]:
+    """The common token dimension of ``doc_vectors`` (one ``[n_tokens_i, dim]`` array per
+    document) and the ``[n_docs + 1]`` token offsets of the documents."""
+    if len(doc_vectors) == 0:
+        raise ValueError("no documents")
+    dims = {int(np.shape(v)[1]) for v in doc_vectors if np.ndim(v) == 2}
+    if len(dims) != 1 or any(np.ndim(v) != 2 for v in doc_vectors):
+        raise ValueError(f"every document needs a [n_tokens, dim] array with one common dim, got dims {dims}")
+    lengths = np.fromiter((len(v) for v in doc_vectors), dtype=np.int64, count=len(doc_vectors))
+    offsets = np.zeros(len(doc_vectors) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return dims.pop(), offsets
+
+
+def _sample_tokens(concat, chunks: list[tuple[int, int]], offsets: np.ndarray, n_sample: int,
+                   seed: int) -> np.ndarray:
+    """``n_sample`` tokens (at most all of them) drawn uniformly without replacement, read
+    chunk by chunk (``concat(a, b)``: the tokens of documents ``a..b-1``), to train the codec."""
+    n_tokens = int(offsets[-1])
+    picked = np.sort(np.random.default_rng(seed).choice(n_tokens, size=min(n_sample, n_tokens), replace=False))
+    parts = []
+    for a, b in chunks:
+        lo, hi = np.searchsorted(picked, [offsets[a], offsets[b]])
+        if hi > lo:
+            parts.append(concat(a, b)[picked[lo:hi] - offsets[a]])
+    return np.concatenate(parts, axis=0)
+
+
+def _write_meta(path: Path, bits: int | None, dim: int, n_docs: int, n_tokens: int, n_centroids: int,
+                kmeans_niter: int) -> None:
+    """Write the index's ``meta.json`` (atomically), sizes measured from the files written."""
+    token_bytes = sum((path / n).stat().st_size for n in (FP16_NAME, CODES_NAME, RESIDUALS_NAME) if (path / n).exists())
+    meta = {
+        "format_version": FORMAT_VERSION, "type": "colbert-token-index", "bits": bits, "dim": dim,
+        "n_docs": n_docs, "n_tokens": n_tokens, "n_centroids": n_centroids,
+        "bytes_per_token": _bytes_per_token(bits, dim, n_centroids), "token_bytes": token_bytes,
+        "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != META_NAME),
+        "compression": "per-dimension residual quantiles" if bits else "float16",
+    }
+    if bits is not None:
+        meta["kmeans_niter"] = int(kmeans_niter)
+    tmp = _tmp_name(path / META_NAME)
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path / META_NAME)
