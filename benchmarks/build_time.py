@@ -62,10 +62,11 @@ def main(data: Path = typer.Option(REPO.parent / "shared" / "data" / "scifact", 
         built = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
         quality = served_quality(artifact, data)
         size = sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file())
+        cache = sum(f.stat().st_size for f in (Path(tmp) / "cache").rglob("*") if f.is_file())
     result = json.loads(out.read_text()) if out.is_file() else {}
     result["quickstart"] = {
         "command": f"index-build quickstart {data.name} (NRS_CACHE_DIR empty)", "cold": True,
-        "seconds": round(seconds, 1), "n_docs": built["n_docs"], "artifact_bytes": size,
+        "seconds": round(seconds, 1), "n_docs": built["n_docs"], "artifact_bytes": size, "cache_bytes": cache,
         "served_default": quality, "machine": machine_info(),
     }
     result["command"] = command_line(__file__)
