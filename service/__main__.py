@@ -60,11 +60,32 @@ def limit_native_threads(threads: int) -> None:
             os.environ.setdefault(name, str(threads))
 
 
-def main() -> int:
+def usage() -> str:
+    """``--help``: how the service is configured (every setting is an ``NRS_*`` variable)."""
+    from service.settings import Settings
+
+    lines = [__doc__.split("\n\n")[0].replace("\n", " ").replace("``", ""), "",
+             "usage: python -m service   (no arguments: every setting is an environment variable)", ""]
+    for name, field in Settings.model_fields.items():
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        about = " ".join((field.description or "").split())
+        lines.append(f"  NRS_{name.upper():<32} {default}{': ' + about if about else ''}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
     """Read settings, configure JSON logging, serve until signalled; the exit code."""
     from service.logs import configure_logging
     from service.settings import Settings
 
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        if args[0] in ("-h", "--help"):
+            print(usage())
+            return 0
+        print(f"python -m service takes no arguments (got {' '.join(args)}); settings are NRS_* environment "
+              "variables, see --help", file=sys.stderr)
+        return 2
     try:
         settings = Settings()  # type: ignore[call-arg]
     except ValidationError as exc:

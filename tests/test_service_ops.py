@@ -588,3 +588,18 @@ def test_lone_request_splits_its_colbert_rerank(artifacts, monkeypatch):
         wait_ready(c)
         assert service_of(c)._rerank_executor is None
         assert c.post("/search", json=body).status_code == 200
+
+
+def test_python_m_service_help_and_unknown_arguments():
+    """``python -m service --help`` explains the NRS_* settings and exits 0 without starting;
+    any other argument is refused (exit 2) rather than ignored."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("NRS_")}
+    ok = subprocess.run([sys.executable, "-m", "service", "--help"], capture_output=True, text=True, env=env,
+                        timeout=60)
+    assert ok.returncode == 0 and "NRS_ARTIFACT_DIR" in ok.stdout and "NRS_DEFAULT_FIRST_STAGE" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "service", "--port", "3"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert bad.returncode == 2 and "takes no arguments" in bad.stderr
