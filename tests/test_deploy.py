@@ -257,7 +257,7 @@ def test_builder_image_entrypoint_is_the_index_build_console_script():
     assert callable(getattr(importlib.import_module(module), attr))
     text = DOCKERFILES["builder"].read_text()
     # every Dockerfile takes its base image from PYTHON_IMAGE, and no BuildKit frontend is pulled
-    assert instructions[0] == ("ARG", "PYTHON_IMAGE=python:3.11-slim") and instructions[1] == ("FROM", "${PYTHON_IMAGE}")
+    assert instructions[:2] == [("ARG", "PYTHON_IMAGE=python:3.11-slim"), ("FROM", "${PYTHON_IMAGE}")]
     assert not any(line.startswith("# syntax=") for d in DOCKERFILES.values() for line in d.read_text().splitlines())
     assert any(i == "ARG" and a.startswith("TORCH_SPEC") for i, a in instructions)
     assert re.search(r'pip install "\$\{TORCH_SPEC\}" --index-url', text)
