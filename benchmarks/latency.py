@@ -187,6 +187,18 @@ def command_line(script: str, argv: Sequence[str] | None = None) -> str:
     return shlex.join(["python", shown, *(sys.argv[1:] if argv is None else argv)])
 
 
+def require_artifact(parser: argparse.ArgumentParser, artifact: Path) -> None:
+    """Stop with a usage error when ``artifact`` holds no manifest."""
+    if not (artifact / "manifest.json").is_file():
+        parser.error(f"{artifact}: no manifest.json (build it with `index-build all --config ...`)")
+
+
+def benchmark_logging() -> None:
+    """INFO lines with timestamps; httpx's per-request lines left out."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 # ------------------------------------------------------------------------------------ server process
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
@@ -542,14 +554,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         p.error(f"unknown rerank modes {bad}; choose from {list(MODES)}")
-    if not (args.artifact / "manifest.json").is_file():
-        p.error(f"{args.artifact}: no manifest.json (build it with `index-build all --config ...`)")
+    require_artifact(p, args.artifact)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    benchmark_logging()
     args = parse_args(argv)
     results = run_benchmark(args)
     write_json_atomic(args.out, results)

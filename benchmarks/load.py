@@ -67,10 +67,12 @@ from benchmarks.latency import (  # noqa: E402
     REPO,
     RESULTS_DIR,
     ServerProcess,
+    benchmark_logging,
     command_line,
     free_port,
     latency_summary,
     machine_info,
+    require_artifact,
     service_env,
     write_json_atomic,
 )
@@ -535,8 +537,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = [x for x in args.only if x not in PHASES]
     if bad:
         p.error(f"unknown phases {bad}; choose from {list(PHASES)}")
-    if not (args.artifact / "manifest.json").is_file():
-        p.error(f"{args.artifact}: no manifest.json (build it with `index-build all --config ...`)")
+    require_artifact(p, args.artifact)
     if not args.queries.is_file():
         p.error(f"{args.queries}: queries file not found")
     if args.out is None:
@@ -545,8 +546,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    benchmark_logging()
     args = parse_args(argv)
     started = time.perf_counter()
     partial = set(args.only) != set(PHASES)

@@ -42,7 +42,15 @@ import httpx
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.latency import DEFAULT_DATA, RESULTS_DIR, command_line, machine_info, write_json_atomic  # noqa: E402
+from benchmarks.latency import (  # noqa: E402
+    DEFAULT_DATA,
+    RESULTS_DIR,
+    benchmark_logging,
+    command_line,
+    machine_info,
+    require_artifact,
+    write_json_atomic,
+)
 from benchmarks.load import Workload, run_locust, start_target, sweep  # noqa: E402
 
 log = logging.getLogger("benchmarks.overload")
@@ -215,14 +223,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.env = [*args.env, f"NRS_REQUEST_TIMEOUT_MS={args.deadline_ms:g}"]
     args.p99_budget_ms = args.deadline_ms  # the sweep's p99 budget
-    if not (args.artifact / "manifest.json").is_file():
-        p.error(f"{args.artifact}: no manifest.json (build it with `index-build all --config ...`)")
+    require_artifact(p, args.artifact)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    benchmark_logging()
     args = parse_args(argv)
     started = time.perf_counter()
     workload = Workload(args.queries, mix=args.mix)
