@@ -4,6 +4,7 @@ hot reload) built once per test session, settings and client helpers."""
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +83,17 @@ def slowed(fn: Callable[..., Any], delay_s: float) -> Callable[..., Any]:
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         time.sleep(delay_s)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def held(fn: Callable[..., Any], release: threading.Event, timeout_s: float = 60.0) -> Callable[..., Any]:
+    """``fn`` that first waits until ``release`` is set (in the worker thread): a request kept
+    in flight for exactly as long as a test needs, however slow the machine."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        release.wait(timeout_s)
         return fn(*args, **kwargs)
 
     return wrapper

@@ -227,7 +227,8 @@ def test_rerank_or_first_stage_missing_from_artifact(client, monkeypatch):
         err = assert_envelope(client.post("/search", json={"query": "q", "rerank": rerank}), 422, "invalid_request")
         assert needle in err["message"]
     for first_stage in ("sparse", "hybrid"):
-        err = assert_envelope(client.post("/search", json={"query": "q", "first_stage": first_stage}), 422)
+        err = assert_envelope(client.post("/search", json={"query": "q", "first_stage": first_stage, "rerank": "none"}),
+                              422)
         assert "BM25" in err["message"]
     assert client.post("/search", json={"query": "q", "first_stage": "dense", "rerank": "none"}).status_code == 200
 
