@@ -217,7 +217,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-concurrency", type=int, default=8, help="NRS_MAX_CONCURRENCY")
     p.add_argument("--env", action="append", default=[], metavar="NRS_X=VALUE", help="extra service setting")
     p.add_argument("--ready-timeout", type=float, default=900.0)
-    p.add_argument("--locust-dir", type=Path, default=RESULTS_DIR / "locust")
+    p.add_argument("--locust-dir", type=Path, default=RESULTS_DIR / "locust-overload")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "overload.json")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
