@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 LABEL_FREE_WISE_FT = 0.5
 
 
-class BuildContext:
+class BuildContext(ABC):
     """The shared inputs and encoders of one build (``cfg``), each made once when first used."""
 
     def __init__(self, cfg: BuildConfig, *, progress: bool = True) -> None:
@@ -46,10 +47,10 @@ class BuildContext:
         if cfg.threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
 
+    @abstractmethod
     def export_key(self, kind: str, onnx_file: str | None = None) -> str:
         """The key of student ``kind``'s export (defined by the runner, which keys the stages);
         content caches of what an exported graph encodes are kept under it."""
-        raise NotImplementedError
 
     @cached_property
     def collection(self) -> Collection:

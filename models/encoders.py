@@ -99,7 +99,8 @@ class OnnxEncoder:
         self.session = make_session(self.directory / onnx_file, threads=threads, providers=providers)
         self._input_names = {i.name for i in self.session.get_inputs()}
         #: how progress bars name this model: its base checkpoint, role and graph
-        self.label = f"{Path(self.config.base_model or self.directory.name).name} ({self.kind}, {onnx_file})"
+        base = Path(self.config.base_model or self.directory)
+        self.label = f"{base.parent.name if base.name in ('model', 'hf') else base.name} ({self.kind}, {onnx_file})"
 
     def _run(self, batch: Batch) -> np.ndarray:
         feed = {k: v for k, v in batch.as_dict().items() if k in self._input_names}

@@ -486,7 +486,8 @@ def test_per_token_int8_export_option(built, tiny_beir, tiny_bert):
             for query, res in zip(queries, batch):
                 alone = c.post("/search", json={"query": query, **body}).json()["hits"]
                 assert [h["id"] for h in res["hits"]] == [h["id"] for h in alone]
-                assert [h["score"] for h in res["hits"]] == pytest.approx([h["score"] for h in alone], abs=1e-5)
+                # the rerank's z-scored interpolation turns the graphs' ~1e-6 differences into ~1e-5
+                assert [h["score"] for h in res["hits"]] == pytest.approx([h["score"] for h in alone], abs=1e-4)
 
 
 @pytest.mark.parametrize("retrieval", [True, False], ids=["full-corpus", "pools"])
@@ -588,20 +589,24 @@ def test_pool_scores_encode_each_document_once_and_match_per_query_scores(built,
 
 
 def test_a_reranker_without_dev_gain_gets_weight_zero(built, monkeypatch):
-    """Reranker scores that carry no information (noise) do not beat the first stage on the
-    dev slice: the tuned weight is 0 (the first stage alone) and the record says so."""
+    """A reranker that adds nothing on the dev slice (the same score for every candidate) or
+    only harms (the first stage's order reversed) gets weight 0, the first stage alone, and
+    the record says so."""
     _, _, p, _ = built
-    rng = np.random.default_rng(0)
 
-    def noise(ctx, kind, texts, firsts):
-        return {stage: [rng.normal(size=len(c)) for c, _ in lists] for stage, lists in firsts.items()}
+    def constant(ctx, kind, texts, firsts):
+        return {stage: [np.ones(len(c)) for c, _ in lists] for stage, lists in firsts.items()}
 
-    monkeypatch.setattr(index_build.tune, "rerank_scores", noise)
-    monkeypatch.setattr(p, "tuning", {})
-    tuned = tune_rerank_weights(p, "colbert", tune_hybrid(p)["dense_weight"])
-    assert tuned["weights"] == {"dense": 0.0, "sparse": 0.0, "hybrid": 0.0}
-    assert tuned["no_dev_gain"] == ["dense", "sparse", "hybrid"]
-    assert "toward the first stage alone" in tuned["selection"]
+    def reversed_first(ctx, kind, texts, firsts):
+        return {stage: [-np.asarray(s) for _, s in lists] for stage, lists in firsts.items()}
+
+    for scores in (constant, reversed_first):
+        monkeypatch.setattr(index_build.tune, "rerank_scores", scores)
+        monkeypatch.setattr(p, "tuning", {})
+        tuned = tune_rerank_weights(p, "colbert", tune_hybrid(p)["dense_weight"])
+        assert tuned["weights"] == {"dense": 0.0, "sparse": 0.0, "hybrid": 0.0}, scores.__name__
+        assert tuned["no_dev_gain"] == ["dense", "sparse", "hybrid"]
+        assert "toward the first stage alone" in tuned["selection"]
 
 
 def test_build_log_names_each_stage_and_the_summary_says_how_to_serve(built, caplog):
