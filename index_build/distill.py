@@ -1,8 +1,8 @@
-"""The distill stage: a student trained from the teacher's scores. Full-tower students
-(dense, ColBERT, cross-encoder) by Margin-MSE on the mined examples
-(:func:`index_build.train.train`); the asymmetric student, a query encoder into the
-teacher's document space, by alignment and listwise KL (:mod:`index_build.asymmetric`).
-Model selection on the dev slice."""
+"""The distill and export stages: a student trained from the teacher's scores, then exported
+to ONNX (:func:`export_stage`). Full-tower students (dense, ColBERT, cross-encoder) by
+Margin-MSE on the mined examples (:func:`index_build.train.train`); the asymmetric student,
+a query encoder into the teacher's document space, by alignment and listwise KL
+(:mod:`index_build.asymmetric`). Model selection on the dev slice."""
 
 from __future__ import annotations
 
@@ -198,3 +198,60 @@ def dev_evaluator(ctx: BuildContext, dev: dict, retrieval: bool = False) -> Call
 
     return evaluate_retrieval if retrieval else evaluate
 
+
+def export_stage(ctx: BuildContext, kind: str, out: Path) -> dict:
+    """Export distilled student ``kind`` to ``out/onnx`` (fp32 and, with ``export_int8``, int8
+    graphs, checked against the torch model on a few corpus texts); a dense or ColBERT
+    student is first interpolated with its base model when ``wise_ft`` < 1 (WiSE-FT), and the
+    interpolated model's dev score recorded."""
+    import tempfile
+
+    from index_build.export import export_student
+    from index_build.students import interpolate_with_base, load_student
+    from models.sources import resolve_model
+
+    step = max(1, len(ctx.corpus_texts) // 8)
+    texts = [ctx.corpus_texts[i] for i in range(0, len(ctx.corpus_texts), step)][:8]
+    src = ctx.work / f"distill-{kind}" / "student"
+    alpha = ctx.wise_ft(kind)
+    record: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        if alpha != 1.0:
+            student = interpolate_with_base(load_student(src), resolve_model(ctx.cfg.students.base), alpha)
+            student.save(Path(tmp))
+            src = Path(tmp)
+        rep = export_student(src, out / "onnx", int8=ctx.cfg.export_int8, parity_texts=texts,
+                             per_channel=ctx.cfg.export_int8_per_channel,
+                             int8_activations=ctx.cfg.export_int8_activations)
+        if alpha != 1.0:
+            record = exported_dev_score(ctx, kind, student)
+    return {"parity_max_abs_diff": rep.max_abs_diff, "int8_max_abs_diff": rep.int8_max_abs_diff,
+            "int8_fp32_nodes": rep.int8_fp32_nodes,
+            "wise_ft": alpha, **record}
+
+
+
+def exported_dev_score(ctx: BuildContext, kind: str, student) -> dict[str, float]:
+    """The dev-slice nDCG@10 of a WiSE-FT-interpolated, just exported student, measured like
+    the training loop's model selection (so it compares with the distill stage's
+    ``dev_history``). A dense student is scored through the exported graph, whose corpus
+    encodings are cached for the evaluate and artifact stages (so this costs no extra pass)."""
+    import torch
+
+    tcfg = ctx.cfg.train[kind]
+    dev = ctx.load_mined()["dev"]
+    if not dev["qids"]:
+        return {}
+    if kind == "dense" and tcfg.dev_retrieval:
+        return {"dev_nDCG@10": round(ctx.dense_metrics(dev["qids"], dev["queries"], ctx.dev_qrels(dev))
+                                     ["nDCG@10"], 4)}
+    if kind == "dense":  # the pools reranked with the exported graph's corpus encodings
+        from models.encoders import DenseEncoder
+
+        q = DenseEncoder(ctx.onnx_dir("dense"), threads=ctx.cfg.threads).encode_queries(dev["queries"])
+        return {"dev_nDCG@10": round(pool_dev_score(ctx, dev, q, ctx.dense_corpus()), 4)}
+    dev_eval = dev_evaluator(ctx, dev)
+    assert dev_eval is not None
+    student.eval()
+    with torch.inference_mode():
+        return {"dev_nDCG@10": round(float(dev_eval(student)), 4)}

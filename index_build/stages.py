@@ -218,7 +218,7 @@ class Pipeline(BuildContext):
         return rec
 
     def export(self, kind: str) -> StageRecord:
-        from index_build.export import export_stage
+        from index_build.distill import export_stage
 
         return self.stage(f"export-{kind}", self.export_key(kind), lambda out: export_stage(self, kind, out))
 
