@@ -149,6 +149,10 @@ class StudentConfig:
     dev_pool_depth: int = 20
 
 
+#: who judges a label-free build's dev slice for its tuning (:attr:`EvalConfig.dev_judge`)
+DEV_JUDGES = ("source", "teacher")
+
+
 @dataclass
 class EvalConfig:
     rerank_depth: int = 100
@@ -160,6 +164,11 @@ class EvalConfig:
     # dense+colbert-int8), a corpus pass per student. The service encodes queries only at run
     # time (its corpus vectors are fp32), so the *-int8-query rows, which stay, are what it serves
     int8_corpus: bool = True
+    # what judges the dev slice of a label-free build when the hybrid weight, the rerank
+    # weights and the served default are chosen (distillation always keeps the source):
+    # "source" (the document each pseudo-query was made from) or "teacher" (the teacher's
+    # top 10 of the query's dev pool, graded by rank, the source on top)
+    dev_judge: str = "source"
 
 
 @dataclass
@@ -288,6 +297,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if int(cfg.index.colbert_kmeans_niter) < 1:
         raise ConfigError(
             f"config: index.colbert_kmeans_niter must be at least 1, got {cfg.index.colbert_kmeans_niter}")
+    if cfg.evaluate.dev_judge not in DEV_JUDGES:
+        raise ConfigError(f"config: evaluate.dev_judge must be one of {', '.join(DEV_JUDGES)}, "
+                          f"got {cfg.evaluate.dev_judge!r}")
     unknown_kinds = [k for k in cfg.students.kinds if k not in STUDENT_KINDS]
     if unknown_kinds:
         raise ConfigError(f"config: students.kinds: unknown {', '.join(map(repr, unknown_kinds))}; "

@@ -176,6 +176,7 @@ class Pipeline(BuildContext):
         from models.artifacts import SCHEMA_VERSION
 
         return self.key("artifact", self.cfg.section_hash("index"), self.cfg.artifact_dir,
+                        f"dev_judge={self.cfg.evaluate.dev_judge}",
                         *[self.export_key(k) for k in self.cfg.students.kinds], f"schema-{SCHEMA_VERSION}")
 
     # ----------------------------------------------------------------- the stages

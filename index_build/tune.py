@@ -26,6 +26,40 @@ def _once(ctx: BuildContext, key: tuple, compute: Callable[[], dict[str, Any]]) 
     return ctx.tuning[key]
 
 
+#: how many of the teacher's best candidates judge a dev query when ``evaluate.dev_judge`` is "teacher"
+TEACHER_JUDGED = 10
+
+
+def tuning_qrels(ctx: BuildContext, dev: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """The judgments the tuning choices are made on: the dev slice's own (held-out train
+    qrels, or each pseudo-query's source document), or on a label-free build with
+    ``evaluate.dev_judge = "teacher"`` the teacher's ranking of each dev query's pool: its
+    top :data:`TEACHER_JUDGED` graded by rank (10 for the first, 1 for the tenth), the source
+    document graded as the first. Source judgments reward whatever finds the sentence a
+    pseudo-query was cut from, which is BM25's strength by construction; the teacher's
+    judge the modes by how close they come to the ranking that the students are distilled
+    to reproduce, BM25 one member of it."""
+    if not ctx.label_free or ctx.cfg.evaluate.dev_judge == "source":
+        return ctx.dev_qrels(dev)
+    from index_build.teachers import cached_teacher_scores
+
+    scores = cached_teacher_scores(ctx.teacher, ctx.cache, list(dev["queries"]), list(dev["pools"]),
+                                   progress=ctx.progress)
+    doc_ids = ctx.collection.doc_ids
+    qrels = {}
+    for qid, pool, s in zip(dev["qids"], dev["pools"], scores):
+        top = np.asarray(pool)[np.argsort(-s, kind="stable")[:TEACHER_JUDGED]]
+        graded = {doc_ids[int(d)]: TEACHER_JUDGED - r for r, d in enumerate(top)}
+        qrels[qid] = graded | dict.fromkeys(dev["qrels"][qid], TEACHER_JUDGED)
+    return qrels
+
+
+def _dev_slice(ctx: BuildContext) -> str:
+    if not ctx.label_free:
+        return "train dev slice"
+    return f"pseudo-query dev slice judged by the {ctx.cfg.evaluate.dev_judge}"
+
+
 def mode_row(ctx: BuildContext, mode: Mapping[str, str]) -> str:
     """The results row that measures served mode ``{"first_stage", "rerank"}``."""
     prefix = DENSE_ROW_PREFIX[ctx.served_dense]
@@ -52,7 +86,7 @@ def _choose_default(ctx: BuildContext, depth: int) -> dict[str, Any]:
     dev = ctx.load_mined()["dev"]
     if not dev["qids"]:
         return {"first_stage": prior[0], "rerank": prior[1], "chosen_on": "default (no dev queries)"}
-    qrels, qids = ctx.dev_qrels(dev), dev["qids"]
+    qrels, qids = tuning_qrels(ctx, dev), dev["qids"]
     hybrid_weight = tune_hybrid(ctx, depth)["dense_weight"]
     firsts = ctx.first_stage_lists(dev["queries"], ctx.dense_queries(dev["queries"]), hybrid_weight, depth)
     per_mode = {(stage, "none"): per_query_ndcg(qrels, ctx.run_of(qids, firsts[stage]), qids)
@@ -66,7 +100,7 @@ def _choose_default(ctx: BuildContext, depth: int) -> dict[str, Any]:
                 qrels, ctx.run_of(qids, lists, scores[stage], weights[stage]), qids)
     stage, rerank = one_se_choice(per_mode, prior, lambda m, p: float(m != p))
     return {"first_stage": stage, "rerank": rerank,
-            "chosen_on": "pseudo-query dev slice" if ctx.label_free else "train dev slice",
+            "chosen_on": _dev_slice(ctx),
             "selection": "one-standard-error rule toward hybrid without rerank",
             "dev_nDCG@10": {f"{s}+{r}": round(float(v.mean()), 4) for (s, r), v in per_mode.items()}}
 
@@ -91,7 +125,7 @@ def _tune_hybrid(ctx: BuildContext, depth: int, kind: str) -> dict[str, Any]:
     if not dev["qids"]:
         return {"method": "zscore", "dense_weight": 0.5, "sparse_weight": 0.5, "depth": depth,
                 "tuned_on": "default (no dev queries)"}
-    qrels = ctx.dev_qrels(dev)
+    qrels = tuning_qrels(ctx, dev)
     doc_ids = ctx.collection.doc_ids
     firsts = ctx.first_stage_lists(dev["queries"], ctx.dense_queries(dev["queries"], kind), 0.5, depth, kind)
     per_query: dict[float, np.ndarray] = {}
@@ -103,7 +137,7 @@ def _tune_hybrid(ctx: BuildContext, depth: int, kind: str) -> dict[str, Any]:
         per_query[w] = per_query_ndcg(qrels, run, dev["qids"])
     best = one_se_choice(per_query, prior=0.5)
     return {"method": "zscore", "dense_weight": best, "sparse_weight": round(1.0 - best, 1),
-            "depth": depth, "tuned_on": "pseudo-query dev slice" if ctx.label_free else "train dev slice",
+            "depth": depth, "tuned_on": _dev_slice(ctx),
             "selection": "one-standard-error rule toward equal weights (0.5)",
             "dev_nDCG@10": {str(w): round(float(v.mean()), 4) for w, v in per_query.items()}}
 
@@ -127,7 +161,7 @@ def _tune_rerank_weights(ctx: BuildContext, kind: str, hybrid_weight: float, dep
     if not dev["qids"]:
         return {"method": "zscore", "weights": dict.fromkeys(stages, 1.0), "depth": depth,
                 "tuned_on": "default (no dev queries)"}
-    qrels = ctx.dev_qrels(dev)
+    qrels = tuning_qrels(ctx, dev)
     firsts = ctx.first_stage_lists(dev["queries"], ctx.dense_queries(dev["queries"]), hybrid_weight, depth)
     scores = rerank_scores(ctx, kind, dev["queries"], firsts)
     weights, curves = {}, {}
@@ -138,7 +172,7 @@ def _tune_rerank_weights(ctx: BuildContext, kind: str, hybrid_weight: float, dep
         weights[stage] = one_se_choice(per_query, prior=0.0)
         curves[stage] = {str(a): round(float(v.mean()), 4) for a, v in per_query.items()}
     return {"method": "zscore", "weights": weights, "depth": depth,
-            "tuned_on": "pseudo-query dev slice" if ctx.label_free else "train dev slice",
+            "tuned_on": _dev_slice(ctx),
             "selection": "one-standard-error rule toward the first stage alone (0.0)",
             # first stages after which the reranker did not beat the first stage alone on dev
             "no_dev_gain": [stage for stage, w in weights.items() if w == 0.0],

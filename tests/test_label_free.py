@@ -124,6 +124,22 @@ def test_label_free_switch_and_pipeline(tmp_path, tiny_bert):
     # the interpolated model is scored on the dev slice like the checkpoints it came from
     assert 0.0 <= p.records["export-dense"].result["dev_nDCG@10"] <= 1.0
     assert "dev_nDCG@10" not in p.records["export-colbert"].result  # not interpolated
+    assert m.serving["default"]["chosen_on"] == "pseudo-query dev slice judged by the source"
+
+    # judged by the teacher: its top 10 of each dev pool graded 10..1, the source graded 10
+    from index_build.tune import TEACHER_JUDGED, tuning_qrels
+
+    dev = p.load_mined()["dev"]
+    assert tuning_qrels(p, dev) == dev["qrels"]
+    p.cfg.evaluate.dev_judge = "teacher"
+    judged = tuning_qrels(p, dev)
+    doc_ids = p.collection.doc_ids
+    for qid, text, pool in zip(dev["qids"], dev["queries"], dev["pools"]):
+        scores = p.teacher.score([text], [pool])[0]
+        order = [doc_ids[int(pool[i])] for i in sorted(range(len(pool)), key=lambda i: -scores[i])]
+        (source,) = dev["qrels"][qid]
+        expected = {d: TEACHER_JUDGED - r for r, d in enumerate(order[:TEACHER_JUDGED])} | {source: TEACHER_JUDGED}
+        assert judged[qid] == expected
 
 
 def test_label_free_flag_ignores_labels(tmp_path, tiny_beir, tiny_bert):

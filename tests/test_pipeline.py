@@ -346,6 +346,11 @@ def test_distill_vq_settings_are_validated(tiny_beir, tiny_bert, tmp_path):
         load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "index.distill_vq.steps=0"))
 
 
+def test_dev_judge_is_validated(tiny_beir, tiny_bert, tmp_path):
+    with pytest.raises(ValueError, match="evaluate.dev_judge must be one of source, teacher"):
+        load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'evaluate.dev_judge="oracle"'))
+
+
 def test_codec_kmeans_iterations_are_validated_and_reach_the_artifact(built, tiny_beir, tiny_bert, tmp_path):
     root, cfg, p, _ = built
     with pytest.raises(ValueError, match="index.colbert_kmeans_niter must be at least 1"):
