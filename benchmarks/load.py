@@ -237,11 +237,13 @@ class Workload:
     candidates: int = 100
     batch_share: float = 0.0
     seed: int = 0
+    honour_retry_after: bool = True  # a refused user waits the answer's Retry-After
 
     def env(self) -> dict[str, str]:
         return {"LOCUST_QUERIES": str(self.queries), "LOCUST_MIX": self.mix, "LOCUST_K": str(self.k),
                 "LOCUST_CANDIDATES": str(self.candidates), "LOCUST_CE_CANDIDATES": str(min(self.candidates, 100)),
-                "LOCUST_BATCH_SHARE": str(self.batch_share), "LOCUST_SEED": str(self.seed)}
+                "LOCUST_BATCH_SHARE": str(self.batch_share), "LOCUST_SEED": str(self.seed),
+                "LOCUST_RETRY_AFTER": "1" if self.honour_retry_after else "0"}
 
 
 def locust_argv(host: str, users: int, seconds: float, csv_prefix: Path, spawn_rate: float | None = None) -> list[str]:

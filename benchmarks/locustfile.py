@@ -14,6 +14,9 @@ runs it. Everything is configured from the environment:
 ``LOCUST_CE_CANDIDATES`` first-stage depth for ``cross-encoder`` (default 100, the server's cap)
 ``LOCUST_USER_RPS``     requests per second per user (``constant_throughput``); 0 = back to back
 ``LOCUST_API_KEY``      sent as ``X-API-Key`` when the service requires one
+``LOCUST_RETRY_AFTER``  ``1`` (default): a user told to back off (429 or 503 with ``Retry-After``)
+                        waits that long (at most 10 s) before its next request, as a
+                        well-behaved client does; ``0``: it retries at once
 ``LOCUST_SAMPLES``      when set, every request's ``[start, mode, route, status, ms, stages]`` is
                         written there as JSON lines when the test stops (read by
                         ``benchmarks/load.py``); ``stages`` is the server's ``timings_ms`` of an
@@ -106,6 +109,7 @@ class Workload:
     batch_size: int = 8
     user_rps: float = 0.0
     api_key: str = ""
+    honour_retry_after: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Workload:
@@ -124,6 +128,7 @@ class Workload:
             batch_size=max(1, int(env.get("LOCUST_BATCH_SIZE", "8") or 8)),
             user_rps=float(env.get("LOCUST_USER_RPS", "0") or 0),
             api_key=env.get("LOCUST_API_KEY", ""),
+            honour_retry_after=(env.get("LOCUST_RETRY_AFTER", "1") or "1") != "0",
         )
 
     def candidates_for(self, mode: str) -> int:
@@ -141,6 +146,22 @@ class Workload:
             return "/search/batch", mode, body
         body["query"] = rng.choice(self.queries)
         return "/search", mode, body
+
+
+#: the longest ``Retry-After`` a user honours
+MAX_BACKOFF_S = 10.0
+
+
+def retry_after_s(value: str | None) -> float:
+    """Seconds to wait for a ``Retry-After`` header in seconds (0 when absent or an HTTP date).
+
+    >>> retry_after_s("2"), retry_after_s(None), retry_after_s("60")
+    (2.0, 0.0, 10.0)
+    """
+    try:
+        return min(max(float(value or 0), 0.0), MAX_BACKOFF_S)
+    except ValueError:
+        return 0.0
 
 
 def stage_timings(response: Any) -> dict[str, float] | None:
@@ -203,9 +224,11 @@ class SearchUser(FastHttpUser):
         rps = self.workload.user_rps
         self._wait: Callable[[FastHttpUser], float] = constant_throughput(rps) if rps > 0 else constant(0)
         self.headers = {"X-API-Key": self.workload.api_key} if self.workload.api_key else {}
+        self.backoff_s = 0.0
 
     def wait_time(self) -> float:
-        return self._wait(self)
+        wait, self.backoff_s = max(self._wait(self), self.backoff_s), 0.0
+        return wait
 
     @task
     def search(self) -> None:
@@ -218,4 +241,6 @@ class SearchUser(FastHttpUser):
                 resp.success()
             else:
                 resp.request_meta["name"] = f"{name} HTTP {resp.status_code}"
+                if self.workload.honour_retry_after:
+                    self.backoff_s = retry_after_s(resp.headers.get("Retry-After"))
                 resp.failure(f"HTTP {resp.status_code}")

@@ -10,7 +10,9 @@ locust through ``benchmarks/load.py``'s helpers:
 1. **sweep**: closed-loop users at each ``--users`` level for ``--step-seconds``; the best
    throughput, and the capacity: the most users served with no refusal and p99 within the
    request deadline (``--deadline-ms``, given to every server as ``NRS_REQUEST_TIMEOUT_MS``).
-2. **overload**: ``--factor`` times the capacity, closed loop, for ``--seconds``. The
+2. **overload**: ``--factor`` times the capacity, closed loop, for ``--seconds``; a refused
+   user waits the 429's ``Retry-After`` before its next request, as well-behaved clients do
+   (``--ignore-retry-after``: it retries at once). The
    server-side time of its 429 answers comes from the service's own histogram
    (``nrs_request_duration_seconds{route="/search",status="429"}``, scraped from ``/metrics``
    before and after the run; the p99 is the upper bound of the bucket that holds it).
@@ -215,6 +217,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reload-users", type=int, default=2, help="clients searching during the reloads")
     p.add_argument("--threads", type=int, default=1, help="NRS_THREADS")
     p.add_argument("--max-concurrency", type=int, default=8, help="NRS_MAX_CONCURRENCY")
+    p.add_argument("--ignore-retry-after", action="store_true",
+                   help="overloaded users retry at once instead of waiting the 429's Retry-After")
     p.add_argument("--env", action="append", default=[], metavar="NRS_X=VALUE", help="extra service setting")
     p.add_argument("--ready-timeout", type=float, default=900.0)
     p.add_argument("--locust-dir", type=Path, default=RESULTS_DIR / "locust-overload")
@@ -231,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     benchmark_logging()
     args = parse_args(argv)
     started = time.perf_counter()
-    workload = Workload(args.queries, mix=args.mix)
+    workload = Workload(args.queries, mix=args.mix, honour_retry_after=not args.ignore_retry_after)
     swept = sweep("service", args, workload)
     served = [lv["users"] for lv in swept["sweep"] if not lv["errors"] and (lv["p99_ms"] or 0) <= args.deadline_ms]
     swept["capacity_users"] = max(served, default=args.users[0])
@@ -243,7 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out["settings"] = {"artifact": str(args.artifact), "mix": args.mix, "threads": args.threads,
                        "deadline_ms": args.deadline_ms,
                        "NRS_MAX_CONCURRENCY": args.max_concurrency, "env": args.env, "factor": args.factor,
-                       "client": "locust (sweep, overload) and httpx threads (reloads) on the same machine"}
+                       "client": "locust (sweep, overload) and httpx threads (reloads) on the same machine",
+                       "refused_clients": "retry at once" if args.ignore_retry_after
+                       else "wait the 429's Retry-After (at most 10 s), as well-behaved clients do"}
     out["machine"] = machine_info()
     out["command"] = command_line(__file__, args.argv)
     out["wall_s"] = round(time.perf_counter() - started, 1)

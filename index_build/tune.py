@@ -30,7 +30,7 @@ def _once(ctx: BuildContext, key: tuple, compute: Callable[[], dict[str, Any]]) 
 TEACHER_JUDGED = 10
 
 
-def tuning_qrels(ctx: BuildContext, dev: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+def tuning_qrels(ctx: BuildContext, dev: dict[str, Any]) -> dict[str, dict[str, int]]:
     """The judgments the tuning choices are made on: the dev slice's own (held-out train
     qrels, or each pseudo-query's source document), or on a label-free build with
     ``evaluate.dev_judge = "teacher"`` the teacher's ranking of each dev query's pool: its

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from models.text import VISIBLE_PATTERN
 from service.errors import StartupError, install_error_handlers
-from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from service.middleware import AdmissionGateMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
 from service.routes import admin, protected, public
 from service.settings import Settings
 from service.state import ServiceState
@@ -59,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes,
                        timeout_s=settings.body_timeout_ms / 1000.0)
+    app.add_middleware(AdmissionGateMiddleware, admission=lambda: service.admission,
+                       paths=("/search", "/search/batch"))
     app.add_middleware(RequestContextMiddleware, metrics=service.metrics)  # outermost: added last
     return app
 

@@ -1,5 +1,5 @@
-"""Pure ASGI middlewares: request context (id, access log, request metrics, last-resort 500)
-and the request body size limit."""
+"""Pure ASGI middlewares: request context (id, access log, request metrics, last-resort 500),
+the admission gate (429 before the body is read) and the request body size limit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,11 +24,16 @@ from service.errors import (
 )
 from service.metrics import ServiceMetrics
 
+if TYPE_CHECKING:
+    from service.state import AdmissionControl
+
 access_logger = logging.getLogger("service.access")
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID_SCOPE_KEY = "nrs.request_id"
+#: the route label of a request answered before routing (the admission gate sets it)
+ROUTE_SCOPE_KEY = "nrs.route"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -78,7 +84,7 @@ class RequestContextMiddleware:
             await internal_error_response(scope)(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
-            route_path = getattr(route, "path", None) or "unmatched"
+            route_path = getattr(route, "path", None) or scope.get(ROUTE_SCOPE_KEY) or "unmatched"
             error_type = str(scope.get(ERROR_TYPE_SCOPE_KEY, "")) or "none"
             if not state["started"] and error_type == CLIENT_CLOSED:
                 state["status"] = 499
@@ -93,6 +99,30 @@ class RequestContextMiddleware:
                     "error_type": None if error_type == "none" else error_type,
                 },
             )
+
+
+class AdmissionGateMiddleware:
+    """Refuses a search request with 429 (``Retry-After``) before its body is read, routed or
+    validated when admission control would refuse it anyway (:meth:`AdmissionControl.refusal
+    <service.state.AdmissionControl.refusal>`). Under overload most requests are refused:
+    each refusal must cost the server far less than a search, or refusing them takes the CPU
+    that the admitted requests need. The route still checks again when it takes its slot."""
+
+    def __init__(self, app: ASGIApp, *, admission: Callable[[], AdmissionControl | None],
+                 paths: tuple[str, ...]) -> None:
+        self.app = app
+        self.admission = admission
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in self.paths:
+            control = self.admission()
+            refused = control.refusal() if control is not None else None
+            if refused is not None:
+                scope[ROUTE_SCOPE_KEY] = scope["path"]
+                await service_error_response(refused, scope)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimitMiddleware:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import functools
+import gc
 import logging
 import math
 import time
@@ -73,19 +76,30 @@ class AdmissionControl:
         a = self.SMOOTHING
         self.service_s = held_s if self.service_s == 0.0 else (1 - a) * self.service_s + a * held_s
 
+    def refusal(self) -> Overloaded | None:
+        """The :class:`Overloaded` error a request arriving now gets, or None when it may
+        wait for a permit. Cheap (a few comparisons): the service asks it before reading a
+        request's body (:class:`service.middleware.AdmissionGateMiddleware`), so a refused
+        request costs the server almost nothing, and again when the request takes its slot."""
+        if not self._sem.locked():
+            return None
+        wait_s = self.expected_wait_s(self.waiting + 1)
+        if self.waiting < self.max_queue and wait_s + self.service_s <= self.deadline_s:
+            return None
+        return Overloaded(
+            f"server busy: {self.in_flight} requests in flight and {self.waiting} waiting "
+            f"(max_concurrency={self.max_concurrency}, max_queue={self.max_queue}); a new request "
+            f"would wait about {wait_s * 1000:.0f} ms and take {self.service_s * 1000:.0f} ms against a "
+            f"deadline of {self.deadline_s * 1000:.0f} ms; retry later",
+            retry_after_s=math.ceil(wait_s),
+        )
+
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[float]:
         """Hold a permit for the ``async with`` block; yields the ms spent waiting for it."""
-        if self._sem.locked():
-            wait_s = self.expected_wait_s(self.waiting + 1)
-            if self.waiting >= self.max_queue or wait_s + self.service_s > self.deadline_s:
-                raise Overloaded(
-                    f"server busy: {self.in_flight} requests in flight and {self.waiting} waiting "
-                    f"(max_concurrency={self.max_concurrency}, max_queue={self.max_queue}); a new request "
-                    f"would wait about {wait_s * 1000:.0f} ms and take {self.service_s * 1000:.0f} ms against a "
-                    f"deadline of {self.deadline_s * 1000:.0f} ms; retry later",
-                    retry_after_s=math.ceil(wait_s),
-                )
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
         started = time.perf_counter()
         self.waiting += 1
         self._metrics.queue_depth.set(self.waiting)
@@ -104,6 +118,18 @@ class AdmissionControl:
             self.in_flight -= 1
             self._metrics.in_flight.set(self.in_flight)
             self._sem.release()
+
+
+def release_memory() -> None:
+    """Collect unreachable objects, then return the C heap's free pages to the system
+    (glibc ``malloc_trim``; a no-op elsewhere). ONNX Runtime, FAISS and NumPy free a closed
+    engine's buffers into the heap, where the allocator would otherwise keep them."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -149,6 +175,11 @@ class ServiceState:
             on_batch=lambda kind, n: self.metrics.batch_size.labels(kind).observe(n),
         )
 
+    @property
+    def admission(self) -> AdmissionControl | None:
+        """Admission control (None before :meth:`start`)."""
+        return self._admission
+
     # -- threads ----------------------------------------------------------------------------------
     async def run_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking CPU work in the search thread pool (never on the event loop). Work on
@@ -173,7 +204,14 @@ class ServiceState:
         """End one lease; a replaced engine is closed when its last lease ends."""
         engine.leases -= 1
         if engine.leases == 0 and engine is not self.engine:
-            engine.close()
+            self._retire(engine)
+
+    def _retire(self, engine: SearchEngine) -> None:
+        """Close a replaced engine, then hand the memory it held back to the system (in the
+        admin thread: a collection and a heap trim take milliseconds)."""
+        engine.close()
+        if self._admin_executor is not None:
+            self._admin_executor.submit(release_memory)
 
     async def _run_admin(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._admin_executor is not None
@@ -364,7 +402,7 @@ class ServiceState:
                 raise InvalidArtifact(f"reload failed, still serving the previous artifact: {exc}") from None
             self._install(engine, target)
             if previous is not None and previous.leases == 0:  # else its last request closes it
-                previous.close()
+                self._retire(previous)
             if self._warmup_task is not None and not self._warmup_task.done():
                 self._warmup_task.cancel()
             self.not_ready_reason = ""

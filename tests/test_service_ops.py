@@ -126,6 +126,48 @@ def test_overload_gives_429_with_retry_after(artifacts, monkeypatch):
                             le=next(f"{b!r}" for b in LATENCY_BUCKETS if b >= 0.05)) == 1
 
 
+def test_admission_gate_refuses_before_reading_the_body():
+    """Under overload a search request is refused from its headers alone: the body is never
+    read (a refusal costs almost nothing) and the app behind the gate never runs."""
+    from service.errors import Overloaded
+    from service.middleware import ROUTE_SCOPE_KEY, AdmissionGateMiddleware
+
+    class Control:
+        def __init__(self, full: bool) -> None:
+            self.full = full
+
+        def refusal(self) -> Overloaded | None:
+            return Overloaded("busy", retry_after_s=2) if self.full else None
+
+    reached: list[str] = []
+
+    async def app(scope, receive, send) -> None:
+        reached.append(scope["path"])
+
+    async def receive():
+        raise AssertionError("the gate read the body")
+
+    async def call(control: Control | None, method: str, path: str) -> tuple[list[dict], dict]:
+        sent: list[dict] = []
+
+        async def send(message) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": method, "path": path, "headers": []}
+        await AdmissionGateMiddleware(app, admission=lambda: control, paths=("/search", "/search/batch"))(
+            scope, receive, send)
+        return sent, scope
+
+    sent, scope = asyncio.run(call(Control(full=True), "POST", "/search/batch"))
+    assert sent[0]["status"] == 429 and (b"retry-after", b"2") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["type"] == "overloaded"
+    assert scope[ROUTE_SCOPE_KEY] == "/search/batch" and reached == []
+    for control, method, path in ((Control(full=False), "POST", "/search"), (None, "POST", "/search"),
+                                  (Control(full=True), "GET", "/info"), (Control(full=True), "POST", "/admin/reload")):
+        sent, _ = asyncio.run(call(control, method, path))
+        assert sent == [] and reached[-1] == path
+
+
 def test_queue_admits_up_to_max_queue(artifacts, monkeypatch):
     with TestClient(create_app(make_settings(artifacts.first, max_concurrency=1, max_queue=1))) as c:
         wait_ready(c)
