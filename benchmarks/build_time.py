@@ -1,9 +1,14 @@
-"""How long a newcomer waits for a served index: ``index-build quickstart`` on SciFact, cold
-(a fresh, empty cache: the model export and the corpus pass included), and the quality of
-what it serves (the artifact's default mode, searched in-process on the test queries).
-Writes ``benchmarks/results/build-time.json`` (the key ``quickstart``; other keys are kept)::
+"""How long a newcomer waits, cold (a fresh, empty cache: the packaged models' unpacking and
+export, every corpus pass and the teacher's scoring included), on this machine:
 
-    .venv/bin/python benchmarks/build_time.py
+- ``quickstart``: ``index-build quickstart`` on SciFact (no training), and the quality of what
+  it serves (the artifact's default mode, searched in-process on the test queries);
+- ``build``: ``index-build all`` with the config ``scripts/build.sh`` runs (distillation,
+  export, evaluation, artifact), its stages' times and its results rows.
+
+Writes ``benchmarks/results/build-time.json`` (the keys measured; other keys are kept)::
+
+    .venv/bin/python benchmarks/build_time.py [--only quickstart,build] [--config configs/scifact.toml]
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import typer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.latency import command_line, machine_info, write_json_atomic  # noqa: E402
+from benchmarks.latency import machine_info, write_json_atomic  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "build-time.json"
 
@@ -48,30 +53,79 @@ def served_quality(artifact: Path, data: Path, split: str = "test") -> dict[str,
     return {"mode": mode, "split": split, **metrics(col.qrels[split], run)}
 
 
-def main(data: Path = typer.Option(REPO.parent / "shared" / "data" / "scifact", help="BEIR folder"),
-         out: Path = typer.Option(OUT)) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "NRS_CACHE_DIR": str(Path(tmp) / "cache")}
-        artifact = Path(tmp) / "artifact"
-        argv = [sys.executable, "-m", "index_build.cli", "quickstart", str(data), "--artifact-dir", str(artifact)]
-        started = time.perf_counter()
-        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - started
-        if proc.returncode != 0:
-            raise SystemExit(f"quickstart failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        built = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
-        quality = served_quality(artifact, data)
-        size = sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file())
-        cache = sum(f.stat().st_size for f in (Path(tmp) / "cache").rglob("*") if f.is_file())
-    result = json.loads(out.read_text()) if out.is_file() else {}
-    result["quickstart"] = {
+def cold_env(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "NRS_CACHE_DIR": str(tmp / "cache")}
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def time_quickstart(data: Path, tmp: Path) -> dict[str, Any]:
+    artifact = tmp / "artifact"
+    argv = [sys.executable, "-m", "index_build.cli", "quickstart", str(data), "--artifact-dir", str(artifact)]
+    started = time.perf_counter()
+    proc = subprocess.run(argv, cwd=REPO, env=cold_env(tmp), capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"quickstart failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    built = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
+    return {
         "command": f"index-build quickstart {data.name} (NRS_CACHE_DIR empty)", "cold": True,
-        "seconds": round(seconds, 1), "n_docs": built["n_docs"], "artifact_bytes": size, "cache_bytes": cache,
-        "served_default": quality, "machine": machine_info(),
+        "seconds": round(seconds, 1), "stages": built["stages"], "n_docs": built["n_docs"],
+        "artifact_bytes": tree_bytes(artifact), "cache_bytes": tree_bytes(tmp / "cache"),
+        "served_default": served_quality(artifact, data),
+        "machine": machine_info(),
     }
-    result["command"] = command_line(__file__)
-    write_json_atomic(out, result)
-    print(json.dumps(result["quickstart"], indent=2))
+
+
+def time_build(config: Path, tmp: Path) -> dict[str, Any]:
+    """``index-build all --config config`` with its work, results and artifact in ``tmp``."""
+    from index_build.config import load_config
+
+    sets = [f"work_dir={tmp / 'work'}", f"artifact_dir={tmp / 'artifact'}"]
+    cfg = load_config(config, overrides=sets)
+    argv = [sys.executable, "-m", "index_build.cli", "all", "--config", str(config)]
+    for item in sets:
+        argv += ["--set", item]
+    started = time.perf_counter()
+    proc = subprocess.run(argv, cwd=REPO, env=cold_env(tmp), stdout=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"index-build all failed ({proc.returncode})")
+    name = cfg.evaluate.name or Path(cfg.data.path).name
+    results = json.loads((cfg.results_path / f"{name}.json").read_text())
+    systems = results["systems"]
+    return {
+        "command": f"index-build all --config {config.relative_to(REPO)} (NRS_CACHE_DIR empty)", "cold": True,
+        "seconds": round(seconds, 1),
+        "stages": {k: v["seconds"] for k, v in results["stages"].items()},
+        "students": cfg.students.kinds,
+        "nDCG@10": {row: systems[row]["nDCG@10"] for row in ("served-default", "teacher", "base-dense",
+                                                             "asym-dense", "asym-hybrid") if row in systems},
+        "serving": results.get("serving", {}),
+        "artifact_bytes": tree_bytes(tmp / "artifact"), "cache_bytes": tree_bytes(tmp / "cache"),
+        "work_bytes": tree_bytes(tmp / "work"), "machine": machine_info(),
+    }
+
+
+def main(only: str = typer.Option("quickstart,build", help="comma-separated: quickstart, build"),
+         data: Path = typer.Option(REPO.parent / "shared" / "data" / "scifact", help="quickstart's BEIR folder"),
+         config: Path = typer.Option(REPO / "configs" / "scifact.toml", help="the build's config"),
+         out: Path = typer.Option(OUT)) -> None:
+    targets = [t.strip() for t in only.split(",") if t.strip()]
+    unknown = set(targets) - {"quickstart", "build"}
+    if unknown:
+        raise typer.BadParameter(f"unknown target(s) {sorted(unknown)}; choose from quickstart, build")
+    for target in targets:
+        with tempfile.TemporaryDirectory() as tmp:
+            measured = time_quickstart(data, Path(tmp)) if target == "quickstart" else \
+                time_build(config.resolve(), Path(tmp))
+        result = json.loads(out.read_text()) if out.is_file() else {}
+        result[target] = measured
+        result["command"] = "python benchmarks/build_time.py"
+        write_json_atomic(out, result)
+        print(json.dumps(measured, indent=2))
 
 
 if __name__ == "__main__":

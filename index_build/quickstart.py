@@ -50,8 +50,10 @@ def quickstart(data: Path, artifact_dir: Path, *, model: str = "packaged:minilm"
     encoder = BiEncoderTeacher(model, texts, cache, max_doc_len=max_doc_len, threads=threads, progress=progress,
                                name=model)
     vectors = encoder.doc_embeddings
+    stages = {"encode": round(time.perf_counter() - started, 1)}
     log.info("quickstart: step 2/3: BM25 index")
     bm25 = BM25Index.build(texts)
+    stages["bm25"] = round(time.perf_counter() - started - sum(stages.values()), 1)
     log.info("quickstart: step 3/3: dense index, document store, manifest -> %s", artifact_dir)
     build_artifact(
         Path(artifact_dir), collection=collection, onnx_dirs={"dense": encoder.onnx_dir}, dense_vectors=vectors,
@@ -62,5 +64,6 @@ def quickstart(data: Path, artifact_dir: Path, *, model: str = "packaged:minilm"
         build={"command": "index-build quickstart", "max_doc_len": max_doc_len}, progress=progress,
     )
     manifest = verify(Path(artifact_dir), deep=True)
+    stages["artifact"] = round(time.perf_counter() - started - sum(stages.values()), 1)
     return {"artifact_dir": str(artifact_dir), "artifact_version": manifest.artifact_version,
-            "n_docs": len(texts), "seconds": round(time.perf_counter() - started, 1)}
+            "n_docs": len(texts), "seconds": round(time.perf_counter() - started, 1), "stages": stages}

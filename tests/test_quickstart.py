@@ -29,6 +29,9 @@ def built(tiny_beir, tiny_bert, tmp_path_factory):
 def test_quickstart_artifact_is_served_in_hybrid_mode(built, tiny_beir):
     art, output = built
     assert f"NRS_ARTIFACT_DIR={art} python -m service" in output
+    printed = output[output.index('{\n  "artifact_dir"'):]
+    built_info = json.loads(printed[: printed.index("\n}") + 2])
+    assert set(built_info["stages"]) == {"encode", "bm25", "artifact"}
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["serving"]["default"]["first_stage"] == "hybrid" and manifest["training"]["distilled"] is False
     assert set(manifest["indexes"]) == {"dense", "bm25", "hybrid"} and set(manifest["models"]) == {"dense"}
