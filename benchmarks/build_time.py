@@ -4,11 +4,12 @@ export, every corpus pass and the teacher's scoring included), on this machine:
 - ``quickstart``: ``index-build quickstart`` on SciFact (no training), and the quality of what
   it serves (the artifact's default mode, searched in-process on the test queries);
 - ``build``: ``index-build all`` with the config ``scripts/build.sh`` runs (distillation,
-  export, evaluation, artifact), its stages' times and its results rows.
+  export, evaluation, artifact), its stages' times and its results rows; its work and
+  artifact directories are the config's (so the artifact can be served and benchmarked after).
 
 Writes ``benchmarks/results/build-time.json`` (the keys measured; other keys are kept)::
 
-    .venv/bin/python benchmarks/build_time.py [--only quickstart,build] [--config configs/scifact.toml]
+    .venv/bin/python benchmarks/build_time.py [--only quickstart,build] [--config configs/scifact.toml] [--fresh]
 """
 
 from __future__ import annotations
@@ -79,15 +80,20 @@ def time_quickstart(data: Path, tmp: Path) -> dict[str, Any]:
     }
 
 
-def time_build(config: Path, tmp: Path) -> dict[str, Any]:
-    """``index-build all --config config`` with its work, results and artifact in ``tmp``."""
+def time_build(config: Path, tmp: Path, fresh: bool) -> dict[str, Any]:
+    """``index-build all --config config`` from nothing: an empty cache (in ``tmp``) and no
+    work or artifact directory (``fresh`` deletes the config's; else they must not exist).
+    The work, results and artifact stay where the config puts them, ready to serve."""
+    import shutil
+
     from index_build.config import load_config
 
-    sets = [f"work_dir={tmp / 'work'}", f"artifact_dir={tmp / 'artifact'}"]
-    cfg = load_config(config, overrides=sets)
+    cfg = load_config(config)
+    for path in (Path(cfg.work_dir), Path(cfg.artifact_dir)):
+        if path.exists() and not fresh:
+            raise SystemExit(f"{path} exists: a cold build starts without it (--fresh deletes it)")
+        shutil.rmtree(path, ignore_errors=True)
     argv = [sys.executable, "-m", "index_build.cli", "all", "--config", str(config)]
-    for item in sets:
-        argv += ["--set", item]
     started = time.perf_counter()
     proc = subprocess.run(argv, cwd=REPO, env=cold_env(tmp), stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
@@ -97,21 +103,22 @@ def time_build(config: Path, tmp: Path) -> dict[str, Any]:
     results = json.loads((cfg.results_path / f"{name}.json").read_text())
     systems = results["systems"]
     return {
-        "command": f"index-build all --config {config.relative_to(REPO)} (NRS_CACHE_DIR empty)", "cold": True,
-        "seconds": round(seconds, 1),
+        "command": f"index-build all --config {config.relative_to(REPO)} (NRS_CACHE_DIR empty, no work dir)",
+        "cold": True, "seconds": round(seconds, 1),
         "stages": {k: v["seconds"] for k, v in results["stages"].items()},
         "students": cfg.students.kinds,
         "nDCG@10": {row: systems[row]["nDCG@10"] for row in ("served-default", "teacher", "base-dense",
                                                              "asym-dense", "asym-hybrid") if row in systems},
-        "serving": results.get("serving", {}),
-        "artifact_bytes": tree_bytes(tmp / "artifact"), "cache_bytes": tree_bytes(tmp / "cache"),
-        "work_bytes": tree_bytes(tmp / "work"), "machine": machine_info(),
+        "serving": results.get("serving", {}), "artifact_dir": cfg.artifact_dir,
+        "artifact_bytes": tree_bytes(Path(cfg.artifact_dir)), "cache_bytes": tree_bytes(tmp / "cache"),
+        "work_bytes": tree_bytes(Path(cfg.work_dir)), "machine": machine_info(),
     }
 
 
 def main(only: str = typer.Option("quickstart,build", help="comma-separated: quickstart, build"),
          data: Path = typer.Option(REPO.parent / "shared" / "data" / "scifact", help="quickstart's BEIR folder"),
          config: Path = typer.Option(REPO / "configs" / "scifact.toml", help="the build's config"),
+         fresh: bool = typer.Option(False, help="delete the build's work and artifact directories first"),
          out: Path = typer.Option(OUT)) -> None:
     targets = [t.strip() for t in only.split(",") if t.strip()]
     unknown = set(targets) - {"quickstart", "build"}
@@ -120,7 +127,7 @@ def main(only: str = typer.Option("quickstart,build", help="comma-separated: qui
     for target in targets:
         with tempfile.TemporaryDirectory() as tmp:
             measured = time_quickstart(data, Path(tmp)) if target == "quickstart" else \
-                time_build(config.resolve(), Path(tmp))
+                time_build(config.resolve(), Path(tmp), fresh)
         result = json.loads(out.read_text()) if out.is_file() else {}
         result[target] = measured
         result["command"] = "python benchmarks/build_time.py"

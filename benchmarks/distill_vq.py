@@ -1,8 +1,8 @@
 """Distill-VQ benchmark: FAISS IVF-PQ, FAISS IVF-OPQ and the distilled index at equal size.
 
-Run from the repository root, after ``index-build all --config configs/scifact.toml``::
+Run from the repository root, after ``index-build all --config configs/scifact-full.toml``::
 
-    .venv/bin/python benchmarks/distill_vq.py --config configs/scifact.toml
+    .venv/bin/python benchmarks/distill_vq.py --config configs/scifact-full.toml
 
 For each size (bytes per vector = PQ sub-quantizers at 8 bits; default 8, 16 and 32) on the
 dense student's SciFact corpus vectors, with the same ``nlist`` and ``nprobe`` everywhere:

@@ -1,9 +1,9 @@
 """Index benchmarks: dense IVF-PQ, ColBERT residual compression, and a 1M-vector scale run.
 
-Run from the repository root, after ``index-build all --config configs/scifact.toml``::
+Run from the repository root, after ``index-build all --config configs/scifact-full.toml``::
 
-    .venv/bin/python benchmarks/indexes.py --config configs/scifact.toml
-    .venv/bin/python benchmarks/indexes.py --config configs/scifact.toml --only scale_1m
+    .venv/bin/python benchmarks/indexes.py --config configs/scifact-full.toml
+    .venv/bin/python benchmarks/indexes.py --config configs/scifact-full.toml --only scale_1m
 
 Sections (``--only`` takes a comma-separated subset):
 
@@ -53,7 +53,7 @@ log = logging.getLogger("benchmarks.indexes")
 SECTIONS = ("ivfpq", "colbert", "scale_1m")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 JSON_NAME = "indexes.json"
-DEFAULT_CONFIG = Path("configs/scifact.toml")
+DEFAULT_CONFIG = Path("configs/scifact-full.toml")
 MD_NAME = "indexes.md"
 K = 100  # depth of every run and of recall against exact search ("recall@100_vs_exact")
 SWEEP_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)

@@ -63,7 +63,7 @@ def score_rows(texts: list[str], cands: list[np.ndarray], doc_texts: list[str], 
 
 
 def scifact(cache: ArrayCache, fp32: bool) -> dict:
-    cfg = load_config(REPO / "configs" / "scifact.toml", ['work_dir="/tmp/teachers-benchmark"'])
+    cfg = load_config(REPO / "configs" / "scifact-full.toml", ['work_dir="/tmp/teachers-benchmark"'])
     p = Pipeline(cfg, progress=False)
     col = p.collection
     tq = col.split_queries(cfg.data.test_split)

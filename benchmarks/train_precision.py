@@ -2,7 +2,7 @@
 run; writes ``benchmarks/results/train-precision.json`` (+ ``.md``; a later run for other
 students adds its rows to the file).
 
-    .venv/bin/python benchmarks/train_precision.py [--config configs/scifact.toml] [--kinds dense]
+    .venv/bin/python benchmarks/train_precision.py [--config configs/scifact-full.toml] [--kinds dense]
 
 Each precision gets its own work dir under ``--root``; the mining stages (teacher scores, hard
 negatives, pseudo-queries) run once and are copied to the others, so the arms differ only in
@@ -59,7 +59,7 @@ def run_arm(p: Pipeline, kinds: list[str]) -> dict:
     return arm
 
 
-def main(config: Path | None = typer.Option(REPO / "configs" / "scifact.toml", help="build config (TOML)"),
+def main(config: Path | None = typer.Option(REPO / "configs" / "scifact-full.toml", help="build config (TOML)"),
          kinds: str = typer.Option("dense", help="comma-separated students: dense, colbert, cross-encoder"),
          precisions: str = typer.Option("fp32,bf16", help="comma-separated: fp32, bf16, auto"),
          root: Path = typer.Option(REPO / "work" / "train-precision", help="work dirs, one per precision"),

@@ -14,7 +14,7 @@ def test_results_go_next_to_the_work_by_default(tmp_path: Path):
     assert cfg.results_path == tmp_path / "work" / "results"
     cfg = load_config(overrides=[f'work_dir="{tmp_path}/work"', f'evaluate.results_dir="{tmp_path}/elsewhere"'])
     assert cfg.results_path == tmp_path / "elsewhere"
-    for name in ("scifact.toml", "labelfree-scifact.toml", "labelfree-dl19.toml"):
+    for name in ("scifact.toml", "scifact-full.toml", "labelfree-scifact.toml", "labelfree-dl19.toml"):
         cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
         assert "benchmarks" not in cfg.results_path.parts, name
 
