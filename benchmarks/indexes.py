@@ -9,7 +9,7 @@ Sections (``--only`` takes a comma-separated subset):
 
 ``ivfpq``
     The distilled dense student's SciFact corpus vectors in the default IVF-PQ
-    (:func:`models.dense_index.default_factory`, as in the artifact): size, build time,
+    (:func:`models.dense_index.ivfpq_factory`, as in the artifact): size, build time,
     recall@100 against exact search, nDCG@10 of its top-100, an ``nprobe`` sweep with
     single-query latency (one thread), and alternative PQ sizes.
 ``colbert``
@@ -166,12 +166,12 @@ def alternative_factories(n_docs: int, dim: int) -> list[str]:
     >>> alternative_factories(5183, 384)
     ['PQ192x8np', 'IVF128,PQ96x8', 'OPQ96_384,IVF128,PQ96x8', 'IVF128,PQ48x8', 'OPQ48_384,IVF128,PQ48x8']
     """
-    from models.dense_index import default_factory, default_pq_m
+    from models.dense_index import default_pq_m, ivfpq_factory
 
     out = [f"PQ{default_pq_m(dim)}x8np"]  # np: no polysemous training (slow, unused)
     for m in (dim // 4, dim // 8):
         if m > 0 and dim % m == 0:
-            out += [default_factory(n_docs, dim, pq_bytes=m), default_factory(n_docs, dim, pq_bytes=m, opq=True)]
+            out += [ivfpq_factory(n_docs, dim, pq_bytes=m), ivfpq_factory(n_docs, dim, pq_bytes=m, opq=True)]
     return out
 
 
@@ -193,7 +193,7 @@ def measure_ivfpq(
     thread, over every query, warm. ``alternatives`` (FAISS factory strings) defaults to
     :func:`alternative_factories`.
     """
-    from models.dense_index import DenseIndex, default_factory, exact_search, recall_at_k
+    from models.dense_index import DenseIndex, exact_search, ivfpq_factory, recall_at_k
 
     corpus = np.ascontiguousarray(corpus, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -202,7 +202,7 @@ def measure_ivfpq(
     with cpu_threads(build_threads):
         exact_s, exact_i = exact_search(corpus, queries, K)
     exact_m = judged.score(exact_s, exact_i)
-    factory = default_factory(n, dim)
+    factory = ivfpq_factory(n, dim)
     with cpu_threads(build_threads):
         t0 = time.perf_counter()
         index = DenseIndex.build(corpus, factory, seed=seed)
@@ -459,10 +459,10 @@ def measure_scale(
     """
     import faiss
 
-    from models.dense_index import DenseIndex, default_factory, recall_at_k
+    from models.dense_index import DenseIndex, ivfpq_factory, recall_at_k
 
     n, dim = vectors.shape
-    factory = default_factory(n, dim)
+    factory = ivfpq_factory(n, dim)
     with cpu_threads(build_threads):
         t0 = time.perf_counter()
         exact_s, exact_i = exact_topk_chunked(vectors, queries, K)

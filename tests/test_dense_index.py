@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 
 from models.dense_index import (
+    FLAT_MAX_BYTES,
     DenseIndex,
     default_factory,
     default_nlist,
     default_nprobe_for,
     exact_search,
+    ivfpq_factory,
     recall_at_k,
 )
 
@@ -33,19 +35,22 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def ivfpq(data) -> DenseIndex:
-    return DenseIndex.build(data[0], seed=0)
+    return DenseIndex.build(data[0], ivfpq_factory(*data[0].shape), seed=0)
 
 
 def test_default_factory_shapes() -> None:
     assert default_factory(100, 384) == "Flat"
-    assert default_factory(5183, 384) == "IVF128,PQ192x8"
-    assert default_factory(5183, 384, opq=True, pq_bytes=48) == "OPQ48_384,IVF128,PQ48x8"
+    # exact search while the float32 vectors fit FLAT_MAX_BYTES, IVF-PQ beyond
+    assert default_factory(5183, 384) == default_factory(5183, 1152) == "Flat"
+    assert default_factory(FLAT_MAX_BYTES // (4 * 384) + 1, 384) == "IVF1024,PQ192x8"
+    assert ivfpq_factory(5183, 384) == "IVF128,PQ192x8"
+    assert ivfpq_factory(5183, 384, opq=True, pq_bytes=48) == "OPQ48_384,IVF128,PQ48x8"
     assert default_nlist(3000) == 64  # 4*sqrt(3000) ~ 219 -> 256, capped to 3000/39 -> 64
     assert default_nprobe_for(128) == 32
     with pytest.raises(ValueError, match="divisor"):
-        default_factory(5183, 384, pq_bytes=100)
+        ivfpq_factory(5183, 384, pq_bytes=100)
     with pytest.raises(ValueError, match="1/8"):
-        default_factory(5183, 384, pq_bytes=384)
+        ivfpq_factory(5183, 384, pq_bytes=384)
 
 
 def test_ivfpq_recall_and_size(data, ivfpq: DenseIndex) -> None:
@@ -111,7 +116,7 @@ def test_recall_at_k() -> None:
 
 def test_calibrate_nprobe_picks_the_smallest_sufficient_power_of_two(data) -> None:
     docs, _ = data
-    index = DenseIndex.build(docs, seed=0)
+    index = DenseIndex.build(docs, ivfpq_factory(*docs.shape), seed=0)
     calib = clustered(3000, 60, seed=1)[1]  # held-out queries from the same distribution
     info = index.calibrate_nprobe(docs, calib, k=50, target=0.99)
     recalls = {int(p): r for p, r in info["recall_by_nprobe"].items()}
