@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(8, ge=1, description="Search requests processed at once (permits).")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a permit before 429.")
     request_timeout_ms: float = Field(10_000.0, gt=0, description="Per-request deadline (504 past it).")
+    gil_switch_ms: float = Field(1.0, gt=0, le=100, description=(
+        "Python's thread switch interval (sys.setswitchinterval): how long a search thread running "
+        "Python code may hold the interpreter before the event loop gets it back to answer other "
+        "requests, a 429 under overload among them (Python's default is 5 ms)."))
 
     # -- dynamic batching of query encodes -------------------------------------------------------
     batch_max_size: int = Field(32, ge=1, description="Most query texts encoded in one ONNX call.")

@@ -17,6 +17,7 @@ import functools
 import gc
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,10 +54,14 @@ class AdmissionControl:
     request that finds every permit taken is refused at once with :class:`Overloaded` (429,
     ``Retry-After`` the expected wait) when ``max_queue`` requests already wait, or when its
     expected wait (``position * service_s / max_concurrency``) plus its own service time
-    would pass ``deadline_s``: it would only time out in the queue, after using a slot."""
+    would pass :data:`HEADROOM` of ``deadline_s``: the rest of the deadline absorbs the
+    spread of service times around their mean, so that an admitted request is answered
+    rather than timed out (504) after it has used a slot."""
 
     #: weight of the newest service time in the moving average
     SMOOTHING = 0.2
+    #: share of the deadline that a request's expected wait and service may take
+    HEADROOM = 0.5
 
     def __init__(self, max_concurrency: int, max_queue: int, metrics: ServiceMetrics, deadline_s: float) -> None:
         self.max_concurrency = max_concurrency
@@ -84,13 +89,13 @@ class AdmissionControl:
         if not self._sem.locked():
             return None
         wait_s = self.expected_wait_s(self.waiting + 1)
-        if self.waiting < self.max_queue and wait_s + self.service_s <= self.deadline_s:
+        if self.waiting < self.max_queue and wait_s + self.service_s <= self.HEADROOM * self.deadline_s:
             return None
         return Overloaded(
             f"server busy: {self.in_flight} requests in flight and {self.waiting} waiting "
             f"(max_concurrency={self.max_concurrency}, max_queue={self.max_queue}); a new request "
-            f"would wait about {wait_s * 1000:.0f} ms and take {self.service_s * 1000:.0f} ms against a "
-            f"deadline of {self.deadline_s * 1000:.0f} ms; retry later",
+            f"would wait about {wait_s * 1000:.0f} ms and take {self.service_s * 1000:.0f} ms, more than "
+            f"{self.HEADROOM:.0%} of the {self.deadline_s * 1000:.0f} ms deadline; retry later",
             retry_after_s=math.ceil(wait_s),
         )
 
@@ -222,6 +227,7 @@ class ServiceState:
         """Create the pools and the batcher, load and verify the artifact (raises
         :class:`StartupError` naming the problem), then warm up in the background."""
         s = self.settings
+        sys.setswitchinterval(s.gil_switch_ms / 1000.0)
         self._executor = ThreadPoolExecutor(max_workers=s.cpu_workers, thread_name_prefix="nrs-cpu")
         self._admin_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nrs-admin")
         if s.rerank_threads > 1:  # helpers of a lone request's ColBERT rerank (see Settings.rerank_threads)
