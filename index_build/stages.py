@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from index_build.cache import content_key
@@ -112,7 +113,8 @@ class Pipeline(BuildContext):
         if not force and (rec := self.up_to_date(name, key)) is not None:
             log.info("stage %s: up to date (key %s)", name, key)
             return rec
-        log.info("%s: %s%s", self._stage_title(name), self._stage_about(name), _last_time(meta))
+        log.info("%s: %s%s%s", self._stage_title(name), self._stage_about(name), self._estimate(name),
+                 _last_time(meta))
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
@@ -131,6 +133,27 @@ class Pipeline(BuildContext):
         if name in self.plan:
             return f"stage {self.plan.index(name) + 1}/{len(self.plan)}: {name}"
         return f"stage {name}"
+
+    @cached_property
+    def estimates(self) -> dict[str, float]:
+        """Rough seconds per stage from the corpus size and the config (:mod:`index_build.estimate`)."""
+        from index_build.estimate import Workload, stage_estimates
+        from index_build.pseudo_queries import default_budget
+
+        col, data = self.collection, self.cfg.data
+        n_docs = len(col.docs)
+        if self.label_free:
+            train = self.cfg.label_free.budget or default_budget(n_docs)
+        else:
+            train = int(len(col.split_queries(data.train_split)) * (1 - data.dev_fraction))
+        test = len(col.split_queries(data.test_split)) if data.test_split in col.qrels else 0
+        return stage_estimates(self.cfg, Workload(n_docs, train, test, self.label_free))
+
+    def _estimate(self, name: str) -> str:
+        from index_build.estimate import fmt_minutes
+
+        seconds = self.estimates.get(name)
+        return f" (estimate {fmt_minutes(seconds)} on a cold cache)" if seconds else ""
 
     @staticmethod
     def _stage_about(name: str) -> str:
@@ -253,8 +276,11 @@ class Pipeline(BuildContext):
         kinds = self.cfg.students.kinds
         self.plan = ["mine", *[f"{step}-{k}" for k in kinds for step in ("distill", "export")], "evaluate",
                      *(["artifact"] if self.cfg.build_artifact else [])]
-        log.info("build %s: %d stages (%s); work dir %s", self.cfg.source or "(default config)", len(self.plan),
-                 ", ".join(self.plan), self.work)
+        from index_build.estimate import fmt_minutes
+
+        total = sum(self.estimates.get(n, 0.0) for n in self.plan)
+        log.info("build %s: %d stages (%s); work dir %s; estimate %s on a cold cache", self.cfg.source or
+                 "(default config)", len(self.plan), ", ".join(self.plan), self.work, fmt_minutes(total))
         self.mine()
         for kind in self.cfg.students.kinds:
             self.distill(kind)

@@ -633,3 +633,21 @@ def test_build_log_names_each_stage_and_the_summary_says_how_to_serve(built, cap
     assert lines[0].startswith(f"stage {n}/{n}: probe") and "its last run took" not in lines[0]
     assert lines[1].startswith(f"stage {n}/{n}: probe") and "its last run took 0.0 min" in lines[1]
     p.plan.remove("probe")
+
+
+def test_each_stage_announces_an_estimate_that_grows_with_the_corpus(built, caplog):
+    import logging
+
+    from index_build.estimate import Workload, fmt_minutes, stage_estimates
+
+    _, cfg, p, _ = built
+    assert set(p.plan) <= set(p.estimates) and all(v > 0 for v in p.estimates.values())
+    p.estimates["probe-estimate"] = 150.0
+    with caplog.at_level(logging.INFO, logger="index_build.stages"):
+        p.stage("probe-estimate", "k", lambda out: {})
+    line = next(r.getMessage() for r in caplog.records if "probe-estimate" in r.getMessage())
+    assert line.endswith("(estimate ~2.5 min on a cold cache)")
+    small = stage_estimates(cfg, Workload(n_docs=1000, train_queries=500, test_queries=100, label_free=False))
+    large = stage_estimates(cfg, Workload(n_docs=10000, train_queries=5000, test_queries=100, label_free=False))
+    assert all(large[k] > small[k] for k in ("mine", "distill-colbert", "evaluate"))
+    assert fmt_minutes(90) == "~1.5 min" and fmt_minutes(3000) == "~50 min"
