@@ -166,8 +166,11 @@ class Pipeline(BuildContext):
         return content_key(self.collection.checksum(), stage, f"v{STAGE_VERSIONS[stage]}", *parts)[:16]
 
     def mine_key(self) -> str:
-        sections = ("data", "teacher", "students", "label_free") if self.label_free else ("data", "teacher", "students")
-        return self.key("mine", self.cfg.section_hash(*sections), f"label_free={self.label_free}")
+        # what mining reads of the students section: the base model and lengths, the depths;
+        # not which students are trained (adding one reuses the mined examples)
+        students = _hash_without(self.cfg, "students", "kinds", "colbert_dim", "colbert_query_len")
+        sections = ("data", "teacher", "label_free") if self.label_free else ("data", "teacher")
+        return self.key("mine", self.cfg.section_hash(*sections), students, f"label_free={self.label_free}")
 
     def pseudo_key(self, n: int) -> str:
         return self.key("pseudo", self.cfg.section_hash("teacher", "students", "label_free"), str(n))

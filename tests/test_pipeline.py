@@ -107,6 +107,16 @@ def test_rerun_is_cached_and_change_redoes_only_downstream(built, tiny_beir, tin
     assert ran == {"distill-colbert", "export-colbert", "evaluate", "artifact"}
 
 
+def test_adding_a_student_keeps_the_mined_examples_and_the_other_students(built, tiny_beir, tiny_bert):
+    root, cfg, p, _ = built
+    fewer = Pipeline(load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, root, "train.dense.epochs=2",
+                                                          'students.kinds=["dense"]')), progress=False)
+    assert fewer.mine_key() == p.mine_key() and fewer.distill_key("dense") == p.distill_key("dense")
+    deeper = Pipeline(load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, root, "train.dense.epochs=2",
+                                                           "students.neg_depth=7")), progress=False)
+    assert deeper.mine_key() != p.mine_key()
+
+
 def test_artifact_is_verified_and_complete(built):
     from models.artifacts import verify
     from models.dense_index import DenseIndex
