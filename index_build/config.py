@@ -169,6 +169,17 @@ class EvalConfig:
     # "source" (the document each pseudo-query was made from) or "teacher" (the teacher's
     # top 10 of the query's dev pool, graded by rank, the source on top)
     dev_judge: str = "source"
+    # the cross-encoder as served: it rescores the first stage's top cross_encoder_depth
+    # candidates (the service's default for rerank=cross-encoder), each (query, document) pair
+    # cut to cross_encoder_max_len word pieces (0: the length it was trained at); its rows,
+    # its dev-tuned weight and the artifact use the same
+    cross_encoder_depth: int = 20
+    cross_encoder_max_len: int = 128
+
+    @property
+    def served_cross_encoder_depth(self) -> int:
+        """The cross-encoder's depth, within the rerank depth."""
+        return min(int(self.cross_encoder_depth), int(self.rerank_depth))
 
 
 @dataclass
@@ -300,6 +311,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if cfg.evaluate.dev_judge not in DEV_JUDGES:
         raise ConfigError(f"config: evaluate.dev_judge must be one of {', '.join(DEV_JUDGES)}, "
                           f"got {cfg.evaluate.dev_judge!r}")
+    ev = cfg.evaluate
+    if int(ev.cross_encoder_depth) < 1:
+        raise ConfigError(f"config: evaluate.cross_encoder_depth must be at least 1, got {ev.cross_encoder_depth}")
+    if int(ev.cross_encoder_max_len) != 0 and int(ev.cross_encoder_max_len) < 16:
+        raise ConfigError(f"config: evaluate.cross_encoder_max_len must be 0 (as trained) or at least 16, "
+                          f"got {ev.cross_encoder_max_len}")
     unknown_kinds = [k for k in cfg.students.kinds if k not in STUDENT_KINDS]
     if unknown_kinds:
         raise ConfigError(f"config: students.kinds: unknown {', '.join(map(repr, unknown_kinds))}; "

@@ -204,20 +204,24 @@ class BuildContext(ABC):
 
     def cross_encoder_scores(self, queries: list[str], candidate_texts: list[list[str]],
                              onnx_file: str = ONNX_NAME) -> list[np.ndarray]:
-        """The cross-encoder student's score (its ONNX graph ``onnx_file``) of each query's
-        candidate texts, cached per query by content (model, query, texts): the slowest part
-        of evaluation is computed once per model."""
+        """The cross-encoder student's score (its ONNX graph ``onnx_file``, each pair cut to
+        ``evaluate.cross_encoder_max_len`` as served) of each query's candidate texts, cached
+        per query by content (model, query, texts): the slowest part of evaluation is computed
+        once per model."""
         from tqdm import tqdm
 
         from models.encoders import CrossEncoderScorer
 
+        max_len = self.cfg.evaluate.cross_encoder_max_len
         fp = self.content_fp("cross-encoder-scores", self.export_key("cross-encoder", onnx_file),
-                      *([onnx_file] if onnx_file != ONNX_NAME else []))
+                             *([onnx_file] if onnx_file != ONNX_NAME else []),
+                             *([f"max_len={max_len}"] if max_len else []))
         keys = [content_key(fp, q, *texts) for q, texts in zip(queries, candidate_texts)]
         found = self.cache.get_many(keys)
         todo = [i for i, k in enumerate(keys) if k not in found]
         if todo:
-            ce = CrossEncoderScorer(self.onnx_dir("cross-encoder"), onnx_file=onnx_file, threads=self.cfg.threads)
+            ce = CrossEncoderScorer(self.onnx_dir("cross-encoder"), onnx_file=onnx_file, threads=self.cfg.threads,
+                                    max_len=max_len or None)
             for i in tqdm(todo, desc=f"cross-encoder rerank ({onnx_file})", unit="query", disable=not self.progress):
                 item = (keys[i], np.asarray(ce.score(queries[i], candidate_texts[i]), dtype=np.float32))
                 self.cache.put_many([item])  # per query: an interrupted evaluation keeps what it scored

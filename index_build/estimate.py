@@ -22,18 +22,18 @@ REFERENCE_CORES = 2
 class Rates:
     """Seconds per unit on the reference machine."""
 
-    doc_small: float = 0.036        # a 256-token document through a MiniLM-sized encoder (fp32)
-    doc_base_int8: float = 0.077    # ... through an int8 base-sized one (all-mpnet-base-v2)
-    doc_base: float = 0.15          # ... through an fp32 base-sized one
+    doc_small: float = 0.045        # a 256-token document through a MiniLM-sized encoder (fp32)
+    doc_base_int8: float = 0.127    # ... through an int8 base-sized one (all-mpnet-base-v2)
+    doc_base: float = 0.25          # ... through an fp32 base-sized one
     query_small: float = 1 / 180    # a query (pseudo-queries up to 64 word pieces)
     query_base_int8: float = 1 / 60
     query_base: float = 1 / 30
-    base_export: float = 240.0      # ONNX export + int8 quantization of a base-sized teacher member
+    base_export: float = 120.0      # ONNX export + int8 quantization of a base-sized teacher member
     small_export: float = 30.0
     pair_cross_encoder: float = 0.085  # one (query, 256-token document) pair through the cross-encoder
     token_index_doc: float = 0.009  # a document's tokens into the 2-bit ColBERT index
     step: tuple[tuple[str, float], ...] = (  # one optimizer step per student kind
-        ("asymmetric", 1.16), ("dense", 1.9), ("colbert", 2.5), ("cross-encoder", 3.1))
+        ("asymmetric", 1.16), ("dense", 1.9), ("colbert", 2.9), ("cross-encoder", 3.1))
     export: float = 10.0            # a student's ONNX export + parity check
     fixed: float = 30.0             # loading data, BM25, writing records
 
@@ -102,11 +102,13 @@ def stage_estimates(cfg: BuildConfig, w: Workload) -> dict[str, float]:
             out[f"distill-{kind}"] = 60 + _steps(w.train_queries, epochs, batch) * _step_rate(kind)
         out[f"export-{kind}"] = RATES.export
     ev = RATES.fixed + w.test_queries * (query_rate + RATES.query_small)
+    # a pool evaluation (rerank mode) encodes only the test queries' candidates
+    eval_docs = min(w.n_docs, w.test_queries * cfg.evaluate.rerank_depth) if cfg.evaluate.mode == "rerank" else w.n_docs
     for kind in kinds:
         if kind in ("dense", "colbert"):  # a corpus pass of the student
-            ev += w.n_docs * RATES.doc_small * (2 if cfg.export_int8 and cfg.evaluate.int8_corpus else 1)
-        elif kind == "cross-encoder":
-            ev += w.test_queries * cfg.evaluate.rerank_depth * RATES.pair_cross_encoder
+            ev += eval_docs * RATES.doc_small * (2 if cfg.export_int8 and cfg.evaluate.int8_corpus else 1)
+        elif kind == "cross-encoder":  # fp32 and int8 graphs, at the served depth
+            ev += 2 * w.test_queries * cfg.evaluate.served_cross_encoder_depth * RATES.pair_cross_encoder
     out["evaluate"] = ev
     if cfg.build_artifact:
         out["artifact"] = RATES.fixed + (w.n_docs * RATES.token_index_doc if "colbert" in kinds else 0.0)

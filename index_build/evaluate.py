@@ -162,19 +162,40 @@ def _colbert_rows(ctx: BuildContext, test: JudgedQueries, firsts: dict[str, list
 
 def _cross_encoder_rows(ctx: BuildContext, test: JudgedQueries, firsts: dict[str, list[Ranked]],
                         hybrid_weight: float, systems: dict[str, dict[str, float]]) -> None:
-    """The cross-encoder reranking the served dense top-depth, its scores interpolated with the
-    dense model's at the dev-tuned weight (``-plain``: its scores alone; ``-int8``: as served
-    with NRS_USE_INT8 and the cross-encoder among NRS_INT8_MODELS)."""
+    """The cross-encoder as served: it rescores the served dense model's top
+    ``evaluate.cross_encoder_depth``, its scores interpolated with the dense model's at the
+    weight tuned on dev at that depth (``-plain``: its scores alone; ``-int8``: as served with
+    NRS_USE_INT8 and the cross-encoder among NRS_INT8_MODELS). The first stage's order of
+    the candidates below that depth follows, so recall at 100 stays the first stage's."""
     from index_build.export import INT8_NAME
 
-    ce_weight = tune_rerank_weights(ctx, "cross-encoder", hybrid_weight, test.depth)["weights"]["dense"]
-    cand_texts = [[ctx.corpus_texts[int(j)] for j in c] for c, _ in firsts["dense"]]
+    depth = ctx.cfg.evaluate.served_cross_encoder_depth
+    ce_weight = tune_rerank_weights(ctx, "cross-encoder", hybrid_weight, depth)["weights"]["dense"]
+    head = [Ranked(c[:depth], s[:depth]) for c, s in firsts["dense"]]
+    cand_texts = [[ctx.corpus_texts[int(j)] for j in c] for c, _ in head]
+
+    full = ctx.run_of(test.qids, firsts["dense"])
+
+    def row(scores: list[np.ndarray], weight: float) -> dict[str, float]:
+        return test.metrics(with_tail(ctx.run_of(test.qids, head, scores, weight), full))
+
     scores = ctx.cross_encoder_scores(test.texts, cand_texts)
-    systems["dense+cross-encoder"] = test.metrics(ctx.run_of(test.qids, firsts["dense"], scores, ce_weight))
-    systems["dense+cross-encoder-plain"] = test.metrics(ctx.run_of(test.qids, firsts["dense"], scores, 1.0))
+    systems["dense+cross-encoder"] = row(scores, ce_weight)
+    systems["dense+cross-encoder-plain"] = row(scores, 1.0)
     if ctx.cfg.export_int8:
-        scores8 = ctx.cross_encoder_scores(test.texts, cand_texts, onnx_file=INT8_NAME)
-        systems["dense+cross-encoder-int8"] = test.metrics(ctx.run_of(test.qids, firsts["dense"], scores8, ce_weight))
+        scores8 = ctx.cross_encoder_scores(test.texts, cand_texts, INT8_NAME)
+        systems["dense+cross-encoder-int8"] = row(scores8, ce_weight)
+
+
+def with_tail(head: Run, full: Run) -> Run:
+    """Per query, ``head``'s ranking, then ``full``'s documents that ``head`` lacks in
+    ``full``'s order, scored below every head score."""
+    out = {}
+    for qid, ranked in head.items():
+        floor = min(ranked.values(), default=0.0) - 1.0
+        rest = sorted((d for d in full.get(qid, {}) if d not in ranked), key=lambda d: -full[qid][d])
+        out[qid] = {**ranked, **{d: floor - i * 1e-3 for i, d in enumerate(rest)}}
+    return out
 
 
 @dataclass
@@ -332,15 +353,21 @@ def _trec_rerank_rows(ctx: BuildContext, pool: TrecPool, firsts: dict[str, Run],
                 systems[f"{stage}+colbert"] = pool.metrics(interpolated_run(first_run, colbert_run, weights[stage]))
             systems["dense+colbert-maxsim"] = pool.metrics(colbert_run)
     if "cross-encoder" in kinds:
-        scores = ctx.cross_encoder_scores(pool.texts, [[pool.docs[c] for c in cs] for cs in pool.candidates])
-        ce_run = {qid: dict(zip(cs, map(float, sc))) for qid, cs, sc in zip(pool.qids, pool.candidates, scores)}
+        # as served: the cross-encoder rescores the first stage's top cross_encoder_depth
+        depth = ctx.cfg.evaluate.served_cross_encoder_depth
+        base = firsts.get("dense") or {qid: dict(pool.bm25_run[qid]) for qid in pool.qids}
+        heads = [sorted(base[qid], key=base[qid].__getitem__, reverse=True)[:depth] for qid in pool.qids]
+        scores = ctx.cross_encoder_scores(pool.texts, [[pool.docs[c] for c in h] for h in heads])
+        ce_run = {qid: dict(zip(h, map(float, sc))) for qid, h, sc in zip(pool.qids, heads, scores)}
         if "dense" in firsts:
-            ce_weight = tune_rerank_weights(ctx, "cross-encoder", hw)["weights"]["dense"]
+            ce_weight = tune_rerank_weights(ctx, "cross-encoder", hw, depth)["weights"]["dense"]
             record["cross_encoder_weight"] = ce_weight
-            systems["dense+cross-encoder"] = pool.metrics(interpolated_run(firsts["dense"], ce_run, ce_weight))
-            systems["dense+cross-encoder-plain"] = pool.metrics(ce_run)
+            head_first = {qid: {d: base[qid][d] for d in h} for qid, h in zip(pool.qids, heads)}
+            systems["dense+cross-encoder"] = pool.metrics(
+                with_tail(interpolated_run(head_first, ce_run, ce_weight), base))
+            systems["dense+cross-encoder-plain"] = pool.metrics(with_tail(ce_run, base))
         else:
-            systems["dense+cross-encoder"] = pool.metrics(ce_run)
+            systems["dense+cross-encoder"] = pool.metrics(with_tail(ce_run, base))
 
 
 def interpolated_run(first: dict[str, dict[str, float]], rerank: dict[str, dict[str, float]],

@@ -162,9 +162,13 @@ def artifact_stage(ctx: BuildContext, final: Path, key: str, records: Mapping[st
     stages = {n: {"seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes}
               for n, r in records.items()}
     hybrid = tune_hybrid(ctx)
+    ev = ctx.cfg.evaluate
+    # the cross-encoder's weight is tuned at the depth it is served at
+    depths = {"colbert": 100, "cross-encoder": ev.served_cross_encoder_depth}
+    # the pair length the cross-encoder reads when served (its training length at most)
+    ce_max_len = min(ev.cross_encoder_max_len or ctx.cfg.students.max_doc_len, ctx.cfg.students.max_doc_len)
     interpolation: dict[str, dict[str, Any]] = {
-        k: tune_rerank_weights(ctx, k, hybrid["dense_weight"])
-        for k in ("colbert", "cross-encoder") if k in kinds}
+        k: tune_rerank_weights(ctx, k, hybrid["dense_weight"], depth) for k, depth in depths.items() if k in kinds}
     training: dict[str, Any] = {
         "label_free": ctx.label_free, "teacher": ctx.cfg.teacher.members,
         "students": {k: records[f"distill-{k}"].result for k in kinds if f"distill-{k}" in records},
@@ -185,7 +189,9 @@ def artifact_stage(ctx: BuildContext, final: Path, key: str, records: Mapping[st
         nprobe=ctx.cfg.index.nprobe,
         calibration_queries=calibration_queries(ctx), hybrid=hybrid, rerank_interpolation=interpolation,
         distill_vq=dvq, distill_vq_queries=distill_vq,
-        serving={"default": choose_default(ctx), "dense_model": served},
+        serving={"default": choose_default(ctx), "dense_model": served,
+                 **({"cross_encoder": {"depth": depths["cross-encoder"], "max_len": ce_max_len}}
+                    if "cross-encoder" in kinds else {})},
         training=training,
         build={"key": key, "config": config, "stages": stages},
         progress=ctx.progress,

@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -171,7 +171,15 @@ class ColbertEncoder(OnnxEncoder):
 
 
 class CrossEncoderScorer(OnnxEncoder):
+    """Scores (query, document) pairs; ``max_len`` caps the pair's word pieces below the
+    length the model was trained at (``config.max_doc_len``): the cost on CPU is about
+    linear in it."""
+
     kind: Kind = "cross-encoder"
+
+    def __init__(self, directory: str | Path, *, max_len: int | None = None, **kwargs: Any) -> None:
+        super().__init__(directory, **kwargs)
+        self.max_len = min(max_len, self.config.max_doc_len) if max_len else self.config.max_doc_len
 
     def score(self, query: str, docs: list[str], batch_size: int = DOC_BATCH) -> np.ndarray:
         return self.score_pairs([query] * len(docs), docs, batch_size=batch_size)
@@ -181,7 +189,7 @@ class CrossEncoderScorer(OnnxEncoder):
         lengths = self.tokenizer.token_lengths(docs)
         for idx in length_sorted_batches(lengths, batch_size):
             batch = self.tokenizer.encode_pairs(
-                [queries[i] for i in idx], [docs[i] for i in idx], self.config.max_doc_len, self.config.max_query_len
+                [queries[i] for i in idx], [docs[i] for i in idx], self.max_len, self.config.max_query_len
             )
             out[idx] = self._run(batch).reshape(-1)
         return out

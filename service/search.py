@@ -56,6 +56,8 @@ __all__ = ["FIRST_STAGES", "RERANK_MODES", "EncodedQueries", "FirstStage", "Quer
            "validate_query"]
 
 WARMUP_QUERY = "warm up query for every stage"
+#: a cross-encoder rerank's candidates when neither the settings nor the artifact say
+DEFAULT_CROSS_ENCODER_CANDIDATES = 20
 
 
 def _ms(start: float) -> float:
@@ -249,7 +251,9 @@ class SearchEngine:
         ce_model = model_dir("cross-encoder")
         if ce_model is not None:
             with _loading(root, f"the cross-encoder ({ce_model[0]})"):
-                cross_encoder = CrossEncoderScorer(ce_model[0], onnx_file=ce_model[1], **kwargs)
+                served_ce = manifest.serving.get("cross_encoder") or {}
+                cross_encoder = CrossEncoderScorer(ce_model[0], onnx_file=ce_model[1], **kwargs,
+                                                   max_len=settings.cross_encoder_max_len or served_ce.get("max_len"))
         bm25_path = index_path("bm25")
         if bm25_path is not None:
             with _loading(root, f"the BM25 index ({bm25_path})"):
@@ -330,6 +334,15 @@ class SearchEngine:
     def n_docs(self) -> int:
         return len(self.docstore)
 
+    @property
+    def cross_encoder_candidates(self) -> int:
+        """Candidates a cross-encoder rerank rescores when a request gives none: the settings',
+        else the depth the builder evaluated it at (``manifest.serving.cross_encoder``), else 20."""
+        configured = self.settings.cross_encoder_candidates
+        built = (self.manifest.serving.get("cross_encoder") or {}).get("depth")
+        depth = int(configured or built or DEFAULT_CROSS_ENCODER_CANDIDATES)
+        return min(depth, self.settings.max_cross_encoder_candidates)
+
     def rerank_modes(self) -> list[str]:
         """Rerank modes this artifact supports."""
         out = ["none"]
@@ -360,6 +373,8 @@ class SearchEngine:
             if enc.kind == "cross-encoder":
                 entry.pop("dim")
                 entry.pop("pooling")
+                entry.update(max_len=self.cross_encoder.max_len if self.cross_encoder else None,
+                             default_candidates=self.cross_encoder_candidates)
             models[enc.kind] = entry
         indexes = {name: dict(info) for name, info in self.manifest.indexes.items()}
         if "dense" in indexes:
@@ -417,7 +432,7 @@ class SearchEngine:
         if candidates is None:
             candidates = s.default_candidates
             if rerank == "cross-encoder":
-                candidates = min(candidates, s.max_cross_encoder_candidates)
+                candidates = self.cross_encoder_candidates
         candidates = int(candidates)
         if not 1 <= candidates <= s.max_candidates:
             raise InvalidRequest(

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     default_candidates: int = Field(100, ge=1, description="First-stage depth when a request gives none.")
     max_candidates: int = Field(1000, ge=1)
     max_cross_encoder_candidates: int = Field(100, ge=1, description="Most candidates a cross-encoder rescores.")
+    cross_encoder_candidates: int | None = Field(None, ge=1, description=(
+        "Candidates a cross-encoder rerank rescores when a request gives none (default: the depth the "
+        "builder evaluated and tuned it at, in the artifact's manifest, else 20): its cost on CPU is "
+        "linear in it."))
+    cross_encoder_max_len: int | None = Field(None, ge=16, description=(
+        "Word pieces of each (query, document) pair the cross-encoder reads (default: the artifact's "
+        "served length, else the length it was trained at)."))
     max_query_chars: int = Field(2048, ge=1)
     max_batch_queries: int = Field(64, ge=1, description="Most queries in one /search/batch request.")
     max_body_bytes: int = Field(1 << 20, ge=256, description="Largest request body accepted (413 above).")

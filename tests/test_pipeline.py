@@ -661,3 +661,17 @@ def test_each_stage_announces_an_estimate_that_grows_with_the_corpus(built, capl
     large = stage_estimates(cfg, Workload(n_docs=10000, train_queries=5000, test_queries=100, label_free=False))
     assert all(large[k] > small[k] for k in ("mine", "distill-colbert", "evaluate"))
     assert fmt_minutes(90) == "~1.5 min" and fmt_minutes(3000) == "~50 min"
+
+
+def test_cross_encoder_rows_and_weight_are_at_the_served_depth(built):
+    from index_build.evaluate import with_tail
+
+    _, cfg, p, result = built
+    manifest = json.loads((Path(cfg.artifact_dir) / "manifest.json").read_text())
+    depth = cfg.evaluate.served_cross_encoder_depth
+    assert manifest["serving"]["cross_encoder"] == {"depth": depth, "max_len": min(128, cfg.students.max_doc_len)}
+    assert manifest["models"]["cross-encoder"]["interpolation"]["depth"] == depth
+    head = {"q": {"a": 0.5, "b": 2.0}}
+    full = {"q": {"c": 9.0, "a": 1.0, "d": 3.0, "b": 0.0}}
+    tail = with_tail(head, full)["q"]
+    assert sorted(tail, key=tail.__getitem__, reverse=True) == ["b", "a", "c", "d"]

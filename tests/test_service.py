@@ -141,6 +141,33 @@ def test_cross_encoder_default_candidates_capped(artifacts):
         assert "at most 8 candidates" in err["message"]
 
 
+def test_cross_encoder_rescores_the_depth_the_builder_tuned_it_at(artifacts, monkeypatch):
+    manifest = json.loads((artifacts.first / "manifest.json").read_text())
+    served = manifest["serving"]["cross_encoder"]
+    assert served["depth"] == 20 and 16 <= served["max_len"] <= 128
+    for settings, depth, max_len in ((make_settings(artifacts.first, warmup=False), 20, served["max_len"]),
+                                     (make_settings(artifacts.first, cross_encoder_candidates=6,
+                                                    cross_encoder_max_len=24, warmup=False), 6, 24)):
+        with TestClient(create_app(settings)) as c:
+            wait_ready(c)
+            info = c.get("/info").json()["models"]["cross-encoder"]
+            assert info["default_candidates"] == depth and info["max_len"] == max_len
+            engine = engine_of(c)
+            assert engine.cross_encoder is not None
+            seen: list[int] = []
+            score = engine.cross_encoder.score
+
+            def counted(query: str, docs: list[str], score=score, seen=seen) -> np.ndarray:
+                seen.append(len(docs))
+                return score(query, docs)
+
+            monkeypatch.setattr(engine.cross_encoder, "score", counted)
+            r = c.post("/search", json={"query": QUERIES[0], "k": 3, "rerank": "cross-encoder"})
+            assert r.status_code == 200 and len(r.json()["hits"]) == 3 and seen == [depth]
+            ce = engine.cross_encoder
+            assert ce.tokenizer.encode_pairs([QUERIES[0]], ["word " * 500], ce.max_len).input_ids.shape[1] == max_len
+
+
 def test_timing_headers_and_request_id(client):
     r = client.post("/search", json={"query": QUERIES[0], "rerank": "colbert"}, headers={"X-Request-Id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
