@@ -12,8 +12,10 @@ on a free loopback port), waits for ``/ready``, then for every rerank mode (``no
 ``--max-seconds`` have passed. It records the client's end-to-end latency and the
 server's per-stage ``timings_ms``.
 
-The rerank modes run after the dense first stage; ``default`` sends requests that name no
-mode (the artifact's served default, ``/info`` ``default_mode``). The **encoder reference**
+The rerank modes run after the dense first stage (the cross-encoder at the depth the service
+rescores by default); ``default`` sends requests that name no mode (the artifact's served
+default, ``/info`` ``default_mode``). Each mode's **quality** is the nDCG@10 of the
+service's own answers to every judged query. The **encoder reference**
 times, in-process and interleaved, the artifact's dense query encoder against the base
 all-MiniLM-L6-v2 int8 graph.
 
@@ -29,7 +31,8 @@ Writes ``benchmarks/results/latency.json`` atomically::
 
     {"none" | "colbert" | "cross-encoder" | "default": {"c1" | "c16": {
         "p50_ms", "p95_ms", "p99_ms", "stages": {stage: {"p50_ms", "p95_ms", "p99_ms"}},
-        "qps", "requests", "errors", "errors_by_status", "candidates"}},
+        "qps", "requests", "errors", "errors_by_status", "candidates"},
+        "quality": {"nDCG@10", "queries"}},
      "live_check": {...}, "machine": {...}, "command": "...", "settings": {...}}
 
 The helpers here (percentiles, the server subprocess, atomic JSON, machine description)
@@ -361,12 +364,49 @@ async def closed_loop(base_url: str, payloads: Sequence[dict[str, Any]], *, conc
     return samples, wall
 
 
-def search_payloads(texts: Sequence[str], *, rerank: str, k: int, candidates: int) -> list[dict[str, Any]]:
-    """One ``/search`` body per query text: the dense first stage with rerank mode ``rerank``,
-    or for ``default`` no mode at all (the artifact's served default, see ``/info``)."""
+def search_payloads(texts: Sequence[str], *, rerank: str, k: int, candidates: int | None) -> list[dict[str, Any]]:
+    """One ``/search`` body per query text: the dense first stage with rerank mode ``rerank``
+    (``candidates`` None: the service's default depth for that mode), or for ``default`` no
+    mode at all (the artifact's served default, see ``/info``)."""
     if rerank == DEFAULT_MODE:
         return [{"query": t, "k": k} for t in texts]
-    return [{"query": t, "k": k, "rerank": rerank, "first_stage": "dense", "candidates": candidates} for t in texts]
+    depth = {} if candidates is None else {"candidates": candidates}
+    return [{"query": t, "k": k, "rerank": rerank, "first_stage": "dense", **depth} for t in texts]
+
+
+async def ranked_lists(base_url: str, payloads: Sequence[dict[str, Any]], qids: Sequence[str], *,
+                       concurrency: int = 2, timeout_s: float = 60.0) -> dict[str, dict[str, float]]:
+    """The service's ranking of each payload as a run ``{qid: {doc id: score}}``."""
+    run: dict[str, dict[str, float]] = {}
+    todo = iter(zip(qids, payloads))
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s) as client:
+
+        async def worker() -> None:
+            for qid, body in todo:
+                r = await client.post("/search", json=body)
+                r.raise_for_status()
+                run[qid] = {h["id"]: float(h["score"]) for h in r.json()["hits"]}
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return run
+
+
+def quality(base_url: str, payloads: Sequence[dict[str, Any]], qids: Sequence[str], qrels_path: Path,
+            timeout_s: float) -> dict[str, Any]:
+    """nDCG@10 (ir-measures) of the service's answers to every judged query, as served."""
+    import ir_measures
+    from ir_measures import nDCG
+
+    qrels: dict[str, dict[str, int]] = {}
+    with qrels_path.open() as f:  # BEIR qrels: query-id, corpus-id, score (a header line first)
+        for lineno, line in enumerate(f, start=1):
+            parts = line.rstrip("\n").split("\t")
+            if (lineno == 1 and parts[0] == "query-id") or len(parts) < 3:
+                continue
+            qrels.setdefault(parts[0], {})[parts[1]] = int(parts[2])
+    run = asyncio.run(ranked_lists(base_url, payloads, qids, timeout_s=timeout_s))
+    agg = ir_measures.calc_aggregate([nDCG @ 10], qrels, run)
+    return {"nDCG@10": round(float(agg[nDCG @ 10]), 4), "queries": len(run)}
 
 
 # ------------------------------------------------------------------------------------ live check
@@ -487,12 +527,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if mode not in available:
                 log.warning("rerank %s is not available in this artifact: skipped", mode)
                 continue
-            candidates = args.candidates
+            candidates: int | None = args.candidates
             if mode == DEFAULT_MODE:
-                candidates = int(limits.get("default_candidates", candidates))
-            elif mode == "cross-encoder":
-                candidates = min(candidates, int(limits.get("max_cross_encoder_candidates", candidates)))
+                candidates = int(limits.get("default_candidates", args.candidates))
+            elif mode == "cross-encoder":  # the depth the service rescores by default
+                candidates = None
             payloads = search_payloads(texts, rerank=mode, k=args.k, candidates=candidates)
+            if candidates is None:
+                candidates = info.get("models", {}).get("cross-encoder", {}).get("default_candidates")
             asyncio.run(closed_loop(server.base_url, payloads[: args.warmup], concurrency=1,
                                     max_requests=args.warmup, max_seconds=60))
             results[mode] = {}
@@ -505,6 +547,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 results[mode][f"c{c}"] = summary
                 log.info("%s c%d: p50 %s ms p99 %s ms, %s qps, %d errors", mode, c, summary["p50_ms"],
                          summary["p99_ms"], summary["qps"], summary["errors"])
+            if args.quality:
+                results[mode]["quality"] = quality(server.base_url, payloads, [q for q, _ in queries],
+                                                   args.data / "qrels" / f"{args.split}.tsv", client_timeout_s)
+                log.info("%s: %s", mode, results[mode]["quality"])
         if args.live_check > 0:
             results["live_check"] = live_check(server.base_url, args.artifact, texts[: args.live_check], k=args.k,
                                                candidates=args.candidates, config=args.config)
@@ -545,6 +591,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="NRS_THREADS (ONNX Runtime intra-op threads)")
     p.add_argument("--env", action="append", default=[], metavar="NRS_X=VALUE", help="extra service setting")
     p.add_argument("--live-check", type=int, default=20, help="queries in the live check (0 skips it)")
+    p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
+                   help="per mode, nDCG@10 of the service's answers to every judged query")
     p.add_argument("--config", type=Path, default=None,
                    help="build config: also compare the live check with the builder's exact search")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "latency.json")

@@ -270,7 +270,9 @@ def test_latency_script_end_to_end(artifacts, tiny_beir, tmp_path):
             assert run["requests"] == 6 and run["errors"] == 0 and run["qps"] > 0
             assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
             assert {"encode", "total"} <= set(run["stages"])
-        assert data[mode]["c1"]["candidates"] == 100
+        # the cross-encoder at the depth the builder tuned it at (the service's default)
+        assert data[mode]["c1"]["candidates"] == (20 if mode == "cross-encoder" else 100)
+        assert 0.0 <= data[mode]["quality"]["nDCG@10"] <= 1.0 and data[mode]["quality"]["queries"] > 0
     assert "rerank" in data["colbert"]["c1"]["stages"] and "rerank" not in data["none"]["c1"]["stages"]
     assert data["live_check"]["queries"] == 3 and data["live_check"]["identical_top10"] == 3
     assert data["machine"]["cpu_count"] and "latency.py" in data["command"]
