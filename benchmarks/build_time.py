@@ -10,12 +10,16 @@ export, every corpus pass and the teacher's scoring included), on this machine:
 Writes ``benchmarks/results/build-time.json`` (the keys measured; other keys are kept)::
 
     .venv/bin/python benchmarks/build_time.py [--only quickstart,build] [--config configs/scifact.toml] [--fresh]
+
+``--key`` names the key another build's timing goes under, e.g. the corpus-only build:
+``--only build --fresh --config configs/labelfree-scifact.toml --key build-labelfree``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -119,6 +123,7 @@ def main(only: str = typer.Option("quickstart,build", help="comma-separated: qui
          data: Path = typer.Option(REPO.parent / "shared" / "data" / "scifact", help="quickstart's BEIR folder"),
          config: Path = typer.Option(REPO / "configs" / "scifact.toml", help="the build's config"),
          fresh: bool = typer.Option(False, help="delete the build's work and artifact directories first"),
+         key: str = typer.Option("build", help="the key the build's timing is written under (e.g. build-labelfree)"),
          out: Path = typer.Option(OUT)) -> None:
     targets = [t.strip() for t in only.split(",") if t.strip()]
     unknown = set(targets) - {"quickstart", "build"}
@@ -129,7 +134,8 @@ def main(only: str = typer.Option("quickstart,build", help="comma-separated: qui
             measured = time_quickstart(data, Path(tmp)) if target == "quickstart" else \
                 time_build(config.resolve(), Path(tmp), fresh)
         result = json.loads(out.read_text()) if out.is_file() else {}
-        result[target] = measured
+        measured["script"] = shlex.join(["python", "benchmarks/build_time.py", *sys.argv[1:]])
+        result[key if target == "build" else target] = measured
         result["command"] = "python benchmarks/build_time.py"
         write_json_atomic(out, result)
         print(json.dumps(measured, indent=2))

@@ -98,8 +98,10 @@ def stage_estimates(cfg: BuildConfig, w: Workload) -> dict[str, float]:
             out["distill-asymmetric"] = n * query_rate + _steps(n, a.epochs, a.batch) * _step_rate(kind)
         else:
             t = cfg.train.get(kind)
-            epochs, batch = (t.epochs, t.batch_queries) if t else (1.0, 4)
-            out[f"distill-{kind}"] = 60 + _steps(w.train_queries, epochs, batch) * _step_rate(kind)
+            epochs, batch, negatives = (t.epochs, t.batch_queries, t.negatives) if t else (1.0, 4, 7)
+            # a step's cost is about linear in the documents it reads (the rates: 7 negatives)
+            per_step = _step_rate(kind) * (1 + negatives) / 8
+            out[f"distill-{kind}"] = 60 + _steps(w.train_queries, epochs, batch) * per_step
         out[f"export-{kind}"] = RATES.export
     ev = RATES.fixed + w.test_queries * (query_rate + RATES.query_small)
     # a pool evaluation (rerank mode) encodes only the test queries' candidates
