@@ -391,22 +391,16 @@ async def ranked_lists(base_url: str, payloads: Sequence[dict[str, Any]], qids: 
     return run
 
 
-def quality(base_url: str, payloads: Sequence[dict[str, Any]], qids: Sequence[str], qrels_path: Path,
+def quality(base_url: str, payloads: Sequence[dict[str, Any]], qids: Sequence[str], data_dir: Path, split: str,
             timeout_s: float) -> dict[str, Any]:
-    """nDCG@10 (ir-measures) of the service's answers to every judged query, as served."""
-    import ir_measures
-    from ir_measures import nDCG
+    """nDCG@10 of the service's answers to every judged query, as served (the builder's
+    qrels loader and metrics)."""
+    from index_build.data import load_collection
+    from index_build.metrics import metrics
 
-    qrels: dict[str, dict[str, int]] = {}
-    with qrels_path.open() as f:  # BEIR qrels: query-id, corpus-id, score (a header line first)
-        for lineno, line in enumerate(f, start=1):
-            parts = line.rstrip("\n").split("\t")
-            if (lineno == 1 and parts[0] == "query-id") or len(parts) < 3:
-                continue
-            qrels.setdefault(parts[0], {})[parts[1]] = int(parts[2])
+    qrels = load_collection(data_dir, splits=[split]).qrels[split]
     run = asyncio.run(ranked_lists(base_url, payloads, qids, timeout_s=timeout_s))
-    agg = ir_measures.calc_aggregate([nDCG @ 10], qrels, run)
-    return {"nDCG@10": round(float(agg[nDCG @ 10]), 4), "queries": len(run)}
+    return {"nDCG@10": metrics(qrels, run)["nDCG@10"], "queries": len(run)}
 
 
 # ------------------------------------------------------------------------------------ live check
@@ -549,7 +543,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                          summary["p99_ms"], summary["qps"], summary["errors"])
             if args.quality:
                 results[mode]["quality"] = quality(server.base_url, payloads, [q for q, _ in queries],
-                                                   args.data / "qrels" / f"{args.split}.tsv", client_timeout_s)
+                                                   args.data, args.split, client_timeout_s)
                 log.info("%s: %s", mode, results[mode]["quality"])
         if args.live_check > 0:
             results["live_check"] = live_check(server.base_url, args.artifact, texts[: args.live_check], k=args.k,
