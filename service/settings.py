@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(8, ge=1, description="Search requests processed at once (permits).")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a permit before 429.")
     request_timeout_ms: float = Field(10_000.0, gt=0, description="Per-request deadline (504 past it).")
+    worker_nice: int = Field(10, ge=0, le=19, description=(
+        "How much lower the CPU priority (nice) of the search, rerank and admin threads is than "
+        "that of the event loop (Linux; elsewhere ignored): when the cores are busy with searches, "
+        "the loop still runs at once to refuse excess requests with 429 and to answer finished "
+        "ones. 0 = the same priority."))
     gil_switch_ms: float = Field(1.0, gt=0, le=100, description=(
         "Python's thread switch interval (sys.setswitchinterval): how long a search thread running "
         "Python code may hold the interpreter before the event loop gets it back to answer other "

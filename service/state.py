@@ -17,7 +17,9 @@ import functools
 import gc
 import logging
 import math
+import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -159,6 +161,19 @@ def merge_timings(parts: Sequence[StageTimings], total_ms: float) -> StageTiming
     )
 
 
+def lower_thread_priority(by: int) -> None:
+    """Raise the calling thread's nice value by ``by`` (Linux keeps one per thread; a thread
+    made afterwards by this one inherits it). Where that is not possible (another OS, a limit
+    reached) the thread keeps its priority."""
+    if by <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except OSError as exc:
+        logger.warning("search threads keep the event loop's CPU priority: %s", exc)
+
+
 class ServiceState:
     """Everything one app serves with; see the module docstring."""
 
@@ -228,11 +243,14 @@ class ServiceState:
         :class:`StartupError` naming the problem), then warm up in the background."""
         s = self.settings
         sys.setswitchinterval(s.gil_switch_ms / 1000.0)
-        self._executor = ThreadPoolExecutor(max_workers=s.cpu_workers, thread_name_prefix="nrs-cpu")
-        self._admin_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nrs-admin")
+        niced = functools.partial(lower_thread_priority, s.worker_nice)
+        self._executor = ThreadPoolExecutor(max_workers=s.cpu_workers, thread_name_prefix="nrs-cpu",
+                                            initializer=niced)
+        # artifacts load here: ONNX Runtime's own intra-op threads (threads > 1) inherit its priority
+        self._admin_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nrs-admin", initializer=niced)
         if s.rerank_threads > 1:  # helpers of a lone request's ColBERT rerank (see Settings.rerank_threads)
             self._rerank_executor = ThreadPoolExecutor(max_workers=s.rerank_threads - 1,
-                                                       thread_name_prefix="nrs-rerank")
+                                                       thread_name_prefix="nrs-rerank", initializer=niced)
         self._admission = AdmissionControl(s.max_concurrency, s.max_queue, self.metrics, s.request_timeout_s)
         self._reload_lock = asyncio.Lock()
         self.batcher.start()

@@ -178,6 +178,18 @@ def test_thread_switch_interval_is_set_at_start(artifacts):
         sys.setswitchinterval(before)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+@pytest.mark.parametrize("nice", [0, 7])
+def test_search_threads_run_below_the_event_loop_priority(artifacts, nice):
+    loop_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    with TestClient(create_app(make_settings(artifacts.first, worker_nice=nice))) as c:
+        wait_ready(c)
+        state = service_of(c)
+        thread_nice = c.portal.call(state.run_in_thread, os.getpriority, os.PRIO_PROCESS, 0)
+        assert thread_nice == min(19, loop_nice + nice)
+        assert os.getpriority(os.PRIO_PROCESS, 0) == loop_nice  # the caller's (the loop's) is untouched
+
+
 def test_queue_admits_up_to_max_queue(artifacts, monkeypatch):
     with TestClient(create_app(make_settings(artifacts.first, max_concurrency=1, max_queue=1))) as c:
         wait_ready(c)
