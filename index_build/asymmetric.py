@@ -200,3 +200,35 @@ def _pool_batch(idx: np.ndarray, pools: list[np.ndarray], t_scores: list[np.ndar
         cand[row, : len(pool)] = pool
         target[row, : len(pool)] = ts
     return cand, target
+
+
+def aligned_query_tokens(states: Sequence[np.ndarray], colbert_queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of rows for the same token: a dense query encoder's last-layer states of
+    ``[CLS] query [SEP]`` (per query ``[n_i + 2, hidden]``, real tokens only) and the ColBERT
+    encoder's rows of ``[CLS] [Q] query [SEP] [MASK]...`` (``[n, query_len, dim]``): [CLS]
+    with ColBERT's row 0, each word piece ColBERT keeps (``query_len - 3`` at most) and [SEP]
+    with ColBERT's row one further on (after its [Q] marker). ColBERT's [Q] and [MASK] rows
+    have no counterpart."""
+    q_len = colbert_queries.shape[1]
+    xs, ys = [], []
+    for h, q in zip(states, colbert_queries):
+        pieces = min(len(h) - 2, q_len - 3)
+        xs.append(h[np.r_[np.arange(pieces + 1), len(h) - 1]])
+        ys.append(q[np.r_[0, np.arange(2, pieces + 3)]])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def fit_query_token_map(states: Sequence[np.ndarray], colbert_queries: np.ndarray,
+                        alpha: float = 1.0) -> tuple[np.ndarray, float]:
+    """The linear map (``[hidden, dim]``, ridge regression) from a dense query encoder's token
+    states to the ColBERT encoder's query tokens (:func:`aligned_query_tokens`), and the mean
+    cosine of its normalized predictions to those tokens. With it, ColBERT's query side is
+    projected from the dense encoder's own pass (:func:`models.encoders.project_query_tokens`)."""
+    from index_build.students import ridge_map
+
+    x, y = aligned_query_tokens(states, colbert_queries)
+    w = ridge_map(x, y, alpha)
+    pred = x @ w
+    pred /= np.maximum(np.linalg.norm(pred, axis=1, keepdims=True), 1e-12)
+    cos = np.sum(pred * y, axis=1) / np.maximum(np.linalg.norm(y, axis=1), 1e-12)
+    return w, float(cos.mean())

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 #: WiSE-FT weight of a label-free build's distilled dense student (see TrainConfig.wise_ft):
 #: distilling on extractive pseudo-queries alone pulls the student away from real queries.
 LABEL_FREE_WISE_FT = 0.5
+#: training queries the map from the query encoder's token states to ColBERT's is fitted on
+TOKEN_MAP_QUERIES = 4000
 
 
 class BuildContext(ABC):
@@ -228,17 +230,60 @@ class BuildContext(ABC):
                 found[item[0]] = item[1]
         return [found[k] for k in keys]
 
-    def colbert_scores(self, texts: list[str], lists: Sequence[tuple[np.ndarray, np.ndarray]],
-                       onnx_file: str = ONNX_NAME, query_onnx_file: str | None = None) -> list[np.ndarray]:
-        """MaxSim of the ColBERT student over each query's candidates (``lists`` as from
-        :meth:`first_stage_lists`): the corpus encoded with ``onnx_file``, the queries with
-        ``query_onnx_file`` (default: the same)."""
-        from models.encoders import ColbertEncoder, maxsim
+    @property
+    def one_pass(self) -> bool:
+        """Whether ColBERT's query tokens are projected from the served asymmetric query
+        encoder's own pass (:meth:`query_token_map`) rather than encoded by ColBERT's query
+        encoder: a build with both students serves them so (one transformer pass a query)."""
+        kinds = self.cfg.students.kinds
+        return self.served_dense == "asymmetric" and "colbert" in kinds
 
-        enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=query_onnx_file or onnx_file,
-                             threads=self.cfg.threads)
+    def query_token_map(self) -> dict[str, Any]:
+        """The map from the asymmetric query encoder's token states to ColBERT's query tokens
+        (:func:`index_build.asymmetric.fit_query_token_map`), fitted on the training queries
+        (pseudo-queries on a label-free build; at most :data:`TOKEN_MAP_QUERIES`):
+        ``{"map": [hidden, dim], "fit_queries", "token_cosine"}``. Computed once per build
+        and exported models (seconds: queries only)."""
+        memo = ("query-token-map", self.export_key("asymmetric"), self.export_key("colbert"))
+        if memo not in self.tuning:
+            from index_build.asymmetric import fit_query_token_map
+            from models.encoders import ColbertEncoder
+
+            texts = list(dict.fromkeys(ex.query for ex in self.load_mined()["examples"]))[:TOKEN_MAP_QUERIES]
+            colbert = ColbertEncoder(self.onnx_dir("colbert"), threads=self.cfg.threads)
+            w, cos = fit_query_token_map(self.query_token_states(texts), colbert.encode_queries(texts))
+            self.tuning[memo] = {"map": w, "fit_queries": len(texts), "token_cosine": round(cos, 4)}
+        return self.tuning[memo]
+
+    def query_token_states(self, texts: list[str], onnx_file: str = ONNX_NAME) -> list[np.ndarray]:
+        """Per query, the asymmetric query encoder's last-layer states of its real tokens."""
+        from models.encoders import DenseEncoder
+
+        enc = DenseEncoder(self.onnx_dir("asymmetric"), onnx_file=onnx_file, threads=self.cfg.threads)
+        out: list[np.ndarray] = []
+        for start in range(0, len(texts), 128):
+            _, states, mask = enc.encode_queries_with_states(texts[start : start + 128])
+            out.extend(h[: int(n)] for h, n in zip(states, mask.sum(1)))
+        return out
+
+    def colbert_scores(self, texts: list[str], lists: Sequence[tuple[np.ndarray, np.ndarray]],
+                       onnx_file: str = ONNX_NAME, query_onnx_file: str | None = None,
+                       one_pass: bool | None = None) -> list[np.ndarray]:
+        """MaxSim of the ColBERT student over each query's candidates (``lists`` as from
+        :meth:`first_stage_lists`): the corpus encoded with ``onnx_file``; the query tokens
+        projected from the asymmetric query encoder's pass when ``one_pass`` (default:
+        :attr:`one_pass`, as the artifact serves them), else from ColBERT's query encoder;
+        either graph ``query_onnx_file`` (default: ``onnx_file``)."""
+        from models.encoders import ColbertEncoder, maxsim, project_query_tokens
+
+        query_file = query_onnx_file or onnx_file
+        enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=query_file, threads=self.cfg.threads)
         toks = self.colbert_corpus(onnx_file, subset=np.concatenate([c for c, _ in lists] + [np.zeros(0, np.int64)]))
-        qv = enc.encode_queries(texts)
+        if self.one_pass if one_pass is None else one_pass:
+            w = self.query_token_map()["map"]
+            qv = [project_query_tokens(h, np.ones(len(h)), w) for h in self.query_token_states(texts, query_file)]
+        else:
+            qv = list(enc.encode_queries(texts))
         out = []
         for r, (cands, _) in enumerate(lists):
             offsets = np.cumsum([0] + [len(toks[int(j)]) for j in cands])

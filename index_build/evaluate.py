@@ -141,7 +141,9 @@ def _colbert_rows(ctx: BuildContext, test: JudgedQueries, firsts: dict[str, list
                   hybrid_weight: float, systems: dict[str, dict[str, float]]) -> None:
     """ColBERT reranking the served dense and hybrid first stages, its scores interpolated
     with the first stage's at the dev-tuned weights (``-maxsim``: MaxSim alone; ``-int8``:
-    the int8 graph encoding the corpus too; ``-int8-query``: as served with NRS_USE_INT8)."""
+    the int8 graph encoding the corpus too; ``-int8-query``: as served with NRS_USE_INT8).
+    With an asymmetric query encoder the query tokens are projected from its pass, as served
+    (``-2pass``: from ColBERT's own query encoder, a second pass, at the same weights)."""
     from index_build.export import INT8_NAME
 
     weights = tune_rerank_weights(ctx, "colbert", hybrid_weight, test.depth)["weights"]
@@ -158,6 +160,11 @@ def _colbert_rows(ctx: BuildContext, test: JudgedQueries, firsts: dict[str, list
     cb = ctx.colbert_scores(test.texts, firsts["hybrid"])
     systems["hybrid+colbert"] = test.metrics(ctx.run_of(test.qids, firsts["hybrid"], cb, weights["hybrid"]))
     systems["hybrid+colbert-maxsim"] = test.metrics(ctx.run_of(test.qids, firsts["hybrid"], cb, 1.0))
+    if ctx.one_pass:  # the rows above project ColBERT's query tokens from the query encoder's pass
+        for stage in ("dense", "hybrid"):
+            cb = ctx.colbert_scores(test.texts, firsts[stage], one_pass=False)
+            systems[f"{stage}+colbert-2pass"] = test.metrics(
+                ctx.run_of(test.qids, firsts[stage], cb, weights[stage]))
 
 
 def _cross_encoder_rows(ctx: BuildContext, test: JudgedQueries, firsts: dict[str, list[Ranked]],

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from index_build.calibration import CALIBRATION_TEXTS
-from models.encoders import ONNX_NAME, ColbertEncoder, CrossEncoderScorer, DenseEncoder, EncoderConfig
+from models.encoders import ONNX_NAME, TOKEN_STATES, ColbertEncoder, CrossEncoderScorer, DenseEncoder, EncoderConfig
 from models.sources import cache_dir, fingerprint, resolve_model
 
 INT8_NAME = "model.int8.onnx"
@@ -42,7 +42,7 @@ def export_student(student_dir: Path, out_dir: Path, *, int8: bool = True, parit
     encoder.json), check parity on ``parity_texts``, optionally add ``model.int8.onnx``."""
     import torch
 
-    from index_build.students import load_student
+    from index_build.students import AsymmetricStudent, WithTokenStates, load_student
 
     student_dir, out_dir = Path(student_dir), Path(out_dir)
     student = load_student(student_dir)
@@ -54,13 +54,19 @@ def export_student(student_dir: Path, out_dir: Path, *, int8: bool = True, parit
         axes = {n: {0: "batch", 1: "sequence"} for n in names}
         out_name = _OUTPUT_NAMES[kind]
         axes[out_name] = {0: "batch", 1: "sequence"} if kind == "colbert" else {0: "batch"}
+        graph: torch.nn.Module = student
+        outputs = [out_name]
+        if isinstance(student, AsymmetricStudent):  # the query encoder: its token states too (one query pass)
+            graph = WithTokenStates(student).eval()
+            outputs.append(TOKEN_STATES)
+            axes[TOKEN_STATES] = {0: "batch", 1: "sequence"}
         with torch.no_grad():
             torch.onnx.export(
-                student,
+                graph,
                 tuple(sample[n] for n in names),
                 str(tmp / ONNX_NAME),
                 input_names=names,
-                output_names=[out_name],
+                output_names=outputs,
                 dynamic_axes=axes,
                 opset_version=opset,
                 do_constant_folding=True,

@@ -26,7 +26,7 @@ from index_build.cache import content_key
 from index_build.config import BuildConfig
 from index_build.context import BuildContext
 from index_build.export import INT8_WEIGHTS_MARK, OUTLIER_RATIO
-from models.encoders import ONNX_NAME
+from models.encoders import ONNX_NAME, TOKEN_STATES
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,8 @@ class Pipeline(BuildContext):
         """The export stage's key; with ``onnx_file``, the key of that one graph (the fp32
         graph's does not depend on how the int8 one is quantized, so its caches outlive a change)."""
         extra = [f"wise_ft={self.wise_ft(kind)}"]
+        if kind == "asymmetric":  # its graph outputs its token states too (one query pass with ColBERT)
+            extra.append(TOKEN_STATES)
         if self.cfg.export_int8 and onnx_file != ONNX_NAME:  # the fp32 graph's key leaves int8 settings out
             extra += [f"per_channel={self.cfg.export_int8_per_channel}", f"outliers-fp32-{OUTLIER_RATIO:g}",
                       INT8_WEIGHTS_MARK, f"activations={self.cfg.export_int8_activations}"]

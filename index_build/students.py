@@ -96,7 +96,10 @@ class DenseStudent(Student):
     kind = "dense"
 
     def forward(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
-        h = self.hidden(input_ids, attention_mask, token_type_ids)
+        return self.head(self.hidden(input_ids, attention_mask, token_type_ids), attention_mask)
+
+    def pool(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled token states (mean over the real tokens, or [CLS]), normalized for cosine."""
         if self.config.pooling == "cls":
             pooled = h[:, 0]
         else:
@@ -105,6 +108,10 @@ class DenseStudent(Student):
         if self.config.similarity == "cos":
             pooled = F.normalize(pooled, dim=-1)
         return pooled
+
+    def head(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The embedding from the last-layer token states ``h``."""
+        return self.pool(h, attention_mask)
 
     def encode_queries(self, texts: list[str]) -> torch.Tensor:
         return self(**to_torch(self.tokenizer.encode(texts, self.config.max_query_len), self.device))
@@ -245,13 +252,14 @@ class AsymmetricStudent(DenseStudent):
             raise ValueError(f"asymmetric student: dim {config.dim} != the members' dims {spec['dims']} summed")
         self.maps = nn.ModuleList(nn.Linear(hidden, d, bias=False) for d in spec["dims"])
 
-    def forward(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
-        u = super().forward(input_ids, attention_mask, token_type_ids)
+    def head(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        u = self.pool(h, attention_mask)
         return torch.cat([F.normalize(m(u), dim=-1) for m in self.maps], dim=-1)
 
     def encode_pooled(self, texts: list[str]) -> torch.Tensor:
         """The normalized pooled query embedding ``u`` the maps read."""
-        return super().forward(**to_torch(self.tokenizer.encode(texts, self.config.max_query_len), self.device))
+        inputs = to_torch(self.tokenizer.encode(texts, self.config.max_query_len), self.device)
+        return self.pool(self.hidden(**inputs), inputs["attention_mask"])
 
     def set_maps(self, weights: list[np.ndarray]) -> None:
         """Set each member's map (``[hidden, dim_i]`` arrays, as :func:`ridge_map` fits them)."""
@@ -268,6 +276,21 @@ class AsymmetricStudent(DenseStudent):
 
     def head_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.maps.state_dict().items()}
+
+
+class WithTokenStates(nn.Module):
+    """A dense student whose graph also outputs its last-layer token states (``[batch,
+    length, hidden]``), from the same pass as the embedding: the service projects ColBERT's
+    query tokens from them (:func:`models.encoders.project_query_tokens`), so a dense first
+    stage reranked by ColBERT runs one transformer pass per query."""
+
+    def __init__(self, student: DenseStudent) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, input_ids, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.student.hidden(input_ids, attention_mask, token_type_ids)
+        return self.student.head(h, attention_mask), h
 
 
 def new_asymmetric_student(checkpoint: Path, members: list[str], dims: list[int],

@@ -4,7 +4,9 @@ An exported model directory holds ``model.onnx``, ``tokenizer.json`` and ``encod
 (:class:`EncoderConfig`). The graphs take ``input_ids``, ``attention_mask``,
 ``token_type_ids`` and return:
 
-- dense: ``embeddings [batch, dim]`` (pooled, L2-normalized when ``similarity == "cos"``)
+- dense: ``embeddings [batch, dim]`` (pooled, L2-normalized when ``similarity == "cos"``);
+  an asymmetric query encoder's graph also ``token_states [batch, length, hidden]``, the
+  last-layer states the embedding was pooled from (:func:`project_query_tokens`)
 - colbert: ``token_embeddings [batch, length, dim]`` (projected and L2-normalized)
 - cross-encoder: ``scores [batch]`` (relevance logits)
 """
@@ -25,6 +27,11 @@ Kind = Literal["dense", "colbert", "cross-encoder"]
 CONFIG_NAME = "encoder.json"
 ONNX_NAME = "model.onnx"
 TOKENIZER_NAME = "tokenizer.json"
+#: the second output of a dense graph that has one: its last-layer token states
+TOKEN_STATES = "token_states"
+#: an artifact's map from the dense query encoder's token states to ColBERT's query tokens
+#: (``[hidden, dim]`` float32, beside the ColBERT model: :func:`project_query_tokens`)
+QUERY_TOKEN_MAP = "query_token_map.npy"
 QUERY_CHUNK = 256  # queries per ONNX run in encode_queries
 QUERY_BATCH = 64  # length-sorted queries per ONNX run when a dense encoder encodes many
 #: documents (or query-document pairs) per ONNX run on the document side: small batches pad
@@ -98,13 +105,14 @@ class OnnxEncoder:
         self.tokenizer = TextTokenizer.from_file(self.directory / TOKENIZER_NAME)
         self.session = make_session(self.directory / onnx_file, threads=threads, providers=providers)
         self._input_names = {i.name for i in self.session.get_inputs()}
+        self._outputs = [o.name for o in self.session.get_outputs()]
         #: how progress bars name this model: its base checkpoint, role and graph
         base = Path(self.config.base_model or self.directory)
         self.label = f"{base.parent.name if base.name in ('model', 'hf') else base.name} ({self.kind}, {onnx_file})"
 
     def _run(self, batch: Batch) -> np.ndarray:
         feed = {k: v for k, v in batch.as_dict().items() if k in self._input_names}
-        return self.session.run(None, feed)[0]
+        return self.session.run(self._outputs[:1], feed)[0]
 
     def _encode_chunked(self, texts: list[str], encode: Callable[[list[str]], Batch]) -> np.ndarray:
         """Run ``encode(chunk)`` for chunks of :data:`QUERY_CHUNK` texts, so that encoding many
@@ -134,6 +142,22 @@ class DenseEncoder(OnnxEncoder):
         for idx in length_sorted_batches(lengths, QUERY_BATCH):
             out[idx] = self._run(self.tokenizer.encode([texts[i] for i in idx], max_len))
         return out
+
+    @property
+    def has_token_states(self) -> bool:
+        """Whether the graph also outputs its token states (an asymmetric query encoder's does)."""
+        return TOKEN_STATES in self._outputs
+
+    def encode_queries_with_states(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One pass over ``texts`` (one batch): the embeddings ``[n, dim]``, the token states
+        ``[n, length, hidden]`` and the attention mask ``[n, length]``."""
+        if not self.has_token_states:
+            raise ValueError(f"{self.directory}: the graph has no {TOKEN_STATES} output")
+        batch = self.tokenizer.encode(texts, self.config.max_query_len)
+        feed = {k: v for k, v in batch.as_dict().items() if k in self._input_names}
+        emb, states = self.session.run([self._outputs[0], TOKEN_STATES], feed)
+        return (np.asarray(emb, dtype=np.float32), np.asarray(states, dtype=np.float32),
+                np.asarray(batch.attention_mask))
 
     def encode_docs(self, texts: list[str], batch_size: int = DOC_BATCH, progress: bool = False) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -193,6 +217,17 @@ class CrossEncoderScorer(OnnxEncoder):
             )
             out[idx] = self._run(batch).reshape(-1)
         return out
+
+
+def project_query_tokens(states: np.ndarray, mask: np.ndarray, token_map: np.ndarray) -> np.ndarray:
+    """ColBERT query tokens ``[n, length, dim]`` from a dense query encoder's token states
+    (``[n, length, hidden]``, as :meth:`DenseEncoder.encode_queries_with_states` gives them):
+    each real token's state through ``token_map`` (``[hidden, dim]``), L2-normalized; padding
+    rows are zero, which adds nothing to a MaxSim score."""
+    tokens = np.asarray(states, dtype=np.float32) @ np.asarray(token_map, dtype=np.float32)
+    tokens /= np.maximum(np.linalg.norm(tokens, axis=-1, keepdims=True), 1e-12)
+    tokens *= np.asarray(mask, dtype=np.float32)[..., None]
+    return tokens
 
 
 def maxsim(query: np.ndarray, doc_tokens: np.ndarray, doc_offsets: np.ndarray,

@@ -185,9 +185,11 @@ class EncodeBatcher:
             return
         start = 0
         for item in items:
-            rows = np.asarray(encoded.vectors[start : start + len(item.texts)])
+            part = slice(start, start + len(item.texts))
             start += len(item.texts)
-            _resolve(item, EncodedQueries(rows, encoded.tokenize_ms, encoded.encode_ms))
+            tokens = None if encoded.tokens is None else np.asarray(encoded.tokens[part])
+            _resolve(item, EncodedQueries(np.asarray(encoded.vectors[part]), encoded.tokenize_ms, encoded.encode_ms,
+                                          tokens))
 
 
 def _resolve(item: _Item, outcome: EncodedQueries | BaseException) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +28,14 @@ import numpy as np
 from models.artifacts import ArtifactError, Manifest, verify
 from models.dense_index import DenseIndex
 from models.docstore import DocStore
-from models.encoders import ColbertEncoder, CrossEncoderScorer, DenseEncoder, OnnxEncoder
+from models.encoders import (
+    QUERY_TOKEN_MAP,
+    ColbertEncoder,
+    CrossEncoderScorer,
+    DenseEncoder,
+    OnnxEncoder,
+    project_query_tokens,
+)
 from models.retrieval import (
     FIRST_STAGES,
     RERANK_MODES,
@@ -79,12 +86,13 @@ class SearchOptions:
     def depth(self) -> int:
         return max(self.k, self.candidates)
 
-    def encoders_needed(self) -> tuple[QueryModel, ...]:
-        """Query encoders this request runs."""
+    def encoders_needed(self, one_pass: bool = False) -> tuple[QueryModel, ...]:
+        """Query encoders this request runs; ``one_pass``: ColBERT's query tokens come from
+        the dense encoder's pass (:attr:`SearchEngine.one_pass`)."""
         out: list[QueryModel] = []
-        if self.first_stage in ("dense", "hybrid"):
+        if self.first_stage in ("dense", "hybrid") or (self.rerank == "colbert" and one_pass):
             out.append("dense")
-        if self.rerank == "colbert":
+        if self.rerank == "colbert" and not one_pass:
             out.append("colbert")
         return tuple(out)
 
@@ -100,11 +108,22 @@ class SearchResult:
 
 @dataclass
 class EncodedQueries:
-    """Query vectors (``[n, dim]`` dense or ``[n, Lq, dim]`` ColBERT) and the time they took."""
+    """Query vectors (``[n, dim]`` dense or ``[n, Lq, dim]`` ColBERT) and the time they took;
+    ``tokens``: ColBERT's query tokens (``[n, L, dim]``, zero rows past each query) projected
+    from the same pass as dense ``vectors`` when the engine serves one pass."""
 
     vectors: np.ndarray
     tokenize_ms: float = 0.0
     encode_ms: float = 0.0
+    tokens: np.ndarray | None = None
+
+
+def colbert_queries(encoded: Mapping[QueryModel, EncodedQueries]) -> np.ndarray | None:
+    """ColBERT's query tokens among a request's encodings by model: its ColBERT encoder's, or
+    those projected from its dense encoder's pass; None when it has neither."""
+    if "colbert" in encoded:
+        return encoded["colbert"].vectors
+    return encoded["dense"].tokens if "dense" in encoded else None
 
 
 def validate_query(query: str, max_chars: int) -> str:
@@ -163,6 +182,7 @@ class SearchEngine:
         bm25: BM25Index | None = None,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         model_files: dict[str, str] | None = None,
+        query_token_map: np.ndarray | None = None,
     ) -> None:
         self.artifact_dir = Path(artifact_dir)
         self.manifest = manifest
@@ -176,6 +196,8 @@ class SearchEngine:
         self.bm25 = bm25
         self.providers = list(providers)
         self.model_files = dict(model_files or {})
+        #: ``[hidden, dim]``: ColBERT's query tokens are projected from the dense encoder's pass
+        self.query_token_map = query_token_map
         self.weights = retrieval_weights(settings, manifest)
         self.default_mode = self._default_mode()
         self.closed = False
@@ -186,6 +208,7 @@ class SearchEngine:
             for enc in (dense_encoder, colbert_encoder, cross_encoder)
             if enc is not None
         }
+        self._dense_outputs = [o.name for o in dense_encoder.session.get_outputs()]
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
@@ -248,6 +271,15 @@ class SearchEngine:
             with _loading(root, f"the ColBERT token index ({colbert_path})"):
                 token_index = TokenIndex.load(colbert_path, mmap=True)
                 token_index = token_index.to_memory(settings.colbert_tokens, threads=settings.threads)
+        query_token_map = None
+        map_info = (manifest.models.get("colbert") or {}).get("query_token_map")
+        if settings.one_pass and colbert_encoder is not None and map_info and dense_encoder.has_token_states:
+            map_path = root / str(manifest.models["colbert"]["path"]) / str(map_info.get("file") or QUERY_TOKEN_MAP)
+            with _loading(root, f"ColBERT's query token map ({map_path})"):
+                query_token_map = np.load(map_path, allow_pickle=False)
+            if query_token_map.ndim != 2 or query_token_map.shape[1] != colbert_encoder.dim:
+                raise ArtifactError(f"{map_path}: shape {query_token_map.shape}, expected [hidden, "
+                                    f"{colbert_encoder.dim}] (the ColBERT model's dim)")
         ce_model = model_dir("cross-encoder")
         if ce_model is not None:
             with _loading(root, f"the cross-encoder ({ce_model[0]})"):
@@ -263,6 +295,7 @@ class SearchEngine:
             artifact_dir=root, manifest=manifest, settings=settings, dense_encoder=dense_encoder,
             dense_index=dense_index, docstore=docstore, colbert_encoder=colbert_encoder, token_index=token_index,
             cross_encoder=cross_encoder, bm25=bm25, providers=providers, model_files=model_files,
+            query_token_map=query_token_map,
         )
         engine._check_consistency()
         logger.info(
@@ -370,6 +403,8 @@ class SearchEngine:
             }
             if enc.kind == "colbert":
                 entry["colbert_query_len"] = cfg.colbert_query_len
+                # where rerank=colbert takes its query tokens: the dense encoder's pass, or its own
+                entry["query_tokens"] = "dense pass" if self.one_pass else "colbert pass"
             if enc.kind == "cross-encoder":
                 entry.pop("dim")
                 entry.pop("pooling")
@@ -474,8 +509,22 @@ class SearchEngine:
         started = time.perf_counter()
         names = self._input_names[enc.kind]
         feed = {k: v for k, v in batch.as_dict().items() if k in names}
-        vectors = np.asarray(enc.session.run(None, feed)[0], dtype=np.float32)
+        if kind == "dense" and self.query_token_map is not None:  # one pass: ColBERT's query tokens too
+            vectors, states = enc.session.run(self._dense_outputs, feed)
+            tokens = project_query_tokens(states, batch.attention_mask, self.query_token_map)
+            return EncodedQueries(np.asarray(vectors, dtype=np.float32), tokenize_ms, _ms(started), tokens)
+        vectors = np.asarray(enc.session.run(self._dense_outputs[:1] if kind == "dense" else None, feed)[0],
+                             dtype=np.float32)
         return EncodedQueries(vectors, tokenize_ms, _ms(started))
+
+    @property
+    def one_pass(self) -> bool:
+        """Whether ColBERT's query tokens come from the dense encoder's pass (no second pass)."""
+        return self.query_token_map is not None
+
+    def encoders_needed(self, opts: SearchOptions) -> tuple[QueryModel, ...]:
+        """The query encoders request ``opts`` runs on this engine."""
+        return opts.encoders_needed(self.one_pass)
 
     # -- first stage, rerank, fetch ---------------------------------------------------------------
     def _finish(
@@ -547,12 +596,12 @@ class SearchEngine:
     def search_many(self, queries: Sequence[str], opts: SearchOptions) -> list[SearchResult]:
         """Encode ``queries`` in one batch per encoder, then :meth:`retrieve`."""
         started = time.perf_counter()
-        encoded: dict[str, EncodedQueries] = {kind: self.encode(kind, queries) for kind in opts.encoders_needed()}
+        encoded = {kind: self.encode(kind, queries) for kind in self.encoders_needed(opts)}
         out = []
         for hits, timings in self.retrieve(
             queries, opts,
             dense=encoded["dense"].vectors if "dense" in encoded else None,
-            colbert=encoded["colbert"].vectors if "colbert" in encoded else None,
+            colbert=colbert_queries(encoded),
         ):
             timings.tokenize = sum((e.tokenize_ms for e in encoded.values()), 0.0)
             timings.encode = sum((e.encode_ms for e in encoded.values()), 0.0)

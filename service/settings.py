@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     rerank_threads: int = Field(2, ge=1, le=64, description=(
         "Threads one ColBERT rerank may split its candidates over while it is the only search in "
         "flight (idle cores cut low-load latency); under load every rerank uses one thread."))
+    one_pass: bool = Field(True, description=(
+        "When the artifact has ColBERT's query token map (a build with an asymmetric query encoder "
+        "and ColBERT), rerank=colbert projects the query tokens from the dense encoder's pass, one "
+        "transformer pass a query; false runs ColBERT's own query encoder as a second pass."))
     colbert_tokens: Literal["compressed", "float32", "int8"] = Field("compressed", description=(
         "How ColBERT reranking reads document tokens: `compressed` decodes the artifact's residual "
         "codes for every query (least RAM); `int8` decodes them once at start-up into RAM as int8 "

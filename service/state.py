@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from models.artifacts import ArtifactError
-from models.retrieval import StageTimings
+from models.retrieval import QueryModel, StageTimings
 from service.batching import EncodeBatcher
 from service.errors import (
     Forbidden,
@@ -41,7 +41,7 @@ from service.errors import (
     StartupError,
 )
 from service.metrics import ServiceMetrics
-from service.search import EncodedQueries, SearchEngine, SearchOptions, SearchResult, validate_query
+from service.search import EncodedQueries, SearchEngine, SearchOptions, SearchResult, colbert_queries, validate_query
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -369,9 +369,9 @@ class ServiceState:
     ) -> list[SearchResult]:
         assert self._admission is not None
         async with self._admission.slot() as permit_ms:
-            kinds = opts.encoders_needed()
+            kinds = engine.encoders_needed(opts)
             encode_started = time.perf_counter()
-            encoded: dict[str, EncodedQueries] = dict(
+            encoded: dict[QueryModel, EncodedQueries] = dict(
                 zip(kinds, await asyncio.gather(*(self.batcher.encode(engine, k, queries) for k in kinds)))
             )
             encode_wall = (time.perf_counter() - encode_started) * 1000.0
@@ -379,7 +379,7 @@ class ServiceState:
             encode_ms = sum((e.encode_ms for e in encoded.values()), 0.0)
             batch_wait = max(0.0, encode_wall - max((e.tokenize_ms + e.encode_ms for e in encoded.values()), default=0))
             dense = encoded["dense"].vectors if "dense" in encoded else None
-            colbert = encoded["colbert"].vectors if "colbert" in encoded else None
+            colbert = colbert_queries(encoded)
             # a lone request may split its rerank over the idle cores; under load each uses one
             split = self._rerank_executor if self._admission.in_flight == 1 else None
             retrieved = await self.run_in_thread(engine.retrieve, queries, opts, dense, colbert, split)

@@ -99,3 +99,29 @@ def test_student_trains_saves_and_exports_as_a_dense_model(space, tiny_bert, tmp
     served = DenseEncoder(tmp_path / "onnx")
     assert served.dim == sum(sp.dims)
     np.testing.assert_allclose(served.encode_queries(texts[:4]), vecs, atol=1e-4)
+
+
+def test_query_token_map_recovers_a_linear_map_and_aligns_tokens():
+    from index_build.asymmetric import aligned_query_tokens, fit_query_token_map
+    from models.encoders import project_query_tokens
+
+    rng = np.random.default_rng(0)
+    hidden, dim, q_len = 12, 4, 8
+    true = rng.normal(size=(hidden, dim)).astype(np.float32)
+    states = [rng.normal(size=(n, hidden)).astype(np.float32) for n in (3, 5, 12)]  # [CLS] pieces [SEP]
+    colbert = np.zeros((3, q_len, dim), np.float32)
+    for q, h in zip(colbert, states):
+        pieces = min(len(h) - 2, q_len - 3)  # ColBERT keeps q_len - 3 pieces after [CLS] [Q]
+        rows = h[np.r_[np.arange(pieces + 1), len(h) - 1]] @ true
+        q[np.r_[0, np.arange(2, pieces + 3)]] = rows
+        q[1] = 1.0  # the [Q] marker's row has no counterpart
+    x, y = aligned_query_tokens(states, colbert)
+    assert len(x) == len(y) == 3 + 5 + (q_len - 3 + 2)
+    w, cos = fit_query_token_map(states, colbert, alpha=1e-6)
+    np.testing.assert_allclose(w, true, atol=1e-3)
+    assert cos > 0.9999
+    # the service's projection: normalized rows, zero rows past the query
+    mask = np.array([[1, 1, 1, 0]], np.int64)
+    tokens = project_query_tokens(np.stack([np.vstack([states[0], np.ones((1, hidden))])]), mask, w)
+    np.testing.assert_allclose(np.linalg.norm(tokens[0, :3], axis=1), 1.0, atol=1e-5)
+    assert not tokens[0, 3].any()

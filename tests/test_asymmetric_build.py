@@ -99,3 +99,51 @@ def test_service_ranks_as_the_builder_evaluates(built, client):
     assert info["default_mode"]["rerank"] == default["rerank"]
     got = client.post("/search", json={"query": queries[0]}).json()
     assert (got["first_stage"], got["rerank"]) == (default["first_stage"], default["rerank"])
+
+
+def test_colbert_rerank_runs_one_query_pass(built, client, monkeypatch):
+    """rerank=colbert takes ColBERT's query tokens from the asymmetric encoder's pass: the
+    artifact carries the fitted map, the service runs no ColBERT query encoder, and it ranks
+    as the builder's one-pass rows score."""
+    p, result = built
+    manifest = json.loads((Path(p.cfg.artifact_dir) / "manifest.json").read_text())
+    entry = manifest["models"]["colbert"]["query_token_map"]
+    assert entry["from"] == "dense" and 0.0 < entry["token_cosine"] <= 1.0
+    token_map = np.load(Path(p.cfg.artifact_dir) / "models" / "colbert" / entry["file"])
+    np.testing.assert_allclose(token_map, p.query_token_map()["map"], atol=1e-6)
+    assert {"dense+colbert-2pass", "hybrid+colbert-2pass"} <= set(result["systems"])
+    state = client.app.state.service
+    engine = state.engine
+    assert engine.one_pass and client.get("/info").json()["models"]["colbert"]["query_tokens"] == "dense pass"
+    colbert_runs = []
+    monkeypatch.setattr(engine.colbert_encoder.session, "run", lambda *a, **k: colbert_runs.append(1))
+    # the builder's one-pass query tokens (its own encoder and fitted map), reranked by the
+    # service's engine, rank as the service's /search does with the tokens it projects itself
+    from models.encoders import project_query_tokens
+
+    queries = list(p.collection.split_queries("test").values())
+    opts = engine.resolve_options(k=DEPTH, candidates=DEPTH, rerank="colbert", first_stage="dense")
+    for text in queries:
+        body = {"query": text, "k": DEPTH, "candidates": DEPTH, "first_stage": "dense", "rerank": "colbert"}
+        got = client.post("/search", json=body)
+        assert got.status_code == 200, got.text
+        (states,) = p.query_token_states([text])
+        tokens = project_query_tokens(states[None], np.ones((1, len(states))), p.query_token_map()["map"])
+        [(hits, _)] = engine.retrieve([text], opts, dense=p.dense_queries([text]), colbert=tokens)
+        assert [h["id"] for h in got.json()["hits"]] == [h.id for h in hits]
+        np.testing.assert_allclose([h["score"] for h in got.json()["hits"]], [h.score for h in hits], atol=1e-4)
+    assert colbert_runs == []
+
+
+def test_two_pass_when_one_pass_is_off(built):
+    from service.search import SearchEngine
+
+    p, _ = built
+    engine = SearchEngine.load(p.cfg.artifact_dir, make_settings(p.cfg.artifact_dir, one_pass=False))
+    try:
+        assert not engine.one_pass
+        opts = engine.resolve_options(k=5, rerank="colbert", first_stage="dense")
+        assert engine.encoders_needed(opts) == ("dense", "colbert")
+        assert engine.search(list(p.collection.split_queries("test").values())[0], k=5, rerank="colbert").hits
+    finally:
+        engine.close()
