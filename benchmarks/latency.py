@@ -57,7 +57,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -494,13 +494,57 @@ def encoder_reference(artifact_dir: Path, texts: Sequence[str], *, threads: int,
                 enc.encode_queries([text])
                 times[name].append((time.perf_counter() - started) * 1000.0)
     base_p50 = percentile(times["base-int8"], 50)
-    return {
+    out: dict[str, Any] = {
         "encoders": {name: {"p50_ms": round(percentile(v, 50), 3), "p95_ms": round(percentile(v, 95), 3),
                             "dim": encoders[name].dim, "ratio_to_base_int8_p50": round(percentile(v, 50) / base_p50, 3)}
                      for name, v in times.items()},
         "base": base, "calls": len(texts) * repeats, "threads": threads,
         "how": "DenseEncoder.encode_queries([query]) in this process, encoders interleaved query by query",
     }
+    colbert = manifest.models.get("colbert") or {}
+    if colbert.get("query_token_map") and "artifact-dense-fp32" in encoders:
+        out["colbert_query_tokens"] = query_token_passes(artifact_dir, dense, colbert, texts, threads, repeats)
+    return out
+
+
+def query_token_passes(artifact_dir: Path, dense: Mapping[str, Any], colbert: Mapping[str, Any],
+                       texts: Sequence[str], threads: int, repeats: int) -> dict[str, Any]:
+    """What a dense first stage plus ColBERT costs on the query side, in-process, one query a
+    call, interleaved (fp32 graphs): one pass (the dense graph's embedding and token states,
+    ColBERT's query tokens projected from the states, as the service serves it) against two
+    (the dense graph, then ColBERT's own query encoder)."""
+    import numpy as np
+
+    from models.encoders import ColbertEncoder, DenseEncoder, project_query_tokens
+
+    enc = DenseEncoder(artifact_dir / dense["path"], onnx_file=dense["onnx_file"], threads=threads)
+    col = ColbertEncoder(artifact_dir / colbert["path"], onnx_file=colbert["onnx_file"], threads=threads)
+    token_map = np.load(artifact_dir / colbert["path"] / colbert["query_token_map"]["file"])
+
+    def one_pass(text: str) -> None:
+        _, states, mask = enc.encode_queries_with_states([text])
+        project_query_tokens(states, mask, token_map)
+
+    def two_passes(text: str) -> None:
+        enc.encode_queries([text])
+        col.encode_queries([text])
+
+    runs: dict[str, Callable[[str], None]] = {"one-pass": one_pass, "two-pass": two_passes}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():
+        for text in texts[:5]:
+            fn(text)
+    for _ in range(repeats):
+        for text in texts:
+            for name, fn in runs.items():
+                started = time.perf_counter()
+                fn(text)
+                times[name].append((time.perf_counter() - started) * 1000.0)
+    p50 = {name: percentile(v, 50) for name, v in times.items()}
+    return {**{name: {"p50_ms": round(p50[name], 3), "p95_ms": round(percentile(v, 95), 3)}
+               for name, v in times.items()},
+            "one_pass_over_two_pass_p50": round(p50["one-pass"] / p50["two-pass"], 3),
+            "how": "fp32 graphs in this process, one query a call, the two interleaved query by query"}
 
 
 # ------------------------------------------------------------------------------------ main

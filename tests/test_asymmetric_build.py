@@ -147,3 +147,17 @@ def test_two_pass_when_one_pass_is_off(built):
         assert engine.search(list(p.collection.split_queries("test").values())[0], k=5, rerank="colbert").hits
     finally:
         engine.close()
+
+
+def test_latency_reference_times_one_pass_against_two(built):
+    from benchmarks.latency import query_token_passes
+    from models.artifacts import load_manifest
+
+    p, _ = built
+    root = Path(p.cfg.artifact_dir)
+    manifest = load_manifest(root)
+    texts = list(p.collection.split_queries("test").values())
+    out = query_token_passes(root, manifest.models["dense"], manifest.models["colbert"], texts, threads=1, repeats=1)
+    assert out["one-pass"]["p50_ms"] > 0 and out["two-pass"]["p50_ms"] > 0
+    assert out["one_pass_over_two_pass_p50"] == pytest.approx(out["one-pass"]["p50_ms"] / out["two-pass"]["p50_ms"],
+                                                            rel=0.01)
