@@ -396,14 +396,16 @@ DEFAULT_PARITY_TEXTS = [
 ]
 
 
-def base_dense_onnx(model_ref: str, *, max_doc_len: int = 256) -> tuple[Path, str]:
+def base_dense_onnx(model_ref: str, *, max_doc_len: int = 256, activations: str = "tensor") -> tuple[Path, str]:
     """``(dir, fingerprint)`` of a dense ONNX export of ``model_ref`` without training; its
-    int8 graph (an int8 teacher member's) is quantized per channel, outlier MatMuls kept fp32."""
+    int8 graph (an int8 teacher member's) is quantized per channel, outlier MatMuls kept fp32,
+    activations scaled as ``activations`` says (:func:`quantize_int8`)."""
     path = resolve_model(model_ref)
     fp = fingerprint(path)
     # "-pc-o<ratio>-w<bits>": int8 per channel, MatMuls with outlier inputs kept fp32
-    # (export.OUTLIER_RATIO), weights in export.INT8_WEIGHT_BITS bits
-    out = cache_dir() / "onnx" / f"dense-{fp}-{max_doc_len}-pc-o{OUTLIER_RATIO:g}-w{INT8_WEIGHT_BITS}"
+    # (export.OUTLIER_RATIO), weights in export.INT8_WEIGHT_BITS bits; "-a<mode>" unless per tensor
+    suffix = "" if activations == "tensor" else f"-a{activations}"
+    out = cache_dir() / "onnx" / f"dense-{fp}-{max_doc_len}-pc-o{OUTLIER_RATIO:g}-w{INT8_WEIGHT_BITS}{suffix}"
     if (out / "model.onnx").is_file():
         return out, fp
     from index_build.students import new_student
@@ -412,7 +414,7 @@ def base_dense_onnx(model_ref: str, *, max_doc_len: int = 256) -> tuple[Path, st
     shutil.rmtree(staging, ignore_errors=True)
     try:
         new_student("dense", path, max_doc_len=max_doc_len).save(staging / "student")
-        export_student(staging / "student", staging / "onnx", int8=True, per_channel=True)
+        export_student(staging / "student", staging / "onnx", int8=True, per_channel=True, int8_activations=activations)
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(staging / "onnx", out)

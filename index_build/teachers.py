@@ -59,6 +59,10 @@ class BM25Teacher:
 
 
 BI_ENCODER_MAX_DOC_LEN = 256  # document tokens a bi-encoder teacher member reads
+#: how an int8 bi-encoder member's graph scales activations: one scale per token, so its
+#: vectors do not depend on batch-mates (benchmarks/results/int8-fidelity.md: cosine 1.0 alone
+#: vs batched, closer to fp32 than per-tensor scales, about 8% slower on documents)
+TEACHER_INT8_ACTIVATIONS = "token"
 
 
 class BiEncoderTeacher:
@@ -71,13 +75,18 @@ class BiEncoderTeacher:
         from index_build.export import INT8_NAME, INT8_WEIGHTS_MARK, ONNX_NAME, OUTLIER_RATIO, base_dense_onnx
 
         self.model_ref = model_ref
-        self.onnx_dir, model_fp = base_dense_onnx(model_ref, max_doc_len=max_doc_len)
+        # an int8 member scales each token's activations on its own, so a document's or query's
+        # vector does not depend on what it was batched with (nor on which vectors a cache
+        # already held when it was encoded): a build's teacher is the same from any cache
+        self.onnx_dir, model_fp = base_dense_onnx(model_ref, max_doc_len=max_doc_len,
+                                                  activations=TEACHER_INT8_ACTIVATIONS if int8 else "tensor")
         from models.encoders import DenseEncoder
 
         # int8: the dynamically quantized graph, per channel (several times faster on CPU for a
         # large teacher's corpus pass; benchmarks/results/int8-fidelity.md)
         self.encoder = DenseEncoder(self.onnx_dir, onnx_file=INT8_NAME if int8 else ONNX_NAME, threads=threads)
-        int8_marks = ["int8-per-channel", f"outliers-fp32-{OUTLIER_RATIO:g}", INT8_WEIGHTS_MARK] if int8 else []
+        int8_marks = ["int8-per-channel", f"outliers-fp32-{OUTLIER_RATIO:g}", INT8_WEIGHTS_MARK,
+                      f"activations-{TEACHER_INT8_ACTIVATIONS}"] if int8 else []
         self._fp = content_key("bi-encoder", model_fp, str(max_doc_len), *int8_marks)[:16]
         self.name = name or f"bi-encoder:{model_ref}"
         self.corpus_texts, self.cache, self.progress = corpus_texts, cache, progress

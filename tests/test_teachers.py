@@ -140,6 +140,12 @@ def test_bi_encoder_int8_member(tiny_beir, tiny_bert, tmp_path, monkeypatch):
     s8, s32 = (t.score(["gene dna"], [np.arange(5)])[0] for t in (t8, t32))
     assert np.isfinite(s8).all() and not np.array_equal(s8, s32)
     np.testing.assert_allclose(s8, s32, atol=0.1)                  # quantized, same model
+    # a vector does not depend on what it is batched with, so a build's teacher is the same
+    # whatever its cache already held
+    alone = np.vstack([t8.encoder.encode_docs([t]) for t in texts[:4]])
+    np.testing.assert_allclose(t8.encoder.encode_docs(texts[:4]), alone, atol=1e-5)
+    np.testing.assert_allclose(t8.encoder.encode_queries(["gene dna", "a much longer query about vitamin d"])[:1],
+                               t8.encoder.encode_queries(["gene dna"]), atol=1e-5)
     with pytest.raises(ValueError, match="unknown key"):
         TeacherSpec.from_dict({"kind": "bi-encoder", "model": "m", "int_8": True})
 
