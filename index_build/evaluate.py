@@ -40,6 +40,10 @@ def evaluate(ctx: BuildContext, out: Path) -> dict:
             log.warning("TREC DL folder %s not found: skipped", path)
     (out / "eval.json").write_text(json.dumps({"collection": collection_result, "trec": trec}, indent=2))
     result = {"collection": collection_result, "trec": trec}
+    if ctx.served_dense in ctx.cfg.students.kinds:
+        # the default mode the served-default row scores, kept with the stage: a rebuild that
+        # finds the stage up to date writes its results without tuning again
+        result["default"] = choose_default(ctx)
     if ctx.trec_weights:  # dev-slice weights of a pool's own students (recorded with the stage)
         result["weights"] = ctx.trec_weights
     return result
@@ -405,7 +409,7 @@ def write_results(ctx: BuildContext, evaluation: dict[str, Any], stages: dict[st
     if ctx.served_dense in cfg.students.kinds:
         # the served dense model (whose first stage the rerank and served-default rows use)
         # and the default mode, chosen on the dev slice
-        main["serving"] = {"dense_model": ctx.served_dense, "default": choose_default(ctx)}
+        main["serving"] = {"dense_model": ctx.served_dense, "default": evaluation.get("default") or choose_default(ctx)}
     write_json_atomic(results_dir / f"{name}.json", main)
     md = markdown_table(main["systems"], f"{name} ({cfg.data.test_split})")
     if evaluation["trec"]:

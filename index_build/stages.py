@@ -170,7 +170,11 @@ class Pipeline(BuildContext):
         # not which students are trained (adding one reuses the mined examples)
         students = _hash_without(self.cfg, "students", "kinds", "colbert_dim", "colbert_query_len")
         sections = ("data", "teacher", "label_free") if self.label_free else ("data", "teacher")
-        return self.key("mine", self.cfg.section_hash(*sections), students, f"label_free={self.label_free}")
+        from index_build.teachers import TEACHER_INT8_ACTIVATIONS
+
+        # how the teacher's int8 members are quantized changes its scores, not its config
+        return self.key("mine", self.cfg.section_hash(*sections), students, f"label_free={self.label_free}",
+                        f"int8_activations={TEACHER_INT8_ACTIVATIONS}")
 
     def pseudo_key(self, n: int) -> str:
         return self.key("pseudo", self.cfg.section_hash("teacher", "students", "label_free"), str(n))
