@@ -277,17 +277,18 @@ class BuildContext(ABC):
         from models.encoders import ColbertEncoder, maxsim, project_query_tokens
 
         query_file = query_onnx_file or onnx_file
-        enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=query_file, threads=self.cfg.threads)
         toks = self.colbert_corpus(onnx_file, subset=np.concatenate([c for c, _ in lists] + [np.zeros(0, np.int64)]))
         if self.one_pass if one_pass is None else one_pass:
             w = self.query_token_map()["map"]
             qv = [project_query_tokens(h, np.ones(len(h)), w) for h in self.query_token_states(texts, query_file)]
         else:
+            enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=query_file, threads=self.cfg.threads)
             qv = list(enc.encode_queries(texts))
         out = []
         for r, (cands, _) in enumerate(lists):
             offsets = np.cumsum([0] + [len(toks[int(j)]) for j in cands])
-            tokens = np.concatenate([toks[int(j)] for j in cands]) if len(cands) else np.zeros((0, enc.dim), np.float32)
+            tokens = (np.concatenate([toks[int(j)] for j in cands]) if len(cands)
+                      else np.zeros((0, qv[r].shape[-1]), np.float32))
             out.append(maxsim(qv[r], tokens, offsets))
         return out
 
