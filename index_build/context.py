@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,8 @@ from index_build.metrics import metrics, run_from_arrays
 from models.dense_index import exact_search
 from models.encoders import ONNX_NAME
 from models.retrieval import FIRST_STAGES, Ranked, first_stages, rerank_order
+
+E = TypeVar("E")
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class BuildContext(ABC):
         self.trec_weights: dict[str, dict[str, Any]] = {}
         # dev-slice choices, computed once per exported models (index_build.tune)
         self.tuning: dict[tuple, dict[str, Any]] = {}
+        # open ONNX sessions of the exported students (student_encoder)
+        self._encoders: dict[tuple[str, str, str], tuple[tuple[int, int], Any]] = {}
         if cfg.threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
 
@@ -53,6 +57,22 @@ class BuildContext(ABC):
     def export_key(self, kind: str, onnx_file: str | None = None) -> str:
         """The key of student ``kind``'s export (defined by the runner, which keys the stages);
         content caches of what an exported graph encodes are kept under it."""
+
+    def student_encoder(self, cls: type[E], kind: str, onnx_file: str = ONNX_NAME) -> E:
+        """Student ``kind``'s exported graph ``onnx_file`` as an encoder of class ``cls``
+        (:class:`~models.encoders.DenseEncoder`, :class:`~models.encoders.ColbertEncoder`),
+        opened once and reused while the file stays the same (an export that rewrites it opens
+        it again): evaluation and tuning encode with the same graphs many times, and opening an
+        ONNX session costs a graph optimization each time."""
+        path = self.onnx_dir(kind) / onnx_file
+        st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        key = (cls.__name__, str(path), onnx_file)
+        held = self._encoders.get(key)
+        if held is None or held[0] != stamp:
+            self._encoders[key] = (stamp, cls(self.onnx_dir(kind), onnx_file=onnx_file,  # type: ignore[call-arg]
+                                              threads=self.cfg.threads))
+        return self._encoders[key][1]  # type: ignore[no-any-return]
 
     @cached_property
     def collection(self) -> Collection:
@@ -176,21 +196,21 @@ class BuildContext(ABC):
         """Query vectors of dense model ``kind`` (default :attr:`served_dense`) from its exported graph."""
         from models.encoders import DenseEncoder
 
-        enc = DenseEncoder(self.onnx_dir(kind or self.served_dense), onnx_file=onnx_file, threads=self.cfg.threads)
+        enc = self.student_encoder(DenseEncoder, kind or self.served_dense, onnx_file)
         return np.ascontiguousarray(enc.encode_queries(texts), dtype=np.float32)
 
     def dense_corpus(self, onnx_file: str = ONNX_NAME) -> np.ndarray:
         from index_build.teachers import encode_corpus_cached
         from models.encoders import DenseEncoder
 
-        enc = DenseEncoder(self.onnx_dir("dense"), onnx_file=onnx_file, threads=self.cfg.threads)
+        enc = self.student_encoder(DenseEncoder, "dense", onnx_file)
         fp = self.content_fp("dense-corpus", self.export_key("dense", onnx_file), onnx_file)
         return encode_corpus_cached(enc, self.corpus_texts, self.cache, fp, progress=self.progress)
 
     def colbert_corpus(self, onnx_file: str = ONNX_NAME, subset: np.ndarray | None = None) -> dict[int, np.ndarray]:
         from models.encoders import ColbertEncoder
 
-        enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=onnx_file, threads=self.cfg.threads)
+        enc = self.student_encoder(ColbertEncoder, "colbert", onnx_file)
         fp = self.content_fp("colbert-corpus", self.export_key("colbert", onnx_file), onnx_file)
         idx = np.arange(len(self.corpus_texts)) if subset is None else np.unique(subset)
         keys = [content_key(fp, self.corpus_texts[i]) for i in idx]
@@ -250,7 +270,7 @@ class BuildContext(ABC):
             from models.encoders import ColbertEncoder
 
             texts = list(dict.fromkeys(ex.query for ex in self.load_mined()["examples"]))[:TOKEN_MAP_QUERIES]
-            colbert = ColbertEncoder(self.onnx_dir("colbert"), threads=self.cfg.threads)
+            colbert = self.student_encoder(ColbertEncoder, "colbert")
             w, cos = fit_query_token_map(self.query_token_states(texts), colbert.encode_queries(texts))
             self.tuning[memo] = {"map": w, "fit_queries": len(texts), "token_cosine": round(cos, 4)}
         return self.tuning[memo]
@@ -259,7 +279,7 @@ class BuildContext(ABC):
         """Per query, the asymmetric query encoder's last-layer states of its real tokens."""
         from models.encoders import DenseEncoder
 
-        enc = DenseEncoder(self.onnx_dir("asymmetric"), onnx_file=onnx_file, threads=self.cfg.threads)
+        enc = self.student_encoder(DenseEncoder, "asymmetric", onnx_file)
         out: list[np.ndarray] = []
         for start in range(0, len(texts), 128):
             _, states, mask = enc.encode_queries_with_states(texts[start : start + 128])
@@ -282,7 +302,7 @@ class BuildContext(ABC):
             w = self.query_token_map()["map"]
             qv = [project_query_tokens(h, np.ones(len(h)), w) for h in self.query_token_states(texts, query_file)]
         else:
-            enc = ColbertEncoder(self.onnx_dir("colbert"), onnx_file=query_file, threads=self.cfg.threads)
+            enc = self.student_encoder(ColbertEncoder, "colbert", query_file)
             qv = list(enc.encode_queries(texts))
         out = []
         for r, (cands, _) in enumerate(lists):
@@ -319,6 +339,6 @@ class BuildContext(ABC):
         """Exact full-corpus search with the exported dense graph (corpus encodings cached)."""
         from models.encoders import DenseEncoder
 
-        q = DenseEncoder(self.onnx_dir("dense"), threads=self.cfg.threads).encode_queries(queries)
+        q = self.student_encoder(DenseEncoder, "dense").encode_queries(queries)
         s, i = exact_search(self.dense_corpus(), q, depth)
         return metrics(qrels, run_from_arrays(qids, self.collection.doc_ids, s, i))

@@ -248,7 +248,7 @@ def exported_dev_score(ctx: BuildContext, kind: str, student) -> dict[str, float
     if kind == "dense":  # the pools reranked with the exported graph's corpus encodings
         from models.encoders import DenseEncoder
 
-        q = DenseEncoder(ctx.onnx_dir("dense"), threads=ctx.cfg.threads).encode_queries(dev["queries"])
+        q = ctx.student_encoder(DenseEncoder, "dense").encode_queries(dev["queries"])
         return {"dev_nDCG@10": round(pool_dev_score(ctx, dev, q, ctx.dense_corpus()), 4)}
     dev_eval = dev_evaluator(ctx, dev)
     assert dev_eval is not None

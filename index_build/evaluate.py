@@ -307,7 +307,7 @@ def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
         if kind not in ctx.cfg.students.kinds:
             continue
         prefix = DENSE_ROW_PREFIX[kind]
-        enc = DenseEncoder(ctx.onnx_dir(kind), threads=ctx.cfg.threads)
+        enc = ctx.student_encoder(DenseEncoder, kind)
         if kind == "asymmetric":  # the student's queries against the teacher members' document vectors
             space = TeacherSpace([m for m in teacher.members if isinstance(m, BiEncoderTeacher)])
 
@@ -319,7 +319,7 @@ def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
         else:
             dense_run = pool.score_all(_dense_fn(enc, pool.docs))
             if ctx.cfg.export_int8:
-                enc8 = DenseEncoder(ctx.onnx_dir(kind), onnx_file=INT8_NAME, threads=ctx.cfg.threads)
+                enc8 = ctx.student_encoder(DenseEncoder, kind, INT8_NAME)
                 systems["dense-int8"] = pool.metrics(pool.score_all(_dense_fn(enc8, pool.docs)))
         systems[f"{prefix}dense"] = pool.metrics(dense_run)
         kind_hw = tune_hybrid(ctx, kind=kind)["dense_weight"]
@@ -348,7 +348,7 @@ def _trec_rerank_rows(ctx: BuildContext, pool: TrecPool, firsts: dict[str, Run],
 
     kinds = ctx.cfg.students.kinds
     if "colbert" in kinds:
-        cb = ColbertEncoder(ctx.onnx_dir("colbert"))
+        cb = ctx.student_encoder(ColbertEncoder, "colbert")
 
         def colbert_fn(q: str, cs: list[str]) -> np.ndarray:
             toks = cb.encode_docs([pool.docs[c] for c in cs])

@@ -6,6 +6,7 @@ it, in the default mode the builder chose on its dev slice, ranking as the build
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,3 +162,22 @@ def test_latency_reference_times_one_pass_against_two(built):
     assert out["one-pass"]["p50_ms"] > 0 and out["two-pass"]["p50_ms"] > 0
     assert out["one_pass_over_two_pass_p50"] == pytest.approx(out["one-pass"]["p50_ms"] / out["two-pass"]["p50_ms"],
                                                             rel=0.01)
+
+
+def test_student_encoders_open_once_and_again_after_a_rewrite(built):
+    from models.encoders import ColbertEncoder, DenseEncoder
+
+    p, _ = built
+    first = p.student_encoder(DenseEncoder, "asymmetric")
+    assert p.student_encoder(DenseEncoder, "asymmetric") is first
+    assert p.student_encoder(ColbertEncoder, "colbert") is not first
+    graph = p.onnx_dir("asymmetric") / "model.onnx"
+    st = graph.stat()
+    try:
+        os.utime(graph, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # as an export rewriting it
+        again = p.student_encoder(DenseEncoder, "asymmetric")
+        assert again is not first
+        texts = ["a query"]
+        np.testing.assert_allclose(again.encode_queries(texts), first.encode_queries(texts), atol=1e-6)
+    finally:
+        os.utime(graph, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -249,7 +249,8 @@ def test_overload_script_end_to_end(artifacts, tiny_beir, tmp_path):
     o, r = data["overload"], data["reloads"]
     assert {"p99_429_server_ms", "errors_5xx", "share_429", "accepted_p99_ms", "qps", "deadline_ms"} <= set(o)
     assert o["deadline_ms"] == 250.0 and o["requests"] > 0
-    assert r["reloads"] == 3 and r["failed_reloads"] == 0 and r["failed_searches"] == 0 and r["searches"] > 0, r["searches_by_status"]
+    assert r["reloads"] == 3 and r["failed_reloads"] == 0, r
+    assert r["failed_searches"] == 0 and r["searches"] > 0, r["searches_by_status"]
     assert isinstance(r["rss_growth"], float)
     assert set(data["aims"]) == {"p99_429_server_ms", "accepted_p99_within_deadline", "errors_5xx",
                                  "qps_under_overload", "rss_growth", "failed_searches_during_reloads"}
