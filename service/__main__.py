@@ -5,6 +5,8 @@ exit 0. A start-up failure (bad settings, missing or corrupt artifact) exits non
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import sys
@@ -60,6 +62,22 @@ def limit_native_threads(threads: int) -> None:
             os.environ.setdefault(name, str(threads))
 
 
+#: glibc mallopt parameter: the most malloc arenas
+M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas at ``arenas`` (``mallopt(M_ARENA_MAX)``) before the service
+    starts its threads; ``0`` leaves glibc's default. Whether the cap was set (False off glibc)."""
+    if arenas <= 0:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 def usage() -> str:
     """``--help``: how the service is configured (every setting is an ``NRS_*`` variable)."""
     from service.settings import Settings
@@ -96,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level)
     limit_native_threads(settings.threads)
+    limit_malloc_arenas(settings.malloc_arenas)
     from service.app import create_app
 
     app = create_app(settings)

@@ -9,7 +9,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,14 +18,13 @@ from service.errors import (
     CLIENT_CLOSED,
     ERROR_TYPE_SCOPE_KEY,
     BodyTimeout,
+    Overloaded,
     PayloadTooLarge,
     internal_error_response,
     service_error_response,
 )
 from service.metrics import ServiceMetrics
-
-if TYPE_CHECKING:
-    from service.state import AdmissionControl
+from service.state import RESERVATION, AdmissionControl
 
 access_logger = logging.getLogger("service.access")
 logger = logging.getLogger(__name__)
@@ -102,11 +101,13 @@ class RequestContextMiddleware:
 
 
 class AdmissionGateMiddleware:
-    """Refuses a search request with 429 (``Retry-After``) before its body is read, routed or
-    validated when admission control would refuse it anyway (:meth:`AdmissionControl.refusal
-    <service.state.AdmissionControl.refusal>`). Under overload most requests are refused:
-    each refusal must cost the server far less than a search, or refusing them takes the CPU
-    that the admitted requests need. The route still checks again when it takes its slot."""
+    """Admits or refuses a search request before its body is read, routed or validated
+    (:meth:`AdmissionControl.reserve <service.state.AdmissionControl.reserve>`): a refusal is
+    a 429 (``Retry-After``) answered at once; an admitted request holds its place in the wait
+    queue until its slot takes it up (:data:`service.state.RESERVATION`), or hands it back if
+    it ends first. Under overload most requests are refused: each refusal must cost the
+    server far less than a search, or refusing them takes the CPU that the admitted requests
+    need, and none is refused after its body has been read and validated."""
 
     def __init__(self, app: ASGIApp, *, admission: Callable[[], AdmissionControl | None],
                  paths: tuple[str, ...]) -> None:
@@ -115,14 +116,23 @@ class AdmissionGateMiddleware:
         self.paths = paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        control = None
         if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in self.paths:
             control = self.admission()
-            refused = control.refusal() if control is not None else None
-            if refused is not None:
-                scope[ROUTE_SCOPE_KEY] = scope["path"]
-                await service_error_response(refused, scope)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if control is None:
+            await self.app(scope, receive, send)
+            return
+        admitted = control.reserve()
+        if isinstance(admitted, Overloaded):
+            scope[ROUTE_SCOPE_KEY] = scope["path"]
+            await service_error_response(admitted, scope)(scope, receive, send)
+            return
+        token = RESERVATION.set(admitted)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            RESERVATION.reset(token)
+            control.cancel(admitted)  # a request that ended before its slot (no-op after it)
 
 
 class BodySizeLimitMiddleware:

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     int8_models: str = Field("dense,colbert,cross-encoder", description=(
         "Comma-separated models use_int8 applies to, e.g. `dense,colbert` for int8 query encoders "
         "with an fp32 cross-encoder."))
+    malloc_arenas: int = Field(2, ge=0, le=64, description=(
+        "Most C heap arenas (glibc M_ARENA_MAX, set by `python -m service` at start; 0 = glibc's "
+        "default of 8 per core): every thread that allocates at once gets an arena of its own, "
+        "and memory freed into many arenas (a replaced artifact's, after a reload) stays held "
+        "as fragments between what is still used."))
     warmup: bool = Field(True, description="Run warm-up queries through every stage before reporting ready.")
     worker_threads: int = Field(
         0, ge=0, le=512, description="Threads for CPU work (ONNX, FAISS, MaxSim); 0 = max_concurrency + 2."

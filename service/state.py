@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import functools
@@ -48,17 +49,41 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@dataclass
+class Reservation:
+    """A place in the wait queue that :meth:`AdmissionControl.reserve` gave a request at the
+    admission gate, before its body was read; the request's :meth:`AdmissionControl.slot`
+    takes it up (``used``), or the gate hands it back when the request ends before that (a
+    bad body, a client that left)."""
+
+    control: AdmissionControl
+    used: bool = False
+
+
+#: the reservation the admission gate made for the request this task serves (None: no gate)
+RESERVATION: contextvars.ContextVar[Reservation | None] = contextvars.ContextVar("nrs_reservation", default=None)
+
+
 class AdmissionControl:
     """At most ``max_concurrency`` requests run at once; the others wait for a permit, but
     only as many as can still be served within the deadline.
 
     The time a request holds its permit is tracked as a moving average (``service_s``). A
-    request that finds every permit taken is refused at once with :class:`Overloaded` (429,
-    ``Retry-After`` the expected wait) when ``max_queue`` requests already wait, or when its
-    expected wait (``position * service_s / max_concurrency``) plus its own service time
-    would pass :data:`HEADROOM` of ``deadline_s``: the rest of the deadline absorbs the
-    spread of service times around their mean, so that an admitted request is answered
-    rather than timed out (504) after it has used a slot."""
+    request that arrives when ``max_concurrency`` admitted requests are ahead of it is refused
+    at once with :class:`Overloaded` (429, ``Retry-After`` the expected wait) when
+    ``max_queue`` requests already wait, or when its expected wait (``position * service_s /
+    max_concurrency``) plus its own service time would pass :data:`HEADROOM` of
+    ``deadline_s``: the rest of the deadline absorbs the spread of service times around their
+    mean, so that an admitted request is answered rather than timed out (504) after it has
+    used a slot. Until the first request has held a permit the service time is unknown and no
+    request waits (a burst at start-up would otherwise be queued without bound but
+    ``max_queue``).
+
+    The decision is made once, at the admission gate, before the request's body is read
+    (:meth:`reserve`): an admitted request holds its place in the queue from then on, so the
+    requests that arrive while it is read and validated count it, and it is not refused later,
+    after it has cost the server a body read and a validation (a refusal there would also wait
+    behind whatever the event loop runs meanwhile)."""
 
     #: weight of the newest service time in the moving average
     SMOOTHING = 0.2
@@ -71,6 +96,7 @@ class AdmissionControl:
         self.deadline_s = deadline_s
         self._metrics = metrics
         self._sem = asyncio.Semaphore(max_concurrency)
+        #: admitted requests without a permit yet (reserved at the gate, or waiting for one)
         self.waiting = 0
         self.in_flight = 0
         self.service_s = 0.0
@@ -83,15 +109,19 @@ class AdmissionControl:
         a = self.SMOOTHING
         self.service_s = held_s if self.service_s == 0.0 else (1 - a) * self.service_s + a * held_s
 
+    def _set_waiting(self, change: int) -> None:
+        self.waiting += change
+        self._metrics.queue_depth.set(self.waiting)
+
     def refusal(self) -> Overloaded | None:
         """The :class:`Overloaded` error a request arriving now gets, or None when it may
-        wait for a permit. Cheap (a few comparisons): the service asks it before reading a
-        request's body (:class:`service.middleware.AdmissionGateMiddleware`), so a refused
-        request costs the server almost nothing, and again when the request takes its slot."""
-        if not self._sem.locked():
+        wait for a permit. Cheap (a few comparisons)."""
+        position = self.in_flight + self.waiting - self.max_concurrency + 1
+        if position <= 0:
             return None
-        wait_s = self.expected_wait_s(self.waiting + 1)
-        if self.waiting < self.max_queue and wait_s + self.service_s <= self.HEADROOM * self.deadline_s:
+        wait_s = self.expected_wait_s(position)
+        measured = self.service_s > 0.0  # until a request has held a permit, none may wait for one
+        if measured and position <= self.max_queue and wait_s + self.service_s <= self.HEADROOM * self.deadline_s:
             return None
         return Overloaded(
             f"server busy: {self.in_flight} requests in flight and {self.waiting} waiting "
@@ -101,20 +131,39 @@ class AdmissionControl:
             retry_after_s=math.ceil(wait_s),
         )
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[float]:
-        """Hold a permit for the ``async with`` block; yields the ms spent waiting for it."""
+    def reserve(self) -> Reservation | Overloaded:
+        """Admit a request at the gate (a place in the queue, held until its :meth:`slot`
+        or :meth:`cancel`), or the refusal it gets."""
         refused = self.refusal()
         if refused is not None:
-            raise refused
+            return refused
+        self._set_waiting(+1)
+        return Reservation(self)
+
+    def cancel(self, reservation: Reservation) -> None:
+        """Hand back a reservation that no :meth:`slot` took up."""
+        if not reservation.used:
+            reservation.used = True
+            self._set_waiting(-1)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[float]:
+        """Hold a permit for the ``async with`` block; yields the ms spent waiting for it.
+        A request the gate admitted (:data:`RESERVATION`) waits in the place it reserved;
+        any other is admitted or refused now."""
+        reservation = RESERVATION.get()
+        if reservation is not None and reservation.control is self and not reservation.used:
+            reservation.used = True  # its place in the queue is already counted
+        else:
+            refused = self.refusal()
+            if refused is not None:
+                raise refused
+            self._set_waiting(+1)
         started = time.perf_counter()
-        self.waiting += 1
-        self._metrics.queue_depth.set(self.waiting)
         try:
             await self._sem.acquire()
         finally:
-            self.waiting -= 1
-            self._metrics.queue_depth.set(self.waiting)
+            self._set_waiting(-1)
         self.in_flight += 1
         self._metrics.in_flight.set(self.in_flight)
         held_from = time.perf_counter()

@@ -241,7 +241,8 @@ def test_overload_script_end_to_end(artifacts, tiny_beir, tmp_path):
     out = tmp_path / "overload.json"
     code = overload.main(["--artifact", str(artifacts.first), "--queries", str(tiny_beir / "queries.jsonl"),
                           "--users", "1,2", "--step-seconds", "2", "--seconds", "3", "--warmup-s", "0.5",
-                          "--reloads", "3", "--out", str(out), "--locust-dir", str(tmp_path / "locust")])
+                          "--reloads", "3", "--settle-s", "0.1", "--out", str(out),
+                          "--locust-dir", str(tmp_path / "locust")])
     assert code == 0
     data = json.loads(out.read_text())
     capacity = data["sweep"]["capacity_users"]
@@ -251,7 +252,7 @@ def test_overload_script_end_to_end(artifacts, tiny_beir, tmp_path):
     assert o["deadline_ms"] == 250.0 and o["requests"] > 0
     assert r["reloads"] == 3 and r["failed_reloads"] == 0, r
     assert r["failed_searches"] == 0 and r["searches"] > 0, r["searches_by_status"]
-    assert isinstance(r["rss_growth"], float)
+    assert isinstance(r["rss_growth"], float) and len(r["rss_mib"]) == 3
     assert set(data["aims"]) == {"p99_429_server_ms", "accepted_p99_within_deadline", "errors_5xx",
                                  "qps_under_overload", "rss_growth", "failed_searches_during_reloads"}
     assert all(isinstance(a["met"], bool) for a in data["aims"].values())

@@ -128,26 +128,27 @@ def test_overload_gives_429_with_retry_after(artifacts, monkeypatch):
 
 def test_admission_gate_refuses_before_reading_the_body():
     """Under overload a search request is refused from its headers alone: the body is never
-    read (a refusal costs almost nothing) and the app behind the gate never runs."""
-    from service.errors import Overloaded
+    read (a refusal costs almost nothing) and the app behind the gate never runs. An admitted
+    request runs with its reservation, which the gate hands back if no slot took it up."""
+    from service.metrics import ServiceMetrics
     from service.middleware import ROUTE_SCOPE_KEY, AdmissionGateMiddleware
+    from service.state import RESERVATION, AdmissionControl
 
-    class Control:
-        def __init__(self, full: bool) -> None:
-            self.full = full
+    def control(full: bool) -> AdmissionControl:
+        out = AdmissionControl(1, 0, ServiceMetrics(), deadline_s=1.0)
+        out.in_flight = int(full)  # the one permit taken, no queue: the next request is refused
+        return out
 
-        def refusal(self) -> Overloaded | None:
-            return Overloaded("busy", retry_after_s=2) if self.full else None
-
-    reached: list[str] = []
+    reached: list[tuple[str, object, int]] = []
 
     async def app(scope, receive, send) -> None:
-        reached.append(scope["path"])
+        r = RESERVATION.get()
+        reached.append((scope["path"], r, r.control.waiting if r is not None else -1))
 
     async def receive():
         raise AssertionError("the gate read the body")
 
-    async def call(control: Control | None, method: str, path: str) -> tuple[list[dict], dict]:
+    async def call(control: AdmissionControl | None, method: str, path: str) -> tuple[list[dict], dict]:
         sent: list[dict] = []
 
         async def send(message) -> None:
@@ -158,14 +159,52 @@ def test_admission_gate_refuses_before_reading_the_body():
             scope, receive, send)
         return sent, scope
 
-    sent, scope = asyncio.run(call(Control(full=True), "POST", "/search/batch"))
-    assert sent[0]["status"] == 429 and (b"retry-after", b"2") in sent[0]["headers"]
+    sent, scope = asyncio.run(call(control(full=True), "POST", "/search/batch"))
+    assert sent[0]["status"] == 429 and any(k == b"retry-after" for k, _ in sent[0]["headers"])
     assert json.loads(sent[1]["body"])["error"]["type"] == "overloaded"
     assert scope[ROUTE_SCOPE_KEY] == "/search/batch" and reached == []
-    for control, method, path in ((Control(full=False), "POST", "/search"), (None, "POST", "/search"),
-                                  (Control(full=True), "GET", "/info"), (Control(full=True), "POST", "/admin/reload")):
-        sent, _ = asyncio.run(call(control, method, path))
-        assert sent == [] and reached[-1] == path
+    admitting = control(full=False)
+    sent, _ = asyncio.run(call(admitting, "POST", "/search"))
+    path, reservation, waiting = reached[-1]
+    assert sent == [] and path == "/search" and waiting == 1  # its place counted while the app ran
+    assert reservation is not None and reservation.used and admitting.waiting == 0  # handed back after
+    for ctl, method, path in ((None, "POST", "/search"), (control(full=True), "GET", "/info"),
+                              (control(full=True), "POST", "/admin/reload")):
+        sent, _ = asyncio.run(call(ctl, method, path))
+        assert sent == [] and reached[-1] == (path, None, -1)
+
+
+def test_admission_counts_reserved_places_and_slots_take_them_up():
+    """A request admitted at the gate holds its place in the queue before its slot: the next
+    arrival sees it (max_queue=1: refused); its slot then takes that place up and is not
+    refused, whatever arrived meanwhile."""
+    from service.errors import Overloaded
+    from service.metrics import ServiceMetrics
+    from service.state import RESERVATION, AdmissionControl, Reservation
+
+    async def scenario() -> None:
+        control = AdmissionControl(1, 1, ServiceMetrics(), deadline_s=10.0)
+        control.service_s = 0.1  # as measured
+        first, second = control.reserve(), control.reserve()
+        assert isinstance(first, Reservation) and isinstance(second, Reservation)
+        assert control.waiting == 2 and isinstance(control.reserve(), Overloaded)  # 1 permit + 1 queued
+        token = RESERVATION.set(first)
+        try:
+            async with control.slot():
+                assert first.used and control.in_flight == 1 and control.waiting == 1
+                assert isinstance(control.refusal(), Overloaded)
+                RESERVATION.set(second)
+                waiter = asyncio.ensure_future(control.slot().__aenter__())
+                await asyncio.sleep(0)
+                assert second.used and control.waiting == 1 and not waiter.done()  # waits, not refused
+            await waiter
+            assert control.in_flight == 1 and control.waiting == 0
+        finally:
+            RESERVATION.reset(token)
+        control.cancel(first)  # taken up already: nothing to hand back
+        assert control.waiting == 0
+
+    asyncio.run(scenario())
 
 
 def test_thread_switch_interval_is_set_at_start(artifacts):
@@ -198,6 +237,11 @@ def test_queue_admits_up_to_max_queue(artifacts, monkeypatch):
         admission = svc._admission
         monkeypatch.setattr(svc.engine, "retrieve", slowed(svc.engine.retrieve, 0.4))
         with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(c.post, "/search", json={"query": "tumor"})
+            wait_until(lambda: admission.in_flight == 1)
+            # no service time measured yet: no request may wait
+            assert_envelope(c.post("/search", json={"query": "virus"}), 429, "overloaded")
+            assert first.result().status_code == 200
             first = pool.submit(c.post, "/search", json={"query": "tumor"})
             wait_until(lambda: admission.in_flight == 1)
             second = pool.submit(c.post, "/search", json={"query": "heart"})
@@ -618,6 +662,40 @@ def test_entrypoint_limits_native_threads_before_numpy(monkeypatch):
     code = "import sys, service.__main__; print('numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+ARENA_PROBE = """
+import ctypes, ctypes.util, sys, threading
+from service.__main__ import limit_malloc_arenas
+print(limit_malloc_arenas(int(sys.argv[1])))
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+together = threading.Barrier(8)
+def allocate():  # eight threads allocating at once: glibc gives each its own arena, up to the cap
+    together.wait()
+    held = [libc.malloc(4096) for _ in range(2000)]
+    together.wait()
+    for p in held:
+        libc.free(p)
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc.malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_entrypoint_caps_malloc_arenas():
+    def arenas(cap: int) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", ARENA_PROBE, str(cap)], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).resolve().parents[1])
+        return out.stdout.strip(), sum(line.startswith("Arena ") for line in out.stderr.splitlines())
+
+    assert arenas(2) == ("True", 2)
+    capped, uncapped = arenas(0)
+    assert capped == "False" and uncapped > 2
 
 
 def test_lone_request_splits_its_colbert_rerank(artifacts, monkeypatch):
