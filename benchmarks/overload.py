@@ -230,7 +230,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle-s", type=float, default=2.0,
                    help="wait after the first and the last reload before reading the RSS compared")
     p.add_argument("--threads", type=int, default=1, help="NRS_THREADS")
-    p.add_argument("--max-concurrency", type=int, default=8, help="NRS_MAX_CONCURRENCY")
+    p.add_argument("--max-concurrency", type=int, default=0,
+                   help="NRS_MAX_CONCURRENCY (0: the service's default, two per core)")
     p.add_argument("--ignore-retry-after", action="store_true",
                    help="overloaded users retry at once instead of waiting the 429's Retry-After")
     p.add_argument("--env", action="append", default=[], metavar="NRS_X=VALUE", help="extra service setting")
@@ -260,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out["aims"] = aims(out)
     out["settings"] = {"artifact": str(args.artifact), "mix": args.mix, "threads": args.threads,
                        "deadline_ms": args.deadline_ms,
-                       "NRS_MAX_CONCURRENCY": args.max_concurrency, "env": args.env, "factor": args.factor,
+                       "NRS_MAX_CONCURRENCY": args.max_concurrency or out["overload"]["max_concurrency"],
+                       "env": args.env, "factor": args.factor,
                        "client": "locust (sweep, overload) and httpx threads (reloads) on the same machine",
                        "refused_clients": "retry at once" if args.ignore_retry_after
                        else "wait the 429's Retry-After (at most 10 s), as well-behaved clients do"}

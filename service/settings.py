@@ -15,10 +15,11 @@ Groups (one flat object so every env var name is simply ``NRS_<FIELD>``):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.retrieval import FirstStage, RerankMode
@@ -26,6 +27,18 @@ from models.retrieval import FirstStage, RerankMode
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 #: the models an artifact may hold (manifest ``models`` keys)
 MODEL_ROLES = ("dense", "colbert", "cross-encoder")
+
+
+#: search permits per CPU core when ``max_concurrency`` is 0: one searching, one between stages
+PERMITS_PER_CORE = 2
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -86,7 +99,10 @@ class Settings(BaseSettings):
         "mid-body does not hold a connection open)."))
 
     # -- backpressure ----------------------------------------------------------------------------
-    max_concurrency: int = Field(8, ge=1, description="Search requests processed at once (permits).")
+    max_concurrency: int = Field(0, ge=0, description=(
+        "Search requests processed at once (permits); 0 = two per CPU core this process may run "
+        "on. More permits than that only share the same cores: each search then takes longer "
+        "and varies more, so fewer of the admitted ones meet the deadline."))
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a permit before 429.")
     request_timeout_ms: float = Field(10_000.0, gt=0, description="Per-request deadline (504 past it).")
     worker_nice: int = Field(10, ge=0, le=19, description=(
@@ -136,6 +152,11 @@ class Settings(BaseSettings):
         "/admin/reload loads only artifact directories under this one "
         "(default: the directory that holds artifact_dir)."))
     graceful_shutdown_s: int = Field(10, ge=1, description="Time in-flight requests get after SIGTERM.")
+
+    @field_validator("max_concurrency")
+    @classmethod
+    def _permits_per_core(cls, value: int) -> int:
+        return value or PERMITS_PER_CORE * available_cores()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -4,6 +4,7 @@ authentication, metrics and headers."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -365,7 +366,10 @@ def test_settings_validation_and_env(monkeypatch, tmp_path: Path):
     with pytest.raises(ValidationError, match="default_k=200 is above max_k=100"):
         Settings(artifact_dir=tmp_path, default_k=200)
     with pytest.raises(ValidationError, match="max_concurrency"):
-        Settings(artifact_dir=tmp_path, max_concurrency=0)
+        Settings(artifact_dir=tmp_path, max_concurrency=-1)
+    # permits sized to the machine unless set: two per core this process may run on
+    assert Settings(artifact_dir=tmp_path).max_concurrency == 2 * len(os.sched_getaffinity(0))
+    assert Settings(artifact_dir=tmp_path, max_concurrency=3).max_concurrency == 3
     monkeypatch.setenv("NRS_ARTIFACT_DIR", str(tmp_path))
     monkeypatch.setenv("NRS_MAX_K", "7")
     monkeypatch.setenv("NRS_DEFAULT_K", "5")
