@@ -5,8 +5,6 @@ exit 0. A start-up failure (bad settings, missing or corrupt artifact) exits non
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -69,13 +67,12 @@ M_ARENA_MAX = -8
 def limit_malloc_arenas(arenas: int) -> bool:
     """Cap glibc's malloc arenas at ``arenas`` (``mallopt(M_ARENA_MAX)``) before the service
     starts its threads; ``0`` leaves glibc's default. Whether the cap was set (False off glibc)."""
-    if arenas <= 0:
+    from service.native import libc
+
+    c = libc()
+    if arenas <= 0 or c is None or not hasattr(c, "mallopt"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False
+    return bool(c.mallopt(M_ARENA_MAX, arenas))
 
 
 def usage() -> str:

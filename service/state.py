@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import ctypes
-import ctypes.util
 import functools
 import gc
 import logging
@@ -42,6 +40,7 @@ from service.errors import (
     StartupError,
 )
 from service.metrics import ServiceMetrics
+from service.native import libc
 from service.search import EncodedQueries, SearchEngine, SearchOptions, SearchResult, colbert_queries, validate_query
 from service.settings import Settings
 
@@ -181,11 +180,9 @@ def release_memory() -> None:
     (glibc ``malloc_trim``; a no-op elsewhere). ONNX Runtime, FAISS and NumPy free a closed
     engine's buffers into the heap, where the allocator would otherwise keep them."""
     gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    c = libc()
+    if c is not None and hasattr(c, "malloc_trim"):
+        c.malloc_trim(0)
 
 
 @dataclass
