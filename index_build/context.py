@@ -49,7 +49,7 @@ class BuildContext(ABC):
         # dev-slice choices, computed once per exported models (index_build.tune)
         self.tuning: dict[tuple, dict[str, Any]] = {}
         # open ONNX sessions of the exported students (student_encoder)
-        self._encoders: dict[tuple[str, str, str], tuple[tuple[int, int], Any]] = {}
+        self._encoders: dict[tuple[str, str], tuple[tuple[int, int], Any]] = {}
         if cfg.threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
 
@@ -64,13 +64,13 @@ class BuildContext(ABC):
         opened once and reused while the file stays the same (an export that rewrites it opens
         it again): evaluation and tuning encode with the same graphs many times, and opening an
         ONNX session costs a graph optimization each time."""
-        path = self.onnx_dir(kind) / onnx_file
-        st = path.stat()
+        directory = self.onnx_dir(kind)
+        st = (directory / onnx_file).stat()
         stamp = (st.st_mtime_ns, st.st_size)
-        key = (cls.__name__, str(path), onnx_file)
+        key = (cls.__name__, str(directory / onnx_file))
         held = self._encoders.get(key)
         if held is None or held[0] != stamp:
-            self._encoders[key] = (stamp, cls(self.onnx_dir(kind), onnx_file=onnx_file,  # type: ignore[call-arg]
+            self._encoders[key] = (stamp, cls(directory, onnx_file=onnx_file,  # type: ignore[call-arg]
                                               threads=self.cfg.threads))
         return self._encoders[key][1]  # type: ignore[no-any-return]
 

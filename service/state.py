@@ -151,13 +151,12 @@ class AdmissionControl:
         A request the gate admitted (:data:`RESERVATION`) waits in the place it reserved;
         any other is admitted or refused now."""
         reservation = RESERVATION.get()
-        if reservation is not None and reservation.control is self and not reservation.used:
-            reservation.used = True  # its place in the queue is already counted
-        else:
-            refused = self.refusal()
-            if refused is not None:
-                raise refused
-            self._set_waiting(+1)
+        if reservation is None or reservation.control is not self or reservation.used:
+            admitted = self.reserve()
+            if isinstance(admitted, Overloaded):
+                raise admitted
+            reservation = admitted
+        reservation.used = True  # its counted place in the queue is now this wait
         started = time.perf_counter()
         try:
             await self._sem.acquire()
