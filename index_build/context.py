@@ -49,7 +49,7 @@ class BuildContext(ABC):
         # dev-slice choices, computed once per exported models (index_build.tune)
         self.tuning: dict[tuple, dict[str, Any]] = {}
         # open ONNX sessions of the exported students (student_encoder)
-        self._encoders: dict[tuple[str, str], tuple[tuple[int, int], Any]] = {}
+        self._encoders: dict[tuple[str, str], tuple[tuple[int, ...], Any]] = {}
         if cfg.threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
 
@@ -66,7 +66,7 @@ class BuildContext(ABC):
         ONNX session costs a graph optimization each time."""
         directory = self.onnx_dir(kind)
         st = (directory / onnx_file).stat()
-        stamp = (st.st_mtime_ns, st.st_size)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)  # any rewrite changes one
         key = (cls.__name__, str(directory / onnx_file))
         held = self._encoders.get(key)
         if held is None or held[0] != stamp:
