@@ -243,7 +243,9 @@ def test_trec_pool_rows_of_a_build_trained_elsewhere_are_as_served(built, tmp_pa
     hw = tune_hybrid(p)["dense_weight"]
     weights = p.trec_weights["pool"]
     assert weights["colbert_weight"] == tune_rerank_weights(p, "colbert", hw)["weights"]
-    assert weights["cross_encoder_weight"] == tune_rerank_weights(p, "cross-encoder", hw)["weights"]["dense"]
+    served_depth = p.cfg.evaluate.served_cross_encoder_depth  # the depth the artifact tunes and serves it at
+    ce = tune_rerank_weights(p, "cross-encoder", hw, served_depth)
+    assert weights["cross_encoder_weight"] == ce["weights"]["dense"]
     plain = {"dense+colbert": "dense+colbert-maxsim", "dense+cross-encoder": "dense+cross-encoder-plain"}
     for w, expect in [(1.0, plain), (0.0, {"dense+colbert": "dense", "dense+cross-encoder": "dense"})]:
         with pytest.MonkeyPatch.context() as mp:
