@@ -123,11 +123,12 @@ def train_asymmetric(
     student: AsymmetricStudent, texts: list[str], q_teacher: np.ndarray, pools: list[np.ndarray],
     t_scores: list[np.ndarray], docs: np.ndarray, cfg: AsymmetricConfig,
     dev_eval: Callable[[AsymmetricStudent], float] | None, log: list[dict[str, Any]],
-    progress: bool = False,
+    progress: bool = False, draws: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Alignment MSE to ``q_teacher`` plus ``cfg.kl_weight`` times the listwise KL to the
     teacher's pool scores; keeps the parameters that scored best on ``dev_eval`` (without
-    one, the last)."""
+    one, the last). A pass draws query ``i`` ``draws[i]`` times (default once each), in
+    random order."""
     import torch
     from tqdm import tqdm
 
@@ -140,7 +141,11 @@ def train_asymmetric(
         {"params": student.encoder.parameters(), "lr": cfg.lr},
         {"params": student.maps.parameters(), "lr": cfg.lr * cfg.map_lr_factor},
     ], weight_decay=0.01)
-    steps = max(1, int(cfg.epochs * len(texts) / cfg.batch))
+    draws = np.ones(len(texts), np.int64) if draws is None else np.asarray(draws, np.int64)
+    if draws.shape != (len(texts),) or (draws < 0).any():
+        raise ValueError(f"draws must be {len(texts)} non-negative counts, one per query")
+    per_pass = np.repeat(np.arange(len(texts)), draws)
+    steps = max(1, int(cfg.epochs * len(per_pass) / cfg.batch))
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / steps))
     best_dev, best_step, best_state = None, 0, None
@@ -148,11 +153,11 @@ def train_asymmetric(
         best_dev, best_state = dev_eval(student), copy.deepcopy(student.state_dict())
         log.append({"step": 0, "dev_nDCG@10": best_dev})
     started = time.perf_counter()
-    order, pos = rng.permutation(len(texts)), 0
+    order, pos = rng.permutation(per_pass), 0
     for step in tqdm(range(1, steps + 1), desc="asymmetric student: training steps", unit="step",
                      disable=not progress):
         if pos + cfg.batch > len(order):
-            order, pos = rng.permutation(len(texts)), 0
+            order, pos = rng.permutation(per_pass), 0
         idx = order[pos : pos + cfg.batch]
         pos += cfg.batch
         student.train()

@@ -100,7 +100,12 @@ class AsymmetricConfig:
     # pseudo-queries from every document (title, two sentences, key-phrases) added to the
     # training queries; at most this many per document (0: none)
     pseudo_per_doc: int = 5
-    max_queries: int = 0            # cap on training queries, after shuffling (0: all)
+    # cap on training queries (0: all): every mined query is kept, pseudo-queries fill up to it
+    max_queries: int = 0
+    # times each mined query (a real training query, or a label-free generator's round-trip
+    # checked pseudo-query) is drawn per pass: the queries most like the users' get that weight
+    # against the document pseudo-queries that outnumber them
+    mined_draws: int = 1
 
 
 @dataclass

@@ -85,14 +85,19 @@ def base_dense_dev_score(ctx: BuildContext, dev: dict, student, retrieval: bool 
     return metrics(ctx.dev_qrels(dev), run_from_arrays(dev["qids"], ctx.collection.doc_ids, s, i))["nDCG@10"]
 
 
-def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], dict[str, Any]]:
-    """The asymmetric student's training queries: the mined training queries (labelled,
-    or the label-free pseudo-queries) plus, ``asymmetric.pseudo_per_doc`` > 0, pseudo-queries
-    from every document (titles, sentences, key-phrases); never a dev or test query."""
+def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """The asymmetric student's training queries and how often each is drawn per pass: the
+    mined training queries (labelled, or the label-free pseudo-queries), every one of them,
+    ``asymmetric.mined_draws`` times, plus, with ``asymmetric.pseudo_per_doc`` > 0,
+    pseudo-queries from every document (titles, sentences, key-phrases) up to
+    ``asymmetric.max_queries`` in all, once each; never a dev or test query."""
     from index_build.pseudo_queries import KeyphraseGenerator, SentenceGenerator, TitleGenerator, filter_queries
 
     a = ctx.cfg.asymmetric
-    mined = [e.query for e in ctx.load_mined()["examples"]]
+    held_out = set(dev["queries"])
+    if ctx.cfg.data.test_split in ctx.collection.qrels:
+        held_out |= set(ctx.collection.split_queries(ctx.cfg.data.test_split).values())
+    mined = [t for t in dict.fromkeys(e.query for e in ctx.load_mined()["examples"]) if t not in held_out]
     pseudo: list[str] = []
     stats: dict[str, Any] = {}
     if a.pseudo_per_doc > 0:
@@ -100,16 +105,15 @@ def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], 
         generated = [q for g in (TitleGenerator(), SentenceGenerator(per_doc=2), KeyphraseGenerator())
                      for q in g.generate(docs)]
         kept, stats = filter_queries(generated, docs, per_doc=a.pseudo_per_doc)
-        pseudo = [q.text for q in kept]
-    held_out = set(dev["queries"])
-    if ctx.cfg.data.test_split in ctx.collection.qrels:
-        held_out |= set(ctx.collection.split_queries(ctx.cfg.data.test_split).values())
-    texts = [t for t in dict.fromkeys(mined + pseudo) if t not in held_out]
-    random.Random(a.seed).shuffle(texts)
+        taken = set(mined)
+        pseudo = [t for t in dict.fromkeys(q.text for q in kept) if t not in held_out and t not in taken]
+    random.Random(a.seed).shuffle(pseudo)
     if a.max_queries:
-        texts = texts[: a.max_queries]
-    return texts, {"queries": len(texts), "mined": len(set(mined)), "pseudo": len(set(pseudo)),
-                   "pseudo_filters": stats}
+        pseudo = pseudo[: max(0, a.max_queries - len(mined))]
+    texts = mined + pseudo
+    draws = np.array([a.mined_draws] * len(mined) + [1] * len(pseudo), np.int64)
+    return texts, draws, {"queries": len(texts), "mined": len(mined), "pseudo": len(pseudo),
+                          "mined_draws": a.mined_draws, "pseudo_filters": stats}
 
 
 def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
@@ -123,7 +127,7 @@ def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
 
     a, space = ctx.cfg.asymmetric, ctx.teacher_space
     dev = ctx.load_mined()["dev"]
-    texts, about = asymmetric_training_texts(ctx, dev)
+    texts, draws, about = asymmetric_training_texts(ctx, dev)
     log.info("asymmetric student: %d training queries (%d mined, %d pseudo), %d dev; teacher space %s, dims %s",
              len(texts), about["mined"], about["pseudo"], len(dev["qids"]), space.names, space.dims)
     doc_parts = space.doc_parts()
@@ -147,7 +151,7 @@ def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
 
     history: list[dict[str, Any]] = []
     res = train_asymmetric(student, texts, np.hstack(q_parts), pools, t_scores, docs, a, dev_eval, history,
-                           progress=ctx.progress)
+                           progress=ctx.progress, draws=draws)
     student.save(out / "student")
     return {**about, **res, "space": {"members": space.names, "dims": space.dims},
             "mean_pool": float(np.mean([len(p) for p in pools])) if pools else 0.0, "dev_history": history}

@@ -84,6 +84,19 @@ def test_student_trains_saves_and_exports_as_a_dense_model(space, tiny_bert, tmp
                                                        torch.from_numpy(q_teacher)).item(), history)
     after = alignment_mse(torch.from_numpy(encode_queries(student, texts)), torch.from_numpy(q_teacher)).item()
     assert result["steps"] >= 20 and after < before, history  # the best checkpoint is closer to the teacher
+    # a pass draws each query as often as ``draws`` says: here only the first two, twice each
+    draws = np.zeros(len(texts), np.int64)
+    draws[:2] = 2
+    seen: list[str] = []
+    encode = student.encode_queries
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(student, "encode_queries", lambda batch: seen.extend(batch) or encode(batch))
+        short = train_asymmetric(student, texts, q_teacher, pools, scores, docs,
+                                 AsymmetricConfig(epochs=2, batch=2, eval_every=100), None, [], draws=draws)
+    assert short["steps"] == 4 and sorted(seen) == sorted(texts[:2] * 4)
+    with pytest.raises(ValueError, match="draws"):
+        train_asymmetric(student, texts, q_teacher, pools, scores, docs, AsymmetricConfig(), None, [],
+                         draws=draws[:3])
     vecs = encode_queries(student, texts[:4])
     start = 0
     for dim in sp.dims:  # each part is unit-norm, as the members' own vectors

@@ -59,9 +59,29 @@ def test_asymmetric_rows_beside_the_full_tower_rows(built):
     # every mined training query plus the corpus's pseudo-queries, none of them a dev query
     assert record["queries"] > record["mined"] and record["pseudo"] > 0
     assert record["space"]["dims"] == [32] and record["dev_history"][0]["step"] == 0
-    texts, _ = asymmetric_training_texts(p, p.load_mined()["dev"])
-    assert not set(texts) & set(p.load_mined()["dev"]["queries"])
+    dev = p.load_mined()["dev"]
+    texts, draws, _ = asymmetric_training_texts(p, dev)
+    assert not set(texts) & set(dev["queries"])
     assert not set(texts) & set(p.collection.split_queries("test").values())
+    assert len(set(texts)) == len(texts) == len(draws) and (draws == 1).all()
+
+
+def test_a_query_cap_keeps_every_mined_query_and_mined_draws_weights_them(built):
+    """``asymmetric.max_queries`` trims the document pseudo-queries, never the mined queries
+    (the real training queries here); ``asymmetric.mined_draws`` draws each of those that
+    many times per pass."""
+    p, _ = built
+    dev = p.load_mined()["dev"]
+    texts, _, about = asymmetric_training_texts(p, dev)
+    mined = {e.query for e in p.load_mined()["examples"]} - set(dev["queries"])
+    assert mined and about["mined"] == len(mined) and about["pseudo"] == len(texts) - len(mined)
+    cap = len(mined) + 3
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(p.cfg.asymmetric, "max_queries", cap)
+        mp.setattr(p.cfg.asymmetric, "mined_draws", 3)
+        capped, draws, about = asymmetric_training_texts(p, dev)
+    assert len(capped) == cap and mined <= set(capped) and about["pseudo"] == 3
+    assert {t: int(d) for t, d in zip(capped, draws)} == {t: 3 if t in mined else 1 for t in capped}
 
 
 def test_artifact_serves_the_asymmetric_student_over_the_teacher_space(built):
