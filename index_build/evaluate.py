@@ -95,8 +95,11 @@ def evaluate_collection(ctx: BuildContext) -> dict[str, dict[str, float]]:
 
 
 def _reference_rows(ctx: BuildContext, test: JudgedQueries) -> dict[str, dict[str, float]]:
-    """``bm25``, ``base-dense`` (the base model untrained) and ``teacher`` (over the union of
-    BM25's and the base model's top candidates)."""
+    """``bm25``, ``base-dense`` (the base model untrained), ``teacher`` (over the union of
+    BM25's and the base model's top candidates) and, with an asymmetric student,
+    ``teacher-space``: the teacher members' own query vectors searched over the document
+    vectors the student searches (the target its alignment loss pulls it to; the student
+    goes beyond it only through the ranking loss against the full teacher, BM25 included)."""
     from index_build.teachers import cached_teacher_scores
 
     systems = {"bm25": test.arrays(*ctx.bm25.search(test.texts, test.depth)),
@@ -105,6 +108,10 @@ def _reference_rows(ctx: BuildContext, test: JudgedQueries) -> dict[str, dict[st
     t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, test.texts, pools, progress=ctx.progress)
     systems["teacher"] = test.metrics({q: {test.doc_ids[int(d)]: float(s) for d, s in zip(p, ts)}
                                        for q, p, ts in zip(test.qids, pools, t_scores)})
+    if "asymmetric" in ctx.cfg.students.kinds:
+        space = ctx.teacher_space
+        systems["teacher-space"] = test.arrays(*exact_search(space.doc_vectors(), space.query_vectors(test.texts),
+                                                             test.depth))
     return systems
 
 
@@ -268,6 +275,16 @@ def _dense_fn(enc, docs: dict[str, str]) -> Callable[[str, list[str]], np.ndarra
     return lambda q, cs: enc.encode_docs([docs[c] for c in cs]) @ enc.encode_queries([q])[0]
 
 
+def _space_fn(pool: TrecPool, space,
+              encode: Callable[[list[str]], np.ndarray]) -> Callable[[str, list[str]], np.ndarray]:
+    """Scores of a pool's candidates in a teacher space (:class:`index_build.asymmetric.TeacherSpace`)
+    for the query vector ``encode`` gives."""
+    def score(q: str, cs: list[str]) -> np.ndarray:
+        idx = np.array([pool.collection.doc_index[c] for c in cs], np.int64)
+        return np.hstack([m.embeddings(idx) for m in space.members]) @ encode([q])[0]
+    return score
+
+
 def _trec_reference_rows(ctx: BuildContext, pool: TrecPool) -> tuple[dict[str, dict[str, float]], Any]:
     """``bm25`` (the run itself), ``base-dense`` and ``teacher`` (the configured ensemble,
     BM25 statistics over the pool's corpus); also the teacher, whose bi-encoder members'
@@ -311,11 +328,9 @@ def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
         if kind == "asymmetric":  # the student's queries against the teacher members' document vectors
             space = TeacherSpace([m for m in teacher.members if isinstance(m, BiEncoderTeacher)])
 
-            def asym_fn(q: str, cs: list[str], enc: DenseEncoder = enc, space: TeacherSpace = space) -> np.ndarray:
-                idx = np.array([pool.collection.doc_index[c] for c in cs], np.int64)
-                return np.hstack([m.embeddings(idx) for m in space.members]) @ enc.encode_queries([q])[0]
-
-            dense_run = pool.score_all(asym_fn)
+            # the target the student's alignment loss pulls it to (see _reference_rows)
+            systems["teacher-space"] = pool.metrics(pool.score_all(_space_fn(pool, space, space.query_vectors)))
+            dense_run = pool.score_all(_space_fn(pool, space, enc.encode_queries))
         else:
             dense_run = pool.score_all(_dense_fn(enc, pool.docs))
             if ctx.cfg.export_int8:

@@ -55,6 +55,8 @@ def test_asymmetric_rows_beside_the_full_tower_rows(built):
             "hybrid+colbert", "served-default"} <= set(systems)
     default = choose_default(p)
     assert systems["served-default"] == systems[mode_row(p, default)]
+    # the teacher's own query vectors in its space; its one bi-encoder member is the base model here
+    assert systems["teacher-space"] == pytest.approx(systems["base-dense"], abs=1e-4)
     record = result["stages"]["distill-asymmetric"]
     # every mined training query plus the corpus's pseudo-queries, none of them a dev query
     assert record["queries"] > record["mined"] and record["pseudo"] > 0

@@ -284,6 +284,20 @@ def test_rerank_mode_on_a_trec_style_pool(tmp_path, tiny_bert):
     assert evaluate_trec(p, data)["teacher"] == systems["bm25"]
 
 
+def test_rerank_mode_with_the_asymmetric_student(tmp_path, tiny_bert):
+    """On a pool, the asymmetric student scores its candidates against the teacher members'
+    document vectors; ``teacher-space`` is the teacher's own query vectors there (its one
+    bi-encoder member is the base model here, so it ranks as ``base-dense``)."""
+    data = write_trec_pool(tmp_path)
+    cfg = load_config(overrides=tiny_overrides(data, tiny_bert, tmp_path, "data.label_free=true",
+                                               'evaluate.mode="rerank"', "evaluate.rerank_depth=20",
+                                               'students.kinds=["asymmetric"]', "label_free.dev_queries=5",
+                                               "asymmetric.batch=8", "asymmetric.pool_size=8"))
+    systems = Pipeline(cfg, progress=False).run_all()["systems"]
+    assert {"asym-dense", "asym-hybrid", "teacher-space", "served-default"} <= set(systems)
+    assert systems["teacher-space"] == pytest.approx(systems["base-dense"], abs=1e-4)
+
+
 def test_pseudo_query_augmentation_and_dev_retrieval(tiny_beir, tiny_bert, tmp_path):
     cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "train.dense.pseudo_queries=20",
                                                "train.dense.dev_retrieval=true", 'students.kinds=["dense"]',
