@@ -97,9 +97,11 @@ class AsymmetricConfig:
     scale: float = 20.0             # student score multiplier in the KL
     eval_every: int = 200           # steps between dev evaluations (full-corpus retrieval)
     seed: int = 13
-    # pseudo-queries from every document (title, two sentences, key-phrases) added to the
-    # training queries; at most this many per document (0: none)
+    # pseudo-queries from every document (its title, its most informative sentences, key-phrase
+    # queries) added to the training queries; at most this many per document (0: none)
     pseudo_per_doc: int = 5
+    sentences_per_doc: int = 2      # sentence queries per document, the highest mean IDF first
+    keyphrases_per_doc: int = 1     # key-phrase queries per document (the top terms, then samples of the top 2n)
     # cap on training queries (0: all): every mined query is kept, pseudo-queries fill up to it
     max_queries: int = 0
     # times each mined query (a real training query, or a label-free generator's round-trip

@@ -102,8 +102,9 @@ def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], 
     stats: dict[str, Any] = {}
     if a.pseudo_per_doc > 0:
         docs = ctx.collection.docs
-        generated = [q for g in (TitleGenerator(), SentenceGenerator(per_doc=2), KeyphraseGenerator())
-                     for q in g.generate(docs)]
+        generators = (TitleGenerator(), SentenceGenerator(per_doc=a.sentences_per_doc),
+                      KeyphraseGenerator(per_doc=a.keyphrases_per_doc))
+        generated = [q for g in generators for q in g.generate(docs)]
         kept, stats = filter_queries(generated, docs, per_doc=a.pseudo_per_doc)
         taken = set(mined)
         pseudo = [t for t in dict.fromkeys(q.text for q in kept) if t not in held_out and t not in taken]

@@ -81,9 +81,14 @@ def test_a_query_cap_keeps_every_mined_query_and_mined_draws_weights_them(built)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(p.cfg.asymmetric, "max_queries", cap)
         mp.setattr(p.cfg.asymmetric, "mined_draws", 3)
-        capped, draws, about = asymmetric_training_texts(p, dev)
-    assert len(capped) == cap and mined <= set(capped) and about["pseudo"] == 3
+        capped, draws, capped_about = asymmetric_training_texts(p, dev)
+    assert len(capped) == cap and mined <= set(capped) and capped_about["pseudo"] == 3
     assert {t: int(d) for t, d in zip(capped, draws)} == {t: 3 if t in mined else 1 for t in capped}
+    with pytest.MonkeyPatch.context() as mp:  # more queries per document when asked for
+        mp.setattr(p.cfg.asymmetric, "keyphrases_per_doc", 2)
+        mp.setattr(p.cfg.asymmetric, "pseudo_per_doc", 10)
+        _, _, more = asymmetric_training_texts(p, dev)
+    assert more["pseudo"] > about["pseudo"] + 3
 
 
 def test_artifact_serves_the_asymmetric_student_over_the_teacher_space(built):
