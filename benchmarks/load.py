@@ -76,6 +76,7 @@ from benchmarks.latency import (  # noqa: E402
     service_env,
     write_json_atomic,
 )
+from service.settings import PERMITS_PER_CORE, available_cores  # noqa: E402
 
 log = logging.getLogger("benchmarks.load")
 
@@ -527,7 +528,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overload-max-queue", type=int, default=4, help="NRS_MAX_QUEUE of the overload run")
     p.add_argument("--overload-min-users", type=int, default=12)
     p.add_argument("--threads", type=int, default=1, help="NRS_THREADS of the service, torch threads of the baseline")
-    p.add_argument("--max-concurrency", type=int, default=8, help="NRS_MAX_CONCURRENCY")
+    p.add_argument("--max-concurrency", type=int, default=0,
+                   help="NRS_MAX_CONCURRENCY (0: the service's default, two per core)")
     p.add_argument("--env", action="append", default=[], metavar="NRS_X=VALUE",
                    help="extra service setting for every service run, e.g. NRS_USE_INT8=true")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds a server may take to get ready")
@@ -536,6 +538,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="summary JSON (default: benchmarks/results/load.json with --compare, else load-<target>.json)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    # the effective permits: the overload phase sizes its users from them, the summary records them
+    args.max_concurrency = args.max_concurrency or PERMITS_PER_CORE * available_cores()
     bad = [x for x in args.only if x not in PHASES]
     if bad:
         p.error(f"unknown phases {bad}; choose from {list(PHASES)}")

@@ -17,11 +17,13 @@ locust through ``benchmarks/load.py``'s helpers:
    (``nrs_request_duration_seconds{route="/search",status="429"}``, scraped from ``/metrics``
    before and after the run; the p99 is the upper bound of the bucket that holds it).
 3. **reloads**: ``--reloads`` hot reloads of the same artifact (``POST /admin/reload``) while
-   ``--reload-users`` closed-loop clients search; the server's RSS after the first reload and
-   after the last (``rss_growth``, a fraction), each read ``--settle-s`` after the reload
-   answered (the replaced engine is closed when its last search ends, and its memory handed
-   back by the admin thread after that: read at once, RSS may still hold both engines), the
-   RSS right after each reload (``rss_mib``, the trend), and every search answer's status.
+   ``--reload-users`` closed-loop clients search; the server's RSS after the first reloads and
+   after the last (``rss_growth``, a fraction: the median of ``--settled-reads`` readings at
+   each end, since the searches running beside a reading move it by tens of MiB), each read
+   ``--settle-s`` after the reload answered (the replaced engine is closed when its last
+   search ends, and its memory handed back by the admin thread after that: read at once, RSS
+   may still hold both engines), the RSS right after each reload (``rss_mib``, the trend),
+   and every search answer's status.
 
 ``aims`` says whether each target was met: 429 p99 server-side <= 10 ms, accepted p99 <= the
 deadline, no 5xx, overload QPS >= 0.9 x the sweep's best, ``rss_growth`` <= 0.10, no failed
@@ -34,6 +36,7 @@ import argparse
 import json
 import logging
 import re
+import statistics
 import sys
 import threading
 import time
@@ -166,6 +169,7 @@ def reloads_under_load(args: argparse.Namespace, queries: Sequence[str]) -> dict
         rss: list[int] = []
         settled: list[int] = []
         failed_reloads = 0
+        ends = max(1, min(args.settled_reads, args.reloads // 2))  # settled readings at each end
         started = time.perf_counter()
         with httpx.Client(timeout=600, headers={"X-API-Key": ADMIN_KEY}) as admin:
             for n in range(args.reloads):
@@ -174,7 +178,7 @@ def reloads_under_load(args: argparse.Namespace, queries: Sequence[str]) -> dict
                 reload_ms.append((time.perf_counter() - t0) * 1000.0)
                 failed_reloads += r.status_code != 200
                 rss.append(int(proc.memory_info().rss))
-                if n in (0, args.reloads - 1):
+                if n < ends or n >= args.reloads - ends:
                     time.sleep(args.settle_s)
                     settled.append(int(proc.memory_info().rss))
         stop.set()
@@ -182,13 +186,16 @@ def reloads_under_load(args: argparse.Namespace, queries: Sequence[str]) -> dict
             t.join(timeout=120)
         wall = time.perf_counter() - started
     answered = sum(statuses.values())
+    first, last = int(statistics.median(settled[:ends])), int(statistics.median(settled[-ends:]))
     return {
         "reloads": args.reloads, "failed_reloads": failed_reloads, "clients": args.reload_users,
         "searches": answered, "searches_by_status": dict(sorted(statuses.items())),
         "failed_searches": answered - statuses.get("200", 0),
         "settle_s": args.settle_s,
-        "rss_after_first_reload": settled[0], "rss_after_last_reload": settled[-1], "rss_max": max(rss),
-        "rss_growth": round((settled[-1] - settled[0]) / settled[0], 4),
+        # the median settled RSS after the first reloads and after the last ones
+        "rss_after_first_reload": first, "rss_after_last_reload": last, "rss_max": max(rss),
+        "rss_growth": round((last - first) / first, 4),
+        "rss_settled_mib": [round(x / 2**20) for x in settled],
         "rss_mib": [round(x / 2**20) for x in rss],
         "reload_ms": {"p50": round(sorted(reload_ms)[len(reload_ms) // 2], 1), "max": round(max(reload_ms), 1)},
         "wall_s": round(wall, 1),
@@ -227,6 +234,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-s", type=float, default=3.0)
     p.add_argument("--reloads", type=int, default=100)
     p.add_argument("--reload-users", type=int, default=2, help="clients searching during the reloads")
+    p.add_argument("--settled-reads", type=int, default=3,
+                   help="settled RSS readings after the first and after the last reloads (their medians compared)")
     p.add_argument("--settle-s", type=float, default=2.0,
                    help="wait after the first and the last reload before reading the RSS compared")
     p.add_argument("--threads", type=int, default=1, help="NRS_THREADS")

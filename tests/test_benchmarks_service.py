@@ -253,6 +253,7 @@ def test_overload_script_end_to_end(artifacts, tiny_beir, tmp_path):
     assert r["reloads"] == 3 and r["failed_reloads"] == 0, r
     assert r["failed_searches"] == 0 and r["searches"] > 0, r["searches_by_status"]
     assert isinstance(r["rss_growth"], float) and len(r["rss_mib"]) == 3
+    assert len(r["rss_settled_mib"]) == 2  # one settled reading at each end of 3 reloads
     assert set(data["aims"]) == {"p99_429_server_ms", "accepted_p99_within_deadline", "errors_5xx",
                                  "qps_under_overload", "rss_growth", "failed_searches_during_reloads"}
     assert all(isinstance(a["met"], bool) for a in data["aims"].values())
