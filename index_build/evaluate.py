@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from index_build.tune import DENSE_ROW_PREFIX, choose_default, mode_row, tune_hy
 from models.dense_index import exact_search
 from models.encoders import ONNX_NAME
 from models.retrieval import Ranked, fuse_hybrid, rerank_order
+
+if TYPE_CHECKING:
+    from index_build.asymmetric import TeacherSpace
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +278,7 @@ def _dense_fn(enc, docs: dict[str, str]) -> Callable[[str, list[str]], np.ndarra
     return lambda q, cs: enc.encode_docs([docs[c] for c in cs]) @ enc.encode_queries([q])[0]
 
 
-def _space_fn(pool: TrecPool, space,
+def _space_fn(pool: TrecPool, space: TeacherSpace,
               encode: Callable[[list[str]], np.ndarray]) -> Callable[[str, list[str]], np.ndarray]:
     """Scores of a pool's candidates in a teacher space (:class:`index_build.asymmetric.TeacherSpace`)
     for the query vector ``encode`` gives."""
