@@ -23,7 +23,7 @@ from index_build.data import Collection, load_collection
 from index_build.metrics import metrics, run_from_arrays
 from models.dense_index import exact_search
 from models.encoders import ONNX_NAME
-from models.retrieval import FIRST_STAGES, Ranked, first_stages, rerank_order
+from models.retrieval import FIRST_STAGES, DenseParts, Ranked, first_stages, rerank_order
 
 E = TypeVar("E")
 
@@ -156,6 +156,27 @@ class BuildContext(ABC):
             raise ConfigError("students.kinds includes 'asymmetric', whose document space is the teacher's "
                               "bi-encoder members, but teacher.members has none")
         return TeacherSpace(members)
+
+    @cached_property
+    def teacher_fusion(self) -> dict[str, Any]:
+        """How the teacher fuses the signals the asymmetric student's hybrid serves: its
+        bi-encoder members' share of the weight of those and its BM25 members
+        (``dense_share``; 0.5 when it has no BM25 member), and the members' parts of the
+        document space weighted as in the teacher (``parts``, :class:`models.retrieval.DenseParts`;
+        ``record``: the manifest's description of them). Members the hybrid cannot serve (a
+        cross-encoder) are left out of both."""
+        from index_build.teachers import BiEncoderTeacher, BM25Teacher
+
+        space, teacher = self.teacher_space, self.teacher
+        weights = dict(zip(map(id, teacher.members), teacher.weights))
+        dense = [weights[id(m)] for m in space.members]
+        sparse = sum(w for m, w in zip(teacher.members, teacher.weights) if isinstance(m, BM25Teacher))
+        assert all(isinstance(m, BiEncoderTeacher) for m in space.members)
+        share = sum(dense) / (sum(dense) + sparse) if sparse > 0 else 0.5
+        parts = DenseParts.from_dims(space.dims, dense)
+        return {"parts": parts, "dense_share": round(float(share), 4),
+                "record": {"members": space.names, "dims": space.dims, "weights": [round(w, 6) for w in parts.weights],
+                           "scoring": "every candidate of either list by BM25 and by each part, z-scored"}}
 
     @property
     def served_dense(self) -> str:
@@ -313,15 +334,20 @@ class BuildContext(ABC):
         return out
 
     def first_stage_lists(self, texts: list[str], dense_queries: np.ndarray, hybrid_weight: float,
-                          depth: int, kind: str | None = None) -> dict[str, list[Ranked]]:
+                          depth: int, kind: str | None = None,
+                          stages: Sequence[str] = FIRST_STAGES, by_parts: bool = True) -> dict[str, list[Ranked]]:
         """Per first stage (``dense``: exact search over dense model ``kind``'s corpus vectors,
-        default :attr:`served_dense`; ``sparse``: BM25; ``hybrid``: their z-score fusion), each
+        default :attr:`served_dense`; ``sparse``: BM25; ``hybrid``: their z-score fusion, per
+        part of the teacher's space for the asymmetric student, :attr:`teacher_fusion`), each
         query's top-``depth``, ranked by the service's own first stages
-        (:func:`models.retrieval.first_stages`)."""
+        (:func:`models.retrieval.first_stages`). ``by_parts=False``: the asymmetric
+        student's hybrid fuses its dense list with BM25's, as the full-tower student's."""
         corpus = self.corpus_vectors(kind)
-        return first_stages(FIRST_STAGES, texts, depth, dense_vectors=dense_queries,
+        parts = self.teacher_fusion["parts"] if by_parts and (kind or self.served_dense) == "asymmetric" else None
+        return first_stages(stages, texts, depth, dense_vectors=dense_queries,
                             dense_search=lambda q, k: exact_search(corpus, q, k), sparse=self.bm25,
-                            hybrid_weights=(hybrid_weight, 1.0 - hybrid_weight))
+                            hybrid_weights=(hybrid_weight, 1.0 - hybrid_weight),
+                            dense_parts=parts, doc_vectors=lambda ids: corpus[ids])
 
     def run_of(self, qids: list[str], lists: Sequence[tuple[np.ndarray, np.ndarray]],
                rerank: list[np.ndarray] | None = None, rerank_weight: float = 1.0) -> dict[str, dict[str, float]]:

@@ -20,7 +20,7 @@ from index_build.metrics import Run, markdown_table, metrics, run_from_arrays, w
 from index_build.tune import DENSE_ROW_PREFIX, choose_default, mode_row, tune_hybrid, tune_rerank_weights
 from models.dense_index import exact_search
 from models.encoders import ONNX_NAME
-from models.retrieval import Ranked, fuse_hybrid, rerank_order
+from models.retrieval import Ranked, fuse_hybrid, fuse_signals, rerank_order
 
 if TYPE_CHECKING:
     from index_build.asymmetric import TeacherSpace
@@ -137,6 +137,10 @@ def _first_stage_rows(ctx: BuildContext, test: JudgedQueries,
         lists = ctx.first_stage_lists(test.texts, ctx.dense_queries(test.texts, kind), hw, test.depth, kind)
         systems[f"{prefix}dense"] = test.metrics(ctx.run_of(test.qids, lists["dense"]))
         systems[f"{prefix}hybrid"] = test.metrics(ctx.run_of(test.qids, lists["hybrid"]))
+        if kind == "asymmetric":  # its hybrid without the per-part fusion: two lists at equal weights
+            two = ctx.first_stage_lists(test.texts, ctx.dense_queries(test.texts, kind), 0.5, test.depth, kind,
+                                        stages=("hybrid",), by_parts=False)["hybrid"]
+            systems["asym-hybrid-lists"] = test.metrics(ctx.run_of(test.qids, two))
         if ctx.cfg.export_int8:
             q8 = ctx.dense_queries(test.texts, kind, INT8_NAME)
             if int8_corpus and kind == "dense":
@@ -345,16 +349,35 @@ def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
         if served:
             firsts["dense"], hw = dense_run, kind_hw
         if own_pool:
-            hybrid_run = {}
-            for qid, cs in zip(pool.qids, pool.candidates):  # the service's hybrid over this pool's candidates
-                bm25, idx = dict(pool.bm25_run[qid]), np.arange(len(cs))
-                fused = fuse_hybrid(Ranked(idx, np.array([dense_run[qid][c] for c in cs])),
-                                    Ranked(idx, np.array([bm25[c] for c in cs])), (kind_hw, 1 - kind_hw), len(cs))
-                hybrid_run[qid] = {cs[int(j)]: float(x) for j, x in zip(*fused)}
-            systems[f"{prefix}hybrid"] = pool.metrics(hybrid_run)
+            systems[f"{prefix}hybrid"] = pool.metrics(hybrid_run := _pool_hybrid(ctx, pool, dense_run, kind_hw, kind))
+            if kind == "asymmetric":
+                systems["asym-hybrid-lists"] = pool.metrics(_pool_hybrid(ctx, pool, dense_run, 0.5, kind, False))
             if served:
                 firsts["hybrid"] = hybrid_run
     return firsts, hw
+
+
+def _pool_hybrid(ctx: BuildContext, pool: TrecPool, dense_run: Run, weight: float, kind: str,
+                 by_parts: bool = True) -> Run:
+    """The service's hybrid over a pool's candidates (BM25: the pool's run), dense weight
+    ``weight``: for the asymmetric student each part of the teacher's space scored and fused
+    with BM25 (:func:`models.retrieval.fuse_signals`), else its dense scores and BM25's."""
+    parts = ctx.teacher_fusion["parts"] if by_parts and kind == "asymmetric" else None
+    queries, corpus = (ctx.dense_queries(pool.texts, kind), ctx.corpus_vectors(kind)) if parts else (None, None)
+    run = {}
+    for r, (qid, cs) in enumerate(zip(pool.qids, pool.candidates)):
+        bm25, idx = dict(pool.bm25_run[qid]), np.arange(len(cs))
+        sparse = np.array([bm25[c] for c in cs])
+        if parts is None:
+            fused = fuse_hybrid(Ranked(idx, np.array([dense_run[qid][c] for c in cs])), Ranked(idx, sparse),
+                                (weight, 1 - weight), len(cs))
+        else:
+            docs = np.array([pool.collection.doc_index[c] for c in cs], np.int64)
+            assert queries is not None and corpus is not None
+            fused = fuse_signals(idx, [*parts.scores(queries[r], corpus[docs]), sparse],
+                                 [weight * w for w in parts.weights] + [1 - weight], len(cs))
+        run[qid] = {cs[int(j)]: float(x) for j, x in zip(*fused)}
+    return run
 
 
 def _trec_rerank_rows(ctx: BuildContext, pool: TrecPool, firsts: dict[str, Run], hw: float,

@@ -12,7 +12,7 @@ import numpy as np
 
 from index_build.context import BuildContext
 from index_build.metrics import one_se_choice, per_query_ndcg
-from models.retrieval import FIRST_STAGES, fuse_hybrid
+from models.retrieval import FIRST_STAGES
 
 #: fusion and interpolation weights tried on the dev slice
 WEIGHT_GRID = [round(0.1 * i, 1) for i in range(11)]
@@ -121,24 +121,26 @@ def tune_hybrid(ctx: BuildContext, depth: int = 100, kind: str | None = None) ->
 
 
 def _tune_hybrid(ctx: BuildContext, depth: int, kind: str) -> dict[str, Any]:
+    # the asymmetric student's hybrid fuses BM25 with each part of the teacher's space, the
+    # teacher's own weights its prior; the full-tower student's fuses two lists, equal weights its prior
+    fusion = ctx.teacher_fusion if kind == "asymmetric" else None
+    prior = 0.5 if fusion is None else fusion["dense_share"]
+    about = ({} if fusion is None else
+             {"dense_parts": fusion["record"], "prior": "the teacher's weights of its members"})
     dev = ctx.load_mined()["dev"]
     if not dev["qids"]:
-        return {"method": "zscore", "dense_weight": 0.5, "sparse_weight": 0.5, "depth": depth,
-                "tuned_on": "default (no dev queries)"}
+        return {"method": "zscore", "dense_weight": prior, "sparse_weight": round(1.0 - prior, 4), "depth": depth,
+                **about, "tuned_on": "default (no dev queries)"}
     qrels = tuning_qrels(ctx, dev)
-    doc_ids = ctx.collection.doc_ids
-    firsts = ctx.first_stage_lists(dev["queries"], ctx.dense_queries(dev["queries"], kind), 0.5, depth, kind)
+    queries = ctx.dense_queries(dev["queries"], kind)
     per_query: dict[float, np.ndarray] = {}
-    for w in WEIGHT_GRID:
-        run = {}
-        for r, qid in enumerate(dev["qids"]):
-            fused = fuse_hybrid(firsts["dense"][r], firsts["sparse"][r], (w, 1.0 - w), depth)
-            run[qid] = {doc_ids[int(d)]: float(x) for d, x in zip(*fused)}
-        per_query[w] = per_query_ndcg(qrels, run, dev["qids"])
-    best = one_se_choice(per_query, prior=0.5)
-    return {"method": "zscore", "dense_weight": best, "sparse_weight": round(1.0 - best, 1),
-            "depth": depth, "tuned_on": _dev_slice(ctx),
-            "selection": "one-standard-error rule toward equal weights (0.5)",
+    for w in sorted({*WEIGHT_GRID, prior}):
+        hybrid = ctx.first_stage_lists(dev["queries"], queries, w, depth, kind, stages=("hybrid",))["hybrid"]
+        per_query[w] = per_query_ndcg(qrels, ctx.run_of(dev["qids"], hybrid), dev["qids"])
+    best = one_se_choice(per_query, prior=prior)
+    return {"method": "zscore", "dense_weight": best, "sparse_weight": round(1.0 - best, 4),
+            "depth": depth, **about, "tuned_on": _dev_slice(ctx),
+            "selection": f"one-standard-error rule toward the prior ({prior})",
             "dev_nDCG@10": {str(w): round(float(v.mean()), 4) for w, v in per_query.items()}}
 
 

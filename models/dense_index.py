@@ -350,6 +350,26 @@ class DenseIndex:
             scores, indices = self.index.search(q, k)
         return _fix_padding(scores, indices)
 
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The indexed vectors of documents ``ids``, ``[n, dim]`` float32: exact for a flat
+        index, decoded from their codes (and the coarse centroid, the OPQ rotation undone) for
+        a compressed one. An IVF index needs its id-to-list map (:meth:`enable_vectors`)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if not len(ids):
+            return np.zeros((0, self.dim), np.float32)
+        if self._ivf is not None and self._ivf.direct_map.type == 0:  # NoMap
+            raise RuntimeError("this IVF index has no id-to-list map: call enable_vectors() first")
+        return np.asarray(self.index.reconstruct_batch(ids), dtype=np.float32)
+
+    def enable_vectors(self) -> None:
+        """Build an IVF index's id-to-list map (8 bytes a vector) so that :meth:`vectors` can
+        decode any document; nothing to do for a flat index. Not on a GPU index."""
+        if self._ivf is None or self._ivf.direct_map.type != 0:
+            return
+        if self._gpu_resources is not None:
+            raise RuntimeError("decoding documents' vectors needs the index on CPU")
+        self._ivf.make_direct_map()
+
     # -- introspection ------------------------------------------------------------------------
     @property
     def ntotal(self) -> int:

@@ -11,7 +11,11 @@ first stages are:
   search over the corpus vectors in the builder);
 - ``sparse``: BM25's top-``depth``;
 - ``hybrid``: the two fused by weighted per-query z-scores
-  (:func:`models.fusion.fuse_ranked_lists`), cut to ``depth``.
+  (:func:`models.fusion.fuse_ranked_lists`), cut to ``depth``. When the dense space is
+  made of parts (:class:`DenseParts`: an asymmetric student searches its teacher's dense
+  members' document vectors side by side), every candidate of either list is scored by
+  BM25 and by each part, and those signals are z-scored and summed at the teacher's member
+  weights (:func:`fuse_signals`): the teacher's own fusion, at the student's query cost.
 
 A rerank interpolates the reranker's scores with the first stage's
 (:func:`models.fusion.interpolate`) at a weight per first stage
@@ -27,7 +31,8 @@ from typing import Any, Literal, NamedTuple, Protocol, get_args
 
 import numpy as np
 
-from models.fusion import fuse_ranked_lists, interpolate
+from models.fusion import fuse_ranked_lists, fuse_scores, interpolate
+from models.sparse_index import top_k
 
 RerankMode = Literal["none", "colbert", "cross-encoder"]
 FirstStage = Literal["dense", "sparse", "hybrid"]
@@ -43,6 +48,47 @@ class SparseSearcher(Protocol):
     """What the sparse first stage needs of BM25 (:class:`models.sparse_index.BM25Index`)."""
 
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def scores(self, query: str) -> np.ndarray: ...
+
+
+#: ``doc_vectors(corpus indices [n]) -> [n, dim]``: the dense space's document vectors (exact
+#: in the builder, the index's reconstructions in the service)
+DocVectors = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class DenseParts:
+    """A dense space made of parts: the columns ``bounds[j]:bounds[j + 1]`` of every vector
+    are part ``j`` (a teacher member's embedding), weighted ``weights[j]`` within the
+    hybrid's dense weight (the weights sum to 1).
+
+    >>> p = DenseParts((0, 2, 3), (0.5, 0.5))
+    >>> [s.tolist() for s in p.scores(np.array([1.0, 0.0, 2.0]), np.array([[3.0, 1.0, 1.0]]))]
+    [[3.0], [2.0]]
+    """
+
+    bounds: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.bounds) != len(self.weights) + 1 or list(self.bounds) != sorted(self.bounds) or self.bounds[0]:
+            raise ValueError(f"dense parts: bounds {self.bounds} do not split a vector into {len(self.weights)} parts")
+        if any(w < 0 for w in self.weights) or not sum(self.weights) > 0:
+            raise ValueError(f"dense parts: weights {self.weights} must be >= 0, not all 0")
+
+    @classmethod
+    def from_dims(cls, dims: Sequence[int], weights: Sequence[float]) -> DenseParts:
+        total = float(sum(weights))
+        return cls(tuple(int(x) for x in np.cumsum([0, *dims])), tuple(float(w) / total for w in weights))
+
+    @property
+    def dim(self) -> int:
+        return self.bounds[-1]
+
+    def scores(self, query: np.ndarray, docs: np.ndarray) -> list[np.ndarray]:
+        """Each part's inner products of ``query`` [dim] with ``docs`` [n, dim]."""
+        return [np.asarray(docs[:, a:b] @ query[a:b], np.float64) for a, b in zip(self.bounds, self.bounds[1:])]
 
 
 @dataclass
@@ -104,6 +150,33 @@ def _rows(scores: np.ndarray, indices: np.ndarray) -> list[Ranked]:
     return out
 
 
+def fuse_signals(candidates: np.ndarray, signals: Sequence[np.ndarray], weights: Sequence[float],
+                 depth: int) -> Ranked:
+    """One query's candidates ranked by the weighted sum of each signal's z-scores over them
+    (:func:`models.fusion.fuse_scores`), cut to ``depth`` (ties by corpus index).
+
+    >>> r = fuse_signals(np.array([4, 2, 9]), [np.array([1.0, 2.0, 3.0]), np.array([6.0, 4.0, 2.0])], [1, 1], 2)
+    >>> r.indices.tolist(), r.scores.round(3).tolist()
+    ([2, 4], [0.0, 0.0])
+    """
+    candidates = np.asarray(candidates, np.int64)
+    fused = fuse_scores(signals, weights) if len(candidates) else np.zeros(0)
+    order = np.lexsort((candidates, -fused))[:depth]
+    return Ranked(candidates[order], fused[order])
+
+
+def fuse_parts(dense: Ranked, sparse: Ranked, sparse_scores: np.ndarray, query: np.ndarray,
+               doc_vectors: DocVectors, parts: DenseParts, weights: tuple[float, float], depth: int) -> Ranked:
+    """The hybrid of one query over a dense space of parts: every candidate of either list
+    scored by BM25 (``sparse_scores``, over the whole corpus) and by each part of the dense
+    space, the signals z-scored over those candidates and summed at ``weights = (dense,
+    sparse)``, the dense weight split over the parts by :attr:`DenseParts.weights`."""
+    cands = np.union1d(dense.indices, sparse.indices)
+    vectors = doc_vectors(cands) if len(cands) else np.zeros((0, parts.dim), np.float32)
+    signals = [*parts.scores(query, vectors), np.asarray(sparse_scores, np.float64)[cands]]
+    return fuse_signals(cands, signals, [weights[0] * w for w in parts.weights] + [weights[1]], depth)
+
+
 def fuse_hybrid(dense: Ranked, sparse: Ranked, weights: tuple[float, float], depth: int) -> Ranked:
     """The hybrid first stage of one query: ``weights = (dense, sparse)`` on per-list z-scores,
     the union cut to ``depth`` (ties by corpus index).
@@ -130,16 +203,22 @@ def first_stages(
     dense_search: DenseSearch | None = None,
     sparse: SparseSearcher | None = None,
     hybrid_weights: tuple[float, float] = (0.5, 0.5),
+    dense_parts: DenseParts | None = None,
+    doc_vectors: DocVectors | None = None,
     timings: Sequence[StageTimings] | None = None,
 ) -> dict[str, list[Ranked]]:
     """Each requested first stage's top-``depth`` for every query, ``{stage: [Ranked per query]}``.
 
     Dense and sparse lists are computed once and shared with the hybrid. ``dense_vectors``
     holds one query vector per text (needed by ``dense`` and ``hybrid``), ``sparse`` is the
-    BM25 index (needed by ``sparse`` and ``hybrid``). When ``timings`` is given (one per
-    query), the dense search's time goes to ``ann`` (the batch's, in every query) and BM25
-    plus the fusion to ``sparse`` (per query).
+    BM25 index (needed by ``sparse`` and ``hybrid``). With ``dense_parts`` (and
+    ``doc_vectors`` to score the candidates by), the hybrid fuses BM25 with each part
+    (:func:`fuse_parts`), else the two lists (:func:`fuse_hybrid`). When ``timings`` is
+    given (one per query), the dense search's time goes to ``ann`` (the batch's, in every
+    query) and BM25 plus the fusion to ``sparse`` (per query).
     """
+    if dense_parts is not None and doc_vectors is None:
+        raise ValueError("a hybrid over dense parts needs the document vectors to score its candidates")
     wanted = list(dict.fromkeys(stages))
     unknown = [s for s in wanted if s not in FIRST_STAGES]
     if unknown:
@@ -163,10 +242,18 @@ def first_stages(
         sparse_lists, hybrid_lists = [], []
         for row, text in enumerate(texts):
             started = time.perf_counter()
-            ranked = _rows(*sparse.search([text], depth))[0]
+            if "hybrid" in wanted and dense_parts is not None:
+                bm25 = sparse.scores(text)
+                top_scores, top = top_k(bm25, depth)
+                ranked = Ranked(top, top_scores)
+                assert doc_vectors is not None and dense_vectors is not None
+                hybrid_lists.append(fuse_parts(dense_lists[row], ranked, bm25, dense_vectors[row], doc_vectors,
+                                               dense_parts, hybrid_weights, depth))
+            else:
+                ranked = _rows(*sparse.search([text], depth))[0]
+                if "hybrid" in wanted:
+                    hybrid_lists.append(fuse_hybrid(dense_lists[row], ranked, hybrid_weights, depth))
             sparse_lists.append(ranked)
-            if "hybrid" in wanted:
-                hybrid_lists.append(fuse_hybrid(dense_lists[row], ranked, hybrid_weights, depth))
             if timings is not None:
                 timings[row].sparse = _ms(started)
         if "sparse" in wanted:
@@ -194,10 +281,12 @@ def rerank_order(
 
 @dataclass(frozen=True)
 class RetrievalWeights:
-    """The weights a served mode ranks with: the hybrid's ``(dense, sparse)`` fusion weights and,
-    per first stage, each reranker's interpolation weight."""
+    """The weights a served mode ranks with: the hybrid's ``(dense, sparse)`` fusion weights
+    (and, over a dense space of parts, each part's share of the dense weight) and, per first
+    stage, each reranker's interpolation weight."""
 
     hybrid: tuple[float, float] = (0.5, 0.5)
+    dense_parts: DenseParts | None = None
     colbert: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(FIRST_STAGES, 1.0))
     cross_encoder: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(FIRST_STAGES, 1.0))
 
@@ -217,14 +306,17 @@ class RetrievalWeights:
         cross_encoder: float | None = None,
     ) -> RetrievalWeights:
         """The builder's dev-tuned weights from a manifest's ``indexes`` and ``models``
-        sections (``indexes.hybrid``, ``indexes.colbert.interpolation``,
-        ``models.cross-encoder.interpolation``), each replaced by an explicit override when
-        given; equal hybrid weights and plain reranking (1) where nothing was tuned."""
+        sections (``indexes.hybrid``, with its ``dense_parts`` where the hybrid fuses them,
+        ``indexes.colbert.interpolation``, ``models.cross-encoder.interpolation``), each
+        replaced by an explicit override when given; equal hybrid weights and plain reranking
+        (1) where nothing was tuned."""
+        tuned = indexes.get("hybrid", {})
         if hybrid is None:
-            tuned = indexes.get("hybrid", {})
             hybrid = (float(tuned.get("dense_weight", 0.5)), float(tuned.get("sparse_weight", 0.5)))
+        parts = tuned.get("dense_parts")
         return cls(
             hybrid=hybrid,
+            dense_parts=None if parts is None else DenseParts.from_dims(parts["dims"], parts["weights"]),
             colbert=_per_stage(colbert, indexes.get("colbert", {}).get("interpolation", {})),
             cross_encoder=_per_stage(cross_encoder, models.get("cross-encoder", {}).get("interpolation", {})),
         )

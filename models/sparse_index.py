@@ -17,6 +17,22 @@ import numpy as np
 CONFIG_NAME = "bm25.json"
 
 
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of one query's scores over the corpus that are above 0 (documents
+    sharing no term score 0): ``(scores, doc indices)``, best first, ties by index.
+
+    >>> top_k(np.array([0.0, 2.0, 1.0, 2.0]), 3)
+    (array([2., 2., 1.]), array([1, 3, 2]))
+    """
+    k = min(k, len(scores))
+    if k <= 0:
+        return scores[:0], np.zeros(0, np.int64)
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    top = top[np.lexsort((top, -scores[top]))]
+    top = top[scores[top] > 0]
+    return scores[top], top.astype(np.int64)
+
+
 @dataclass
 class BM25Config:
     k1: float = 0.9
@@ -69,11 +85,8 @@ class BM25Index:
         out_s = np.zeros((len(queries), k), np.float32)
         out_i = np.full((len(queries), k), -1, np.int64)
         for row, q in enumerate(queries):
-            s = self.scores(q)
-            top = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
-            top = top[np.argsort(-s[top], kind="stable")]
-            top = top[s[top] > 0]
-            out_s[row, : len(top)] = s[top]
+            s, top = top_k(self.scores(q), k)
+            out_s[row, : len(top)] = s
             out_i[row, : len(top)] = top
         return out_s, out_i
 

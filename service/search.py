@@ -198,7 +198,10 @@ class SearchEngine:
         self.model_files = dict(model_files or {})
         #: ``[hidden, dim]``: ColBERT's query tokens are projected from the dense encoder's pass
         self.query_token_map = query_token_map
-        self.weights = retrieval_weights(settings, manifest)
+        try:
+            self.weights = retrieval_weights(settings, manifest)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{artifact_dir}: malformed fusion weights in the manifest: {exc}") from exc
         self.default_mode = self._default_mode()
         self.closed = False
         #: requests and thread jobs using this engine now (kept by the service's event loop)
@@ -320,6 +323,16 @@ class SearchEngine:
                 problems.append(f"ColBERT index dim {self.token_index.dim} != model dim {self.colbert_encoder.dim}")
         if self.bm25 is not None and self.bm25.n_docs != n:
             problems.append(f"BM25 index holds {self.bm25.n_docs} documents for {n}")
+        parts = self.weights.dense_parts
+        if parts is not None:  # the hybrid scores its candidates by each part of the indexed vectors
+            if parts.dim != self.dense_index.dim:
+                problems.append(f"hybrid dense parts span {parts.dim} dimensions, "
+                                f"the dense index {self.dense_index.dim}")
+            else:
+                try:
+                    self.dense_index.enable_vectors()
+                except RuntimeError as exc:
+                    problems.append(f"the hybrid scores candidates by dense parts, but {exc}")
         if problems:
             raise ArtifactError(f"{root}: inconsistent artifact: " + "; ".join(problems))
 
@@ -426,7 +439,9 @@ class SearchEngine:
             "rerank_modes": self.rerank_modes(),
             "first_stages": self.first_stages(),
             "default_mode": dict(self.default_mode),
-            "hybrid_weights": {"dense": self.weights.hybrid[0], "sparse": self.weights.hybrid[1]},
+            "hybrid_weights": {"dense": self.weights.hybrid[0], "sparse": self.weights.hybrid[1],
+                               "dense_parts": (None if self.weights.dense_parts is None
+                                               else list(self.weights.dense_parts.weights))},
             "colbert_weights": dict(self.weights.colbert),
             "cross_encoder_weights": dict(self.weights.cross_encoder),
             "providers": self.providers,
@@ -585,7 +600,8 @@ class SearchEngine:
         candidates = first_stages(
             [opts.first_stage], queries, opts.depth, dense_vectors=dense,
             dense_search=lambda q, k: self.dense_index.search(q, k, nprobe=opts.nprobe),
-            sparse=self.bm25, hybrid_weights=self.weights.hybrid, timings=timings,
+            sparse=self.bm25, hybrid_weights=self.weights.hybrid, dense_parts=self.weights.dense_parts,
+            doc_vectors=self.dense_index.vectors, timings=timings,
         )[opts.first_stage]
         return [
             self._finish(q, c, t, opts, None if colbert is None else colbert[row], rerank_executor)

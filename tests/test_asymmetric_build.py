@@ -108,6 +108,39 @@ def test_artifact_serves_the_asymmetric_student_over_the_teacher_space(built):
     np.testing.assert_allclose(index.index.reconstruct_n(0, 5), teacher_docs[:5], atol=1e-5)
 
 
+def test_the_hybrid_is_the_teachers_fusion_at_the_students_query_cost(built):
+    """The asymmetric student's hybrid scores every candidate by BM25 and by each part of the
+    teacher's space and sums their z-scores at the teacher's weights: fed the teacher's own
+    query vector instead of the student's, it gives the teacher's ensemble scores over the
+    same candidates (up to the ensemble's unnormalized weight sum)."""
+    from index_build.teachers import cached_teacher_scores
+    from models.retrieval import fuse_signals
+
+    p, _ = built
+    fusion, teacher = p.teacher_fusion, p.teacher
+    assert fusion["record"]["dims"] == [32] and fusion["dense_share"] == 0.5  # BM25 + one bi-encoder
+    queries = list(p.collection.split_queries("test").values())[:4]
+    pools, _ = p.candidate_pools(queries, 10)
+    expected = cached_teacher_scores(teacher, p.cache, queries, pools, progress=False)
+    tq = p.teacher_space.query_vectors(queries)
+    share, docs = fusion["dense_share"], p.corpus_vectors("asymmetric")
+    for r, (q, pool) in enumerate(zip(queries, pools)):
+        signals = [*fusion["parts"].scores(tq[r], docs[pool]), p.bm25.scores(q)[pool]]
+        fused = fuse_signals(pool, signals, [share * w for w in fusion["parts"].weights] + [1 - share], len(pool))
+        got = dict(zip(fused.indices.tolist(), fused.scores * sum(teacher.weights)))
+        np.testing.assert_allclose([got[int(d)] for d in pool], expected[r], rtol=1e-4, atol=1e-4)
+
+
+def test_the_hybrids_dense_parts_are_in_the_manifest(built, client):
+    p, _ = built
+    manifest = json.loads((Path(p.cfg.artifact_dir) / "manifest.json").read_text())
+    hybrid = manifest["indexes"]["hybrid"]
+    assert hybrid["dense_parts"]["dims"] == [32] and hybrid["dense_parts"]["weights"] == [1.0]
+    assert hybrid["dense_weight"] == tune_hybrid(p)["dense_weight"]
+    assert "toward the prior (0.5)" in hybrid["selection"]
+    assert client.get("/info").json()["hybrid_weights"]["dense_parts"] == [1.0]
+
+
 def test_service_ranks_as_the_builder_evaluates(built, client):
     p, _ = built
     queries = list(p.collection.split_queries("test").values())

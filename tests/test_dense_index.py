@@ -130,3 +130,20 @@ def test_calibrate_nprobe_picks_the_smallest_sufficient_power_of_two(data) -> No
         index.calibrate_nprobe(docs, np.zeros((0, docs.shape[1]), np.float32))
     flat = DenseIndex.build(docs[:50])
     assert flat.calibrate_nprobe(docs[:50], calib) == {"method": "not-ivf"}
+
+
+def test_vectors_decode_what_the_search_scores(data):
+    """``vectors`` returns the indexed vectors (exact for a flat index, decoded for IVF-PQ
+    once its id map is built), so their inner products with a query are the scores the
+    search gives those documents."""
+    docs, queries = data
+    flat = DenseIndex.build(docs[:200], "Flat")
+    np.testing.assert_array_equal(flat.vectors(np.array([3, 7])), docs[[3, 7]])
+    ivf = DenseIndex.build(docs, ivfpq_factory(*docs.shape), seed=0)
+    with pytest.raises(RuntimeError, match="enable_vectors"):
+        ivf.vectors(np.array([1]))
+    ivf.enable_vectors()
+    scores, idx = ivf.search(queries[:5], 10, nprobe=ivf._ivf.nlist)
+    for q, s, i in zip(queries[:5], scores, idx):
+        np.testing.assert_allclose(ivf.vectors(i) @ q, s, rtol=1e-4, atol=1e-4)
+    assert ivf.vectors(np.zeros(0, np.int64)).shape == (0, docs.shape[1])
