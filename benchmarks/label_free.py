@@ -29,7 +29,7 @@ from index_build.stages import Pipeline  # noqa: E402
 COLLECTIONS = ["scifact", "cranfield", "dl19", "dl20"]
 RENAME = {"dense": "labelfree-dense", "dense+colbert": "labelfree-dense+colbert"}
 KEEP = ["bm25", "base-dense", "teacher", "teacher-space", "labelfree-dense", "labelfree-dense+colbert", "hybrid",
-        "hybrid+colbert", "asym-dense", "asym-hybrid", "served-default"]
+        "hybrid+colbert", "asym-dense", "asym-hybrid", "asym-hybrid-lists", "served-default"]
 
 
 def collect(name: str) -> dict:
