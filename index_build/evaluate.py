@@ -359,20 +359,21 @@ def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
 
 def _pool_hybrid(ctx: BuildContext, pool: TrecPool, dense_run: Run, weight: float, kind: str,
                  by_parts: bool = True) -> Run:
-    """The service's hybrid over a pool's candidates (BM25: the pool's run), dense weight
-    ``weight``: for the asymmetric student each part of the teacher's space scored and fused
-    with BM25 (:func:`models.retrieval.fuse_signals`), else its dense scores and BM25's."""
+    """The service's hybrid over a pool's candidates, dense weight ``weight``, BM25 scored by
+    the build's own index (the one the artifact serves, over the pool's corpus; the teacher's
+    BM25 member too): for the asymmetric student each part of the teacher's space scored and
+    fused with BM25 (:func:`models.retrieval.fuse_signals`), else its dense scores and BM25's."""
     parts = ctx.teacher_fusion["parts"] if by_parts and kind == "asymmetric" else None
     queries, corpus = (ctx.dense_queries(pool.texts, kind), ctx.corpus_vectors(kind)) if parts else (None, None)
+    index = ctx.collection.doc_index
     run = {}
-    for r, (qid, cs) in enumerate(zip(pool.qids, pool.candidates)):
-        bm25, idx = dict(pool.bm25_run[qid]), np.arange(len(cs))
-        sparse = np.array([bm25[c] for c in cs])
+    for r, (qid, q, cs) in enumerate(zip(pool.qids, pool.texts, pool.candidates)):
+        docs, idx = np.array([index[c] for c in cs], np.int64), np.arange(len(cs))
+        sparse = ctx.bm25.scores(q)[docs].astype(np.float64)
         if parts is None:
             fused = fuse_hybrid(Ranked(idx, np.array([dense_run[qid][c] for c in cs])), Ranked(idx, sparse),
                                 (weight, 1 - weight), len(cs))
         else:
-            docs = np.array([pool.collection.doc_index[c] for c in cs], np.int64)
             assert queries is not None and corpus is not None
             fused = fuse_signals(idx, [*parts.scores(queries[r], corpus[docs]), sparse],
                                  [weight * w for w in parts.weights] + [1 - weight], len(cs))

@@ -107,11 +107,13 @@ def _choose_default(ctx: BuildContext, depth: int) -> dict[str, Any]:
 
 def tune_hybrid(ctx: BuildContext, depth: int = 100, kind: str | None = None) -> dict[str, Any]:
     """Choose the dense weight of the hybrid (z-score fusion of dense and BM25 top-``depth``)
-    on the dev slice: held-out train queries, or held-out pseudo-queries when label-free.
-    Never on test judgments. The weight is the one closest to equal weights among those
-    within one standard error of the best (:func:`index_build.metrics.one_se_choice`):
-    pseudo-queries extracted from the documents favour BM25 by construction (BM25 finds
-    their source at rank 1), so a single dev query must not pull the weight to an extreme.
+    on the dev slice of held-out train queries; never on test judgments. The weight is the
+    one closest to the prior among those within one standard error of the best
+    (:func:`index_build.metrics.one_se_choice`), so a single dev query does not pull it to
+    an extreme. The prior is the teacher's weights for the asymmetric student (its hybrid is
+    the teacher's fusion), equal weights for the full-tower one. A label-free build keeps
+    the prior: its dev queries are extracted from the documents and favour BM25 by
+    construction (BM25 finds their source at rank 1).
     ``kind``: the dense model fused (default: the served one, :attr:`BuildContext.served_dense`). Computed once per
     build and exported dense model (evaluation, each TREC DL pool and the artifact stage
     all need it)."""
@@ -128,9 +130,12 @@ def _tune_hybrid(ctx: BuildContext, depth: int, kind: str) -> dict[str, Any]:
     about = ({} if fusion is None else
              {"dense_parts": fusion["record"], "prior": "the teacher's weights of its members"})
     dev = ctx.load_mined()["dev"]
-    if not dev["qids"]:
+    if not dev["qids"] or ctx.label_free:
+        # pseudo-queries are cut from the documents: BM25 finds their source by construction,
+        # so on them more BM25 always looks better, whoever judges; keep the prior
+        why = "default (no dev queries)" if not dev["qids"] else "not tuned: pseudo-queries favour BM25 by construction"
         return {"method": "zscore", "dense_weight": prior, "sparse_weight": round(1.0 - prior, 4), "depth": depth,
-                **about, "tuned_on": "default (no dev queries)"}
+                **about, "tuned_on": why}
     qrels = tuning_qrels(ctx, dev)
     queries = ctx.dense_queries(dev["queries"], kind)
     per_query: dict[float, np.ndarray] = {}

@@ -293,9 +293,14 @@ def test_rerank_mode_with_the_asymmetric_student(tmp_path, tiny_bert):
                                                'evaluate.mode="rerank"', "evaluate.rerank_depth=20",
                                                'students.kinds=["asymmetric"]', "label_free.dev_queries=5",
                                                "asymmetric.batch=8", "asymmetric.pool_size=8"))
-    systems = Pipeline(cfg, progress=False).run_all()["systems"]
-    assert {"asym-dense", "asym-hybrid", "teacher-space", "served-default"} <= set(systems)
+    p = Pipeline(cfg, progress=False)
+    systems = p.run_all()["systems"]
+    assert {"asym-dense", "asym-hybrid", "asym-hybrid-lists", "teacher-space", "served-default"} <= set(systems)
     assert systems["teacher-space"] == pytest.approx(systems["base-dense"], abs=1e-4)
+    # the hybrid is the teacher's fusion (BM25 and one bi-encoder, equal weights), kept on a label-free build
+    from index_build.tune import tune_hybrid
+
+    assert p.teacher_fusion["dense_share"] == 0.5 and tune_hybrid(p)["dense_weight"] == 0.5
 
 
 def test_pseudo_query_augmentation_and_dev_retrieval(tiny_beir, tiny_bert, tmp_path):
