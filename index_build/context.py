@@ -167,11 +167,9 @@ class BuildContext(ABC):
         cross-encoder) are left out of both."""
         from index_build.teachers import BiEncoderTeacher, BM25Teacher
 
-        space, teacher = self.teacher_space, self.teacher
-        weights = dict(zip(map(id, teacher.members), teacher.weights))
-        dense = [weights[id(m)] for m in space.members]
+        space, teacher = self.teacher_space, self.teacher  # the space: the bi-encoder members, in order
+        dense = [w for m, w in zip(teacher.members, teacher.weights) if isinstance(m, BiEncoderTeacher)]
         sparse = sum(w for m, w in zip(teacher.members, teacher.weights) if isinstance(m, BM25Teacher))
-        assert all(isinstance(m, BiEncoderTeacher) for m in space.members)
         share = sum(dense) / (sum(dense) + sparse) if sparse > 0 else 0.5
         parts = DenseParts.from_dims(space.dims, dense)
         return {"parts": parts, "dense_share": round(float(share), 4),
