@@ -178,6 +178,8 @@ class DenseIndex:
             default_nprobe = default_nprobe_for(int(self._ivf.nlist)) if self._ivf is not None else 1
         self._default_nprobe = int(default_nprobe)
         self._gpu_resources: Any = None
+        #: a host copy of an index on a GPU, made by :meth:`enable_vectors` for :meth:`vectors`
+        self._host_index: Any = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -353,22 +355,28 @@ class DenseIndex:
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The indexed vectors of documents ``ids``, ``[n, dim]`` float32: exact for a flat
         index, decoded from their codes (and the coarse centroid, the OPQ rotation undone) for
-        a compressed one. An IVF index needs its id-to-list map (:meth:`enable_vectors`)."""
+        a compressed one (from the host copy of an index moved to a GPU). An IVF index needs
+        its id-to-list map (:meth:`enable_vectors`)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if not len(ids):
             return np.zeros((0, self.dim), np.float32)
-        if self._ivf is not None and self._ivf.direct_map.type == 0:  # NoMap
-            raise RuntimeError("this IVF index has no id-to-list map: call enable_vectors() first")
-        return np.asarray(self.index.reconstruct_batch(ids), dtype=np.float32)
+        index = self.index if self._host_index is None else self._host_index
+        ivf = _faiss().try_extract_index_ivf(index)
+        on_gpu_only = self._gpu_resources is not None and self._host_index is None
+        if on_gpu_only or (ivf is not None and ivf.direct_map.type == 0):  # no id-to-list map
+            raise RuntimeError("this index cannot decode its documents yet: call enable_vectors() first")
+        return np.asarray(index.reconstruct_batch(ids), dtype=np.float32)
 
     def enable_vectors(self) -> None:
-        """Build an IVF index's id-to-list map (8 bytes a vector) so that :meth:`vectors` can
-        decode any document; nothing to do for a flat index. Not on a GPU index."""
-        if self._ivf is None or self._ivf.direct_map.type != 0:
-            return
-        if self._gpu_resources is not None:
-            raise RuntimeError("decoding documents' vectors needs the index on CPU")
-        self._ivf.make_direct_map()
+        """Make :meth:`vectors` able to decode any document: an IVF index's id-to-list map (8
+        bytes a vector); for an index on a GPU, a host copy to decode from. Nothing to do for
+        a flat index on the CPU."""
+        faiss = _faiss()
+        if self._gpu_resources is not None and self._host_index is None:
+            self._host_index = faiss.index_gpu_to_cpu(self.index)
+        ivf = faiss.try_extract_index_ivf(self.index if self._host_index is None else self._host_index)
+        if ivf is not None and ivf.direct_map.type == 0:
+            ivf.make_direct_map()
 
     # -- introspection ------------------------------------------------------------------------
     @property
