@@ -20,7 +20,7 @@ from index_build.metrics import Run, markdown_table, metrics, run_from_arrays, w
 from index_build.tune import DENSE_ROW_PREFIX, choose_default, mode_row, tune_hybrid, tune_rerank_weights
 from models.dense_index import exact_search
 from models.encoders import ONNX_NAME
-from models.retrieval import Ranked, fuse_hybrid, fuse_signals, rerank_order
+from models.retrieval import Ranked, fuse_hybrid, fuse_parts, rerank_order
 
 if TYPE_CHECKING:
     from index_build.asymmetric import TeacherSpace
@@ -361,23 +361,23 @@ def _pool_hybrid(ctx: BuildContext, pool: TrecPool, dense_run: Run, weight: floa
                  by_parts: bool = True) -> Run:
     """The service's hybrid over a pool's candidates, dense weight ``weight``, BM25 scored by
     the build's own index (the one the artifact serves, over the pool's corpus; the teacher's
-    BM25 member too): for the asymmetric student each part of the teacher's space scored and
-    fused with BM25 (:func:`models.retrieval.fuse_signals`), else its dense scores and BM25's."""
+    BM25 member too): for the asymmetric student BM25 and each part of the teacher's space
+    (:func:`models.retrieval.fuse_parts`), else its dense scores and BM25's
+    (:func:`models.retrieval.fuse_hybrid`)."""
     parts = ctx.teacher_fusion["parts"] if by_parts and kind == "asymmetric" else None
     queries, corpus = (ctx.dense_queries(pool.texts, kind), ctx.corpus_vectors(kind)) if parts else (None, None)
-    index = ctx.collection.doc_index
+    doc_ids, index = ctx.collection.doc_ids, ctx.collection.doc_index
     run = {}
     for r, (qid, q, cs) in enumerate(zip(pool.qids, pool.texts, pool.candidates)):
-        docs, idx = np.array([index[c] for c in cs], np.int64), np.arange(len(cs))
-        sparse = ctx.bm25.scores(q)[docs].astype(np.float64)
+        docs, bm25 = np.array([index[c] for c in cs], np.int64), ctx.bm25.scores(q)
+        dense, sparse = Ranked(docs, np.array([dense_run[qid][c] for c in cs])), Ranked(docs, bm25[docs])
         if parts is None:
-            fused = fuse_hybrid(Ranked(idx, np.array([dense_run[qid][c] for c in cs])), Ranked(idx, sparse),
-                                (weight, 1 - weight), len(cs))
+            fused = fuse_hybrid(dense, sparse, (weight, 1 - weight), len(cs))
         else:
             assert queries is not None and corpus is not None
-            fused = fuse_signals(idx, [*parts.scores(queries[r], corpus[docs]), sparse],
-                                 [weight * w for w in parts.weights] + [1 - weight], len(cs))
-        run[qid] = {cs[int(j)]: float(x) for j, x in zip(*fused)}
+            fused = fuse_parts(dense, sparse, bm25, queries[r], lambda ids: corpus[ids], parts,
+                               (weight, 1 - weight), len(cs))
+        run[qid] = {doc_ids[int(j)]: float(x) for j, x in zip(*fused)}
     return run
 
 
