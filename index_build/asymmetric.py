@@ -8,7 +8,10 @@ learns to produce that vector from the query alone:
 
 - ``alignment_mse`` to the teacher's query vector, and
 - ``listwise_kl`` to the full teacher (BM25 included, per-query z-scores summed) over each
-  training query's candidate pool (the union of the members' and BM25's top candidates).
+  training query's candidate pool (the union of the members' and BM25's top candidates), or
+  (``kl_target = "dense"``) to its bi-encoder members alone (:func:`member_scores`): a
+  student served in the per-part hybrid, which adds BM25 at the teacher's weight, would
+  otherwise carry BM25's ranking twice.
 
 Documents are fixed vectors, so a training step runs only short queries through the
 network, and the student can see every pseudo-query a corpus yields.
@@ -75,6 +78,17 @@ def candidate_union(query_parts: list[np.ndarray], doc_parts: list[np.ndarray], 
         _, bm_top = bm25.search(texts, depth)
         tops.append(bm_top)
     return [np.unique(np.concatenate([t[r][t[r] >= 0] for t in tops])).astype(np.int64) for r in range(len(texts))]
+
+
+def member_scores(query_parts: list[np.ndarray], doc_parts: list[np.ndarray], pools: list[np.ndarray],
+                  weights: Sequence[float]) -> list[np.ndarray]:
+    """Per query, the teacher's score of each candidate without its BM25 term: its bi-encoder
+    members' per-query z-scores over the pool, summed at the members' teacher ``weights``."""
+    if len(weights) != len(query_parts):
+        raise ValueError(f"{len(weights)} weights for {len(query_parts)} members")
+    return [np.sum([w * normalize(d[pool] @ q[r]) for w, q, d in zip(weights, query_parts, doc_parts)],
+                   axis=0).astype(np.float32)
+            for r, pool in enumerate(pools)]
 
 
 def teacher_pools(query_parts: list[np.ndarray], doc_parts: list[np.ndarray], bm25: BM25Index,

@@ -78,6 +78,10 @@ PRECISIONS = ("fp32", "bf16", "auto")
 #: (Margin-MSE, :mod:`index_build.train`) and the asymmetric query encoder
 STUDENT_KINDS = ("dense", "asymmetric", "colbert", "cross-encoder")
 PROJ_INITS = ("random", "pca")
+#: what the asymmetric student's listwise KL is taken against: the full teacher ("teacher",
+#: BM25 included) or its bi-encoder members alone ("dense": the teacher's scores without its
+#: BM25 term, for a student served in the per-part hybrid, which adds BM25 itself)
+KL_TARGETS = ("teacher", "dense")
 #: corpus documents whose token states a "pca" projection is fitted on
 PROJ_INIT_DOCS = 256
 
@@ -91,7 +95,8 @@ class AsymmetricConfig:
     batch: int = 32
     lr: float = 2e-5
     map_lr_factor: float = 10.0     # the maps learn this many times faster than the transformer
-    kl_weight: float = 1.0          # weight of the listwise KL to the full teacher (0: alignment only)
+    kl_weight: float = 1.0          # weight of the listwise KL (0: alignment only)
+    kl_target: str = "teacher"      # one of KL_TARGETS
     pool_size: int = 64             # candidates per query in the KL: the teacher's top half, the rest sampled
     pool_depth: int = 50            # each teacher member's top-k pooled per training query
     scale: float = 20.0             # student score multiplier in the KL
@@ -324,6 +329,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if int(ev.cross_encoder_max_len) != 0 and int(ev.cross_encoder_max_len) < 16:
         raise ConfigError(f"config: evaluate.cross_encoder_max_len must be 0 (as trained) or at least 16, "
                           f"got {ev.cross_encoder_max_len}")
+    if cfg.asymmetric.kl_target not in KL_TARGETS:
+        raise ConfigError(f"config: asymmetric.kl_target must be one of {', '.join(KL_TARGETS)}, "
+                          f"got {cfg.asymmetric.kl_target!r}")
     unknown_kinds = [k for k in cfg.students.kinds if k not in STUDENT_KINDS]
     if unknown_kinds:
         raise ConfigError(f"config: students.kinds: unknown {', '.join(map(repr, unknown_kinds))}; "

@@ -119,11 +119,18 @@ def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], 
 
 def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
     """Distill the asymmetric student (:mod:`index_build.asymmetric`): alignment to the
-    teacher's query vectors plus listwise KL to the full teacher over each training
-    query's candidates; the checkpoint that retrieves the dev slice best is kept."""
-    from index_build.asymmetric import candidate_union, encode_queries, init_maps_by_ridge, train_asymmetric
+    teacher's query vectors plus listwise KL over each training query's candidates to the
+    full teacher or (``asymmetric.kl_target = "dense"``) its bi-encoder members; the
+    checkpoint that retrieves the dev slice best is kept."""
+    from index_build.asymmetric import (
+        candidate_union,
+        encode_queries,
+        init_maps_by_ridge,
+        member_scores,
+        train_asymmetric,
+    )
     from index_build.students import new_asymmetric_student, set_seed
-    from index_build.teachers import BM25Teacher, cached_teacher_scores
+    from index_build.teachers import BiEncoderTeacher, BM25Teacher, cached_teacher_scores
     from models.sources import resolve_model
 
     a, space = ctx.cfg.asymmetric, ctx.teacher_space
@@ -136,7 +143,11 @@ def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
     q_parts = space.query_parts(texts)
     with_bm25 = any(isinstance(m, BM25Teacher) for m in ctx.teacher.members)
     pools = candidate_union(q_parts, doc_parts, ctx.bm25 if with_bm25 else None, texts, a.pool_depth)
-    t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, texts, pools, progress=ctx.progress)
+    if a.kl_target == "dense":
+        weights = [w for m, w in zip(ctx.teacher.members, ctx.teacher.weights) if isinstance(m, BiEncoderTeacher)]
+        t_scores = member_scores(q_parts, doc_parts, pools, weights)
+    else:
+        t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, texts, pools, progress=ctx.progress)
     set_seed(a.seed)
     student = new_asymmetric_student(resolve_model(ctx.cfg.students.base), space.names, space.dims,
                                      max_query_len=ctx.cfg.students.max_query_len)

@@ -12,6 +12,7 @@ from index_build.asymmetric import (  # noqa: E402
     TeacherSpace,
     encode_queries,
     init_maps_by_ridge,
+    member_scores,
     teacher_pools,
     train_asymmetric,
 )
@@ -44,6 +45,27 @@ def test_teacher_query_vectors_reproduce_each_members_cosines(space):
     for dim, cos in zip(sp.dims, per_member):  # each part alone is that member's cosine
         np.testing.assert_allclose(q[:, start : start + dim] @ docs[:, start : start + dim].T, cos, atol=1e-4)
         start += dim
+
+
+def test_member_scores_are_the_teachers_scores_without_bm25(space):
+    col, sp = space
+    queries = list(col.queries.values())[:4]
+    parts, docs = sp.query_parts(queries), sp.doc_parts()
+    bm25 = BM25Index.build(col.doc_texts())
+    pools, full = teacher_pools(parts, docs, bm25, queries, 10)
+
+    def z(x):
+        return (x - x.mean()) / x.std()
+
+    for r, (text, pool) in enumerate(zip(queries, pools)):  # the full teacher less its BM25 term
+        np.testing.assert_allclose(member_scores(parts, docs, pools, [1.0, 1.0])[r],
+                                   full[r] - z(bm25.scores(text)[pool]), atol=1e-4)
+    weighted = member_scores(parts, docs, pools, [2.0, 0.5])
+    for r, pool in enumerate(pools):
+        by_hand = 2.0 * z(docs[0][pool] @ parts[0][r]) + 0.5 * z(docs[1][pool] @ parts[1][r])
+        np.testing.assert_allclose(weighted[r], by_hand, atol=1e-4)
+    with pytest.raises(ValueError, match="weights"):
+        member_scores(parts, docs, pools, [1.0])
 
 
 def test_alignment_and_listwise_losses_match_hand_computations():

@@ -91,6 +91,54 @@ def test_a_query_cap_keeps_every_mined_query_and_mined_draws_weights_them(built)
     assert more["pseudo"] > about["pseudo"] + 3
 
 
+def test_kl_target_dense_trains_against_the_teachers_bi_encoder_members(built, monkeypatch, tmp_path):
+    """``asymmetric.kl_target = "dense"``: the listwise KL's targets are the teacher's
+    members' scores without its BM25 term (:func:`index_build.asymmetric.member_scores`)."""
+    import index_build.asymmetric as asym
+    from index_build.distill import distill_asymmetric
+
+    p, _ = built
+    seen: dict[str, list] = {}
+
+    def capture(student, texts, q_teacher, pools, t_scores, *args, **kwargs):
+        seen[p.cfg.asymmetric.kl_target] = [texts, pools, t_scores]
+        raise StopIteration
+
+    monkeypatch.setattr(asym, "train_asymmetric", capture)
+    for target in ("teacher", "dense"):
+        monkeypatch.setattr(p.cfg.asymmetric, "kl_target", target)
+        with pytest.raises(StopIteration):
+            distill_asymmetric(p, tmp_path)
+    texts, pools, dense = seen["dense"]
+    assert all(np.array_equal(a, b) for a, b in zip(pools, seen["teacher"][1]))  # the same candidates
+    space = p.teacher_space
+    expected = asym.member_scores(space.query_parts(texts), space.doc_parts(), pools, [1.0] * len(space.members))
+    for got, want in zip(dense, expected):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not all(np.allclose(a, b, atol=1e-3) for a, b in zip(dense, seen["teacher"][2]))  # BM25 left out
+
+
+def test_head_capacity_benchmark_reads_the_build(built):
+    """benchmarks/asym_head.py on the tiny build: its ``trained`` head is the exported student
+    (the build's asym-dense row), its ``teacher`` head the teacher's own query vectors (the
+    teacher-space row)."""
+    from benchmarks.asym_head import measure
+
+    p, result = built
+    entry = measure(p, max_train=300, epochs=5)
+    heads, systems = entry["heads"], result["systems"]
+    assert set(heads) == {"trained", "ridge-last", "ridge-layers", "mlp-layers", "teacher"}
+    assert heads["trained"]["dense nDCG@10"] == systems["asym-dense"]["nDCG@10"]
+    assert heads["teacher"]["dense nDCG@10"] == systems["teacher-space"]["nDCG@10"]
+    assert heads["teacher"]["cos part 0 test"] == 1.0 and heads["trained"]["cos part 0 test"] < 1.0
+    assert entry["train_queries"] <= 300 and entry["protocol"] == "full-corpus retrieval"
+
+
+def test_kl_target_is_checked(tiny_beir, tiny_bert, tmp_path):
+    with pytest.raises(ValueError, match="kl_target must be one of teacher, dense"):
+        load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'asymmetric.kl_target="bm25"'))
+
+
 def test_artifact_serves_the_asymmetric_student_over_the_teacher_space(built):
     p, _ = built
     manifest = json.loads((Path(p.cfg.artifact_dir) / "manifest.json").read_text())
