@@ -107,6 +107,7 @@ class AsymmetricConfig:
     pseudo_per_doc: int = 5
     sentences_per_doc: int = 2      # sentence queries per document, the highest mean IDF first
     keyphrases_per_doc: int = 1     # key-phrase queries per document (the top terms, then samples of the top 2n)
+    spans_per_doc: int = 0          # random spans of 4-12 words per document (distinct queries beyond the above)
     # cap on training queries (0: all): every mined query is kept, pseudo-queries fill up to it
     max_queries: int = 0
     # times each mined query (a real training query, or a label-free generator's round-trip

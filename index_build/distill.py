@@ -89,9 +89,16 @@ def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], 
     """The asymmetric student's training queries and how often each is drawn per pass: the
     mined training queries (labelled, or the label-free pseudo-queries), every one of them,
     ``asymmetric.mined_draws`` times, plus, with ``asymmetric.pseudo_per_doc`` > 0,
-    pseudo-queries from every document (titles, sentences, key-phrases) up to
+    pseudo-queries from every document (titles, sentences, key-phrases, random spans) up to
     ``asymmetric.max_queries`` in all, once each; never a dev or test query."""
-    from index_build.pseudo_queries import KeyphraseGenerator, SentenceGenerator, TitleGenerator, filter_queries
+    from index_build.pseudo_queries import (
+        Generator,
+        KeyphraseGenerator,
+        SentenceGenerator,
+        SpanGenerator,
+        TitleGenerator,
+        filter_queries,
+    )
 
     a = ctx.cfg.asymmetric
     held_out = set(dev["queries"])
@@ -102,8 +109,10 @@ def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], 
     stats: dict[str, Any] = {}
     if a.pseudo_per_doc > 0:
         docs = ctx.collection.docs
-        generators = (TitleGenerator(), SentenceGenerator(per_doc=a.sentences_per_doc),
-                      KeyphraseGenerator(per_doc=a.keyphrases_per_doc))
+        generators: list[Generator] = [TitleGenerator(), SentenceGenerator(per_doc=a.sentences_per_doc),
+                                       KeyphraseGenerator(per_doc=a.keyphrases_per_doc)]
+        if a.spans_per_doc > 0:
+            generators.append(SpanGenerator(per_doc=a.spans_per_doc, seed=a.seed))
         generated = [q for g in generators for q in g.generate(docs)]
         kept, stats = filter_queries(generated, docs, per_doc=a.pseudo_per_doc)
         taken = set(mined)

@@ -6,6 +6,9 @@ Generators (pluggable, see :class:`Generator`):
 - :class:`SentenceGenerator`: salient sentences of the text (inverse-cloze style: a
   sentence as the query, its document as the positive), ranked by mean IDF.
 - :class:`KeyphraseGenerator`: the top BM25-weighted terms of a passage, in text order.
+- :class:`SpanGenerator`: random spans of a few words (Contriever-style cropping): many
+  distinct, unpolished queries per document, for a student whose labels come from the
+  teacher's ranking rather than from the source document.
 - :class:`Seq2SeqGenerator`: doc2query with any HF seq2seq checkpoint (T5-style); needs
   torch + transformers and, for hub names, internet.
 
@@ -133,6 +136,31 @@ class KeyphraseGenerator:
         return out
 
 
+class SpanGenerator:
+    """``per_doc`` random spans of ``min_words`` to ``max_words`` consecutive words of each
+    document's text (its title prefixed), each starting at a word boundary; seeded."""
+
+    name = "span"
+
+    def __init__(self, per_doc: int = 2, min_words: int = 4, max_words: int = 12, seed: int = 0) -> None:
+        if not 1 <= min_words <= max_words:
+            raise ValueError(f"span lengths need 1 <= min_words <= max_words, got {min_words}, {max_words}")
+        self.per_doc, self.min_words, self.max_words, self.seed = per_doc, min_words, max_words, seed
+
+    def generate(self, docs: Sequence[Doc]) -> list[PseudoQuery]:
+        rng = random.Random(self.seed)
+        out = []
+        for i, d in enumerate(docs):
+            ws = d.full_text.split()
+            if len(ws) < self.min_words:
+                continue
+            for _ in range(self.per_doc):
+                n = rng.randint(self.min_words, min(self.max_words, len(ws)))
+                start = rng.randint(0, len(ws) - n)
+                out.append(PseudoQuery(" ".join(ws[start : start + n]), i, self.name))
+        return out
+
+
 class Seq2SeqGenerator:
     """doc2query: sample ``per_doc`` queries per document from a seq2seq checkpoint."""
 
@@ -178,9 +206,11 @@ def make_generator(spec: dict) -> Generator:
         return SentenceGenerator(**args)
     if kind == "keyphrase":
         return KeyphraseGenerator(**args)
+    if kind == "span":
+        return SpanGenerator(**args)
     if kind == "seq2seq":
         return Seq2SeqGenerator(**args)
-    raise ValueError(f"unknown pseudo-query generator {kind!r}; choose title, sentence, keyphrase, seq2seq")
+    raise ValueError(f"unknown pseudo-query generator {kind!r}; choose title, sentence, keyphrase, span, seq2seq")
 
 
 def default_budget(n_docs: int) -> int:

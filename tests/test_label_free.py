@@ -8,6 +8,7 @@ from index_build.pseudo_queries import (
     KeyphraseGenerator,
     PseudoQuery,
     SentenceGenerator,
+    SpanGenerator,
     TitleGenerator,
     filter_queries,
     is_near_copy,
@@ -42,6 +43,20 @@ def test_keyphrase_generator_terms_in_text_order():
     positions = [words.index(w) for w in by_doc[1]]
     assert positions == sorted(positions) and len(by_doc[1]) == 3
     assert 2 not in by_doc  # too few content words
+
+
+def test_span_generator_cuts_seeded_word_spans_of_each_document():
+    qs = SpanGenerator(per_doc=3, min_words=3, max_words=5, seed=1).generate(DOCS)
+    # "Short tiny" is too short for a span
+    assert [q.doc for q in qs] == [0, 0, 0, 1, 1, 1] and all(q.generator == "span" for q in qs)
+    for q in qs:  # consecutive words of the document, within the length bounds
+        ws = q.text.split()
+        assert 3 <= len(ws) <= 5 and q.text in " ".join(DOCS[q.doc].full_text.split())
+    assert [q.text for q in SpanGenerator(per_doc=3, min_words=3, max_words=5, seed=1).generate(DOCS)] == \
+        [q.text for q in qs]
+    assert make_generator({"kind": "span", "per_doc": 1}).generate(DOCS[:1])[0].generator == "span"
+    with pytest.raises(ValueError, match="span lengths"):
+        SpanGenerator(min_words=5, max_words=3)
 
 
 def test_seq2seq_generator_with_tiny_random_model(tiny_beir, tmp_path):
