@@ -9,9 +9,9 @@ learns to produce that vector from the query alone:
 - ``alignment_mse`` to the teacher's query vector, and
 - ``listwise_kl`` to the full teacher (BM25 included, per-query z-scores summed) over each
   training query's candidate pool (the union of the members' and BM25's top candidates), or
-  (``kl_target = "dense"``) to its bi-encoder members alone (:func:`member_scores`): a
-  student served in the per-part hybrid, which adds BM25 at the teacher's weight, would
-  otherwise carry BM25's ranking twice.
+  (``kl_target = "dense"``) to its bi-encoder members alone (:func:`member_scores`), leaving
+  BM25 to the per-part hybrid. The full teacher is the default: on Cranfield it gave both
+  the better student and the better hybrid.
 
 Documents are fixed vectors, so a training step runs only short queries through the
 network, and the student can see every pseudo-query a corpus yields.

@@ -80,7 +80,7 @@ STUDENT_KINDS = ("dense", "asymmetric", "colbert", "cross-encoder")
 PROJ_INITS = ("random", "pca")
 #: what the asymmetric student's listwise KL is taken against: the full teacher ("teacher",
 #: BM25 included) or its bi-encoder members alone ("dense": the teacher's scores without its
-#: BM25 term, for a student served in the per-part hybrid, which adds BM25 itself)
+#: BM25 term, which the per-part hybrid adds at serving time)
 KL_TARGETS = ("teacher", "dense")
 #: corpus documents whose token states a "pca" projection is fitted on
 PROJ_INIT_DOCS = 256
