@@ -45,7 +45,6 @@ from index_build.config import load_config  # noqa: E402
 from index_build.metrics import metrics, write_json_atomic  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 from index_build.students import ridge_map  # noqa: E402
-from models.retrieval import Ranked, fuse_parts  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "asym-head.json"
 
@@ -124,24 +123,17 @@ def fit_mlp(x: np.ndarray, base: np.ndarray, target: np.ndarray, epochs: int, se
 def test_queries(ctx: Pipeline) -> tuple[list[str], list[str], dict, Any]:
     """The test queries, their judgments and a function from query vectors to (dense, hybrid)
     runs: full-corpus first stages, or a TREC pool's BM25 top-100 (its rerank protocol)."""
-    from index_build.evaluate import TrecPool
+    from index_build.evaluate import TrecPool, pool_hybrid
 
-    parts, w = ctx.teacher_fusion["parts"], ctx.teacher_fusion["dense_share"]
-    corpus, doc_ids = ctx.corpus_vectors("asymmetric"), ctx.collection.doc_ids
+    w = ctx.teacher_fusion["dense_share"]
     if ctx.cfg.evaluate.mode == "rerank":
         pool = TrecPool.load(Path(ctx.cfg.data.path), ctx.cfg.evaluate.rerank_depth)
-        index = ctx.collection.doc_index
+        corpus, index = ctx.corpus_vectors("asymmetric"), ctx.collection.doc_index
 
         def pool_runs(q: np.ndarray) -> tuple[dict, dict]:
-            dense, hybrid = {}, {}
-            for r, (qid, text, cs) in enumerate(zip(pool.qids, pool.texts, pool.candidates)):
-                docs, bm25 = np.array([index[c] for c in cs], np.int64), ctx.bm25.scores(text)
-                ds = corpus[docs] @ q[r]
-                dense[qid] = {doc_ids[int(j)]: float(s) for j, s in zip(docs, ds)}
-                fused = fuse_parts(Ranked(docs, ds), Ranked(docs, bm25[docs]), bm25, q[r], lambda ids: corpus[ids],
-                                   parts, (w, 1 - w), len(cs))
-                hybrid[qid] = {doc_ids[int(j)]: float(s) for j, s in zip(*fused)}
-            return dense, hybrid
+            dense = {qid: dict(zip(cs, map(float, corpus[[index[c] for c in cs]] @ q[r])))
+                     for r, (qid, cs) in enumerate(zip(pool.qids, pool.candidates))}
+            return dense, pool_hybrid(ctx, pool, dense, w, "asymmetric", queries=q)
         return pool.qids, pool.texts, {"qrels": pool.qrels, "min_rel": 2}, pool_runs
     split = ctx.collection.split_queries(ctx.cfg.data.test_split)
     qids, texts = list(split), list(split.values())

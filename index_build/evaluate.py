@@ -349,23 +349,26 @@ def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
         if served:
             firsts["dense"], hw = dense_run, kind_hw
         if own_pool:
-            systems[f"{prefix}hybrid"] = pool.metrics(hybrid_run := _pool_hybrid(ctx, pool, dense_run, kind_hw, kind))
+            systems[f"{prefix}hybrid"] = pool.metrics(hybrid_run := pool_hybrid(ctx, pool, dense_run, kind_hw, kind))
             if kind == "asymmetric":
-                systems["asym-hybrid-lists"] = pool.metrics(_pool_hybrid(ctx, pool, dense_run, 0.5, kind, False))
+                systems["asym-hybrid-lists"] = pool.metrics(pool_hybrid(ctx, pool, dense_run, 0.5, kind, False))
             if served:
                 firsts["hybrid"] = hybrid_run
     return firsts, hw
 
 
-def _pool_hybrid(ctx: BuildContext, pool: TrecPool, dense_run: Run, weight: float, kind: str,
-                 by_parts: bool = True) -> Run:
+def pool_hybrid(ctx: BuildContext, pool: TrecPool, dense_run: Run, weight: float, kind: str,
+                by_parts: bool = True, queries: np.ndarray | None = None) -> Run:
     """The service's hybrid over a pool's candidates, dense weight ``weight``, BM25 scored by
     the build's own index (the one the artifact serves, over the pool's corpus; the teacher's
     BM25 member too): for the asymmetric student BM25 and each part of the teacher's space
-    (:func:`models.retrieval.fuse_parts`), else its dense scores and BM25's
+    (:func:`models.retrieval.fuse_parts`; ``queries``: the query vectors whose parts are
+    fused, by default the exported student's), else its dense scores and BM25's
     (:func:`models.retrieval.fuse_hybrid`)."""
     parts = ctx.teacher_fusion["parts"] if by_parts and kind == "asymmetric" else None
-    queries, corpus = (ctx.dense_queries(pool.texts, kind), ctx.corpus_vectors(kind)) if parts else (None, None)
+    corpus = ctx.corpus_vectors(kind) if parts else None
+    if parts and queries is None:
+        queries = ctx.dense_queries(pool.texts, kind)
     doc_ids, index = ctx.collection.doc_ids, ctx.collection.doc_index
     run = {}
     for r, (qid, q, cs) in enumerate(zip(pool.qids, pool.texts, pool.candidates)):
