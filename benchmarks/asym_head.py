@@ -207,10 +207,10 @@ def main(config: Path = typer.Option(..., help="a build config whose asymmetric 
     if ctx.up_to_date("export-asymmetric", ctx.export_key("asymmetric")) is None:
         raise typer.BadParameter(f"{config}: run its build first ({ctx.work} holds no asymmetric student "
                                  "exported for this config)")
-    entry = {"config": str(config), **measure(ctx, max_train, epochs)}
+    entry = {"config": str(config), "command": command_line(__file__), **measure(ctx, max_train, epochs)}
     results = json.loads(out.read_text()) if out.is_file() else {}
+    results.pop("command", None)
     results[config.stem] = entry
-    results["command"] = command_line(__file__)
     results["machine"] = machine_info()
     write_json_atomic(out, results)
     md = [f"### {name}\n\n{e['protocol']}; heads fitted on {e['train_queries']} training queries of the build "
