@@ -51,7 +51,7 @@ OUT = REPO / "benchmarks" / "results" / "asym-head.json"
 
 def pooled_layers(checkpoint: Path, texts: list[str], max_len: int, batch: int = 256,
                   progress: bool = True) -> np.ndarray:
-    """``[n, (layers + 1) * hidden]``: each layer's mean-pooled token states (embeddings first,
+    """``[n, layers + 1, hidden]``: each layer's mean-pooled token states (embeddings first,
     the last layer last) of the frozen base model; texts batched by length."""
     import torch
     from tqdm import tqdm
@@ -68,9 +68,9 @@ def pooled_layers(checkpoint: Path, texts: list[str], max_len: int, batch: int =
             enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
             mask = enc["attention_mask"].unsqueeze(-1).float()
             states = model(**enc, output_hidden_states=True).hidden_states
-            f = torch.cat([(h * mask).sum(1) / mask.sum(1) for h in states], -1).numpy()
+            f = torch.stack([(h * mask).sum(1) / mask.sum(1) for h in states], 1).numpy()
             if out is None:
-                out = np.zeros((len(texts), f.shape[1]), np.float32)
+                out = np.zeros((len(texts), *f.shape[1:]), np.float32)
             out[idx] = f
     assert out is not None
     return out
@@ -159,11 +159,10 @@ def measure(ctx: Pipeline, max_train: int = 20000, epochs: int = 8) -> dict[str,
     space, bounds = ctx.teacher_space, ctx.teacher_fusion["parts"].bounds
     teacher = {k: space.query_vectors(v) for k, v in sets.items()}
     base_model = resolve_model(ctx.cfg.students.base)
-    feats = {k: pooled_layers(base_model, v, ctx.cfg.students.max_query_len, progress=ctx.progress)
-             for k, v in sets.items()}
-    n_states = _layers(base_model)
-    width = feats["train"].shape[1] // n_states
-    last = slice((n_states - 1) * width, n_states * width)
+    states = {k: pooled_layers(base_model, v, ctx.cfg.students.max_query_len, progress=ctx.progress)
+              for k, v in sets.items()}
+    lasts = {k: normalized(v[:, -1]) for k, v in states.items()}  # the student's pooled state u
+    feats = {k: v.reshape(len(v), -1) for k, v in states.items()}  # every layer's, side by side
     std = Standardize(feats["train"])
     heads: dict[str, dict[str, np.ndarray]] = {
         "trained": {k: ctx.dense_queries(v, "asymmetric") for k, v in sets.items()}}
@@ -171,11 +170,11 @@ def measure(ctx: Pipeline, max_train: int = 20000, epochs: int = 8) -> dict[str,
                                                        for h in ("ridge-last", "ridge-layers", "mlp-layers")}
     for a, b in zip(bounds, bounds[1:]):
         target = teacher["train"][:, a:b]
-        w_last = ridge_map(normalized(feats["train"][:, last]), target)
+        w_last = ridge_map(lasts["train"], target)
         w_all = ridge_map(std(feats["train"]), target)
-        f = fit_mlp(std(feats["train"]), normalized(feats["train"][:, last]) @ w_last, normalized(target), epochs)
+        f = fit_mlp(std(feats["train"]), lasts["train"] @ w_last, normalized(target), epochs)
         for k in sets:
-            base = normalized(feats[k][:, last]) @ w_last
+            base = lasts[k] @ w_last
             fitted["ridge-last"][k].append(normalized(base))
             fitted["ridge-layers"][k].append(normalized(std(feats[k]) @ w_all))
             fitted["mlp-layers"][k].append(normalized(f(std(feats[k]), base)))
@@ -225,13 +224,6 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     lines = ["| head | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |" for name, r in rows.items()]
     return "\n".join(lines)
-
-
-def _layers(checkpoint: Path) -> int:
-    """Hidden states the base model outputs (its layers plus the embeddings)."""
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(str(checkpoint)).num_hidden_layers) + 1
 
 
 if __name__ == "__main__":

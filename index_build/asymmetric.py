@@ -96,11 +96,9 @@ def teacher_pools(query_parts: list[np.ndarray], doc_parts: list[np.ndarray], bm
     """Per query, :func:`candidate_union` and the full teacher's score of each candidate: the
     equal-weight sum of the members' and BM25's per-query z-scores over that pool."""
     pools = candidate_union(query_parts, doc_parts, bm25, texts, depth)
-    scores = []
-    for r, (text, pool) in enumerate(zip(texts, pools)):
-        parts = [d[pool] @ q[r] for q, d in zip(query_parts, doc_parts)] + [bm25.scores(text)[pool]]
-        scores.append(np.sum([normalize(p) for p in parts], axis=0).astype(np.float32))
-    return pools, scores
+    dense = member_scores(query_parts, doc_parts, pools, [1.0] * len(query_parts))
+    return pools, [(d + normalize(bm25.scores(text)[pool])).astype(np.float32)
+                   for d, text, pool in zip(dense, texts, pools)]
 
 
 def init_maps_by_ridge(student: AsymmetricStudent, texts: list[str], query_parts: list[np.ndarray],

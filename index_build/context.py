@@ -161,7 +161,8 @@ class BuildContext(ABC):
     def teacher_fusion(self) -> dict[str, Any]:
         """How the teacher fuses the signals the asymmetric student's hybrid serves: its
         bi-encoder members' share of the weight of those and its BM25 members
-        (``dense_share``; 0.5 when it has no BM25 member), and the members' parts of the
+        (``dense_share``; 0.5 when it has no BM25 member), those members' own weights
+        (``member_weights``, in the space's order), and the members' parts of the
         document space weighted as in the teacher (``parts``, :class:`models.retrieval.DenseParts`;
         ``record``: the manifest's description of them). Members the hybrid cannot serve (a
         cross-encoder) are left out of both."""
@@ -172,7 +173,7 @@ class BuildContext(ABC):
         sparse = sum(w for m, w in zip(teacher.members, teacher.weights) if isinstance(m, BM25Teacher))
         share = sum(dense) / (sum(dense) + sparse) if sparse > 0 else 0.5
         parts = DenseParts.from_dims(space.dims, dense)
-        return {"parts": parts, "dense_share": round(float(share), 4),
+        return {"parts": parts, "dense_share": round(float(share), 4), "member_weights": dense,
                 "record": {"members": space.names, "dims": space.dims, "weights": [round(w, 6) for w in parts.weights],
                            "scoring": "every candidate of either list by BM25 and by each part, z-scored"}}
 

@@ -139,7 +139,7 @@ def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
         train_asymmetric,
     )
     from index_build.students import new_asymmetric_student, set_seed
-    from index_build.teachers import BiEncoderTeacher, BM25Teacher, cached_teacher_scores
+    from index_build.teachers import BM25Teacher, cached_teacher_scores
     from models.sources import resolve_model
 
     a, space = ctx.cfg.asymmetric, ctx.teacher_space
@@ -153,8 +153,7 @@ def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
     with_bm25 = any(isinstance(m, BM25Teacher) for m in ctx.teacher.members)
     pools = candidate_union(q_parts, doc_parts, ctx.bm25 if with_bm25 else None, texts, a.pool_depth)
     if a.kl_target == "dense":
-        weights = [w for m, w in zip(ctx.teacher.members, ctx.teacher.weights) if isinstance(m, BiEncoderTeacher)]
-        t_scores = member_scores(q_parts, doc_parts, pools, weights)
+        t_scores = member_scores(q_parts, doc_parts, pools, ctx.teacher_fusion["member_weights"])
     else:
         t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, texts, pools, progress=ctx.progress)
     set_seed(a.seed)
