@@ -13,7 +13,8 @@ queries and comparing them with the trained student:
 - ``ridge-layers``: a linear map from the mean-pooled states of every layer (embeddings
   included), which the transformer computes anyway;
 - ``mlp-layers``: ``ridge-last`` plus a one-hidden-layer MLP on every layer's pooled states
-  (its output layer starting at zero), trained on the cosine to the teacher's part.
+  (its output layer starting at zero), trained on the cosine to the teacher's part: the
+  student's ``layers-mlp`` head (``asymmetric.head``) where its end-to-end training starts.
 
 Per head and part: the mean cosine to the teacher's own query vector on a sample of the
 training queries, the dev slice and the test queries; and nDCG@10 on the test queries of the
@@ -49,75 +50,12 @@ from index_build.students import ridge_map  # noqa: E402
 OUT = REPO / "benchmarks" / "results" / "asym-head.json"
 
 
-def pooled_layers(checkpoint: Path, texts: list[str], max_len: int, batch: int = 256,
-                  progress: bool = True) -> np.ndarray:
-    """``[n, layers + 1, hidden]``: each layer's mean-pooled token states (embeddings first,
-    the last layer last) of the frozen base model; texts batched by length."""
-    import torch
-    from tqdm import tqdm
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(checkpoint))
-    model = AutoModel.from_pretrained(str(checkpoint), add_pooling_layer=False).eval()
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    out: np.ndarray | None = None
-    with torch.no_grad():
-        for start in tqdm(range(0, len(texts), batch), desc="base model: pooled layer states", unit="batch",
-                           disable=not progress):
-            idx = order[start : start + batch]
-            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            states = model(**enc, output_hidden_states=True).hidden_states
-            f = torch.stack([(h * mask).sum(1) / mask.sum(1) for h in states], 1).numpy()
-            if out is None:
-                out = np.zeros((len(texts), *f.shape[1:]), np.float32)
-            out[idx] = f
-    assert out is not None
-    return out
-
-
 def normalized(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def mean_cos(a: np.ndarray, b: np.ndarray) -> float:
     return round(float(np.mean(np.sum(normalized(a) * normalized(b), 1))), 4)
-
-
-class Standardize:
-    def __init__(self, x: np.ndarray) -> None:
-        self.mu, self.sd = x.mean(0), x.std(0) + 1e-6
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.mu) / self.sd
-
-
-def fit_mlp(x: np.ndarray, base: np.ndarray, target: np.ndarray, epochs: int, seed: int = 13,
-            hidden: int = 1536) -> Any:
-    """``base(x) + mlp(x)`` trained on the cosine to ``target`` (unit rows); the MLP's output
-    layer starts at zero, so training starts from ``base``. Returns ``f(x, base) -> part``."""
-    import torch
-
-    torch.manual_seed(seed)
-    out_layer = torch.nn.Linear(hidden, target.shape[1])
-    torch.nn.init.zeros_(out_layer.weight)
-    torch.nn.init.zeros_(out_layer.bias)
-    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(), out_layer)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
-    xt, bt, yt = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (x, base, target))
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for i in torch.randperm(len(xt), generator=gen).split(256):
-            pred = torch.nn.functional.normalize(bt[i] + net(xt[i]), dim=-1)
-            loss = (1 - (pred * yt[i]).sum(-1)).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-    def apply(xs: np.ndarray, bs: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return bs + net(torch.from_numpy(np.ascontiguousarray(xs, dtype=np.float32))).numpy()
-    return apply
 
 
 def test_queries(ctx: Pipeline) -> tuple[list[str], list[str], dict, Any]:
@@ -146,8 +84,15 @@ def test_queries(ctx: Pipeline) -> tuple[list[str], list[str], dict, Any]:
 
 def measure(ctx: Pipeline, max_train: int = 20000, epochs: int = 8) -> dict[str, Any]:
     """The heads' rows (see the module docstring) on build ``ctx``, whose asymmetric student
-    has been exported."""
+    has been exported. The frozen heads are the ``layers-mlp`` head of
+    :class:`index_build.students.AsymmetricStudent` (before any end-to-end training) and its
+    parts: ``ridge-last`` its maps, ``mlp-layers`` the maps plus the residual MLPs fitted for
+    ``epochs`` passes (:func:`index_build.asymmetric.fit_head`)."""
+    import torch
+
+    from index_build.asymmetric import fit_head, pooled_features
     from index_build.distill import asymmetric_training_texts
+    from index_build.students import new_asymmetric_student
     from models.sources import resolve_model
 
     started = time.perf_counter()
@@ -158,28 +103,24 @@ def measure(ctx: Pipeline, max_train: int = 20000, epochs: int = 8) -> dict[str,
     sets = {"train": train, "dev": list(dev["queries"]), "test": test}
     space, bounds = ctx.teacher_space, ctx.teacher_fusion["parts"].bounds
     teacher = {k: space.query_vectors(v) for k, v in sets.items()}
-    base_model = resolve_model(ctx.cfg.students.base)
-    states = {k: pooled_layers(base_model, v, ctx.cfg.students.max_query_len, progress=ctx.progress)
-              for k, v in sets.items()}
-    lasts = {k: normalized(v[:, -1]) for k, v in states.items()}  # the student's pooled state u
-    feats = {k: v.reshape(len(v), -1) for k, v in states.items()}  # every layer's, side by side
-    std = Standardize(feats["train"])
+    frozen = new_asymmetric_student(resolve_model(ctx.cfg.students.base), space.names, space.dims,
+                                    head="layers-mlp", head_hidden=ctx.cfg.asymmetric.head_hidden,
+                                    max_query_len=ctx.cfg.students.max_query_len)
+    feats = {k: pooled_features(frozen, v) for k, v in sets.items()}
+    targets = [teacher["train"][:, a:b] for a, b in zip(bounds, bounds[1:])]
+    fit_head(frozen, *feats["train"], targets, epochs, ctx.cfg.asymmetric.seed)
     heads: dict[str, dict[str, np.ndarray]] = {
         "trained": {k: ctx.dense_queries(v, "asymmetric") for k, v in sets.items()}}
-    fitted: dict[str, dict[str, list[np.ndarray]]] = {h: {k: [] for k in sets}
-                                                       for h in ("ridge-last", "ridge-layers", "mlp-layers")}
-    for a, b in zip(bounds, bounds[1:]):
-        target = teacher["train"][:, a:b]
-        w_last = ridge_map(lasts["train"], target)
-        w_all = ridge_map(std(feats["train"]), target)
-        f = fit_mlp(std(feats["train"]), lasts["train"] @ w_last, normalized(target), epochs)
-        for k in sets:
-            base = lasts[k] @ w_last
-            fitted["ridge-last"][k].append(normalized(base))
-            fitted["ridge-layers"][k].append(normalized(std(feats[k]) @ w_all))
-            fitted["mlp-layers"][k].append(normalized(f(std(feats[k]), base)))
-    for name, parts in fitted.items():
-        heads[name] = {k: np.hstack(v).astype(np.float32) for k, v in parts.items()}
+    maps = [m.weight.detach().numpy().T for m in frozen.linear_maps]
+    heads["ridge-last"] = {k: np.hstack([normalized(u @ w) for w in maps]) for k, (u, _) in feats.items()}
+    # a linear map from every layer's pooled states, standardized as the MLP reads them
+    mu, sd = frozen.feature_mean.numpy(), frozen.feature_scale.numpy()
+    x = {k: (f - mu) / sd for k, (_, f) in feats.items()}
+    w_all = [ridge_map(x["train"], t) for t in targets]
+    heads["ridge-layers"] = {k: np.hstack([normalized(v @ w) for w in w_all]) for k, v in x.items()}
+    with torch.no_grad():
+        heads["mlp-layers"] = {k: frozen.parts(torch.from_numpy(u), torch.from_numpy(f)).numpy()
+                               for k, (u, f) in feats.items()}
     heads["teacher"] = dict(teacher)  # the bound: the teacher's own query vectors
     rows: dict[str, dict[str, Any]] = {}
     for name, h in heads.items():
@@ -193,6 +134,7 @@ def measure(ctx: Pipeline, max_train: int = 20000, epochs: int = 8) -> dict[str,
         rows[name] = row
     return {"members": space.names, "dims": space.dims, "train_queries": len(train),
             "dev_queries": len(sets["dev"]), "test_queries": len(qids), "mlp_epochs": epochs,
+            "mlp_hidden": ctx.cfg.asymmetric.head_hidden,
             "hybrid_dense_share": ctx.teacher_fusion["dense_share"],
             "protocol": "TREC pool BM25 top-100" if ctx.cfg.evaluate.mode == "rerank" else "full-corpus retrieval",
             "seconds": round(time.perf_counter() - started, 1), "heads": rows}
@@ -200,7 +142,7 @@ def measure(ctx: Pipeline, max_train: int = 20000, epochs: int = 8) -> dict[str,
 
 def main(config: Path = typer.Option(..., help="a build config whose asymmetric student has been distilled"),
          max_train: int = typer.Option(20000, help="training queries the heads are fitted on (a sample)"),
-         epochs: int = typer.Option(8, help="passes of the MLP head over them"),
+         epochs: int = typer.Option(8, help="passes of the MLP head over them (asymmetric.head_init_epochs)"),
          out: Path = typer.Option(OUT)) -> None:
     ctx = Pipeline(load_config(config), progress=True)
     if ctx.up_to_date("export-asymmetric", ctx.export_key("asymmetric")) is None:

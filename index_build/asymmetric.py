@@ -102,19 +102,91 @@ def teacher_pools(query_parts: list[np.ndarray], doc_parts: list[np.ndarray], bm
 
 
 def init_maps_by_ridge(student: AsymmetricStudent, texts: list[str], query_parts: list[np.ndarray],
-                       batch: int = 128) -> None:
-    """Start each member's map at the ridge regression from the student's pooled query
-    embedding to that member's query embeddings on ``texts``
-    (:func:`index_build.students.ridge_map`)."""
+                       batch: int = 128, head_epochs: int = 8, seed: int = 13) -> dict[str, Any]:
+    """Start the student's head on ``texts`` (:func:`fit_head` of the frozen model's
+    :func:`pooled_features`)."""
+    return fit_head(student, *pooled_features(student, texts, batch), query_parts, head_epochs, seed)
+
+
+def pooled_features(student: AsymmetricStudent, texts: list[str],
+                    batch: int = 128) -> tuple[np.ndarray, np.ndarray | None]:
+    """What the head reads, per text: the pooled embedding ``u`` and, for a ``layers-mlp``
+    head, every layer's pooled states (None for a linear head); in eval mode."""
+    student.eval()
+    pooled, feats = [], []
+    for i in range(0, len(texts), batch):
+        if student.residuals:
+            u, f = student.encode_features(texts[i : i + batch])
+            feats.append(f.numpy())
+        else:
+            u = student.encode_pooled(texts[i : i + batch])
+        pooled.append(u.numpy())
+    return np.concatenate(pooled), (np.concatenate(feats) if feats else None)
+
+
+def fit_head(student: AsymmetricStudent, pooled: np.ndarray, features: np.ndarray | None,
+             query_parts: list[np.ndarray], head_epochs: int = 8, seed: int = 13) -> dict[str, Any]:
+    """Start each member's map at the ridge regression from the pooled query embeddings
+    ``pooled`` to that member's query embeddings (:func:`index_build.students.ridge_map`);
+    with the ``layers-mlp`` head, set the features' standardization from ``features`` and fit
+    the residual MLPs for ``head_epochs`` passes (:func:`fit_residuals`). Returns the mean
+    cosine of each part to the member's after each step (``ridge``, ``residual``)."""
     import torch
 
     from index_build.students import ridge_map
 
-    student.eval()
-    with torch.no_grad():
-        pooled = np.concatenate([student.encode_pooled(texts[i : i + batch]).numpy()
-                                 for i in range(0, len(texts), batch)])
-    student.set_maps([ridge_map(pooled, part) for part in query_parts])
+    maps = [ridge_map(pooled, part) for part in query_parts]
+    student.set_maps(maps)
+    record = {"ridge": [_mean_cos(pooled @ w, part) for w, part in zip(maps, query_parts)]}
+    if student.residuals:
+        if features is None:
+            raise ValueError("a layers-mlp head needs the layer features")
+        with torch.no_grad():
+            student.feature_mean.copy_(torch.from_numpy(features.mean(0)))
+            student.feature_scale.copy_(torch.from_numpy(features.std(0) + 1e-6))
+        record["residual"] = fit_residuals(student, pooled, features, query_parts, head_epochs, seed)
+    return record
+
+
+def _mean_cos(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return round(float(np.mean(np.sum(a * b, 1))), 4)
+
+
+def fit_residuals(student: AsymmetricStudent, pooled: np.ndarray, features: np.ndarray,
+                  query_parts: list[np.ndarray], epochs: int, seed: int = 13, batch: int = 256,
+                  lr: float = 1e-3) -> list[float]:
+    """Fit the student's residual MLPs with the transformer frozen (linear probing before
+    fine-tuning, Kumar et al. 2022): on the pooled states and layer features the frozen
+    model gives ``texts``, maximize the cosine of each part to the member's query embedding,
+    the maps fixed. Seconds for tens of thousands of queries. Returns each part's mean cosine
+    after fitting."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    x = (x - student.feature_mean) / student.feature_scale
+    cosines = []
+    for m, r, part in zip(student.maps, student.residuals, query_parts):
+        y = F.normalize(torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32)), dim=-1)
+        with torch.no_grad():
+            base = m(u)
+        opt = torch.optim.AdamW(r.parameters(), lr=lr, weight_decay=0.01)
+        r.train()
+        for _ in range(epochs):
+            for i in torch.randperm(len(u), generator=gen).split(batch):
+                loss = (1 - (F.normalize(base[i] + r(x[i]), dim=-1) * y[i]).sum(-1)).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        r.eval()
+        with torch.no_grad():
+            cosines.append(round(float((F.normalize(base + r(x), dim=-1) * y).sum(-1).mean()), 4))
+    return cosines
 
 
 def encode_queries(student: AsymmetricStudent, texts: list[str], batch: int = 128) -> np.ndarray:
@@ -151,7 +223,7 @@ def train_asymmetric(
     docs_t = torch.from_numpy(np.ascontiguousarray(docs, dtype=np.float32))
     opt = torch.optim.AdamW([
         {"params": student.encoder.parameters(), "lr": cfg.lr},
-        {"params": student.maps.parameters(), "lr": cfg.lr * cfg.map_lr_factor},
+        {"params": student.head_parameters(), "lr": cfg.lr * cfg.map_lr_factor},
     ], weight_decay=0.01)
     draws = np.ones(len(texts), np.int64) if draws is None else np.asarray(draws, np.int64)
     if draws.shape != (len(texts),) or (draws < 0).any():

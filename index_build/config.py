@@ -23,6 +23,22 @@ class ConfigError(ValueError):
     """A build configuration that cannot be used; the message names the file or key."""
 
 
+#: metadata of a field whose default keeps what builds did before the field existed: at its
+#: default it is left out of its section's hash (:func:`hashed_section`), so adding it leaves
+#: every stage cached before it valid
+UNHASHED_AT_DEFAULT = {"hashed_at_default": False}
+
+
+def hashed_section(section: Any) -> dict[str, Any]:
+    """A config section as stage keys hash it: every field, except the
+    :data:`UNHASHED_AT_DEFAULT` ones that hold their default."""
+    data = asdict(section)
+    for f in fields(section):
+        if f.metadata.get("hashed_at_default") is False and getattr(section, f.name) == f.default:
+            data.pop(f.name)
+    return data
+
+
 @dataclass
 class TrainConfig:
     """How one student is distilled (the ``[train]`` section and its per-student overrides)."""
@@ -82,6 +98,9 @@ PROJ_INITS = ("random", "pca")
 #: BM25 included) or its bi-encoder members alone ("dense": the teacher's scores without its
 #: BM25 term, which the per-part hybrid adds at serving time)
 KL_TARGETS = ("teacher", "dense")
+#: the asymmetric student's heads: "linear", one linear map per member part from the pooled
+#: last layer; "layers-mlp", that plus a residual MLP per part from every layer's pooled states
+ASYM_HEADS = ("linear", "layers-mlp")
 #: corpus documents whose token states a "pca" projection is fitted on
 PROJ_INIT_DOCS = 256
 
@@ -114,6 +133,12 @@ class AsymmetricConfig:
     # checked pseudo-query) is drawn per pass: the queries most like the users' get that weight
     # against the document pseudo-queries that outnumber them
     mined_draws: int = 1
+    # one of ASYM_HEADS. "layers-mlp": the residual MLPs (head_hidden units, output layer zero at
+    # start) are first fitted for head_init_epochs passes on the frozen base model's states
+    # (seconds), then trained with the rest (linear probing, then fine-tuning)
+    head: str = field(default="linear", metadata=UNHASHED_AT_DEFAULT)
+    head_hidden: int = field(default=1536, metadata=UNHASHED_AT_DEFAULT)
+    head_init_epochs: int = field(default=8, metadata=UNHASHED_AT_DEFAULT)
 
 
 @dataclass
@@ -237,8 +262,7 @@ class BuildConfig:
     overrides: list[str] = field(default_factory=list)  # the key=value overrides applied after it (likewise)
 
     def section_hash(self, *names: str) -> str:
-        data = asdict(self)
-        payload = json.dumps({n: data[n] for n in names}, sort_keys=True, default=str)
+        payload = json.dumps({n: hashed_section(getattr(self, n)) for n in names}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     @property
@@ -330,6 +354,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if int(ev.cross_encoder_max_len) != 0 and int(ev.cross_encoder_max_len) < 16:
         raise ConfigError(f"config: evaluate.cross_encoder_max_len must be 0 (as trained) or at least 16, "
                           f"got {ev.cross_encoder_max_len}")
+    if cfg.asymmetric.head not in ASYM_HEADS:
+        raise ConfigError(f"config: asymmetric.head must be one of {', '.join(ASYM_HEADS)}, "
+                          f"got {cfg.asymmetric.head!r}")
+    if cfg.asymmetric.head_hidden < 1 or cfg.asymmetric.head_init_epochs < 0:
+        raise ConfigError("config: asymmetric.head_hidden must be >= 1 and asymmetric.head_init_epochs >= 0")
     if cfg.asymmetric.kl_target not in KL_TARGETS:
         raise ConfigError(f"config: asymmetric.kl_target must be one of {', '.join(KL_TARGETS)}, "
                           f"got {cfg.asymmetric.kl_target!r}")

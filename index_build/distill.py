@@ -158,8 +158,9 @@ def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
         t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, texts, pools, progress=ctx.progress)
     set_seed(a.seed)
     student = new_asymmetric_student(resolve_model(ctx.cfg.students.base), space.names, space.dims,
+                                     head=a.head, head_hidden=a.head_hidden,
                                      max_query_len=ctx.cfg.students.max_query_len)
-    init_maps_by_ridge(student, texts, q_parts)
+    head_init = init_maps_by_ridge(student, texts, q_parts, head_epochs=a.head_init_epochs, seed=a.seed)
     dev_eval = None
     if dev["qids"]:
         qrels = ctx.dev_qrels(dev)
@@ -174,6 +175,7 @@ def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
                            progress=ctx.progress, draws=draws)
     student.save(out / "student")
     return {**about, **res, "space": {"members": space.names, "dims": space.dims},
+            "head": a.head, "head_init_cos": head_init,
             "mean_pool": float(np.mean([len(p) for p in pools])) if pools else 0.0, "dev_history": history}
 
 

@@ -356,8 +356,9 @@ def _jsonable(cfg: BuildConfig) -> dict:
 
 def _hash_without(cfg: BuildConfig, section: str, *drop: str) -> str:
     import hashlib
-    from dataclasses import asdict
 
-    data = {k: v for k, v in asdict(getattr(cfg, section)).items() if k not in drop}
+    from index_build.config import hashed_section
+
+    data = {k: v for k, v in hashed_section(getattr(cfg, section)).items() if k not in drop}
     payload = json.dumps({section: data}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

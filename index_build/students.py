@@ -66,14 +66,23 @@ class Student(nn.Module):
         return next(self.parameters()).device
 
     def hidden(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        """The last layer's token states ``[batch, length, hidden]``."""
+        return self.hidden_states(input_ids, attention_mask, token_type_ids, every_layer=False)[-1]
+
+    def hidden_states(self, input_ids, attention_mask, token_type_ids,
+                      every_layer: bool = True) -> tuple[torch.Tensor, ...]:
+        """Every layer's token states, the embeddings first and the last layer last (with
+        ``every_layer=False``, the last layer's alone), in fp32."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": every_layer}
         if getattr(self.encoder.config, "type_vocab_size", 0) > 1:
             kwargs["token_type_ids"] = token_type_ids
         if self.compute_dtype is None:
-            return self.encoder(**kwargs).last_hidden_state
-        with torch.autocast(input_ids.device.type, dtype=self.compute_dtype):
-            h = self.encoder(**kwargs).last_hidden_state
-        return h.float()
+            out = self.encoder(**kwargs)
+        else:
+            with torch.autocast(input_ids.device.type, dtype=self.compute_dtype):
+                out = self.encoder(**kwargs)
+        states = out.hidden_states if every_layer else (out.last_hidden_state,)
+        return tuple(h.float() for h in states)
 
     def head_state(self) -> dict[str, torch.Tensor]:
         return {}
@@ -112,6 +121,11 @@ class DenseStudent(Student):
     def head(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The embedding from the last-layer token states ``h``."""
         return self.pool(h, attention_mask)
+
+    def embed_with_states(self, input_ids, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding and the last layer's token states it came from (one pass)."""
+        h = self.hidden(input_ids, attention_mask, token_type_ids)
+        return self.head(h, attention_mask), h
 
     def encode_queries(self, texts: list[str]) -> torch.Tensor:
         return self(**to_torch(self.tokenizer.encode(texts, self.config.max_query_len), self.device))
@@ -230,6 +244,12 @@ def principal_directions(x: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
     return vt[:k], float(variance[:k].sum() / variance.sum())
 
 
+def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``h``'s token states over the real tokens (``[batch, hidden]``)."""
+    m = attention_mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
 class AsymmetricStudent(DenseStudent):
     """A query encoder into a teacher's document space (asymmetric distillation).
 
@@ -237,10 +257,19 @@ class AsymmetricStudent(DenseStudent):
     document embeddings, so one dot product with ``[q_1; ...; q_m]`` sums the members'
     cosines. The student encodes queries only: its pooled, normalized embedding ``u`` is
     mapped to each member's part by a linear map and normalized, ``[n(W_1 u); ...; n(W_m u)]``.
-    Documents are never encoded by it: the artifact's index holds the members' own document
-    vectors. Saved and served as a dense model (``config.extra["asymmetric"]`` records the
-    members and their dimensions; ``config.dim`` is their sum).
+    With the ``layers-mlp`` head each part adds a residual MLP of every layer's mean-pooled
+    states ``x`` (standardized by fixed statistics), ``n(W_i u + MLP_i(x))``: the members'
+    query embeddings are non-linear functions of the text that the last layer's pooled state
+    alone, mapped linearly, approximates least for the larger member
+    (``benchmarks/results/asym-head.md``). Documents are never encoded by it: the artifact's
+    index holds the members' own document vectors. Saved and served as a dense model
+    (``config.extra["asymmetric"]`` records the members, their dimensions and the head;
+    ``config.dim`` is their sum).
     """
+
+    #: the layer features' standardization (buffers of the ``layers-mlp`` head)
+    feature_mean: torch.Tensor
+    feature_scale: torch.Tensor
 
     def __init__(self, checkpoint: Path, config: EncoderConfig) -> None:
         super().__init__(checkpoint, config)
@@ -251,15 +280,62 @@ class AsymmetricStudent(DenseStudent):
         if sum(spec["dims"]) != config.dim:
             raise ValueError(f"asymmetric student: dim {config.dim} != the members' dims {spec['dims']} summed")
         self.maps = nn.ModuleList(nn.Linear(hidden, d, bias=False) for d in spec["dims"])
+        self.head_kind = spec.get("head", "linear")
+        self.residuals = nn.ModuleList()
+        if self.head_kind == "layers-mlp":
+            width = (self.encoder.config.num_hidden_layers + 1) * hidden
+            self.register_buffer("feature_mean", torch.zeros(width))
+            self.register_buffer("feature_scale", torch.ones(width))
+            for d in spec["dims"]:
+                out = nn.Linear(spec["hidden"], d)
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
+                self.residuals.append(nn.Sequential(nn.Linear(width, spec["hidden"]), nn.GELU(), out))
+        elif self.head_kind != "linear":
+            raise ValueError(f"asymmetric student: unknown head {self.head_kind!r}")
+
+    def forward(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        return self.embed_with_states(input_ids, attention_mask, token_type_ids)[0]
+
+    def embed_with_states(self, input_ids, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.residuals:
+            return super().embed_with_states(input_ids, attention_mask, token_type_ids)
+        states = self.hidden_states(input_ids, attention_mask, token_type_ids)
+        u = self.pool(states[-1], attention_mask)
+        return self.parts(u, self.layer_features(states, attention_mask)), states[-1]
 
     def head(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        u = self.pool(h, attention_mask)
-        return torch.cat([F.normalize(m(u), dim=-1) for m in self.maps], dim=-1)
+        if self.residuals:
+            raise RuntimeError("the layers-mlp head reads every layer: call embed_with_states")
+        return self.parts(self.pool(h, attention_mask), None)
 
+    @staticmethod
+    def layer_features(states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> torch.Tensor:
+        """Every layer's mean-pooled states side by side (``[batch, (layers + 1) * hidden]``)."""
+        return torch.cat([mean_pool(h, attention_mask) for h in states], dim=-1)
+
+    def parts(self, u: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """The query vector from the pooled state ``u`` (and, with residual MLPs, the layer
+        features): each member's part normalized, side by side."""
+        if not self.residuals:
+            return torch.cat([F.normalize(m(u), dim=-1) for m in self.maps], dim=-1)
+        assert features is not None
+        x = (features - self.feature_mean) / self.feature_scale
+        return torch.cat([F.normalize(m(u) + r(x), dim=-1) for m, r in zip(self.maps, self.residuals)], dim=-1)
+
+    @torch.no_grad()
     def encode_pooled(self, texts: list[str]) -> torch.Tensor:
         """The normalized pooled query embedding ``u`` the maps read."""
         inputs = to_torch(self.tokenizer.encode(texts, self.config.max_query_len), self.device)
         return self.pool(self.hidden(**inputs), inputs["attention_mask"])
+
+    @torch.no_grad()
+    def encode_features(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``u`` (:meth:`encode_pooled`) and every layer's pooled states (:meth:`layer_features`)."""
+        inputs = to_torch(self.tokenizer.encode(texts, self.config.max_query_len), self.device)
+        mask = inputs["attention_mask"]
+        states = self.hidden_states(inputs["input_ids"], mask, inputs["token_type_ids"])
+        return self.pool(states[-1], mask), self.layer_features(states, mask)
 
     def set_maps(self, weights: list[np.ndarray]) -> None:
         """Set each member's map (``[hidden, dim_i]`` arrays, as :func:`ridge_map` fits them)."""
@@ -274,8 +350,26 @@ class AsymmetricStudent(DenseStudent):
         """The members' maps, in the order of their parts."""
         return [m for m in self.maps if isinstance(m, nn.Linear)]
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The head's trainable weights (maps and residual MLPs)."""
+        return [*self.maps.parameters(), *self.residuals.parameters()]
+
     def head_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.maps.state_dict().items()}
+        state = {f"maps.{k}": v for k, v in self.maps.state_dict().items()}
+        if self.residuals:
+            state |= {f"residuals.{k}": v for k, v in self.residuals.state_dict().items()}
+            state |= {"feature_mean": self.feature_mean, "feature_scale": self.feature_scale}
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    def load_head_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`head_state` saved (a linear head saved as the maps' own state too)."""
+        if not any(k.startswith("maps.") for k in state):
+            state = {f"maps.{k}": v for k, v in state.items()}
+        self.maps.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("maps.")})
+        if self.residuals:
+            self.residuals.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("residuals.")})
+            self.feature_mean.copy_(state["feature_mean"])
+            self.feature_scale.copy_(state["feature_scale"])
 
 
 class WithTokenStates(nn.Module):
@@ -289,20 +383,23 @@ class WithTokenStates(nn.Module):
         self.student = student
 
     def forward(self, input_ids, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.student.hidden(input_ids, attention_mask, token_type_ids)
-        return self.student.head(h, attention_mask), h
+        return self.student.embed_with_states(input_ids, attention_mask, token_type_ids)
 
 
-def new_asymmetric_student(checkpoint: Path, members: list[str], dims: list[int],
-                           **config_overrides) -> AsymmetricStudent:
+def new_asymmetric_student(checkpoint: Path, members: list[str], dims: list[int], head: str = "linear",
+                           head_hidden: int = 1536, **config_overrides) -> AsymmetricStudent:
     """An asymmetric student from ``checkpoint`` into the space of ``members`` (model
-    references, in the order of their parts) with part dimensions ``dims``. Each map starts
-    at zero; :meth:`AsymmetricStudent.set_maps` sets them (e.g. to ridge fits)."""
+    references, in the order of their parts) with part dimensions ``dims`` and head ``head``
+    ("linear", or "layers-mlp" with ``head_hidden`` units). Each map starts at zero;
+    :meth:`AsymmetricStudent.set_maps` sets them (e.g. to ridge fits)."""
     base = new_student("dense", checkpoint, **config_overrides)
     config = base.config
     config.dim = int(sum(dims))
     config.similarity = "cos"
-    config.extra = {**config.extra, "asymmetric": {"members": list(members), "dims": [int(d) for d in dims]}}
+    spec: dict = {"members": list(members), "dims": [int(d) for d in dims]}
+    if head != "linear":
+        spec |= {"head": head, "hidden": int(head_hidden)}
+    config.extra = {**config.extra, "asymmetric": spec}
     student = AsymmetricStudent(Path(checkpoint), config)
     with torch.no_grad():
         for m in student.linear_maps:
@@ -375,7 +472,7 @@ def load_student(directory: Path) -> Student:
     if head.is_file():
         state = torch.load(head, map_location="cpu", weights_only=True)
         if isinstance(student, AsymmetricStudent):
-            student.maps.load_state_dict(state)
+            student.load_head_state(state)
         elif isinstance(student, ColbertStudent):
             student.proj.weight.data.copy_(state["proj.weight"])
         elif isinstance(student, CrossEncoderStudent):

@@ -136,6 +136,41 @@ def test_student_trains_saves_and_exports_as_a_dense_model(space, tiny_bert, tmp
     np.testing.assert_allclose(served.encode_queries(texts[:4]), vecs, atol=1e-4)
 
 
+def test_layers_mlp_head_starts_at_the_linear_head_then_fits_trains_and_exports(space, tiny_bert, tmp_path):
+    """The residual MLPs start at zero (the linear head exactly), the frozen-state fit brings
+    each part closer to its member, training moves them, and the graph serves the same vectors."""
+    from index_build.export import export_student
+    from models.encoders import DenseEncoder
+
+    col, sp = space
+    texts = [d.title for d in col.docs] + list(col.queries.values())
+    parts = sp.query_parts(texts)
+    linear = new_asymmetric_student(tiny_bert, sp.names, sp.dims)
+    init_maps_by_ridge(linear, texts, parts)
+    mlp = new_asymmetric_student(tiny_bert, sp.names, sp.dims, head="layers-mlp", head_hidden=32)
+    assert mlp.config.extra["asymmetric"]["head"] == "layers-mlp"
+    start = init_maps_by_ridge(mlp, texts, parts, head_epochs=0)
+    assert "residual" not in start or start["residual"] == start["ridge"]
+    np.testing.assert_allclose(encode_queries(mlp, texts), encode_queries(linear, texts), atol=1e-6)
+    fitted = init_maps_by_ridge(mlp, texts, parts, head_epochs=40)
+    assert all(f > r for f, r in zip(fitted["residual"], fitted["ridge"])), fitted
+    assert np.abs(encode_queries(mlp, texts) - encode_queries(linear, texts)).max() > 1e-3
+    before = [p.detach().clone() for p in mlp.residuals.parameters()]
+    pools, scores = teacher_pools(parts, sp.doc_parts(), BM25Index.build(col.doc_texts()), texts, 10)
+    train_asymmetric(mlp, texts, np.hstack(parts), pools, scores, sp.doc_vectors(),
+                     AsymmetricConfig(epochs=1, batch=8, pool_size=8, eval_every=100), None, [])
+    assert any((a != b).any() for a, b in zip(before, mlp.residuals.parameters()))  # trained end to end
+    vecs = encode_queries(mlp, texts[:4])
+    mlp.save(tmp_path / "student")
+    again = load_student(tmp_path / "student")
+    assert isinstance(again, AsymmetricStudent) and again.head_kind == "layers-mlp"
+    np.testing.assert_allclose(encode_queries(again, texts[:4]), vecs, atol=1e-6)
+    report = export_student(tmp_path / "student", tmp_path / "onnx", int8=True, per_channel=True,
+                            parity_texts=texts[:6])
+    assert report.max_abs_diff < 1e-4 and report.int8_max_abs_diff < 0.05
+    np.testing.assert_allclose(DenseEncoder(tmp_path / "onnx").encode_queries(texts[:4]), vecs, atol=1e-4)
+
+
 def test_query_token_map_recovers_a_linear_map_and_aligns_tokens():
     from index_build.asymmetric import aligned_query_tokens, fit_query_token_map
     from models.encoders import project_query_tokens

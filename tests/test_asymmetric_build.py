@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from index_build.config import load_config  # noqa: E402
+from index_build.config import hashed_section, load_config  # noqa: E402
 from index_build.distill import asymmetric_training_texts  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 from index_build.tune import choose_default, mode_row, tune_hybrid  # noqa: E402
@@ -137,6 +137,18 @@ def test_head_capacity_benchmark_reads_the_build(built):
 def test_kl_target_is_checked(tiny_beir, tiny_bert, tmp_path):
     with pytest.raises(ValueError, match="kl_target must be one of teacher, dense"):
         load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'asymmetric.kl_target="bm25"'))
+
+
+def test_asymmetric_head_is_checked_and_keyed_only_when_not_the_default(tiny_beir, tiny_bert, tmp_path):
+    with pytest.raises(ValueError, match="head must be one of linear, layers-mlp"):
+        load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'asymmetric.head="deep"'))
+    default = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path))
+    explicit = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'asymmetric.head="linear"'))
+    mlp = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'asymmetric.head="layers-mlp"'))
+    # a field added with its old behaviour as default leaves the stages cached before it valid
+    assert default.section_hash("asymmetric") == explicit.section_hash("asymmetric")
+    assert mlp.section_hash("asymmetric") != default.section_hash("asymmetric")
+    assert "head" not in json.dumps(hashed_section(default.asymmetric))
 
 
 def test_artifact_serves_the_asymmetric_student_over_the_teacher_space(built):
