@@ -106,9 +106,9 @@ def measure(ctx: Pipeline, max_train: int = 20000, epochs: int = 8) -> dict[str,
     frozen = new_asymmetric_student(resolve_model(ctx.cfg.students.base), space.names, space.dims,
                                     head="layers-mlp", head_hidden=ctx.cfg.asymmetric.head_hidden,
                                     max_query_len=ctx.cfg.students.max_query_len)
-    feats = {k: pooled_features(frozen, v) for k, v in sets.items()}
+    feats = {k: pooled_features(frozen, v, progress=ctx.progress) for k, v in sets.items()}
     targets = [teacher["train"][:, a:b] for a, b in zip(bounds, bounds[1:])]
-    fit_head(frozen, *feats["train"], targets, epochs, ctx.cfg.asymmetric.seed)
+    fit_head(frozen, *feats["train"], targets, epochs, ctx.cfg.asymmetric.seed, progress=ctx.progress)
     heads: dict[str, dict[str, np.ndarray]] = {
         "trained": {k: ctx.dense_queries(v, "asymmetric") for k, v in sets.items()}}
     maps = [m.weight.detach().numpy().T for m in frozen.linear_maps]

@@ -102,19 +102,24 @@ def teacher_pools(query_parts: list[np.ndarray], doc_parts: list[np.ndarray], bm
 
 
 def init_maps_by_ridge(student: AsymmetricStudent, texts: list[str], query_parts: list[np.ndarray],
-                       batch: int = 128, head_epochs: int = 8, seed: int = 13) -> dict[str, Any]:
+                       batch: int = 128, head_epochs: int = 8, seed: int = 13,
+                       progress: bool = False) -> dict[str, Any]:
     """Start the student's head on ``texts`` (:func:`fit_head` of the frozen model's
     :func:`pooled_features`)."""
-    return fit_head(student, *pooled_features(student, texts, batch), query_parts, head_epochs, seed)
+    return fit_head(student, *pooled_features(student, texts, batch, progress), query_parts, head_epochs, seed,
+                    progress)
 
 
-def pooled_features(student: AsymmetricStudent, texts: list[str],
-                    batch: int = 128) -> tuple[np.ndarray, np.ndarray | None]:
+def pooled_features(student: AsymmetricStudent, texts: list[str], batch: int = 128,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """What the head reads, per text: the pooled embedding ``u`` and, for a ``layers-mlp``
     head, every layer's pooled states (None for a linear head); in eval mode."""
+    from tqdm import tqdm
+
     student.eval()
     pooled, feats = [], []
-    for i in range(0, len(texts), batch):
+    for i in tqdm(range(0, len(texts), batch), desc="asymmetric student: frozen states", unit="batch",
+                  disable=not progress):
         if student.residuals:
             u, f = student.encode_features(texts[i : i + batch])
             feats.append(f.numpy())
@@ -125,7 +130,8 @@ def pooled_features(student: AsymmetricStudent, texts: list[str],
 
 
 def fit_head(student: AsymmetricStudent, pooled: np.ndarray, features: np.ndarray | None,
-             query_parts: list[np.ndarray], head_epochs: int = 8, seed: int = 13) -> dict[str, Any]:
+             query_parts: list[np.ndarray], head_epochs: int = 8, seed: int = 13,
+             progress: bool = False) -> dict[str, Any]:
     """Start each member's map at the ridge regression from the pooled query embeddings
     ``pooled`` to that member's query embeddings (:func:`index_build.students.ridge_map`);
     with the ``layers-mlp`` head, set the features' standardization from ``features`` and fit
@@ -144,7 +150,8 @@ def fit_head(student: AsymmetricStudent, pooled: np.ndarray, features: np.ndarra
         with torch.no_grad():
             student.feature_mean.copy_(torch.from_numpy(features.mean(0)))
             student.feature_scale.copy_(torch.from_numpy(features.std(0) + 1e-6))
-        record["residual"] = fit_residuals(student, pooled, features, query_parts, head_epochs, seed)
+        record["residual"] = fit_residuals(student, pooled, features, query_parts, head_epochs, seed,
+                                           progress=progress)
     return record
 
 
@@ -156,7 +163,7 @@ def _mean_cos(a: np.ndarray, b: np.ndarray) -> float:
 
 def fit_residuals(student: AsymmetricStudent, pooled: np.ndarray, features: np.ndarray,
                   query_parts: list[np.ndarray], epochs: int, seed: int = 13, batch: int = 256,
-                  lr: float = 1e-3) -> list[float]:
+                  lr: float = 1e-3, progress: bool = False) -> list[float]:
     """Fit the student's residual MLPs with the transformer frozen (linear probing before
     fine-tuning, Kumar et al. 2022): on the pooled states and layer features the frozen
     model gives ``texts``, maximize the cosine of each part to the member's query embedding,
@@ -164,20 +171,22 @@ def fit_residuals(student: AsymmetricStudent, pooled: np.ndarray, features: np.n
     after fitting."""
     import torch
     import torch.nn.functional as F
+    from tqdm import tqdm
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     u = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     x = (x - student.feature_mean) / student.feature_scale
-    cosines = []
+    cosines: list[float] = []
     for m, r, part in zip(student.maps, student.residuals, query_parts):
         y = F.normalize(torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32)), dim=-1)
         with torch.no_grad():
             base = m(u)
         opt = torch.optim.AdamW(r.parameters(), lr=lr, weight_decay=0.01)
         r.train()
-        for _ in range(epochs):
+        for _ in tqdm(range(epochs), desc=f"asymmetric student: residual MLP {len(cosines) + 1}/{len(query_parts)}",
+                      unit="pass", disable=not progress):
             for i in torch.randperm(len(u), generator=gen).split(batch):
                 loss = (1 - (F.normalize(base[i] + r(x[i]), dim=-1) * y[i]).sum(-1)).mean()
                 opt.zero_grad()

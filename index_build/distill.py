@@ -160,7 +160,8 @@ def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
     student = new_asymmetric_student(resolve_model(ctx.cfg.students.base), space.names, space.dims,
                                      head=a.head, head_hidden=a.head_hidden,
                                      max_query_len=ctx.cfg.students.max_query_len)
-    head_init = init_maps_by_ridge(student, texts, q_parts, head_epochs=a.head_init_epochs, seed=a.seed)
+    head_init = init_maps_by_ridge(student, texts, q_parts, head_epochs=a.head_init_epochs, seed=a.seed,
+                                   progress=ctx.progress)
     dev_eval = None
     if dev["qids"]:
         qrels = ctx.dev_qrels(dev)
