@@ -54,10 +54,6 @@ def normalized(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def mean_cos(a: np.ndarray, b: np.ndarray) -> float:
-    return round(float(np.mean(np.sum(normalized(a) * normalized(b), 1))), 4)
-
-
 def test_queries(ctx: Pipeline) -> tuple[list[str], list[str], dict, Any]:
     """The test queries, their judgments and a function from query vectors to (dense, hybrid)
     runs: full-corpus first stages, or a TREC pool's BM25 top-100 (its rerank protocol)."""
@@ -90,7 +86,7 @@ def measure(ctx: Pipeline, max_train: int = 20000, epochs: int = 8) -> dict[str,
     ``epochs`` passes (:func:`index_build.asymmetric.fit_head`)."""
     import torch
 
-    from index_build.asymmetric import fit_head, pooled_features
+    from index_build.asymmetric import fit_head, mean_cosine, pooled_features
     from index_build.distill import asymmetric_training_texts
     from index_build.students import new_asymmetric_student
     from models.sources import resolve_model
@@ -127,7 +123,7 @@ def measure(ctx: Pipeline, max_train: int = 20000, epochs: int = 8) -> dict[str,
         row: dict[str, Any] = {}
         for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
             for k in sets:
-                row[f"cos part {i} {k}"] = mean_cos(h[k][:, a:b], teacher[k][:, a:b])
+                row[f"cos part {i} {k}"] = mean_cosine(h[k][:, a:b], teacher[k][:, a:b])
         dense, hybrid = runs(np.ascontiguousarray(h["test"], dtype=np.float32))
         row["dense nDCG@10"] = metrics(judged["qrels"], dense, min_rel=judged["min_rel"])["nDCG@10"]
         row["per-part hybrid nDCG@10"] = metrics(judged["qrels"], hybrid, min_rel=judged["min_rel"])["nDCG@10"]
