@@ -75,6 +75,9 @@ def choose_default(ctx: BuildContext, depth: int = 100) -> dict[str, Any]:
     CPU and is never a default), the hybrid first stage alone (the served dense model
     where there is no BM25) unless another mode beats it on the dev slice by more than one
     standard error (:func:`index_build.metrics.one_se_choice`), then the best of those.
+    On a label-free build BM25 alone is no candidate: its dev queries are cut from the
+    documents, so BM25 finds their source by construction (as :func:`tune_hybrid` keeps its
+    prior for the same reason), while on real queries it can be the weakest signal.
     Never on test judgments. Computed once per build and exported models."""
     memo = ("default", depth, *[ctx.export_key(k) for k in ctx.cfg.students.kinds])
     return _once(ctx, memo, lambda: _choose_default(ctx, depth))
@@ -89,8 +92,10 @@ def _choose_default(ctx: BuildContext, depth: int) -> dict[str, Any]:
     qrels, qids = tuning_qrels(ctx, dev), dev["qids"]
     hybrid_weight = tune_hybrid(ctx, depth)["dense_weight"]
     firsts = ctx.first_stage_lists(dev["queries"], ctx.dense_queries(dev["queries"]), hybrid_weight, depth)
+    # pseudo-queries favour BM25 by construction: on a label-free build it is not a default
+    alone = [s for s in FIRST_STAGES if not (ctx.label_free and s == "sparse")]
     per_mode = {(stage, "none"): per_query_ndcg(qrels, ctx.run_of(qids, firsts[stage]), qids)
-                for stage in FIRST_STAGES}
+                for stage in alone}
     if "colbert" in kinds:
         weights = tune_rerank_weights(ctx, "colbert", hybrid_weight, depth)["weights"]
         reranked = {stage: firsts[stage] for stage in ("dense", "hybrid")}
@@ -102,6 +107,8 @@ def _choose_default(ctx: BuildContext, depth: int) -> dict[str, Any]:
     return {"first_stage": stage, "rerank": rerank,
             "chosen_on": _dev_slice(ctx),
             "selection": "one-standard-error rule toward hybrid without rerank",
+            **({"not_candidates": {"sparse+none": "pseudo-queries favour BM25 by construction"}}
+               if ctx.label_free else {}),
             "dev_nDCG@10": {f"{s}+{r}": round(float(v.mean()), 4) for (s, r), v in per_mode.items()}}
 
 

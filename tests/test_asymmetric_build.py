@@ -55,6 +55,8 @@ def test_asymmetric_rows_beside_the_full_tower_rows(built):
             "hybrid+colbert", "served-default"} <= set(systems)
     default = choose_default(p)
     assert systems["served-default"] == systems[mode_row(p, default)]
+    # real dev queries: BM25 alone is a candidate (only pseudo-queries favour it by construction)
+    assert "sparse+none" in default["dev_nDCG@10"] and "not_candidates" not in default
     # the teacher's own query vectors in its space; its one bi-encoder member is the base model here
     assert systems["teacher-space"] == pytest.approx(systems["base-dense"], abs=1e-4)
     record = result["stages"]["distill-asymmetric"]

@@ -141,6 +141,11 @@ def test_label_free_switch_and_pipeline(tmp_path, tiny_bert):
     assert 0.0 <= p.records["export-dense"].result["dev_nDCG@10"] <= 1.0
     assert "dev_nDCG@10" not in p.records["export-colbert"].result  # not interpolated
     assert m.serving["default"]["chosen_on"] == "pseudo-query dev slice judged by the source"
+    # BM25 finds a pseudo-query's source by construction: alone, it is no candidate for the default
+    default = m.serving["default"]
+    assert (default["first_stage"], default["rerank"]) != ("sparse", "none")
+    assert "sparse+none" not in default["dev_nDCG@10"] and "sparse+none" in default["not_candidates"]
+    assert {"dense+none", "hybrid+none"} <= set(default["dev_nDCG@10"])
 
     # judged by the teacher: its top 10 of each dev pool graded 10..1, the source graded 10
     from index_build.tune import TEACHER_JUDGED, tuning_qrels
