@@ -39,6 +39,12 @@ def to_torch(batch: Batch, device: str | torch.device = "cpu") -> dict[str, torc
     return {k: torch.from_numpy(v).to(device) for k, v in batch.as_dict().items()}
 
 
+def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``h``'s token states over the real tokens (``[batch, hidden]``)."""
+    m = attention_mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
 class Student(nn.Module):
     """Base: a transformer encoder plus the config that the ONNX runtime reads back."""
 
@@ -109,11 +115,7 @@ class DenseStudent(Student):
 
     def pool(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The pooled token states (mean over the real tokens, or [CLS]), normalized for cosine."""
-        if self.config.pooling == "cls":
-            pooled = h[:, 0]
-        else:
-            m = attention_mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        pooled = h[:, 0] if self.config.pooling == "cls" else mean_pool(h, attention_mask)
         if self.config.similarity == "cos":
             pooled = F.normalize(pooled, dim=-1)
         return pooled
@@ -244,12 +246,6 @@ def principal_directions(x: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
     return vt[:k], float(variance[:k].sum() / variance.sum())
 
 
-def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The mean of ``h``'s token states over the real tokens (``[batch, hidden]``)."""
-    m = attention_mask.unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
 class AsymmetricStudent(DenseStudent):
     """A query encoder into a teacher's document space (asymmetric distillation).
 
@@ -355,21 +351,17 @@ class AsymmetricStudent(DenseStudent):
         return [*self.maps.parameters(), *self.residuals.parameters()]
 
     def head_state(self) -> dict[str, torch.Tensor]:
-        state = {f"maps.{k}": v for k, v in self.maps.state_dict().items()}
-        if self.residuals:
-            state |= {f"residuals.{k}": v for k, v in self.residuals.state_dict().items()}
-            state |= {"feature_mean": self.feature_mean, "feature_scale": self.feature_scale}
-        return {k: v.detach().clone() for k, v in state.items()}
+        """Everything but the transformer: the maps, and a layers-mlp head's MLPs and statistics."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
 
     def load_head_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load what :meth:`head_state` saved (a linear head saved as the maps' own state too)."""
+        """Load what :meth:`head_state` saved (or the maps' own state, as linear heads once were)."""
         if not any(k.startswith("maps.") for k in state):
             state = {f"maps.{k}": v for k, v in state.items()}
-        self.maps.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("maps.")})
-        if self.residuals:
-            self.residuals.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("residuals.")})
-            self.feature_mean.copy_(state["feature_mean"])
-            self.feature_scale.copy_(state["feature_scale"])
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("encoder.") for k in missing):
+            raise ValueError(f"asymmetric head state does not fit this head: missing "
+                             f"{[k for k in missing if not k.startswith('encoder.')]}, unexpected {unexpected}")
 
 
 class WithTokenStates(nn.Module):
