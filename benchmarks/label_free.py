@@ -1,12 +1,14 @@
 """Label-free distillation on four collections, corpus only; writes
 ``benchmarks/results/label-free.json`` (+ ``label-free.md``).
 
-    .venv/bin/python benchmarks/label_free.py [--only scifact,cranfield,dl19,dl20]
+    .venv/bin/python benchmarks/label_free.py [--only scifact,cranfield,dl19,dl20,scifact-log]
 
 Each collection is an ordinary ``index-build all`` with ``configs/labelfree-<name>.toml``
 (stage-cached, so a rerun only redoes what changed); each build's own results files are
 copied into ``benchmarks/results/label-free/``. Training and tuning never see the
 collections' queries or judgments: the test judgments are read by the final evaluation only.
+A variant (:data:`VARIANTS`) is one of those builds with overrides, reported under its own
+name: ``scifact-log`` adds a query log without judgments (``label_free.query_log``).
 """
 
 from __future__ import annotations
@@ -27,18 +29,30 @@ from index_build.metrics import markdown_table, write_json_atomic  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 
 COLLECTIONS = ["scifact", "cranfield", "dl19", "dl20"]
+#: builds reported beside the corpus-only ones: name -> (the collection whose config they
+#: start from, config overrides, what they add)
+VARIANTS = {
+    "scifact-log": ("scifact", [
+        'label_free.query_log="../shared/data/scifact/queries.jsonl"', 'work_dir="work/labelfree-scifact-log"',
+        'artifact_dir="artifacts/labelfree-scifact-log"', 'evaluate.name="labelfree-scifact-log"',
+    ], "the corpus plus a query log: SciFact's queries without judgments (the build drops the 300 test "
+       "queries; the 809 train and dev claims remain), teacher-labelled training queries for every student"),
+}
 RENAME = {"dense": "labelfree-dense", "dense+colbert": "labelfree-dense+colbert"}
 KEEP = ["bm25", "base-dense", "teacher", "teacher-space", "labelfree-dense", "labelfree-dense+colbert", "hybrid",
         "hybrid+colbert", "asym-dense", "asym-hybrid", "asym-hybrid-lists", "served-default"]
 
 
 def collect(name: str) -> dict:
-    cfg = load_config(REPO / "configs" / f"labelfree-{name}.toml")
+    base, overrides, about = VARIANTS.get(name, (name, [], ""))
+    config = f"configs/labelfree-{base}.toml"
+    cfg = load_config(REPO / config, overrides)
     p = Pipeline(cfg)
     result = p.run_all()
     publish(cfg.results_path, REPO / "benchmarks" / "results" / "label-free")  # the build's own files
     systems = {RENAME.get(k, k): v for k, v in result["systems"].items()}
     mine = p.records["mine"].result
+    variant = {"variant": about, "overrides": overrides, "query_log": mine["query_log"]} if about else {}
     return {
         "systems": {k: systems[k] for k in KEEP if k in systems},
         "pseudo_queries": mine["pseudo_queries"],
@@ -46,19 +60,21 @@ def collect(name: str) -> dict:
         "by_generator": mine["by_generator"],
         "stages": result["stages"],
         "serving": result.get("serving", {}),
-        "config": f"configs/labelfree-{name}.toml",
+        "config": config,
+        "command": f"python benchmarks/label_free.py --only {name}",
+        **variant,
         "protocol": "rerank runs/BM25.trec top-100" if cfg.evaluate.mode == "rerank"
         else f"full-corpus retrieval on the {cfg.data.test_split!r} judgments",
     }
 
 
-def main(only: str = typer.Option(",".join(COLLECTIONS), help="comma-separated collections")) -> None:
+def main(only: str = typer.Option(",".join(COLLECTIONS), help="comma-separated collections and variants")) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = REPO / "benchmarks" / "results" / "label-free.json"
     data = json.loads(out.read_text()) if out.is_file() else {}
     for name in [n.strip() for n in only.split(",") if n.strip()]:
-        if name not in COLLECTIONS:
-            raise typer.BadParameter(f"unknown collection {name!r}; choose from {COLLECTIONS}")
+        if name not in COLLECTIONS and name not in VARIANTS:
+            raise typer.BadParameter(f"unknown collection {name!r}; choose from {COLLECTIONS + list(VARIANTS)}")
         data[name] = collect(name)
         data["command"] = "python benchmarks/label_free.py"
         write_json_atomic(out, data)

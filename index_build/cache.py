@@ -26,7 +26,8 @@ class ArrayCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False)
+        # builds sharing the user-level cache wait up to a minute for each other's writes
+        self._conn = sqlite3.connect(str(self.path), timeout=60.0, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, shape TEXT, v BLOB)")
         self._lock = threading.Lock()

@@ -133,6 +133,9 @@ class AsymmetricConfig:
     # checked pseudo-query) is drawn per pass: the queries most like the users' get that weight
     # against the document pseudo-queries that outnumber them
     mined_draws: int = 1
+    # times each query of a label-free build's query log (label_free.query_log: real queries,
+    # unjudged) is drawn per pass, as the labelled build draws its training queries
+    log_draws: int = field(default=3, metadata=UNHASHED_AT_DEFAULT)
     # one of ASYM_HEADS. "layers-mlp": the residual MLPs (head_hidden units, output layer zero at
     # start) are first fitted for head_init_epochs passes on the frozen base model's states
     # (seconds), then trained with the rest (linear probing, then fine-tuning)
@@ -163,6 +166,11 @@ class LabelFreeConfig:
     min_words: int = 2
     max_words: int = 48
     dev_queries: int = 200       # held-out pseudo-queries for model selection and hybrid tuning
+    # a log of the users' queries without judgments ("": none): a BEIR queries.jsonl, a .tsv of
+    # id<TAB>text lines, or plain text, one query a line. The teacher labels each query's
+    # candidates and every student trains on them beside the pseudo-queries; queries of the
+    # collection's test split are dropped. Model selection and tuning keep the pseudo-query dev slice
+    query_log: str = field(default="", metadata=UNHASHED_AT_DEFAULT)
 
 
 @dataclass
@@ -359,6 +367,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                           f"got {cfg.asymmetric.head!r}")
     if cfg.asymmetric.head_hidden < 1 or cfg.asymmetric.head_init_epochs < 0:
         raise ConfigError("config: asymmetric.head_hidden must be >= 1 and asymmetric.head_init_epochs >= 0")
+    if int(cfg.asymmetric.log_draws) < 1:
+        raise ConfigError(f"config: asymmetric.log_draws must be at least 1, got {cfg.asymmetric.log_draws}")
     if cfg.asymmetric.kl_target not in KL_TARGETS:
         raise ConfigError(f"config: asymmetric.kl_target must be one of {', '.join(KL_TARGETS)}, "
                           f"got {cfg.asymmetric.kl_target!r}")

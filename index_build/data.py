@@ -144,6 +144,40 @@ def load_queries(path: Path) -> dict[str, str]:
     return queries
 
 
+def load_query_log(path: str | Path) -> list[str]:
+    """The distinct query texts of a query log, in file order: a BEIR ``queries.jsonl`` (its
+    ``text`` fields), a ``.tsv`` of ``id<TAB>text`` lines (MS MARCO's ``queries.tsv``), or
+    any other text file with one query a line. Blank queries are skipped; a missing or empty
+    log, or a malformed line, is a :class:`DataError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"query log {path} not found")
+    texts: list[str] = []
+    if path.suffix == ".jsonl":
+        texts = [_required_str(obj, "text", path, lineno, allow_empty=True) for lineno, obj in _iter_jsonl(path)]
+    else:
+        for lineno, line in text_lines(path):
+            line = line.rstrip("\r\n")
+            if path.suffix == ".tsv" and line.strip():
+                if "\t" not in line:
+                    raise DataError(f"{path}:{lineno}: expected id<TAB>text")
+                line = line.split("\t", 1)[1]
+            texts.append(line)
+    out = list(dict.fromkeys(" ".join(t.split()) for t in texts if t.strip()))
+    if not out:
+        raise DataError(f"query log {path} holds no query")
+    return out
+
+
+def query_log_checksum(path: str | Path) -> str:
+    """The SHA-256 of a query log's bytes (the mine stage's key holds it)."""
+    from models.artifacts import sha256_file
+
+    if not Path(path).is_file():
+        raise DataError(f"query log {path} not found")
+    return sha256_file(path)
+
+
 def load_qrels(path: Path, doc_ids: set[str], query_ids: set[str] | None = None, *,
                unknown_docs: str = "error") -> dict[str, dict[str, int]]:
     """``unknown_docs``: "error" (default), or "keep" for a candidate-pool corpus (TREC DL),

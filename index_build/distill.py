@@ -86,9 +86,10 @@ def base_dense_dev_score(ctx: BuildContext, dev: dict, student, retrieval: bool 
 
 
 def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """The asymmetric student's training queries and how often each is drawn per pass: the
-    mined training queries (labelled, or the label-free pseudo-queries), every one of them,
-    ``asymmetric.mined_draws`` times, plus, with ``asymmetric.pseudo_per_doc`` > 0,
+    """The asymmetric student's training queries and how often each is drawn per pass: a
+    label-free build's query log (``label_free.query_log``), ``asymmetric.log_draws`` times
+    each; the mined training queries (labelled, or the label-free pseudo-queries), every one
+    of them, ``asymmetric.mined_draws`` times; plus, with ``asymmetric.pseudo_per_doc`` > 0,
     pseudo-queries from every document (titles, sentences, key-phrases, random spans) up to
     ``asymmetric.max_queries`` in all, once each; never a dev or test query."""
     from index_build.pseudo_queries import (
@@ -104,7 +105,11 @@ def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], 
     held_out = set(dev["queries"])
     if ctx.cfg.data.test_split in ctx.collection.qrels:
         held_out |= set(ctx.collection.split_queries(ctx.cfg.data.test_split).values())
-    mined = [t for t in dict.fromkeys(e.query for e in ctx.load_mined()["examples"]) if t not in held_out]
+    mined_file = ctx.load_mined()
+    logged = set(mined_file.get("query_log", ()))
+    mined_all = [t for t in dict.fromkeys(e.query for e in mined_file["examples"]) if t not in held_out]
+    mined = [t for t in mined_all if t not in logged]
+    from_log = [t for t in mined_all if t in logged]
     pseudo: list[str] = []
     stats: dict[str, Any] = {}
     if a.pseudo_per_doc > 0:
@@ -115,15 +120,18 @@ def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], 
             generators.append(SpanGenerator(per_doc=a.spans_per_doc, seed=a.seed))
         generated = [q for g in generators for q in g.generate(docs)]
         kept, stats = filter_queries(generated, docs, per_doc=a.pseudo_per_doc)
-        taken = set(mined)
+        taken = set(mined_all)
         pseudo = [t for t in dict.fromkeys(q.text for q in kept) if t not in held_out and t not in taken]
     random.Random(a.seed).shuffle(pseudo)
     if a.max_queries:
-        pseudo = pseudo[: max(0, a.max_queries - len(mined))]
-    texts = mined + pseudo
-    draws = np.array([a.mined_draws] * len(mined) + [1] * len(pseudo), np.int64)
-    return texts, draws, {"queries": len(texts), "mined": len(mined), "pseudo": len(pseudo),
-                          "mined_draws": a.mined_draws, "pseudo_filters": stats}
+        pseudo = pseudo[: max(0, a.max_queries - len(mined_all))]
+    texts = from_log + mined + pseudo
+    draws = np.array([a.log_draws] * len(from_log) + [a.mined_draws] * len(mined) + [1] * len(pseudo), np.int64)
+    about = {"queries": len(texts), "mined": len(mined), "pseudo": len(pseudo), "mined_draws": a.mined_draws,
+             "pseudo_filters": stats}
+    if logged:
+        about.update(query_log=len(from_log), log_draws=a.log_draws)
+    return texts, draws, about
 
 
 def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:

@@ -65,9 +65,41 @@ def mine_label_free(ctx: BuildContext, out: Path) -> dict:
     lf = ctx.cfg.label_free
     budget = lf.budget or default_budget(len(ctx.collection.docs))
     examples, dev, info = pseudo_examples(ctx, budget, lf.dev_queries, out / "pseudo_queries.tsv")
+    mined: dict = {"examples": examples, "dev": dev}
+    if lf.query_log:
+        log_examples, log_texts, info["query_log"] = query_log_examples(ctx, lf.query_log, dev)
+        mined["examples"] = examples + log_examples
+        mined["query_log"] = log_texts
     with (out / "examples.pkl").open("wb") as f:
-        pickle.dump({"examples": examples, "dev": dev}, f)
+        pickle.dump(mined, f)
     return {"label_free": True, **info}
+
+
+def query_log_examples(ctx: BuildContext, path: str, dev: dict) -> tuple[list, list[str], dict]:
+    """Training examples from a log of unjudged queries (``label_free.query_log``): each
+    query's candidates (BM25 and the base model's top ``teacher.pool_depth``) scored by the
+    teacher, whose top candidates are its positives. Queries of the test split and of the dev
+    slice are dropped, so no evaluated query is trained on. Returns the examples, the kept
+    texts and what the log held."""
+    from index_build.data import load_query_log, query_log_checksum
+    from index_build.sampling import make_examples
+    from index_build.teachers import cached_teacher_scores
+
+    logged = load_query_log(path)
+    held_out = {" ".join(t.split()) for t in dev["queries"]}
+    test = ctx.cfg.data.test_split
+    if test in ctx.collection.qrels:
+        held_out |= {" ".join(t.split()) for t in ctx.collection.split_queries(test).values()}
+    texts = [t for t in logged if t not in held_out]
+    if not texts:
+        return [], [], {"path": path, "queries": len(logged), "kept": 0, "held_out_dropped": len(logged)}
+    pools, rankings = ctx.candidate_pools(texts, ctx.cfg.teacher.pool_depth)
+    t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, texts, pools, progress=ctx.progress)
+    examples = make_examples([f"log{i}" for i in range(len(texts))], texts, pools, t_scores, rankings,
+                             neg_depth=ctx.cfg.students.neg_depth)
+    return examples, texts, {"path": path, "sha256": query_log_checksum(path), "queries": len(logged),
+                             "kept": len(texts), "held_out_dropped": len(logged) - len(texts),
+                             "examples": len(examples)}
 
 
 def pseudo_examples(ctx: BuildContext, budget: int, n_dev: int, tsv: Path | None = None) -> tuple[list, dict, dict]:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from index_build.data import DataError, load_collection, load_trec_run
+from index_build.data import DataError, load_collection, load_query_log, load_trec_run
 
 
 def _write(root, corpus, queries=None, qrels=None):
@@ -93,3 +93,30 @@ def test_pool_corpus_keeps_outside_judgments(tmp_path):
     root = _write(tmp_path / "c", [doc("a")], [q], "query-id\tcorpus-id\tscore\nq1\ta\t1\nq1\tzzz\t2\n")
     c = load_collection(root, unknown_docs="keep")  # a TREC DL pool: judged passages outside it count in nDCG
     assert c.qrels["test"]["q1"] == {"a": 1, "zzz": 2}
+
+
+def test_query_log_formats(tmp_path):
+    beir = tmp_path / "log.jsonl"
+    beir.write_text('{"_id": "1", "text": "what is  a  spline"}\n\n{"_id": "2", "text": "wing flutter"}\n'
+                    '{"_id": "3", "text": "what is a spline"}\n')
+    assert load_query_log(beir) == ["what is a spline", "wing flutter"]  # whitespace folded, duplicates once
+    tsv = tmp_path / "queries.tsv"
+    tsv.write_text("19335\tanthropological definition of environment\n47923\taxon\tterminal\n\n")
+    assert load_query_log(tsv) == ["anthropological definition of environment", "axon terminal"]
+    txt = tmp_path / "log.txt"
+    txt.write_text("boundary layer transition\r\n  \nshock wave\n")
+    assert load_query_log(txt) == ["boundary layer transition", "shock wave"]
+
+
+def test_query_log_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_query_log(tmp_path / "missing.txt")
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(DataError, match="holds no query"):
+        load_query_log(tmp_path / "blank.txt")
+    (tmp_path / "bad.tsv").write_text("1\tok\nno tab here\n")
+    with pytest.raises(DataError, match=r"bad.tsv:2: expected id<TAB>text"):
+        load_query_log(tmp_path / "bad.tsv")
+    (tmp_path / "bad.jsonl").write_text('{"_id": "1"}\n')
+    with pytest.raises(DataError, match="missing field 'text'"):
+        load_query_log(tmp_path / "bad.jsonl")

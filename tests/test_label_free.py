@@ -193,3 +193,50 @@ def test_wise_ft_interpolates_the_encoder_with_the_base(tiny_bert, tmp_path):
     assert bool((student.proj.weight == 0.5).all())  # the head keeps its trained weights
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         interpolate_with_base(student, tiny_bert, 1.5)
+
+
+def test_query_log_trains_every_student_on_unjudged_queries_never_on_evaluated_ones(tmp_path, tiny_beir, tiny_bert):
+    pytest.importorskip("torch")
+    import shutil
+
+    from index_build.config import ConfigError, load_config
+    from index_build.distill import asymmetric_training_texts
+    from index_build.stages import Pipeline
+    from tests.conftest import tiny_overrides
+
+    log = tmp_path / "log.jsonl"  # the collection's queries, test ones included, read as a log without judgments
+    shutil.copyfile(tiny_beir / "queries.jsonl", log)
+    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "data.label_free=true",
+                                               "label_free.dev_queries=5", f'label_free.query_log="{log}"',
+                                               'students.kinds=["asymmetric"]', "asymmetric.log_draws=4"))
+    p = Pipeline(cfg, progress=False)
+    rec = p.mine()
+    mined = p.load_mined()
+    test = set(p.collection.split_queries("test").values())
+    expected = [t for t in dict.fromkeys(p.collection.queries.values()) if t not in test | set(mined["dev"]["queries"])]
+    assert mined["query_log"] == expected and len(expected) < len(set(p.collection.queries.values()))
+    info = rec.result["query_log"]
+    assert info["kept"] == len(expected) and info["held_out_dropped"] == info["queries"] - len(expected)
+    from_log = [e for e in mined["examples"] if e.qid.startswith("log")]
+    assert {e.query for e in from_log} <= set(expected) and len(from_log) > len(expected) // 2
+    # no judgment is read: the teacher's top candidates are each logged query's positives
+    for e in from_log[:3]:
+        assert set(e.positives) == set(np.argsort(-e.teacher)[:3].tolist())
+    texts, draws, about = asymmetric_training_texts(p, mined["dev"])
+    n = about["query_log"]
+    assert n == len({e.query for e in from_log}) and set(texts[:n]) <= set(expected)
+    assert (draws[:n] == 4).all() and (draws[n:] <= cfg.asymmetric.mined_draws).all()
+    assert not test & set(texts)
+    # the log is part of the mine stage's key by content, and no part of it when unset
+    key = p.mine_key()
+    with log.open("a") as f:
+        f.write('{"_id": "extra", "text": "one more logged query"}\n')
+    assert Pipeline(cfg, progress=False).mine_key() != key
+    bare = tiny_overrides(tiny_beir, tiny_bert, tmp_path, "data.label_free=true")
+    assert (Pipeline(load_config(overrides=bare), progress=False).mine_key()
+            == Pipeline(load_config(overrides=[*bare, 'label_free.query_log=""']), progress=False).mine_key())
+    labelled = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, f'label_free.query_log="{log}"'))
+    with pytest.raises(ConfigError, match="label-free builds only"):
+        Pipeline(labelled, progress=False).mine_key()
+    with pytest.raises(ConfigError, match="log_draws"):
+        load_config(overrides=[*bare, "asymmetric.log_draws=0"])

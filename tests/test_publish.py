@@ -30,3 +30,14 @@ def test_publish_copies_results_files(tmp_path: Path):
     assert sorted(p.name for p in copied) == ["tiny.json", "tiny.md"]
     assert sorted(p.name for p in dest.iterdir()) == ["tiny.json", "tiny.md"]
     assert (dest / "tiny.json").read_text() == '{"a": 1}\n'
+
+
+def test_label_free_variants_load_and_keep_their_own_work():
+    from benchmarks.label_free import VARIANTS
+
+    repo = Path(__file__).resolve().parents[1]
+    for name, (base, overrides, about) in VARIANTS.items():
+        cfg = load_config(repo / "configs" / f"labelfree-{base}.toml", overrides)
+        plain = load_config(repo / "configs" / f"labelfree-{base}.toml")
+        assert about and cfg.work_dir != plain.work_dir and cfg.artifact_dir != plain.artifact_dir, name
+        assert cfg.evaluate.name == f"labelfree-{name}", name
