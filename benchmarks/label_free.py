@@ -52,7 +52,7 @@ def collect(name: str) -> dict:
     publish(cfg.results_path, REPO / "benchmarks" / "results" / "label-free")  # the build's own files
     systems = {RENAME.get(k, k): v for k, v in result["systems"].items()}
     mine = p.records["mine"].result
-    variant = {"variant": about, "overrides": overrides, "query_log": mine["query_log"]} if about else {}
+    variant = {"variant": about, "overrides": overrides, "query_log": mine.get("query_log")} if about else {}
     return {
         "systems": {k: systems[k] for k in KEEP if k in systems},
         "pseudo_queries": mine["pseudo_queries"],
