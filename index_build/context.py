@@ -124,6 +124,14 @@ class BuildContext(ABC):
         return TeacherSpec.from_dict({"kind": "ensemble", "members": self.cfg.teacher.members,
                                       "norm": self.cfg.teacher.norm})
 
+    @cached_property
+    def query_log_digest(self) -> str:
+        """The SHA-256 of ``label_free.query_log``, read once a run ("" without a log): the
+        mine stage's key, and so every later stage's, holds it."""
+        from index_build.data import query_log_checksum
+
+        return query_log_checksum(self.cfg.label_free.query_log) if self.cfg.label_free.query_log else ""
+
     @property
     def label_free(self) -> bool:
         c = self.collection

@@ -144,6 +144,12 @@ def load_queries(path: Path) -> dict[str, str]:
     return queries
 
 
+def normalize_query(text: str) -> str:
+    """A query with its whitespace runs folded to single spaces: how a query log's texts
+    are compared with the collection's queries."""
+    return " ".join(text.split())
+
+
 def load_query_log(path: str | Path) -> list[str]:
     """The distinct query texts of a query log, in file order: a BEIR ``queries.jsonl`` (its
     ``text`` fields), a ``.tsv`` of ``id<TAB>text`` lines (MS MARCO's ``queries.tsv``), or
@@ -163,7 +169,7 @@ def load_query_log(path: str | Path) -> list[str]:
                     raise DataError(f"{path}:{lineno}: expected id<TAB>text")
                 line = line.split("\t", 1)[1]
             texts.append(line)
-    out = list(dict.fromkeys(" ".join(t.split()) for t in texts if t.strip()))
+    out = list(dict.fromkeys(normalize_query(t) for t in texts if t.strip()))
     if not out:
         raise DataError(f"query log {path} holds no query")
     return out

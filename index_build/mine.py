@@ -81,15 +81,15 @@ def query_log_examples(ctx: BuildContext, path: str, dev: dict) -> tuple[list, l
     teacher, whose top candidates are its positives. Queries of the test split and of the dev
     slice are dropped, so no evaluated query is trained on. Returns the examples, the kept
     texts and what the log held."""
-    from index_build.data import load_query_log, query_log_checksum
+    from index_build.data import load_query_log, normalize_query
     from index_build.sampling import make_examples
     from index_build.teachers import cached_teacher_scores
 
     logged = load_query_log(path)
-    held_out = {" ".join(t.split()) for t in dev["queries"]}
+    held_out = {normalize_query(t) for t in dev["queries"]}
     test = ctx.cfg.data.test_split
     if test in ctx.collection.qrels:
-        held_out |= {" ".join(t.split()) for t in ctx.collection.split_queries(test).values()}
+        held_out |= {normalize_query(t) for t in ctx.collection.split_queries(test).values()}
     texts = [t for t in logged if t not in held_out]
     if not texts:
         return [], [], {"path": path, "queries": len(logged), "kept": 0, "held_out_dropped": len(logged)}
@@ -97,7 +97,7 @@ def query_log_examples(ctx: BuildContext, path: str, dev: dict) -> tuple[list, l
     t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, texts, pools, progress=ctx.progress)
     examples = make_examples([f"log{i}" for i in range(len(texts))], texts, pools, t_scores, rankings,
                              neg_depth=ctx.cfg.students.neg_depth)
-    return examples, texts, {"path": path, "sha256": query_log_checksum(path), "queries": len(logged),
+    return examples, texts, {"path": path, "sha256": ctx.query_log_digest, "queries": len(logged),
                              "kept": len(texts), "held_out_dropped": len(logged) - len(texts),
                              "examples": len(examples)}
 

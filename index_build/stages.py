@@ -25,7 +25,6 @@ from pathlib import Path
 from index_build.cache import content_key
 from index_build.config import BuildConfig, ConfigError
 from index_build.context import BuildContext
-from index_build.data import query_log_checksum
 from index_build.export import INT8_WEIGHTS_MARK, OUTLIER_RATIO
 from models.encoders import ONNX_NAME, TOKEN_STATES
 
@@ -179,7 +178,7 @@ class Pipeline(BuildContext):
             raise ConfigError("label_free.query_log is read by label-free builds only, and this collection has "
                               "training judgments: set data.label_free = true to build from the corpus and the log")
         # a query log by its content: editing the file redoes the mining
-        logged = [f"query_log={query_log_checksum(query_log)}"] if query_log else []
+        logged = [f"query_log={self.query_log_digest}"] if query_log else []
         return self.key("mine", self.cfg.section_hash(*sections), students, f"label_free={self.label_free}",
                         f"int8_activations={TEACHER_INT8_ACTIVATIONS}", *logged)
 
