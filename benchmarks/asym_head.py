@@ -57,7 +57,7 @@ def normalized(x: np.ndarray) -> np.ndarray:
 def test_queries(ctx: Pipeline) -> tuple[list[str], list[str], dict, Any]:
     """The test queries, their judgments and a function from query vectors to (dense, hybrid)
     runs: full-corpus first stages, or a TREC pool's BM25 top-100 (its rerank protocol)."""
-    from index_build.evaluate import TrecPool, pool_hybrid
+    from index_build.evaluate import PoolIndex, TrecPool, pool_hybrid
 
     w = ctx.teacher_fusion["dense_share"]
     if ctx.cfg.evaluate.mode == "rerank":
@@ -67,7 +67,7 @@ def test_queries(ctx: Pipeline) -> tuple[list[str], list[str], dict, Any]:
         def pool_runs(q: np.ndarray) -> tuple[dict, dict]:
             dense = {qid: dict(zip(cs, map(float, corpus[[index[c] for c in cs]] @ q[r])))
                      for r, (qid, cs) in enumerate(zip(pool.qids, pool.candidates))}
-            return dense, pool_hybrid(ctx, pool, dense, w, "asymmetric", queries=q)
+            return dense, pool_hybrid(ctx, pool, PoolIndex.of_build(ctx), dense, w, "asymmetric", queries=q)
         return pool.qids, pool.texts, {"qrels": pool.qrels, "min_rel": 2}, pool_runs
     split = ctx.collection.split_queries(ctx.cfg.data.test_split)
     qids, texts = list(split), list(split.values())

@@ -141,6 +141,10 @@ def _first_stage_rows(ctx: BuildContext, test: JudgedQueries,
             two = ctx.first_stage_lists(test.texts, ctx.dense_queries(test.texts, kind), 0.5, test.depth, kind,
                                         stages=("hybrid",), by_parts=False)["hybrid"]
             systems["asym-hybrid-lists"] = test.metrics(ctx.run_of(test.qids, two))
+            # the same hybrid with the teacher's own query vectors: what a perfect imitation would serve
+            own = ctx.first_stage_lists(test.texts, ctx.teacher_space.query_vectors(test.texts), hw, test.depth,
+                                        kind, stages=("hybrid",))["hybrid"]
+            systems["teacher-space-hybrid"] = test.metrics(ctx.run_of(test.qids, own))
         if ctx.cfg.export_int8:
             q8 = ctx.dense_queries(test.texts, kind, INT8_NAME)
             if int8_corpus and kind == "dense":
@@ -273,7 +277,7 @@ def evaluate_trec(ctx: BuildContext, path: Path) -> dict[str, dict[str, float]]:
         record = ctx.trec_weights[path.name] = {"hybrid_dense_weight": hw}
     _trec_rerank_rows(ctx, pool, firsts, hw, record, systems)
     row = mode_row(ctx, choose_default(ctx)) if firsts else None
-    if row in systems:  # e.g. no hybrid rows on another collection's pool
+    if row in systems:
         systems["served-default"] = dict(systems[row])
     return systems
 
@@ -313,18 +317,52 @@ def _trec_reference_rows(ctx: BuildContext, pool: TrecPool) -> tuple[dict[str, d
     return systems, teacher
 
 
+@dataclass
+class PoolIndex:
+    """What a build serving a pool's corpus would hold over it: its BM25 index and, for the
+    asymmetric student, the teacher space's document vectors (``space_vectors(corpus
+    indices)``), indexed as ``doc_ids`` / ``doc_index``."""
+
+    bm25: Any
+    doc_ids: list[str]
+    doc_index: dict[str, int]
+    space_vectors: Callable[[np.ndarray], np.ndarray]
+
+    @classmethod
+    def of_build(cls, ctx: BuildContext) -> PoolIndex:
+        """The build's own indexes (a build whose corpus is the pool's)."""
+        return cls(ctx.bm25, ctx.collection.doc_ids, ctx.collection.doc_index,
+                   lambda ids: ctx.corpus_vectors("asymmetric")[ids])
+
+    @classmethod
+    def of_pool(cls, pool: TrecPool, teacher) -> PoolIndex:
+        """Indexes over another collection's pool: the teacher's BM25 member's index (the
+        service's BM25 settings, statistics over the pool's corpus; built when the teacher has
+        no BM25 member) and its bi-encoder members' document vectors."""
+        from index_build.teachers import BiEncoderTeacher, BM25Teacher
+        from models.sparse_index import BM25Index
+
+        col = pool.collection
+        bm25 = next((m.index for m in teacher.members if isinstance(m, BM25Teacher)), None)
+        members = [m for m in teacher.members if isinstance(m, BiEncoderTeacher)]
+        return cls(bm25 if bm25 is not None else BM25Index.build(col.doc_texts()), col.doc_ids, col.doc_index,
+                   lambda ids: np.hstack([m.embeddings(ids) for m in members]))
+
+
 def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
                            systems: dict[str, dict[str, float]]) -> tuple[dict[str, Run], float]:
-    """Each dense student's rows (``dense``/``asym-dense``, ``dense-int8``) and, on the pool
-    the students were trained on (a label-free build), the service's hybrid over its BM25
-    candidates (``hybrid``/``asym-hybrid``); returns the served dense model's first-stage runs
-    and its hybrid weight."""
+    """Each dense student's rows over the pool's BM25 candidates (``dense``/``asym-dense``,
+    ``dense-int8``) and the service's hybrid of them (``hybrid``/``asym-hybrid``), with BM25
+    and the teacher space over the pool's corpus as a build of that corpus would serve them
+    (:class:`PoolIndex`); returns the served dense model's first-stage runs and its hybrid
+    weight."""
     from index_build.asymmetric import TeacherSpace
     from index_build.export import INT8_NAME
     from index_build.teachers import BiEncoderTeacher
     from models.encoders import DenseEncoder
 
     own_pool = ctx.cfg.evaluate.mode == "rerank" and Path(ctx.cfg.data.path).resolve() == pool.path.resolve()
+    index = PoolIndex.of_build(ctx) if own_pool else PoolIndex.of_pool(pool, teacher)
     firsts: dict[str, Run] = {}
     hw = 1.0
     for kind in ("dense", "asymmetric"):
@@ -336,7 +374,8 @@ def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
             space = TeacherSpace([m for m in teacher.members if isinstance(m, BiEncoderTeacher)])
 
             # the target the student's alignment loss pulls it to (see _reference_rows)
-            systems["teacher-space"] = pool.metrics(pool.score_all(_space_fn(pool, space, space.query_vectors)))
+            systems["teacher-space"] = pool.metrics(own_run := pool.score_all(
+                _space_fn(pool, space, space.query_vectors)))
             dense_run = pool.score_all(_space_fn(pool, space, enc.encode_queries))
         else:
             dense_run = pool.score_all(_dense_fn(enc, pool.docs))
@@ -345,42 +384,38 @@ def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
                 systems["dense-int8"] = pool.metrics(pool.score_all(_dense_fn(enc8, pool.docs)))
         systems[f"{prefix}dense"] = pool.metrics(dense_run)
         kind_hw = tune_hybrid(ctx, kind=kind)["dense_weight"]
-        served = kind == ctx.served_dense
-        if served:
-            firsts["dense"], hw = dense_run, kind_hw
-        if own_pool:
-            systems[f"{prefix}hybrid"] = pool.metrics(hybrid_run := pool_hybrid(ctx, pool, dense_run, kind_hw, kind))
-            if kind == "asymmetric":
-                systems["asym-hybrid-lists"] = pool.metrics(pool_hybrid(ctx, pool, dense_run, 0.5, kind, False))
-            if served:
-                firsts["hybrid"] = hybrid_run
+        systems[f"{prefix}hybrid"] = pool.metrics(hybrid_run := pool_hybrid(ctx, pool, index, dense_run, kind_hw, kind))
+        if kind == "asymmetric":
+            systems["asym-hybrid-lists"] = pool.metrics(pool_hybrid(ctx, pool, index, dense_run, 0.5, kind, False))
+            # with the teacher's own query vectors: what a perfect imitation would serve
+            systems["teacher-space-hybrid"] = pool.metrics(pool_hybrid(ctx, pool, index, own_run, kind_hw, kind,
+                                                                       queries=space.query_vectors(pool.texts)))
+        if kind == ctx.served_dense:
+            firsts["dense"], firsts["hybrid"], hw = dense_run, hybrid_run, kind_hw
     return firsts, hw
 
 
-def pool_hybrid(ctx: BuildContext, pool: TrecPool, dense_run: Run, weight: float, kind: str,
+def pool_hybrid(ctx: BuildContext, pool: TrecPool, index: PoolIndex, dense_run: Run, weight: float, kind: str,
                 by_parts: bool = True, queries: np.ndarray | None = None) -> Run:
-    """The service's hybrid over a pool's candidates, dense weight ``weight``, BM25 scored by
-    the build's own index (the one the artifact serves, over the pool's corpus; the teacher's
-    BM25 member too): for the asymmetric student BM25 and each part of the teacher's space
+    """The service's hybrid over a pool's candidates, dense weight ``weight``, BM25 from
+    ``index``: for the asymmetric student BM25 and each part of the teacher's space
     (:func:`models.retrieval.fuse_parts`; ``queries``: the query vectors whose parts are
     fused, by default the exported student's), else its dense scores and BM25's
     (:func:`models.retrieval.fuse_hybrid`)."""
     parts = ctx.teacher_fusion["parts"] if by_parts and kind == "asymmetric" else None
-    corpus = ctx.corpus_vectors(kind) if parts else None
     if parts and queries is None:
         queries = ctx.dense_queries(pool.texts, kind)
-    doc_ids, index = ctx.collection.doc_ids, ctx.collection.doc_index
     run = {}
     for r, (qid, q, cs) in enumerate(zip(pool.qids, pool.texts, pool.candidates)):
-        docs, bm25 = np.array([index[c] for c in cs], np.int64), ctx.bm25.scores(q)
+        docs, bm25 = np.array([index.doc_index[c] for c in cs], np.int64), index.bm25.scores(q)
         dense, sparse = Ranked(docs, np.array([dense_run[qid][c] for c in cs])), Ranked(docs, bm25[docs])
         if parts is None:
             fused = fuse_hybrid(dense, sparse, (weight, 1 - weight), len(cs))
         else:
-            assert queries is not None and corpus is not None
-            fused = fuse_parts(dense, sparse, bm25, queries[r], lambda ids: corpus[ids], parts,
+            assert queries is not None
+            fused = fuse_parts(dense, sparse, bm25, queries[r], index.space_vectors, parts,
                                (weight, 1 - weight), len(cs))
-        run[qid] = {doc_ids[int(j)]: float(x) for j, x in zip(*fused)}
+        run[qid] = {index.doc_ids[int(j)]: float(x) for j, x in zip(*fused)}
     return run
 
 

@@ -24,6 +24,7 @@ from index_build.tune import choose_default, mode_row, tune_hybrid  # noqa: E402
 from service.app import create_app  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 from tests.service_fixtures import make_settings, wait_ready  # noqa: E402
+from tests.tiny import write_trec_pool  # noqa: E402
 
 DEPTH = 20
 
@@ -52,7 +53,7 @@ def test_asymmetric_rows_beside_the_full_tower_rows(built):
     p, result = built
     systems = result["systems"]
     assert {"dense", "hybrid", "asym-dense", "asym-hybrid", "asym-dense-int8-query", "dense+colbert",
-            "hybrid+colbert", "served-default"} <= set(systems)
+            "hybrid+colbert", "served-default", "teacher-space-hybrid"} <= set(systems)
     default = choose_default(p)
     assert systems["served-default"] == systems[mode_row(p, default)]
     # real dev queries: BM25 alone is a candidate (only pseudo-queries favour it by construction)
@@ -68,6 +69,25 @@ def test_asymmetric_rows_beside_the_full_tower_rows(built):
     assert not set(texts) & set(dev["queries"])
     assert not set(texts) & set(p.collection.split_queries("test").values())
     assert len(set(texts)) == len(texts) == len(draws) and (draws == 1).all()
+
+
+def test_a_pool_of_another_collection_is_served_as_a_build_of_its_corpus(built, tmp_path, monkeypatch):
+    """On a TREC pool the build was not trained on, the hybrid rows fuse BM25 and the teacher
+    space over the pool's own corpus (the pool's teacher's BM25 member and bi-encoder
+    vectors); this pool's corpus is the build's, so they rank as the build's own indexes do."""
+    import index_build.evaluate as ev
+
+    p, _ = built
+    pool = write_trec_pool(tmp_path)
+    systems = ev.evaluate_trec(p, pool)
+    assert {"asym-dense", "asym-hybrid", "asym-hybrid-lists", "hybrid", "hybrid+colbert", "served-default"} <= set(
+        systems)
+    assert systems["served-default"] == systems[mode_row(p, choose_default(p))]
+    monkeypatch.setattr(ev.PoolIndex, "of_pool", classmethod(lambda cls, pool, teacher: cls.of_build(p)))
+    own = ev.evaluate_trec(p, pool)
+    for row in ("asym-hybrid", "asym-hybrid-lists", "hybrid", "hybrid+colbert", "served-default"):
+        assert systems[row] == pytest.approx(own[row], abs=1e-6), row
+    p.trec_weights.clear()
 
 
 def test_a_query_cap_keeps_every_mined_query_and_mined_draws_weights_them(built):

@@ -36,7 +36,7 @@ def test_projections_are_orthonormal_where_they_should_be():
 
 
 def test_evaluate_pool_reports_every_projection(tiny_bert, tmp_path, monkeypatch):
-    from tests.test_pipeline import write_trec_pool
+    from tests.tiny import write_trec_pool
 
     monkeypatch.setenv("NRS_CACHE_DIR", str(tmp_path / "cache"))
     out = bench.evaluate_pool(write_trec_pool(tmp_path), str(tiny_bert), seed=13)

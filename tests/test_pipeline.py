@@ -18,8 +18,9 @@ from index_build.config import load_config  # noqa: E402
 from index_build.distill import base_dense_dev_score, dev_evaluator  # noqa: E402
 from index_build.evaluate import evaluate_collection, evaluate_trec  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
-from index_build.tune import rerank_scores, tune_hybrid, tune_rerank_weights  # noqa: E402
+from index_build.tune import choose_default, mode_row, rerank_scores, tune_hybrid, tune_rerank_weights  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
+from tests.tiny import write_trec_pool  # noqa: E402
 
 SYSTEMS = {"bm25", "teacher", "base-dense", "dense", "dense-int8", "dense-int8-query", "dense+colbert",
            "dense+colbert-int8-query", "dense+colbert-maxsim", "dense+cross-encoder", "dense+cross-encoder-plain",
@@ -205,31 +206,6 @@ def test_training_resumes_from_checkpoint(tiny_beir, tiny_bert, tmp_path):
     assert resumed.loss_history == pytest.approx(full.loss_history, rel=1e-3)
 
 
-def write_trec_pool(root: Path) -> Path:
-    """A TREC DL-style pool from the tiny corpus: test judgments only and a BM25 run (top 20)."""
-    import shutil
-
-    from index_build.data import load_collection
-    from models.sparse_index import BM25Index
-    from tests.tiny import write_tiny_beir
-
-    data = write_tiny_beir(root / "pool")
-    shutil.rmtree(data / "qrels")
-    write_tiny_beir(root / "full")
-    (data / "qrels").mkdir()
-    shutil.copyfile(root / "full" / "qrels" / "test.tsv", data / "qrels" / "test.tsv")
-    col = load_collection(data)
-    bm = BM25Index.build(col.doc_texts())
-    (data / "runs").mkdir()
-    with (data / "runs" / "BM25.trec").open("w") as f:
-        for qid in col.qrels["test"]:
-            s, i = bm.search([col.queries[qid]], 20)
-            for rank, (x, j) in enumerate(zip(s[0], i[0]), start=1):
-                if j >= 0:
-                    f.write(f"{qid} Q0 {col.docs[int(j)].id} {rank} {x:.4f} bm25\n")
-    return data
-
-
 def test_trec_pool_rows_of_a_build_trained_elsewhere_are_as_served(built, tmp_path):
     """A labelled build reranking a TREC DL pool: ColBERT and the cross-encoder are interpolated
     with the dense student's scores at the build's dev-slice weights (what its artifact serves);
@@ -238,8 +214,10 @@ def test_trec_pool_rows_of_a_build_trained_elsewhere_are_as_served(built, tmp_pa
     pool = write_trec_pool(tmp_path)
     p.trec_weights.clear()
     systems = evaluate_trec(p, pool)
-    assert {"bm25", "base-dense", "teacher", "dense", "dense+colbert", "dense+colbert-maxsim",
-            "dense+cross-encoder", "dense+cross-encoder-plain"} <= set(systems)
+    assert {"bm25", "base-dense", "teacher", "dense", "hybrid", "dense+colbert", "hybrid+colbert",
+            "dense+colbert-maxsim", "dense+cross-encoder", "dense+cross-encoder-plain",
+            "served-default"} <= set(systems)
+    assert systems["served-default"] == systems[mode_row(p, choose_default(p))]
     hw = tune_hybrid(p)["dense_weight"]
     weights = p.trec_weights["pool"]
     assert weights["colbert_weight"] == tune_rerank_weights(p, "colbert", hw)["weights"]
@@ -297,6 +275,8 @@ def test_rerank_mode_with_the_asymmetric_student(tmp_path, tiny_bert):
     systems = p.run_all()["systems"]
     assert {"asym-dense", "asym-hybrid", "asym-hybrid-lists", "teacher-space", "served-default"} <= set(systems)
     assert systems["teacher-space"] == pytest.approx(systems["base-dense"], abs=1e-4)
+    # over the same candidates, the hybrid with the teacher's own query vectors is the teacher
+    assert systems["teacher-space-hybrid"] == pytest.approx(systems["teacher"], abs=1e-4)
     # the hybrid is the teacher's fusion (BM25 and one bi-encoder, equal weights), kept on a label-free build
     from index_build.tune import tune_hybrid
 

@@ -110,3 +110,27 @@ def write_tiny_seq2seq(root: Path, corpus_dir: Path, seed: int = 0) -> Path:
                         decoder_start_token_id=2, forced_eos_token_id=2)
     BartForConditionalGeneration(config).save_pretrained(str(root))
     return root
+
+
+def write_trec_pool(root: Path) -> Path:
+    """A TREC DL-style pool from the tiny corpus: test judgments only and a BM25 run (top 20)."""
+    import shutil
+
+    from index_build.data import load_collection
+    from models.sparse_index import BM25Index
+
+    data = write_tiny_beir(root / "pool")
+    shutil.rmtree(data / "qrels")
+    write_tiny_beir(root / "full")
+    (data / "qrels").mkdir()
+    shutil.copyfile(root / "full" / "qrels" / "test.tsv", data / "qrels" / "test.tsv")
+    col = load_collection(data)
+    bm = BM25Index.build(col.doc_texts())
+    (data / "runs").mkdir()
+    with (data / "runs" / "BM25.trec").open("w") as f:
+        for qid in col.qrels["test"]:
+            s, i = bm.search([col.queries[qid]], 20)
+            for rank, (x, j) in enumerate(zip(s[0], i[0]), start=1):
+                if j >= 0:
+                    f.write(f"{qid} Q0 {col.docs[int(j)].id} {rank} {x:.4f} bm25\n")
+    return data
