@@ -8,7 +8,8 @@ Each collection is an ordinary ``index-build all`` with ``configs/labelfree-<nam
 copied into ``benchmarks/results/label-free/``. Training and tuning never see the
 collections' queries or judgments: the test judgments are read by the final evaluation only.
 A variant (:data:`VARIANTS`) is one of those builds with overrides, reported under its own
-name: ``scifact-log`` adds a query log without judgments (``label_free.query_log``).
+name: ``scifact-log`` adds a query log without judgments (``label_free.query_log``),
+``scifact-logdev`` holds part of it out as the dev slice (``label_free.log_dev_queries``).
 """
 
 from __future__ import annotations
@@ -37,10 +38,16 @@ VARIANTS = {
         'artifact_dir="artifacts/labelfree-scifact-log"', 'evaluate.name="labelfree-scifact-log"',
     ], "the corpus plus a query log: SciFact's queries without judgments (the build drops the 300 test "
        "queries; the 809 train and dev claims remain), teacher-labelled training queries for every student"),
+    "scifact-logdev": ("scifact", [
+        'label_free.query_log="../shared/data/scifact/queries.jsonl"', "label_free.log_dev_queries=80",
+        'work_dir="work/labelfree-scifact-logdev"', 'artifact_dir="artifacts/labelfree-scifact-logdev"',
+        'evaluate.name="labelfree-scifact-logdev"',
+    ], "scifact-log with 80 of the logged queries held out as the dev slice, judged by the teacher, in place "
+       "of the pseudo-query one: checkpoint, hybrid weight and served default chosen on real queries"),
 }
 RENAME = {"dense": "labelfree-dense", "dense+colbert": "labelfree-dense+colbert"}
 KEEP = ["bm25", "base-dense", "teacher", "teacher-space", "labelfree-dense", "labelfree-dense+colbert", "hybrid",
-        "hybrid+colbert", "asym-dense", "asym-hybrid", "asym-hybrid-lists", "served-default"]
+        "hybrid+colbert", "asym-dense", "asym-hybrid", "asym-hybrid-lists", "teacher-space-hybrid", "served-default"]
 
 
 def collect(name: str) -> dict:

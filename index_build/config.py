@@ -169,8 +169,12 @@ class LabelFreeConfig:
     # a log of the users' queries without judgments ("": none): a BEIR queries.jsonl, a .tsv of
     # id<TAB>text lines, or plain text, one query a line. The teacher labels each query's
     # candidates and every student trains on them beside the pseudo-queries; queries of the
-    # collection's test split are dropped. Model selection and tuning keep the pseudo-query dev slice
+    # collection's test split are dropped
     query_log: str = field(default="", metadata=UNHASHED_AT_DEFAULT)
+    # logged queries held out as the dev slice that chooses checkpoints, weights and the served
+    # default, judged by the teacher's ranking of each one's pool; they replace the pseudo-query
+    # dev slice (0: keep it). Real queries show what pseudo-queries cut from the documents cannot
+    log_dev_queries: int = field(default=0, metadata=UNHASHED_AT_DEFAULT)
 
 
 @dataclass
@@ -350,6 +354,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if cfg.export_int8_activations not in INT8_ACTIVATIONS:
         raise ConfigError(f"config: export_int8_activations must be one of {', '.join(INT8_ACTIVATIONS)}, "
                          f"got {cfg.export_int8_activations!r}")
+    if int(cfg.label_free.log_dev_queries) < 0:
+        raise ConfigError(f"config: label_free.log_dev_queries must be 0 or more, got {cfg.label_free.log_dev_queries}")
+    if int(cfg.label_free.log_dev_queries) > 0 and not cfg.label_free.query_log:
+        raise ConfigError("config: label_free.log_dev_queries holds out logged queries, but label_free.query_log "
+                          "names no log")
     if int(cfg.index.colbert_kmeans_niter) < 1:
         raise ConfigError(
             f"config: index.colbert_kmeans_niter must be at least 1, got {cfg.index.colbert_kmeans_niter}")

@@ -150,6 +150,13 @@ class BuildContext(ABC):
         corpus's arrays for ``parts`` (a model's export key, ...)."""
         return content_key(self.collection.checksum(), *parts)[:16]
 
+    @property
+    def pseudo_dev(self) -> bool:
+        """Whether the dev slice is pseudo-queries cut from the documents: a label-free build
+        without logged queries held out for it (``label_free.log_dev_queries``)."""
+        lf = self.cfg.label_free
+        return self.label_free and not (lf.query_log and lf.log_dev_queries > 0)
+
     @cached_property
     def teacher_space(self):
         """The document space of the teacher's bi-encoder members

@@ -64,42 +64,62 @@ def mine_label_free(ctx: BuildContext, out: Path) -> dict:
 
     lf = ctx.cfg.label_free
     budget = lf.budget or default_budget(len(ctx.collection.docs))
-    examples, dev, info = pseudo_examples(ctx, budget, lf.dev_queries, out / "pseudo_queries.tsv")
+    # logged queries held out for the dev slice replace the pseudo-query one
+    n_pseudo_dev = 0 if not ctx.pseudo_dev else lf.dev_queries
+    examples, dev, info = pseudo_examples(ctx, budget, n_pseudo_dev, out / "pseudo_queries.tsv")
     mined: dict = {"examples": examples, "dev": dev}
     if lf.query_log:
-        log_examples, log_texts, info["query_log"] = query_log_examples(ctx, lf.query_log, dev)
+        log_examples, log_texts, log_dev, info["query_log"] = query_log_examples(ctx, lf.query_log, dev,
+                                                                                 lf.log_dev_queries)
         mined["examples"] = examples + log_examples
         mined["query_log"] = log_texts
+        if not ctx.pseudo_dev:
+            mined["dev"] = log_dev
+            info["dev_queries"] = len(log_dev["qids"])
     with (out / "examples.pkl").open("wb") as f:
         pickle.dump(mined, f)
     return {"label_free": True, **info}
 
 
-def query_log_examples(ctx: BuildContext, path: str, dev: dict) -> tuple[list, list[str], dict]:
+def query_log_examples(ctx: BuildContext, path: str, dev: dict,
+                       n_dev: int = 0) -> tuple[list, list[str], dict, dict]:
     """Training examples from a log of unjudged queries (``label_free.query_log``): each
     query's candidates (BM25 and the base model's top ``teacher.pool_depth``) scored by the
-    teacher, whose top candidates are its positives. Queries of the test split and of the dev
-    slice are dropped, so no evaluated query is trained on. Returns the examples, the kept
-    texts and what the log held."""
+    teacher, whose top candidates are its positives. Queries of the test split and of the
+    pseudo-query dev slice ``dev`` are dropped, so no evaluated query is trained on; ``n_dev``
+    of the rest (at most a fifth, drawn with a fixed seed) are held out as a dev slice judged
+    by the teacher (:func:`index_build.tune.teacher_judged` over each one's
+    ``students.dev_pool_depth`` pool). Returns the examples, the trained texts, that dev
+    slice and what the log held."""
     from index_build.data import load_query_log, normalize_query
     from index_build.sampling import make_examples
     from index_build.teachers import cached_teacher_scores
+    from index_build.tune import teacher_judged
 
     logged = load_query_log(path)
     held_out = {normalize_query(t) for t in dev["queries"]}
     test = ctx.cfg.data.test_split
     if test in ctx.collection.qrels:
         held_out |= {normalize_query(t) for t in ctx.collection.split_queries(test).values()}
-    texts = [t for t in logged if t not in held_out]
+    kept = [t for t in logged if t not in held_out]
+    order = list(range(len(kept)))
+    random.Random(0).shuffle(order)
+    dev_idx = set(order[:min(n_dev, len(kept) // 5)])
+    dev_texts = [t for i, t in enumerate(kept) if i in dev_idx]
+    texts = [t for i, t in enumerate(kept) if i not in dev_idx]
+    dev_qids = [f"logdev{i}" for i in range(len(dev_texts))]
+    dev_pools = ctx.candidate_pools(dev_texts, ctx.cfg.students.dev_pool_depth)[0] if dev_texts else []
+    log_dev = {"qids": dev_qids, "queries": dev_texts, "pools": dev_pools,
+               "qrels": teacher_judged(ctx, dev_qids, dev_texts, dev_pools) if dev_texts else {}}
+    about = {"path": path, "sha256": ctx.query_log_digest, "queries": len(logged), "kept": len(texts),
+             "held_out_dropped": len(logged) - len(kept), "dev": len(dev_texts)}
     if not texts:
-        return [], [], {"path": path, "queries": len(logged), "kept": 0, "held_out_dropped": len(logged)}
+        return [], [], log_dev, {**about, "examples": 0}
     pools, rankings = ctx.candidate_pools(texts, ctx.cfg.teacher.pool_depth)
     t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, texts, pools, progress=ctx.progress)
     examples = make_examples([f"log{i}" for i in range(len(texts))], texts, pools, t_scores, rankings,
                              neg_depth=ctx.cfg.students.neg_depth)
-    return examples, texts, {"path": path, "sha256": ctx.query_log_digest, "queries": len(logged),
-                             "kept": len(texts), "held_out_dropped": len(logged) - len(texts),
-                             "examples": len(examples)}
+    return examples, texts, log_dev, {**about, "examples": len(examples)}
 
 
 def pseudo_examples(ctx: BuildContext, budget: int, n_dev: int, tsv: Path | None = None) -> tuple[list, dict, dict]:

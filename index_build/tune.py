@@ -32,31 +32,40 @@ TEACHER_JUDGED = 10
 
 def tuning_qrels(ctx: BuildContext, dev: dict[str, Any]) -> dict[str, dict[str, int]]:
     """The judgments the tuning choices are made on: the dev slice's own (held-out train
-    qrels, or each pseudo-query's source document), or on a label-free build with
+    qrels, each pseudo-query's source document, or for logged queries the teacher's
+    ranking, :func:`teacher_judged`), or on a pseudo-query slice with
     ``evaluate.dev_judge = "teacher"`` the teacher's ranking of each dev query's pool: its
     top :data:`TEACHER_JUDGED` graded by rank (10 for the first, 1 for the tenth), the source
     document graded as the first. Source judgments reward whatever finds the sentence a
     pseudo-query was cut from, which is BM25's strength by construction; the teacher's
     judge the modes by how close they come to the ranking that the students are distilled
     to reproduce, BM25 one member of it."""
-    if not ctx.label_free or ctx.cfg.evaluate.dev_judge == "source":
+    if not ctx.pseudo_dev or ctx.cfg.evaluate.dev_judge == "source":
         return ctx.dev_qrels(dev)
+    judged = teacher_judged(ctx, dev["qids"], dev["queries"], dev["pools"])
+    return {qid: graded | dict.fromkeys(dev["qrels"][qid], TEACHER_JUDGED) for qid, graded in judged.items()}
+
+
+def teacher_judged(ctx: BuildContext, qids: Sequence[str], texts: Sequence[str],
+                   pools: Sequence[np.ndarray]) -> dict[str, dict[str, int]]:
+    """Per query, the teacher's top :data:`TEACHER_JUDGED` of its pool graded by rank (10
+    for the first, 1 for the tenth)."""
     from index_build.teachers import cached_teacher_scores
 
-    scores = cached_teacher_scores(ctx.teacher, ctx.cache, list(dev["queries"]), list(dev["pools"]),
-                                   progress=ctx.progress)
+    scores = cached_teacher_scores(ctx.teacher, ctx.cache, list(texts), list(pools), progress=ctx.progress)
     doc_ids = ctx.collection.doc_ids
     qrels = {}
-    for qid, pool, s in zip(dev["qids"], dev["pools"], scores):
+    for qid, pool, s in zip(qids, pools, scores):
         top = np.asarray(pool)[np.argsort(-s, kind="stable")[:TEACHER_JUDGED]]
-        graded = {doc_ids[int(d)]: TEACHER_JUDGED - r for r, d in enumerate(top)}
-        qrels[qid] = graded | dict.fromkeys(dev["qrels"][qid], TEACHER_JUDGED)
+        qrels[qid] = {doc_ids[int(d)]: TEACHER_JUDGED - r for r, d in enumerate(top)}
     return qrels
 
 
 def _dev_slice(ctx: BuildContext) -> str:
     if not ctx.label_free:
         return "train dev slice"
+    if not ctx.pseudo_dev:
+        return "query-log dev slice judged by the teacher"
     return f"pseudo-query dev slice judged by the {ctx.cfg.evaluate.dev_judge}"
 
 
@@ -75,8 +84,8 @@ def choose_default(ctx: BuildContext, depth: int = 100) -> dict[str, Any]:
     CPU and is never a default), the hybrid first stage alone (the served dense model
     where there is no BM25) unless another mode beats it on the dev slice by more than one
     standard error (:func:`index_build.metrics.one_se_choice`), then the best of those.
-    On a label-free build BM25 alone is no candidate: its dev queries are cut from the
-    documents, so BM25 finds their source by construction (as :func:`tune_hybrid` keeps its
+    On a pseudo-query dev slice (:attr:`BuildContext.pseudo_dev`) BM25 alone is no candidate:
+    its queries are cut from the documents, so BM25 finds their source by construction (as :func:`tune_hybrid` keeps its
     prior for the same reason), while on real queries it can be the weakest signal.
     Never on test judgments. Computed once per build and exported models."""
     memo = ("default", depth, *[ctx.export_key(k) for k in ctx.cfg.students.kinds])
@@ -92,8 +101,8 @@ def _choose_default(ctx: BuildContext, depth: int) -> dict[str, Any]:
     qrels, qids = tuning_qrels(ctx, dev), dev["qids"]
     hybrid_weight = tune_hybrid(ctx, depth)["dense_weight"]
     firsts = ctx.first_stage_lists(dev["queries"], ctx.dense_queries(dev["queries"]), hybrid_weight, depth)
-    # pseudo-queries favour BM25 by construction: on a label-free build it is not a default
-    alone = [s for s in FIRST_STAGES if not (ctx.label_free and s == "sparse")]
+    # pseudo-queries favour BM25 by construction: judged on them it is not a default
+    alone = [s for s in FIRST_STAGES if not (ctx.pseudo_dev and s == "sparse")]
     per_mode = {(stage, "none"): per_query_ndcg(qrels, ctx.run_of(qids, firsts[stage]), qids)
                 for stage in alone}
     if "colbert" in kinds:
@@ -108,7 +117,7 @@ def _choose_default(ctx: BuildContext, depth: int) -> dict[str, Any]:
             "chosen_on": _dev_slice(ctx),
             "selection": "one-standard-error rule toward hybrid without rerank",
             **({"not_candidates": {"sparse+none": "pseudo-queries favour BM25 by construction"}}
-               if ctx.label_free else {}),
+               if ctx.pseudo_dev else {}),
             "dev_nDCG@10": {f"{s}+{r}": round(float(v.mean()), 4) for (s, r), v in per_mode.items()}}
 
 
@@ -118,8 +127,8 @@ def tune_hybrid(ctx: BuildContext, depth: int = 100, kind: str | None = None) ->
     one closest to the prior among those within one standard error of the best
     (:func:`index_build.metrics.one_se_choice`), so a single dev query does not pull it to
     an extreme. The prior is the teacher's weights for the asymmetric student (its hybrid is
-    the teacher's fusion), equal weights for the full-tower one. A label-free build keeps
-    the prior: its dev queries are extracted from the documents and favour BM25 by
+    the teacher's fusion), equal weights for the full-tower one. A pseudo-query dev slice
+    keeps the prior: its queries are extracted from the documents and favour BM25 by
     construction (BM25 finds their source at rank 1).
     ``kind``: the dense model fused (default: the served one, :attr:`BuildContext.served_dense`). Computed once per
     build and exported dense model (evaluation, each TREC DL pool and the artifact stage
@@ -137,7 +146,7 @@ def _tune_hybrid(ctx: BuildContext, depth: int, kind: str) -> dict[str, Any]:
     about = ({} if fusion is None else
              {"dense_parts": fusion["record"], "prior": "the teacher's weights of its members"})
     dev = ctx.load_mined()["dev"]
-    if not dev["qids"] or ctx.label_free:
+    if not dev["qids"] or ctx.pseudo_dev:
         # pseudo-queries are cut from the documents: BM25 finds their source by construction,
         # so on them more BM25 always looks better, whoever judges; keep the prior
         why = "default (no dev queries)" if not dev["qids"] else "not tuned: pseudo-queries favour BM25 by construction"

@@ -240,3 +240,54 @@ def test_query_log_trains_every_student_on_unjudged_queries_never_on_evaluated_o
         Pipeline(labelled, progress=False).mine_key()
     with pytest.raises(ConfigError, match="log_draws"):
         load_config(overrides=[*bare, "asymmetric.log_draws=0"])
+
+
+def test_logged_queries_held_out_as_a_teacher_judged_dev_slice(tmp_path, tiny_beir, tiny_bert):
+    """``label_free.log_dev_queries``: part of the log replaces the pseudo-query dev slice,
+    judged by the teacher's ranking of each query's pool, never trained on; BM25 alone is then
+    a candidate default (real queries do not favour it by construction)."""
+    pytest.importorskip("torch")
+    import shutil
+
+    from index_build.config import ConfigError, load_config
+    from index_build.distill import asymmetric_training_texts
+    from index_build.stages import Pipeline
+    from index_build.tune import TEACHER_JUDGED, choose_default, tune_hybrid
+    from tests.conftest import tiny_overrides
+
+    log = tmp_path / "log.jsonl"
+    shutil.copyfile(tiny_beir / "queries.jsonl", log)
+    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "data.label_free=true",
+                                               "label_free.dev_queries=5", f'label_free.query_log="{log}"',
+                                               "label_free.log_dev_queries=2", 'students.kinds=["asymmetric"]',
+                                               "asymmetric.batch=8", "asymmetric.pool_size=8", "asymmetric.epochs=1"))
+    p = Pipeline(cfg, progress=False)
+    assert not p.pseudo_dev
+    rec = p.mine()
+    mined = p.load_mined()
+    dev = mined["dev"]
+    assert len(dev["qids"]) == 2 == rec.result["dev_queries"] and all(q.startswith("logdev") for q in dev["qids"])
+    logged = set(p.collection.queries.values()) - set(p.collection.split_queries("test").values())
+    assert set(dev["queries"]) <= logged and not set(dev["queries"]) & set(mined["query_log"])
+    assert not any(e.qid.startswith("pq") for e in mined["examples"] if e.query in set(dev["queries"]))
+    texts, _, _ = asymmetric_training_texts(p, dev)
+    assert not set(dev["queries"]) & set(texts)
+    # judged by the teacher: its top TEACHER_JUDGED of each pool, graded by rank
+    from index_build.teachers import cached_teacher_scores
+
+    scores = cached_teacher_scores(p.teacher, p.cache, dev["queries"], dev["pools"])
+    for qid, pool, s in zip(dev["qids"], dev["pools"], scores):
+        best = p.collection.doc_ids[int(np.asarray(pool)[np.argmax(s)])]
+        assert dev["qrels"][qid][best] == TEACHER_JUDGED and len(dev["qrels"][qid]) == min(TEACHER_JUDGED, len(pool))
+    assert rec.result["query_log"]["dev"] == 2
+    p.distill("asymmetric")
+    p.export("asymmetric")
+    default = choose_default(p)
+    assert default["chosen_on"] == "query-log dev slice judged by the teacher"
+    assert "sparse+none" in default["dev_nDCG@10"] and "not_candidates" not in default
+    assert tune_hybrid(p)["tuned_on"] == "query-log dev slice judged by the teacher"
+    bare = tiny_overrides(tiny_beir, tiny_bert, tmp_path, "data.label_free=true")
+    with pytest.raises(ConfigError, match="names no log"):
+        load_config(overrides=[*bare, "label_free.log_dev_queries=3"])
+    with pytest.raises(ConfigError, match="0 or more"):
+        load_config(overrides=[*bare, f'label_free.query_log="{log}"', "label_free.log_dev_queries=-1"])
