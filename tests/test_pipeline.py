@@ -234,6 +234,25 @@ def test_trec_pool_rows_of_a_build_trained_elsewhere_are_as_served(built, tmp_pa
     p.trec_weights.clear()
 
 
+def test_pool_index_without_a_bm25_teacher_member_builds_one_over_the_pool(tmp_path):
+    """A pool's BM25 is the teacher's member's index, or one built over the pool's passages
+    with the service's settings when the teacher has none."""
+    from types import SimpleNamespace
+
+    from index_build.evaluate import PoolIndex, TrecPool
+    from index_build.teachers import BM25Teacher
+    from models.sparse_index import BM25Index
+
+    pool = TrecPool.load(write_trec_pool(tmp_path), 20)
+    texts = pool.collection.doc_texts()
+    built = PoolIndex.of_pool(pool, SimpleNamespace(members=[]))
+    q = pool.texts[0]
+    assert np.allclose(built.bm25.scores(q), BM25Index.build(texts).scores(q))
+    member = BM25Teacher(texts, pool.collection.checksum())
+    assert PoolIndex.of_pool(pool, SimpleNamespace(members=[member])).bm25 is member.index
+    assert built.doc_ids == pool.collection.doc_ids and built.doc_index == pool.collection.doc_index
+
+
 def test_rerank_mode_on_a_trec_style_pool(tmp_path, tiny_bert):
     """Label-free distillation on a pool, then rerank its BM25 run (the TREC DL protocol)."""
     data = write_trec_pool(tmp_path)
