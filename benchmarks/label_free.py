@@ -9,7 +9,8 @@ copied into ``benchmarks/results/label-free/``. Training and tuning never see th
 collections' queries or judgments: the test judgments are read by the final evaluation only.
 A variant (:data:`VARIANTS`) is one of those builds with overrides, reported under its own
 name: ``scifact-log`` adds a query log without judgments (``label_free.query_log``),
-``scifact-logdev`` holds part of it out as the dev slice (``label_free.log_dev_queries``).
+``scifact-logdev`` holds part of it out as the dev slice (``label_free.log_dev_queries``),
+``dl19-log`` / ``dl20-log`` give each TREC pool the other year's questions as that log.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ VARIANTS = {
         'evaluate.name="labelfree-scifact-logdev"',
     ], "scifact-log with 80 of the logged queries held out as the dev slice, judged by the teacher, in place "
        "of the pseudo-query one: checkpoint, hybrid weight and served default chosen on real queries"),
+    # each TREC year's pool with the other year's MS MARCO questions as its log (no judgment read)
+    **{f"{year}-log": (year, [
+        f'label_free.query_log="../shared/data/trec-dl/{other}/queries.jsonl"', f"label_free.log_dev_queries={n_dev}",
+        'students.kinds=["asymmetric"]', f'work_dir="work/labelfree-{year}-log"',
+        f'artifact_dir="artifacts/labelfree-{year}-log"', f'evaluate.name="labelfree-{year}-log"',
+    ], f"the {year} pool with {other}'s questions as an unjudged query log, a fifth of them held out as the dev "
+       "slice judged by the teacher; the asymmetric student only")
+       for year, other, n_dev in (("dl19", "dl20", 10), ("dl20", "dl19", 8))},
 }
 RENAME = {"dense": "labelfree-dense", "dense+colbert": "labelfree-dense+colbert"}
 KEEP = ["bm25", "base-dense", "teacher", "teacher-space", "labelfree-dense", "labelfree-dense+colbert", "hybrid",
