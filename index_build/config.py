@@ -173,7 +173,8 @@ class LabelFreeConfig:
     query_log: str = field(default="", metadata=UNHASHED_AT_DEFAULT)
     # logged queries held out as the dev slice that chooses checkpoints, weights and the served
     # default, judged by the teacher's ranking of each one's pool; they replace the pseudo-query
-    # dev slice (0: keep it). Real queries show what pseudo-queries cut from the documents cannot
+    # dev slice (0: keep it; on SciFact the pseudo-query slice chose the better student,
+    # benchmarks/results/README.md)
     log_dev_queries: int = field(default=0, metadata=UNHASHED_AT_DEFAULT)
 
 
