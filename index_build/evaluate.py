@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -331,8 +331,8 @@ class PoolIndex:
     @classmethod
     def of_build(cls, ctx: BuildContext) -> PoolIndex:
         """The build's own indexes (a build whose corpus is the pool's)."""
-        return cls(ctx.bm25, ctx.collection.doc_ids, ctx.collection.doc_index,
-                   lambda ids: ctx.corpus_vectors("asymmetric")[ids])
+        vectors = cache(lambda: ctx.corpus_vectors("asymmetric"))  # stacked once, on first use
+        return cls(ctx.bm25, ctx.collection.doc_ids, ctx.collection.doc_index, lambda ids: vectors()[ids])
 
     @classmethod
     def of_pool(cls, pool: TrecPool, teacher) -> PoolIndex:
