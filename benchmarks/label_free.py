@@ -10,7 +10,8 @@ collections' queries or judgments: the test judgments are read by the final eval
 A variant (:data:`VARIANTS`) is one of those builds with overrides, reported under its own
 name: ``scifact-log`` adds a query log without judgments (``label_free.query_log``),
 ``scifact-logdev`` holds part of it out as the dev slice (``label_free.log_dev_queries``),
-``dl19-log`` / ``dl20-log`` give each TREC pool the other year's questions as that log.
+``dl19-log`` / ``dl20-log`` give each TREC pool the other year's questions as that log,
+``dl19-kldense`` / ``dl20-kldense`` train against the teacher's bi-encoder members alone.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ VARIANTS = {
     ], f"the {year} pool with {other}'s questions as an unjudged query log, a fifth of them held out as the dev "
        "slice judged by the teacher; the asymmetric student only")
        for year, other, n_dev in (("dl19", "dl20", 10), ("dl20", "dl19", 8))},
+    # the listwise KL against the teacher's bi-encoder members alone, leaving BM25 to the hybrid
+    **{f"{year}-kldense": (year, [
+        'asymmetric.kl_target="dense"', 'students.kinds=["asymmetric"]', f'work_dir="work/labelfree-{year}-kldense"',
+        f'artifact_dir="artifacts/labelfree-{year}-kldense"', f'evaluate.name="labelfree-{year}-kldense"',
+    ], f"the {year} pool with the asymmetric student's listwise KL taken against the teacher's bi-encoder "
+       "members alone (asymmetric.kl_target = dense); the asymmetric student only")
+       for year in ("dl19", "dl20")},
 }
 RENAME = {"dense": "labelfree-dense", "dense+colbert": "labelfree-dense+colbert"}
 KEEP = ["bm25", "base-dense", "teacher", "teacher-space", "labelfree-dense", "labelfree-dense+colbert", "hybrid",
