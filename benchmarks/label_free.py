@@ -11,7 +11,7 @@ A variant (:data:`VARIANTS`) is one of those builds with overrides, reported und
 name: ``scifact-log`` adds a query log without judgments (``label_free.query_log``),
 ``scifact-logdev`` holds part of it out as the dev slice (``label_free.log_dev_queries``),
 ``dl19-log`` / ``dl20-log`` give each TREC pool the other year's questions as that log,
-``dl19-kldense`` / ``dl20-kldense`` train against the teacher's bi-encoder members alone.
+``<collection>-kldense`` trains against the teacher's bi-encoder members alone.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ VARIANTS = {
     **{f"{year}-kldense": (year, [
         'asymmetric.kl_target="dense"', 'students.kinds=["asymmetric"]', f'work_dir="work/labelfree-{year}-kldense"',
         f'artifact_dir="artifacts/labelfree-{year}-kldense"', f'evaluate.name="labelfree-{year}-kldense"',
-    ], f"the {year} pool with the asymmetric student's listwise KL taken against the teacher's bi-encoder "
+    ], f"the {year} build with the asymmetric student's listwise KL taken against the teacher's bi-encoder "
        "members alone (asymmetric.kl_target = dense); the asymmetric student only")
-       for year in ("dl19", "dl20")},
+       for year in ("dl19", "dl20", "cranfield", "scifact")},
 }
 RENAME = {"dense": "labelfree-dense", "dense+colbert": "labelfree-dense+colbert"}
 KEEP = ["bm25", "base-dense", "teacher", "teacher-space", "labelfree-dense", "labelfree-dense+colbert", "hybrid",
