@@ -10,8 +10,9 @@ learns to produce that vector from the query alone:
 - ``listwise_kl`` to the full teacher (BM25 included, per-query z-scores summed) over each
   training query's candidate pool (the union of the members' and BM25's top candidates), or
   (``kl_target = "dense"``) to its bi-encoder members alone (:func:`member_scores`), leaving
-  BM25 to the per-part hybrid. The full teacher is the default: on Cranfield it gave both
-  the better student and the better hybrid.
+  BM25 to the per-part hybrid. The full teacher is the default: on Cranfield and SciFact it
+  gives both the better student and the better hybrid, on the TREC DL pools the dense
+  members alone give the better hybrid (``label-free.json``, the ``*-kldense`` entries).
 
 Documents are fixed vectors, so a training step runs only short queries through the
 network, and the student can see every pseudo-query a corpus yields.
