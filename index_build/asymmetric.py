@@ -62,6 +62,10 @@ class TeacherSpace:
         """``[n_docs, sum(dims)]``: the members' document embeddings side by side."""
         return np.hstack(self.doc_parts())
 
+    def doc_vectors_at(self, idx: np.ndarray) -> np.ndarray:
+        """:meth:`doc_vectors`' rows ``idx``, encoding only those documents not yet encoded."""
+        return np.hstack([m.embeddings(idx) for m in self.members])
+
     def query_parts(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(m.encode_queries(texts), dtype=np.float32) for m in self.members]
 

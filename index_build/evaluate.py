@@ -62,6 +62,8 @@ class JudgedQueries:
     qrels: dict[str, dict[str, int]]
     doc_ids: list[str]
     depth: int
+    #: the teacher's own query vectors in its space (a build with an asymmetric student)
+    teacher_queries: np.ndarray | None = None
 
     def metrics(self, run: Run) -> dict[str, float]:
         return metrics(self.qrels, run)
@@ -82,6 +84,8 @@ def evaluate_collection(ctx: BuildContext) -> dict[str, dict[str, float]]:
         return {}
     tq = col.split_queries(split)
     test = JudgedQueries(list(tq), list(tq.values()), col.qrels[split], col.doc_ids, ctx.cfg.evaluate.rerank_depth)
+    if "asymmetric" in ctx.cfg.students.kinds:
+        test.teacher_queries = ctx.teacher_space.query_vectors(test.texts)
     systems = _reference_rows(ctx, test)
     if ctx.served_dense not in ctx.cfg.students.kinds:
         return systems
@@ -111,9 +115,8 @@ def _reference_rows(ctx: BuildContext, test: JudgedQueries) -> dict[str, dict[st
     t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, test.texts, pools, progress=ctx.progress)
     systems["teacher"] = test.metrics({q: {test.doc_ids[int(d)]: float(s) for d, s in zip(p, ts)}
                                        for q, p, ts in zip(test.qids, pools, t_scores)})
-    if "asymmetric" in ctx.cfg.students.kinds:
-        space = ctx.teacher_space
-        systems["teacher-space"] = test.arrays(*exact_search(space.doc_vectors(), space.query_vectors(test.texts),
+    if test.teacher_queries is not None:
+        systems["teacher-space"] = test.arrays(*exact_search(ctx.teacher_space.doc_vectors(), test.teacher_queries,
                                                              test.depth))
     return systems
 
@@ -142,8 +145,9 @@ def _first_stage_rows(ctx: BuildContext, test: JudgedQueries,
                                         stages=("hybrid",), by_parts=False)["hybrid"]
             systems["asym-hybrid-lists"] = test.metrics(ctx.run_of(test.qids, two))
             # the same hybrid with the teacher's own query vectors: what a perfect imitation would serve
-            own = ctx.first_stage_lists(test.texts, ctx.teacher_space.query_vectors(test.texts), hw, test.depth,
-                                        kind, stages=("hybrid",))["hybrid"]
+            assert test.teacher_queries is not None
+            own = ctx.first_stage_lists(test.texts, test.teacher_queries, hw, test.depth, kind,
+                                        stages=("hybrid",))["hybrid"]
             systems["teacher-space-hybrid"] = test.metrics(ctx.run_of(test.qids, own))
         if ctx.cfg.export_int8:
             q8 = ctx.dense_queries(test.texts, kind, INT8_NAME)
@@ -286,14 +290,12 @@ def _dense_fn(enc, docs: dict[str, str]) -> Callable[[str, list[str]], np.ndarra
     return lambda q, cs: enc.encode_docs([docs[c] for c in cs]) @ enc.encode_queries([q])[0]
 
 
-def _space_fn(pool: TrecPool, space: TeacherSpace,
-              encode: Callable[[list[str]], np.ndarray]) -> Callable[[str, list[str]], np.ndarray]:
-    """Scores of a pool's candidates in a teacher space (:class:`index_build.asymmetric.TeacherSpace`)
-    for the query vector ``encode`` gives."""
-    def score(q: str, cs: list[str]) -> np.ndarray:
-        idx = np.array([pool.collection.doc_index[c] for c in cs], np.int64)
-        return np.hstack([m.embeddings(idx) for m in space.members]) @ encode([q])[0]
-    return score
+def _space_run(pool: TrecPool, space: TeacherSpace, queries: np.ndarray) -> Run:
+    """The run of a pool's candidates scored in a teacher space
+    (:class:`index_build.asymmetric.TeacherSpace`) by ``queries``, one vector per pool query."""
+    index = pool.collection.doc_index
+    return {qid: dict(zip(cs, map(float, space.doc_vectors_at(np.array([index[c] for c in cs], np.int64)) @ q)))
+            for qid, q, cs in zip(pool.qids, queries, pool.candidates)}
 
 
 def _trec_reference_rows(ctx: BuildContext, pool: TrecPool) -> tuple[dict[str, dict[str, float]], Any]:
@@ -339,6 +341,7 @@ class PoolIndex:
         """Indexes over another collection's pool: the teacher's BM25 member's index (the
         service's BM25 settings, statistics over the pool's corpus; built when the teacher has
         no BM25 member) and its bi-encoder members' document vectors."""
+        from index_build.asymmetric import TeacherSpace
         from index_build.teachers import BiEncoderTeacher, BM25Teacher
         from models.sparse_index import BM25Index
 
@@ -346,7 +349,7 @@ class PoolIndex:
         bm25 = next((m.index for m in teacher.members if isinstance(m, BM25Teacher)), None)
         members = [m for m in teacher.members if isinstance(m, BiEncoderTeacher)]
         return cls(bm25 if bm25 is not None else BM25Index.build(col.doc_texts()), col.doc_ids, col.doc_index,
-                   lambda ids: np.hstack([m.embeddings(ids) for m in members]))
+                   lambda ids: TeacherSpace(members).doc_vectors_at(ids))
 
 
 def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
@@ -374,9 +377,9 @@ def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
             space = TeacherSpace([m for m in teacher.members if isinstance(m, BiEncoderTeacher)])
 
             # the target the student's alignment loss pulls it to (see _reference_rows)
-            systems["teacher-space"] = pool.metrics(own_run := pool.score_all(
-                _space_fn(pool, space, space.query_vectors)))
-            dense_run = pool.score_all(_space_fn(pool, space, enc.encode_queries))
+            own_queries = space.query_vectors(pool.texts)
+            systems["teacher-space"] = pool.metrics(own_run := _space_run(pool, space, own_queries))
+            dense_run = _space_run(pool, space, enc.encode_queries(pool.texts))
         else:
             dense_run = pool.score_all(_dense_fn(enc, pool.docs))
             if ctx.cfg.export_int8:
@@ -389,7 +392,7 @@ def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
             systems["asym-hybrid-lists"] = pool.metrics(pool_hybrid(ctx, pool, index, dense_run, 0.5, kind, False))
             # with the teacher's own query vectors: what a perfect imitation would serve
             systems["teacher-space-hybrid"] = pool.metrics(pool_hybrid(ctx, pool, index, own_run, kind_hw, kind,
-                                                                       queries=space.query_vectors(pool.texts)))
+                                                                       queries=own_queries))
         if kind == ctx.served_dense:
             firsts["dense"], firsts["hybrid"], hw = dense_run, hybrid_run, kind_hw
     return firsts, hw
