@@ -101,11 +101,12 @@ def test_student_trains_saves_and_exports_as_a_dense_model(space, tiny_bert, tmp
     pools, scores = teacher_pools(parts, sp.doc_parts(), BM25Index.build(col.doc_texts()), texts, 10)
     history: list[dict] = []
     result = train_asymmetric(student, texts, q_teacher, pools, scores, docs,
-                              AsymmetricConfig(epochs=3, batch=8, lr=3e-4, pool_size=8, eval_every=5),
+                              AsymmetricConfig(epochs=3, batch=8, lr=3e-4, pool_size=8, eval_every=5, kl_weight=0.0),
                               lambda m: -alignment_mse(torch.from_numpy(encode_queries(m, texts)),
                                                        torch.from_numpy(q_teacher)).item(), history)
     after = alignment_mse(torch.from_numpy(encode_queries(student, texts)), torch.from_numpy(q_teacher)).item()
-    assert result["steps"] >= 20 and after < before, history  # the best checkpoint is closer to the teacher
+    # trained on alignment alone, the best checkpoint is a closer copy of the teacher than the ridge start
+    assert result["steps"] >= 20 and after < before, history
     # a pass draws each query as often as ``draws`` says: here only the first two, twice each
     draws = np.zeros(len(texts), np.int64)
     draws[:2] = 2

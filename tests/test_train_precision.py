@@ -58,7 +58,10 @@ def test_bf16_training_tracks_fp32_and_exports_fp32(kind, tiny_beir, tiny_bert, 
     assert bf16[0] == pytest.approx(fp32[0], rel=0.1)
     assert np.mean(bf16) == pytest.approx(np.mean(fp32), rel=0.2)
     if kind != "cross-encoder":  # (this toy problem is too small for the cross-encoder to learn much)
-        assert np.mean(bf16[-5:]) < 0.7 * np.mean(bf16[:5])
+        # each window is three whole epochs (every example three times), so how hard one batch happens to be
+        # does not decide the comparison
+        window = len(bf16) // 4
+        assert np.mean(bf16[-window:]) < 0.7 * np.mean(bf16[:window])
 
 
 def test_autocast_only_inside_training(tiny_bert, tiny_beir, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 TOPICS = {
@@ -57,7 +58,7 @@ def write_tiny_beir(root: Path, n_docs: int = 60, seed: int = 0, with_labels: bo
 def write_tiny_bert(root: Path, corpus_dir: Path, seed: int = 0) -> Path:
     """A 2-layer, 32-wide BERT with random weights and a WordPiece vocab trained on the corpus."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel
 
     root.mkdir(parents=True, exist_ok=True)
@@ -66,11 +67,18 @@ def write_tiny_bert(root: Path, corpus_dir: Path, seed: int = 0) -> Path:
         d = json.loads(line)
         texts.append(f"{d['title']}. {d['text']}")
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]", "[unused1]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts + [".,;:!?()-"], trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    # The vocab is built here rather than by tokenizers' WordPieceTrainer, whose ties between equally frequent
+    # merges fall by a per-process hash order: every corpus word whole, and every character alone and as a
+    # continuation piece, in a fixed order, so the same seed gives the same model in every process.
+    counts: Counter[str] = Counter()
+    for text in texts + [".,;:!?()-"]:
+        counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in counts for c in w})
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    pieces = specials + chars + [f"##{c}" for c in chars] + words
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(pieces)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
