@@ -27,14 +27,19 @@ class ConfigError(ValueError):
 #: default it is left out of its section's hash (:func:`hashed_section`), so adding it leaves
 #: every stage cached before it valid
 UNHASHED_AT_DEFAULT = {"hashed_at_default": False}
+#: metadata of a field that only a later stage reads, whose key names it itself: it is never
+#: part of its section's hash, so changing it reruns that stage and nothing before it
+KEYED_BY_ITS_STAGE = {"hashed": False}
 
 
 def hashed_section(section: Any) -> dict[str, Any]:
     """A config section as stage keys hash it: every field, except the
-    :data:`UNHASHED_AT_DEFAULT` ones that hold their default."""
+    :data:`UNHASHED_AT_DEFAULT` ones that hold their default and the
+    :data:`KEYED_BY_ITS_STAGE` ones."""
     data = asdict(section)
     for f in fields(section):
-        if f.metadata.get("hashed_at_default") is False and getattr(section, f.name) == f.default:
+        if f.metadata.get("hashed") is False or (
+                f.metadata.get("hashed_at_default") is False and getattr(section, f.name) == f.default):
             data.pop(f.name)
     return data
 
@@ -101,6 +106,7 @@ KL_TARGETS = ("teacher", "dense")
 #: the asymmetric student's heads: "linear", one linear map per member part from the pooled
 #: last layer; "layers-mlp", that plus a residual MLP per part from every layer's pooled states
 ASYM_HEADS = ("linear", "layers-mlp")
+HYBRID_HEADS = ("auto", "ridge", "student")
 #: corpus documents whose token states a "pca" projection is fitted on
 PROJ_INIT_DOCS = 256
 
@@ -142,6 +148,12 @@ class AsymmetricConfig:
     head: str = field(default="linear", metadata=UNHASHED_AT_DEFAULT)
     head_hidden: int = field(default=1536, metadata=UNHASHED_AT_DEFAULT)
     head_init_epochs: int = field(default=8, metadata=UNHASHED_AT_DEFAULT)
+    # one of HYBRID_HEADS: the query encoder of the hybrid first stage's dense parts. "ridge":
+    # the base model's pooled query vector with ridge maps to each part (the student's starting
+    # point, the closest linear copy of the teacher's query vectors); "student": the trained
+    # student; "auto": whichever is the closer copy of the teacher's query vectors on the dev
+    # slice (the hybrid is the teacher's own fusion, so the closer copy serves the closer ranking)
+    hybrid_head: str = field(default="auto", metadata=KEYED_BY_ITS_STAGE)  # (the head stage's key)
 
 
 @dataclass
@@ -375,6 +387,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if cfg.asymmetric.head not in ASYM_HEADS:
         raise ConfigError(f"config: asymmetric.head must be one of {', '.join(ASYM_HEADS)}, "
                           f"got {cfg.asymmetric.head!r}")
+    if cfg.asymmetric.hybrid_head not in HYBRID_HEADS:
+        raise ConfigError(f"config: asymmetric.hybrid_head must be one of {', '.join(HYBRID_HEADS)}, "
+                          f"got {cfg.asymmetric.hybrid_head!r}")
     if cfg.asymmetric.head_hidden < 1 or cfg.asymmetric.head_init_epochs < 0:
         raise ConfigError("config: asymmetric.head_hidden must be >= 1 and asymmetric.head_init_epochs >= 0")
     if int(cfg.asymmetric.log_draws) < 1:

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 LABEL_FREE_WISE_FT = 0.5
 #: training queries the map from the query encoder's token states to ColBERT's is fitted on
 TOKEN_MAP_QUERIES = 4000
+#: the name of the asymmetric student's hybrid head among the exported graphs (:meth:`BuildContext.onnx_dir`)
+HYBRID_HEAD = "hybrid-head"
 
 
 class BuildContext(ABC):
@@ -218,7 +220,25 @@ class BuildContext(ABC):
         return float(value)
 
     def onnx_dir(self, kind: str) -> Path:
-        return self.work / f"export-{kind}" / "onnx"
+        """Student ``kind``'s exported graphs (:data:`HYBRID_HEAD`: the asymmetric student's hybrid head's)."""
+        return self.work / ("head-asymmetric" if kind == HYBRID_HEAD else f"export-{kind}") / "onnx"
+
+    def hybrid_head(self) -> dict[str, Any] | None:
+        """The record of the asymmetric student's hybrid head when it serves the hybrid's
+        dense parts (the runner fits and exports it, :func:`index_build.distill.hybrid_head_stage`),
+        else None: the served dense model serves them."""
+        return None
+
+    def hybrid_queries(self, texts: list[str], onnx_file: str = ONNX_NAME) -> np.ndarray | None:
+        """The query vectors of the hybrid's dense parts from the hybrid head's graph
+        ``onnx_file`` when it serves them (:meth:`hybrid_head`), else None (the served dense
+        model's vectors serve them)."""
+        if self.hybrid_head() is None:
+            return None
+        from models.encoders import DenseEncoder
+
+        enc = self.student_encoder(DenseEncoder, HYBRID_HEAD, onnx_file)
+        return np.ascontiguousarray(enc.encode_queries(texts), dtype=np.float32)
 
     def corpus_vectors(self, kind: str | None = None) -> np.ndarray:
         """The document vectors dense model ``kind`` (default :attr:`served_dense`) searches:
@@ -349,19 +369,29 @@ class BuildContext(ABC):
 
     def first_stage_lists(self, texts: list[str], dense_queries: np.ndarray, hybrid_weight: float,
                           depth: int, kind: str | None = None,
-                          stages: Sequence[str] = FIRST_STAGES, by_parts: bool = True) -> dict[str, list[Ranked]]:
+                          stages: Sequence[str] = FIRST_STAGES, by_parts: bool = True,
+                          hybrid_queries: np.ndarray | None = None) -> dict[str, list[Ranked]]:
         """Per first stage (``dense``: exact search over dense model ``kind``'s corpus vectors,
         default :attr:`served_dense`; ``sparse``: BM25; ``hybrid``: their z-score fusion, per
         part of the teacher's space for the asymmetric student, :attr:`teacher_fusion`), each
         query's top-``depth``, ranked by the service's own first stages
         (:func:`models.retrieval.first_stages`). ``by_parts=False``: the asymmetric
-        student's hybrid fuses its dense list with BM25's, as the full-tower student's."""
+        student's hybrid fuses its dense list with BM25's, as the full-tower student's.
+        ``hybrid_queries``: the hybrid's own query vectors (:meth:`hybrid_queries`), as the
+        service encodes a hybrid request with the hybrid head."""
         corpus = self.corpus_vectors(kind)
         parts = self.teacher_fusion["parts"] if by_parts and (kind or self.served_dense) == "asymmetric" else None
-        return first_stages(stages, texts, depth, dense_vectors=dense_queries,
-                            dense_search=lambda q, k: exact_search(corpus, q, k), sparse=self.bm25,
-                            hybrid_weights=(hybrid_weight, 1.0 - hybrid_weight),
-                            dense_parts=parts, doc_vectors=lambda ids: corpus[ids])
+
+        def lists(wanted: Sequence[str], queries: np.ndarray) -> dict[str, list[Ranked]]:
+            return first_stages(wanted, texts, depth, dense_vectors=queries,
+                                dense_search=lambda q, k: exact_search(corpus, q, k), sparse=self.bm25,
+                                hybrid_weights=(hybrid_weight, 1.0 - hybrid_weight),
+                                dense_parts=parts, doc_vectors=lambda ids: corpus[ids])
+
+        if hybrid_queries is None or "hybrid" not in stages:
+            return lists(stages, dense_queries)
+        rest = [s for s in stages if s != "hybrid"]
+        return {**(lists(rest, dense_queries) if rest else {}), **lists(["hybrid"], hybrid_queries)}
 
     def run_of(self, qids: list[str], lists: Sequence[tuple[np.ndarray, np.ndarray]],
                rerank: list[np.ndarray] | None = None, rerank_weight: float = 1.0) -> dict[str, dict[str, float]]:

@@ -188,6 +188,63 @@ def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
             "mean_pool": float(np.mean([len(p) for p in pools])) if pools else 0.0, "dev_history": history}
 
 
+#: training queries the hybrid head's ridge maps are fitted on, at most (evenly spaced)
+HYBRID_HEAD_QUERIES = 20000
+
+
+def hybrid_head_stage(ctx: BuildContext, out: Path) -> dict:
+    """The asymmetric student's hybrid head, exported to ``out/onnx``: the base model's pooled
+    query vector with a ridge map to each part of the teacher's space (the student's starting
+    point, :func:`index_build.asymmetric.init_maps_by_ridge`, fitted on at most
+    :data:`HYBRID_HEAD_QUERIES` of its training queries), and which query encoder serves the
+    hybrid's dense parts (``asymmetric.hybrid_head``). The hybrid is the teacher's own fusion
+    and scores the teacher's ranking exactly when fed the teacher's query vectors, so "auto"
+    picks the closer copy of those on the dev slice (mean cosine per part, weighted as the
+    parts are fused), which needs no judgments. The trained student is pulled away from that
+    copy by its ranking loss against the full teacher (BM25 included), which makes it the
+    better model alone and the worse partner for BM25 where the hybrid adds BM25 again."""
+    import tempfile
+
+    from index_build.asymmetric import init_maps_by_ridge, mean_cosine
+    from index_build.export import export_student
+    from index_build.students import new_asymmetric_student
+    from models.encoders import DenseEncoder
+    from models.sources import resolve_model
+
+    space, choice = ctx.teacher_space, ctx.cfg.asymmetric.hybrid_head
+    dev = ctx.load_mined()["dev"]
+    texts, _, _ = asymmetric_training_texts(ctx, dev)
+    texts = texts[:: max(1, -(-len(texts) // HYBRID_HEAD_QUERIES))]
+    head = new_asymmetric_student(resolve_model(ctx.cfg.students.base), space.names, space.dims,
+                                  max_query_len=ctx.cfg.students.max_query_len)
+    fit = init_maps_by_ridge(head, texts, space.query_parts(texts), progress=ctx.progress)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        head.save(Path(tmp))
+        rep = export_student(Path(tmp), out / "onnx", int8=ctx.cfg.export_int8, parity_texts=texts[:8],
+                             per_channel=ctx.cfg.export_int8_per_channel,
+                             int8_activations=ctx.cfg.export_int8_activations)
+    record: dict[str, Any] = {"fit_queries": len(texts), "fit_cosine": fit, "parity_max_abs_diff": rep.max_abs_diff,
+                              "int8_max_abs_diff": rep.int8_max_abs_diff, "choice": choice}
+    serves = choice == "ridge"
+    if choice == "auto":
+        if dev["qids"]:
+            teacher = space.query_vectors(dev["queries"])
+            parts = ctx.teacher_fusion["parts"]
+            encoded = {"ridge": DenseEncoder(out / "onnx", threads=ctx.cfg.threads).encode_queries(dev["queries"]),
+                       "student": ctx.dense_queries(dev["queries"], "asymmetric")}
+            cosine = {name: round(sum(w * mean_cosine(q[:, a:b], teacher[:, a:b]) for w, a, b in
+                                      zip(parts.weights, parts.bounds, parts.bounds[1:])) / sum(parts.weights), 4)
+                      for name, q in encoded.items()}
+            serves = cosine["ridge"] > cosine["student"]
+            record["dev_cosine"] = cosine
+        record["chosen_on"] = (f"weighted mean cosine to the teacher's query vectors on {len(dev['qids'])} dev queries"
+                               if dev["qids"] else "no dev queries: the trained student")
+    record["serves_hybrid"] = "ridge" if serves else "student"
+    log.info("hybrid head: %s serves the hybrid's dense parts (%s)", record["serves_hybrid"],
+             record.get("dev_cosine", choice))
+    return record
+
+
 def pool_dev_score(ctx: BuildContext, dev: dict, queries: np.ndarray, doc_embeddings: np.ndarray) -> float:
     """Dev nDCG@10 of a dense model reranking each dev query's pool, from its query vectors
     and its (cached) corpus vectors: what :meth:`dev_evaluator` measures, without encoding

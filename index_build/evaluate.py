@@ -137,9 +137,16 @@ def _first_stage_rows(ctx: BuildContext, test: JudgedQueries,
         prefix = DENSE_ROW_PREFIX[kind]
         # hybrid first stage: z-score fusion with BM25's top-depth, weight tuned on the dev slice
         hw = tune_hybrid(ctx, test.depth, kind)["dense_weight"]
-        lists = ctx.first_stage_lists(test.texts, ctx.dense_queries(test.texts, kind), hw, test.depth, kind)
+        # the hybrid head's query vectors where it serves the hybrid (BuildContext.hybrid_queries)
+        head = ctx.hybrid_queries(test.texts) if kind == ctx.served_dense else None
+        lists = ctx.first_stage_lists(test.texts, ctx.dense_queries(test.texts, kind), hw, test.depth, kind,
+                                      hybrid_queries=head)
         systems[f"{prefix}dense"] = test.metrics(ctx.run_of(test.qids, lists["dense"]))
         systems[f"{prefix}hybrid"] = test.metrics(ctx.run_of(test.qids, lists["hybrid"]))
+        if head is not None:  # the same hybrid fed the trained student's query vectors
+            student = ctx.first_stage_lists(test.texts, ctx.dense_queries(test.texts, kind), hw, test.depth, kind,
+                                            stages=("hybrid",))["hybrid"]
+            systems[f"{prefix}hybrid-student"] = test.metrics(ctx.run_of(test.qids, student))
         if kind == "asymmetric":  # its hybrid without the per-part fusion: two lists at equal weights
             two = ctx.first_stage_lists(test.texts, ctx.dense_queries(test.texts, kind), 0.5, test.depth, kind,
                                         stages=("hybrid",), by_parts=False)["hybrid"]
@@ -387,7 +394,12 @@ def _trec_first_stage_rows(ctx: BuildContext, pool: TrecPool, teacher,
                 systems["dense-int8"] = pool.metrics(pool.score_all(_dense_fn(enc8, pool.docs)))
         systems[f"{prefix}dense"] = pool.metrics(dense_run)
         kind_hw = tune_hybrid(ctx, kind=kind)["dense_weight"]
-        systems[f"{prefix}hybrid"] = pool.metrics(hybrid_run := pool_hybrid(ctx, pool, index, dense_run, kind_hw, kind))
+        hybrid_run = pool_hybrid(ctx, pool, index, dense_run, kind_hw, kind)
+        head = ctx.hybrid_queries(pool.texts) if kind == ctx.served_dense else None
+        if head is not None:  # the hybrid head serves the hybrid; the trained student's hybrid for comparison
+            systems[f"{prefix}hybrid-student"] = pool.metrics(hybrid_run)
+            hybrid_run = pool_hybrid(ctx, pool, index, _space_run(pool, space, head), kind_hw, kind, queries=head)
+        systems[f"{prefix}hybrid"] = pool.metrics(hybrid_run)
         if kind == "asymmetric":
             systems["asym-hybrid-lists"] = pool.metrics(pool_hybrid(ctx, pool, index, dense_run, 0.5, kind, False))
             # with the teacher's own query vectors: what a perfect imitation would serve

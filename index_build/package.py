@@ -153,6 +153,7 @@ def artifact_stage(ctx: BuildContext, final: Path, key: str, records: Mapping[st
     (:func:`build_artifact`), ColBERT tokens, BM25, the dev-tuned weights and default mode,
     the build's records (``records``: the stage records by name; ``config``: the build
     configuration as JSON); verified before it is reported."""
+    from index_build.context import HYBRID_HEAD
     from index_build.tune import choose_default, tune_hybrid, tune_rerank_weights
     from models.artifacts import verify
 
@@ -181,6 +182,8 @@ def artifact_stage(ctx: BuildContext, final: Path, key: str, records: Mapping[st
         "students": {k: records[f"distill-{k}"].result for k in kinds if f"distill-{k}" in records},
         "wise_ft": {k: ctx.wise_ft(k) for k in kinds},
     }
+    if "head-asymmetric" in records:
+        training["hybrid_head"] = records["head-asymmetric"].result
     if ctx.label_free and "mine" in records:
         training["pseudo_queries"] = records["mine"].result
     dvq = ctx.cfg.index.distill_vq
@@ -190,13 +193,16 @@ def artifact_stage(ctx: BuildContext, final: Path, key: str, records: Mapping[st
         # the served dense model is the artifact's "dense" model (a full-tower student
         # beside an asymmetric one is evaluated, not served)
         onnx_dirs={"dense": ctx.onnx_dir(served),
-                   **{k: ctx.onnx_dir(k) for k in ("colbert", "cross-encoder") if k in kinds}},
+                   **{k: ctx.onnx_dir(k) for k in ("colbert", "cross-encoder") if k in kinds},
+                   # the query encoder of the hybrid's dense parts, where it is not the dense model
+                   **({"hybrid": ctx.onnx_dir(HYBRID_HEAD)} if ctx.hybrid_head() is not None else {})},
         dense_vectors=dense, colbert_vectors=colbert, bm25=ctx.bm25, factory=ctx.cfg.index.factory,
         colbert_bits=ctx.cfg.index.colbert_bits, colbert_kmeans_niter=ctx.cfg.index.colbert_kmeans_niter,
         nprobe=ctx.cfg.index.nprobe,
         calibration_queries=calibration_queries(ctx), hybrid=hybrid, rerank_interpolation=interpolation,
         distill_vq=dvq, distill_vq_queries=distill_vq,
         serving={"default": choose_default(ctx), "dense_model": served,
+                 "hybrid_model": "hybrid" if ctx.hybrid_head() is not None else "dense",
                  **({"cross_encoder": {"depth": depths["cross-encoder"], "max_len": ce_max_len}}
                     if "cross-encoder" in kinds else {})},
         training=training,

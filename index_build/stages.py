@@ -37,6 +37,7 @@ STAGE_ABOUT = {
     "pseudo": "pseudo-queries from the corpus, scored by the teacher",
     "distill": "train the {kind} student",
     "export": "export the {kind} student to ONNX (+ int8), checked against the torch model",
+    "head": "the {kind} student's hybrid head (ridge maps on the base model) and the hybrid's query encoder",
     "evaluate": "every system on the test queries (and TREC DL pools); tune weights and the default mode on dev",
     "artifact": "encode the corpus, build the indexes and the document store, write and verify the artifact",
 }
@@ -44,7 +45,7 @@ STAGE_ABOUT = {
 #: The version of each stage's code, part of its key: bump a stage's number when what it
 #: writes changes, and that stage and every stage after it (their keys include its key)
 #: rebuild. The teacher's scores and encodings are cached by content, not by these keys.
-STAGE_VERSIONS = {"mine": 1, "pseudo": 1, "distill": 1, "export": 1, "evaluate": 6, "artifact": 5}
+STAGE_VERSIONS = {"mine": 1, "pseudo": 1, "distill": 1, "export": 1, "head": 1, "evaluate": 6, "artifact": 5}
 
 
 class PeakMemory:
@@ -205,17 +206,26 @@ class Pipeline(BuildContext):
                       INT8_WEIGHTS_MARK, f"activations={self.cfg.export_int8_activations}"]
         return self.key("export", kind, self.distill_key(kind), f"int8={self.cfg.export_int8}", *extra)
 
+    def hybrid_head_key(self) -> str:
+        return self.key("head", "asymmetric", self.export_key("asymmetric"),
+                        f"hybrid_head={self.cfg.asymmetric.hybrid_head}")
+
+    def export_keys(self) -> list[str]:
+        """The keys of every exported model: the students' and the asymmetric one's hybrid head."""
+        kinds = self.cfg.students.kinds
+        return [self.export_key(k) for k in kinds] + ([self.hybrid_head_key()] if "asymmetric" in kinds else [])
+
     def evaluate_key(self) -> str:
         # where results go and what they are called do not change what is evaluated
         ev = _hash_without(self.cfg, "evaluate", "results_dir", "name")
-        return self.key("evaluate", ev, *[self.export_key(k) for k in self.cfg.students.kinds])
+        return self.key("evaluate", ev, *self.export_keys())
 
     def artifact_key(self) -> str:
         from models.artifacts import SCHEMA_VERSION
 
         return self.key("artifact", self.cfg.section_hash("index"), self.cfg.artifact_dir,
                         f"dev_judge={self.cfg.evaluate.dev_judge}",
-                        *[self.export_key(k) for k in self.cfg.students.kinds], f"schema-{SCHEMA_VERSION}")
+                        *self.export_keys(), f"schema-{SCHEMA_VERSION}")
 
     # ----------------------------------------------------------------- the stages
     def mine(self) -> StageRecord:
@@ -261,6 +271,19 @@ class Pipeline(BuildContext):
 
         return self.stage(f"export-{kind}", self.export_key(kind), lambda out: export_stage(self, kind, out))
 
+    def hybrid_head(self) -> dict | None:
+        """The record of the asymmetric student's hybrid head when it serves the hybrid's dense
+        parts (:func:`index_build.distill.hybrid_head_stage`, run here if not up to date), else None."""
+        if self.served_dense != "asymmetric":
+            return None
+        name, key = "head-asymmetric", self.hybrid_head_key()
+        rec = self.records.get(name)
+        if rec is None or rec.key != key:
+            from index_build.distill import hybrid_head_stage
+
+            rec = self.stage(name, key, lambda out: hybrid_head_stage(self, out))
+        return rec.result if rec.result.get("serves_hybrid") == "ridge" else None
+
     def evaluate(self) -> StageRecord:
         from index_build.evaluate import evaluate
 
@@ -289,7 +312,8 @@ class Pipeline(BuildContext):
     # ----------------------------------------------------------------- the whole build
     def run_all(self) -> dict:
         kinds = self.cfg.students.kinds
-        self.plan = ["mine", *[f"{step}-{k}" for k in kinds for step in ("distill", "export")], "evaluate",
+        self.plan = ["mine", *[f"{step}-{k}" for k in kinds for step in ("distill", "export")],
+                     *(["head-asymmetric"] if self.served_dense == "asymmetric" else []), "evaluate",
                      *(["artifact"] if self.cfg.build_artifact else [])]
         from index_build.estimate import fmt_minutes
 
@@ -300,6 +324,7 @@ class Pipeline(BuildContext):
         for kind in self.cfg.students.kinds:
             self.distill(kind)
             self.export(kind)
+        self.hybrid_head()
         self.evaluate()
         if not self.cfg.build_artifact:
             return self.write_results()

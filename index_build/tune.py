@@ -100,7 +100,8 @@ def _choose_default(ctx: BuildContext, depth: int) -> dict[str, Any]:
         return {"first_stage": prior[0], "rerank": prior[1], "chosen_on": "default (no dev queries)"}
     qrels, qids = tuning_qrels(ctx, dev), dev["qids"]
     hybrid_weight = tune_hybrid(ctx, depth)["dense_weight"]
-    firsts = ctx.first_stage_lists(dev["queries"], ctx.dense_queries(dev["queries"]), hybrid_weight, depth)
+    firsts = ctx.first_stage_lists(dev["queries"], ctx.dense_queries(dev["queries"]), hybrid_weight, depth,
+                                   hybrid_queries=ctx.hybrid_queries(dev["queries"]))
     # pseudo-queries favour BM25 by construction: judged on them it is not a default
     alone = [s for s in FIRST_STAGES if not (ctx.pseudo_dev and s == "sparse")]
     per_mode = {(stage, "none"): per_query_ndcg(qrels, ctx.run_of(qids, firsts[stage]), qids)
@@ -153,7 +154,9 @@ def _tune_hybrid(ctx: BuildContext, depth: int, kind: str) -> dict[str, Any]:
         return {"method": "zscore", "dense_weight": prior, "sparse_weight": round(1.0 - prior, 4), "depth": depth,
                 **about, "tuned_on": why}
     qrels = tuning_qrels(ctx, dev)
-    queries = ctx.dense_queries(dev["queries"], kind)
+    queries = ctx.hybrid_queries(dev["queries"]) if kind == ctx.served_dense else None
+    if queries is None:
+        queries = ctx.dense_queries(dev["queries"], kind)
     per_query: dict[float, np.ndarray] = {}
     for w in sorted({*WEIGHT_GRID, prior}):
         hybrid = ctx.first_stage_lists(dev["queries"], queries, w, depth, kind, stages=("hybrid",))["hybrid"]
@@ -185,7 +188,8 @@ def _tune_rerank_weights(ctx: BuildContext, kind: str, hybrid_weight: float, dep
         return {"method": "zscore", "weights": dict.fromkeys(stages, 1.0), "depth": depth,
                 "tuned_on": "default (no dev queries)"}
     qrels = tuning_qrels(ctx, dev)
-    firsts = ctx.first_stage_lists(dev["queries"], ctx.dense_queries(dev["queries"]), hybrid_weight, depth)
+    firsts = ctx.first_stage_lists(dev["queries"], ctx.dense_queries(dev["queries"]), hybrid_weight, depth,
+                                   hybrid_queries=ctx.hybrid_queries(dev["queries"]))
     scores = rerank_scores(ctx, kind, dev["queries"], firsts)
     weights, curves = {}, {}
     for stage in stages:

@@ -36,7 +36,8 @@ from models.sparse_index import top_k
 
 RerankMode = Literal["none", "colbert", "cross-encoder"]
 FirstStage = Literal["dense", "sparse", "hybrid"]
-QueryModel = Literal["dense", "colbert"]
+#: the query encoders a request may run ("hybrid": the hybrid first stage's own, where the artifact has one)
+QueryModel = Literal["dense", "hybrid", "colbert"]
 RERANK_MODES: tuple[str, ...] = get_args(RerankMode)
 FIRST_STAGES: tuple[str, ...] = get_args(FirstStage)
 

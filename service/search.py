@@ -59,8 +59,8 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 __all__ = ["FIRST_STAGES", "RERANK_MODES", "EncodedQueries", "FirstStage", "QueryModel", "RerankMode",
-           "SearchEngine", "SearchOptions", "SearchResult", "StageTimings", "doc_full_text", "retrieval_weights",
-           "validate_query"]
+           "SearchEngine", "SearchOptions", "SearchResult", "StageTimings", "doc_full_text", "first_stage_queries",
+           "retrieval_weights", "validate_query"]
 
 WARMUP_QUERY = "warm up query for every stage"
 #: a cross-encoder rerank's candidates when neither the settings nor the artifact say
@@ -86,12 +86,17 @@ class SearchOptions:
     def depth(self) -> int:
         return max(self.k, self.candidates)
 
-    def encoders_needed(self, one_pass: bool = False) -> tuple[QueryModel, ...]:
+    def encoders_needed(self, one_pass: bool = False, hybrid_head: bool = False) -> tuple[QueryModel, ...]:
         """Query encoders this request runs; ``one_pass``: ColBERT's query tokens come from
-        the dense encoder's pass (:attr:`SearchEngine.one_pass`)."""
+        the dense encoder's pass (:attr:`SearchEngine.one_pass`); ``hybrid_head``: the hybrid
+        first stage's dense parts come from their own encoder (:attr:`SearchEngine.hybrid_encoder`)."""
         out: list[QueryModel] = []
-        if self.first_stage in ("dense", "hybrid") or (self.rerank == "colbert" and one_pass):
+        own_hybrid = self.first_stage == "hybrid" and hybrid_head
+        if self.first_stage == "dense" or (self.first_stage == "hybrid" and not own_hybrid) or (
+                self.rerank == "colbert" and one_pass):
             out.append("dense")
+        if own_hybrid:
+            out.append("hybrid")
         if self.rerank == "colbert" and not one_pass:
             out.append("colbert")
         return tuple(out)
@@ -116,6 +121,15 @@ class EncodedQueries:
     tokenize_ms: float = 0.0
     encode_ms: float = 0.0
     tokens: np.ndarray | None = None
+
+
+def first_stage_queries(encoded: Mapping[QueryModel, EncodedQueries]) -> np.ndarray | None:
+    """The query vectors the first stage searches with among a request's encodings by model:
+    the hybrid head's where it ran (a hybrid request), else the dense encoder's, else None."""
+    for model in ("hybrid", "dense"):
+        if model in encoded:
+            return encoded[model].vectors  # type: ignore[index]
+    return None
 
 
 def colbert_queries(encoded: Mapping[QueryModel, EncodedQueries]) -> np.ndarray | None:
@@ -183,11 +197,15 @@ class SearchEngine:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         model_files: dict[str, str] | None = None,
         query_token_map: np.ndarray | None = None,
+        hybrid_encoder: DenseEncoder | None = None,
     ) -> None:
         self.artifact_dir = Path(artifact_dir)
         self.manifest = manifest
         self.settings = settings
         self.dense_encoder = dense_encoder
+        #: the query encoder of the hybrid first stage's dense parts, where the builder chose
+        #: one other than the dense model (its closer copy of the teacher's query vectors)
+        self.hybrid_encoder = hybrid_encoder
         self.dense_index = dense_index
         self.docstore = docstore
         self.colbert_encoder = colbert_encoder
@@ -207,11 +225,17 @@ class SearchEngine:
         #: requests and thread jobs using this engine now (kept by the service's event loop)
         self.leases = 0
         self._input_names = {
-            enc.kind: {i.name for i in enc.session.get_inputs()}
-            for enc in (dense_encoder, colbert_encoder, cross_encoder)
-            if enc is not None
+            role: {i.name for i in enc.session.get_inputs()}
+            for role, enc in self._encoders().items()
         }
         self._dense_outputs = [o.name for o in dense_encoder.session.get_outputs()]
+        self._hybrid_output = None if hybrid_encoder is None else hybrid_encoder.session.get_outputs()[0].name
+
+    def _encoders(self) -> dict[str, OnnxEncoder]:
+        """The loaded ONNX models by role (``dense``, ``hybrid``, ``colbert``, ``cross-encoder``)."""
+        found = {"dense": self.dense_encoder, "hybrid": self.hybrid_encoder, "colbert": self.colbert_encoder,
+                 "cross-encoder": self.cross_encoder}
+        return {role: enc for role, enc in found.items() if enc is not None}
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
@@ -234,12 +258,12 @@ class SearchEngine:
 
             faiss.omp_set_num_threads(settings.threads)
 
-        def model_dir(kind: str) -> tuple[Path, str] | None:
+        def model_dir(kind: str, int8_as: str | None = None) -> tuple[Path, str] | None:
             info = manifest.models.get(kind)
             if info is None:
                 return None
             onnx_file = str(info.get("onnx_file") or "model.onnx")
-            if kind in settings.int8_model_set:
+            if (int8_as or kind) in settings.int8_model_set:
                 if info.get("int8_onnx_file"):
                     onnx_file = str(info["int8_onnx_file"])
                 else:
@@ -258,6 +282,11 @@ class SearchEngine:
             raise ArtifactError(f"{root}: the manifest has no dense model or no dense index; the service needs both")
         with _loading(root, f"the dense model ({dense_model[0]})"):
             dense_encoder = DenseEncoder(dense_model[0], onnx_file=dense_model[1], **kwargs)
+        hybrid_encoder = None
+        hybrid_model = model_dir("hybrid", int8_as="dense")  # a dense query encoder too: int8 as the dense one
+        if hybrid_model is not None:
+            with _loading(root, f"the hybrid first stage's query encoder ({hybrid_model[0]})"):
+                hybrid_encoder = DenseEncoder(hybrid_model[0], onnx_file=hybrid_model[1], **kwargs)
         with _loading(root, f"the dense index ({dense_path})"):
             dense_index = DenseIndex.load_entry(root, manifest.indexes["dense"], use_gpu=settings.use_gpu)
         docstore_rel = manifest.docstore.get("path")
@@ -298,7 +327,7 @@ class SearchEngine:
             artifact_dir=root, manifest=manifest, settings=settings, dense_encoder=dense_encoder,
             dense_index=dense_index, docstore=docstore, colbert_encoder=colbert_encoder, token_index=token_index,
             cross_encoder=cross_encoder, bm25=bm25, providers=providers, model_files=model_files,
-            query_token_map=query_token_map,
+            query_token_map=query_token_map, hybrid_encoder=hybrid_encoder,
         )
         engine._check_consistency()
         logger.info(
@@ -312,6 +341,9 @@ class SearchEngine:
         problems = []
         if self.dense_index.dim != self.dense_encoder.dim:
             problems.append(f"dense index dim {self.dense_index.dim} != dense model dim {self.dense_encoder.dim}")
+        if self.hybrid_encoder is not None and self.hybrid_encoder.dim != self.dense_index.dim:
+            problems.append(f"dense index dim {self.dense_index.dim} != hybrid query encoder dim "
+                            f"{self.hybrid_encoder.dim}")
         if self.dense_index.ntotal != n:
             problems.append(f"dense index holds {self.dense_index.ntotal} vectors for {n} documents")
         if self.manifest.corpus.n_docs and self.manifest.corpus.n_docs != n:
@@ -346,8 +378,8 @@ class SearchEngine:
             return
         self.closed = True
         self.docstore.close()
-        for name in ("dense_encoder", "colbert_encoder", "cross_encoder", "dense_index", "token_index", "bm25",
-                     "_input_names"):
+        for name in ("dense_encoder", "hybrid_encoder", "colbert_encoder", "cross_encoder", "dense_index",
+                     "token_index", "bm25", "_input_names"):
             vars(self).pop(name, None)
 
     def _default_mode(self) -> dict[str, str]:
@@ -405,25 +437,23 @@ class SearchEngine:
     def info(self) -> dict[str, Any]:
         """Manifest summary for ``GET /info``."""
         models: dict[str, Any] = {}
-        for enc in (self.dense_encoder, self.colbert_encoder, self.cross_encoder):
-            if enc is None:
-                continue
+        for role, enc in self._encoders().items():
             cfg = enc.config
             entry: dict[str, Any] = {
                 "dim": cfg.dim, "max_query_len": cfg.max_query_len, "max_doc_len": cfg.max_doc_len,
                 "pooling": cfg.pooling, "similarity": cfg.similarity, "base_model": cfg.base_model,
-                "onnx_file": self.model_files.get(enc.kind),
+                "onnx_file": self.model_files.get(role),
             }
-            if enc.kind == "colbert":
+            if role == "colbert":
                 entry["colbert_query_len"] = cfg.colbert_query_len
                 # where rerank=colbert takes its query tokens: the dense encoder's pass, or its own
                 entry["query_tokens"] = "dense pass" if self.one_pass else "colbert pass"
-            if enc.kind == "cross-encoder":
+            if role == "cross-encoder":
                 entry.pop("dim")
                 entry.pop("pooling")
                 entry.update(max_len=self.cross_encoder.max_len if self.cross_encoder else None,
                              default_candidates=self.cross_encoder_candidates)
-            models[enc.kind] = entry
+            models[role] = entry
         indexes = {name: dict(info) for name, info in self.manifest.indexes.items()}
         if "dense" in indexes:
             indexes["dense"].update(ntotal=self.dense_index.ntotal, default_nprobe=(
@@ -503,7 +533,7 @@ class SearchEngine:
 
     # -- encoding ---------------------------------------------------------------------------------
     def _encoder(self, kind: QueryModel) -> OnnxEncoder:
-        enc = self.dense_encoder if kind == "dense" else self.colbert_encoder
+        enc = self._encoders().get(kind) if kind != "cross-encoder" else None
         if enc is None:
             raise InvalidRequest(f"this artifact has no {kind} query encoder")
         return enc
@@ -516,20 +546,20 @@ class SearchEngine:
         """
         enc = self._encoder(kind)
         started = time.perf_counter()
-        if kind == "dense":
+        if kind != "colbert":
             batch = enc.tokenizer.encode(list(texts), enc.config.max_query_len)
         else:
             batch = enc.tokenizer.encode_colbert_queries(list(texts), enc.config.colbert_query_len)
         tokenize_ms = _ms(started)
         started = time.perf_counter()
-        names = self._input_names[enc.kind]
+        names = self._input_names[kind]
         feed = {k: v for k, v in batch.as_dict().items() if k in names}
         if kind == "dense" and self.query_token_map is not None:  # one pass: ColBERT's query tokens too
             vectors, states = enc.session.run(self._dense_outputs, feed)
             tokens = project_query_tokens(states, batch.attention_mask, self.query_token_map)
             return EncodedQueries(np.asarray(vectors, dtype=np.float32), tokenize_ms, _ms(started), tokens)
-        vectors = np.asarray(enc.session.run(self._dense_outputs[:1] if kind == "dense" else None, feed)[0],
-                             dtype=np.float32)
+        outputs = {"dense": self._dense_outputs[:1], "hybrid": [self._hybrid_output]}.get(kind)
+        vectors = np.asarray(enc.session.run(outputs, feed)[0], dtype=np.float32)
         return EncodedQueries(vectors, tokenize_ms, _ms(started))
 
     @property
@@ -539,7 +569,7 @@ class SearchEngine:
 
     def encoders_needed(self, opts: SearchOptions) -> tuple[QueryModel, ...]:
         """The query encoders request ``opts`` runs on this engine."""
-        return opts.encoders_needed(self.one_pass)
+        return opts.encoders_needed(self.one_pass, self.hybrid_encoder is not None)
 
     # -- first stage, rerank, fetch ---------------------------------------------------------------
     def _finish(
@@ -616,8 +646,7 @@ class SearchEngine:
         out = []
         for hits, timings in self.retrieve(
             queries, opts,
-            dense=encoded["dense"].vectors if "dense" in encoded else None,
-            colbert=colbert_queries(encoded),
+            dense=first_stage_queries(encoded), colbert=colbert_queries(encoded),
         ):
             timings.tokenize = sum((e.tokenize_ms for e in encoded.values()), 0.0)
             timings.encode = sum((e.encode_ms for e in encoded.values()), 0.0)

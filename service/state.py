@@ -41,7 +41,15 @@ from service.errors import (
 )
 from service.metrics import ServiceMetrics
 from service.native import libc
-from service.search import EncodedQueries, SearchEngine, SearchOptions, SearchResult, colbert_queries, validate_query
+from service.search import (
+    EncodedQueries,
+    SearchEngine,
+    SearchOptions,
+    SearchResult,
+    colbert_queries,
+    first_stage_queries,
+    validate_query,
+)
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -423,7 +431,7 @@ class ServiceState:
             tokenize_ms = sum((e.tokenize_ms for e in encoded.values()), 0.0)
             encode_ms = sum((e.encode_ms for e in encoded.values()), 0.0)
             batch_wait = max(0.0, encode_wall - max((e.tokenize_ms + e.encode_ms for e in encoded.values()), default=0))
-            dense = encoded["dense"].vectors if "dense" in encoded else None
+            dense = first_stage_queries(encoded)
             colbert = colbert_queries(encoded)
             # a lone request may split its rerank over the idle cores; under load each uses one
             split = self._rerank_executor if self._admission.in_flight == 1 else None
