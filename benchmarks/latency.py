@@ -471,8 +471,9 @@ def live_check(base_url: str, artifact_dir: Path, texts: Sequence[str], *, k: in
 def encoder_reference(artifact_dir: Path, texts: Sequence[str], *, threads: int, base: str = "packaged:minilm",
                       repeats: int = 2) -> dict[str, Any]:
     """In-process query-encode time, one query per call as at concurrency 1, of the artifact's
-    dense model (fp32 and int8 graphs) and of the base model's int8 graph (``base`` without
-    training: the reference the served query encoder is held to), interleaved in one run on
+    dense model and, where it has one, the hybrid first stage's query encoder (fp32 and int8
+    graphs), and of the base model's int8 graph (``base`` without training: the reference the
+    served query encoders are held to), interleaved in one run on
     the same threads; p50/p95 in ms and each encoder's p50 over the base int8 one's."""
     from index_build.export import base_dense_onnx
     from models.artifacts import load_manifest
@@ -481,9 +482,12 @@ def encoder_reference(artifact_dir: Path, texts: Sequence[str], *, threads: int,
     manifest = load_manifest(artifact_dir)
     dense = manifest.models["dense"]
     encoders = {"base-int8": DenseEncoder(base_dense_onnx(base)[0], onnx_file="model.int8.onnx", threads=threads)}
-    for name, key in (("artifact-dense-fp32", "onnx_file"), ("artifact-dense-int8", "int8_onnx_file")):
-        if dense.get(key):
-            encoders[name] = DenseEncoder(artifact_dir / dense["path"], onnx_file=dense[key], threads=threads)
+    for role in ("dense", "hybrid"):  # the hybrid first stage's own query encoder, where the artifact has one
+        model = manifest.models.get(role) or {}
+        for precision, key in (("fp32", "onnx_file"), ("int8", "int8_onnx_file")):
+            if model.get(key):
+                encoders[f"artifact-{role}-{precision}"] = DenseEncoder(artifact_dir / model["path"],
+                                                                        onnx_file=model[key], threads=threads)
     times: dict[str, list[float]] = {name: [] for name in encoders}
     for enc in encoders.values():  # warm-up
         enc.encode_queries(list(texts[:5]))
