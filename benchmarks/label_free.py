@@ -64,7 +64,8 @@ VARIANTS = {
 }
 RENAME = {"dense": "labelfree-dense", "dense+colbert": "labelfree-dense+colbert"}
 KEEP = ["bm25", "base-dense", "teacher", "teacher-space", "labelfree-dense", "labelfree-dense+colbert", "hybrid",
-        "hybrid+colbert", "asym-dense", "asym-hybrid", "asym-hybrid-lists", "teacher-space-hybrid", "served-default"]
+        "hybrid+colbert", "asym-dense", "asym-hybrid", "asym-hybrid-student", "asym-hybrid-lists",
+        "teacher-space-hybrid", "served-default"]
 
 
 def collect(name: str) -> dict:

@@ -82,6 +82,8 @@ class Workload:
 
 def stage_estimates(cfg: BuildConfig, w: Workload) -> dict[str, float]:
     """Estimated seconds per stage of ``cfg``'s build (the stage names of the build log)."""
+    from index_build.distill import HYBRID_HEAD_QUERIES
+
     members = _bi_members(cfg)
     doc_rate = sum(_member_cost(m)[0] for m in members)
     query_rate = sum(_member_cost(m)[1] for m in members)
@@ -98,6 +100,8 @@ def stage_estimates(cfg: BuildConfig, w: Workload) -> dict[str, float]:
             pool = w.train_queries + a.pseudo_per_doc * w.n_docs
             n = min(pool, a.max_queries) if a.max_queries else pool
             out["distill-asymmetric"] = n * query_rate + _steps(n, a.epochs, a.batch) * _step_rate(kind)
+            # the hybrid head: the base model's pass over (a sample of) those queries, then its export
+            out["head-asymmetric"] = min(n, HYBRID_HEAD_QUERIES) * RATES.query_small + RATES.export
         else:
             t = cfg.train.get(kind)
             epochs, batch, negatives = (t.epochs, t.batch_queries, t.negatives) if t else (1.0, 4, 7)

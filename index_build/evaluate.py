@@ -504,7 +504,9 @@ def write_results(ctx: BuildContext, evaluation: dict[str, Any], stages: dict[st
     if ctx.served_dense in cfg.students.kinds:
         # the served dense model (whose first stage the rerank and served-default rows use)
         # and the default mode, chosen on the dev slice
-        main["serving"] = {"dense_model": ctx.served_dense, "default": evaluation.get("default") or choose_default(ctx)}
+        main["serving"] = {"dense_model": ctx.served_dense, "default": evaluation.get("default") or choose_default(ctx),
+                           # the hybrid's query encoder, as the manifest names it (the stages' head-asymmetric record)
+                           "hybrid_model": "hybrid" if ctx.hybrid_head() is not None else "dense"}
     write_json_atomic(results_dir / f"{name}.json", main)
     md = markdown_table(main["systems"], f"{name} ({cfg.data.test_split})")
     if evaluation["trec"]:
