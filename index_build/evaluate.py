@@ -139,17 +139,16 @@ def _first_stage_rows(ctx: BuildContext, test: JudgedQueries,
         hw = tune_hybrid(ctx, test.depth, kind)["dense_weight"]
         # the hybrid head's query vectors where it serves the hybrid (BuildContext.hybrid_queries)
         head = ctx.hybrid_queries(test.texts) if kind == ctx.served_dense else None
-        lists = ctx.first_stage_lists(test.texts, ctx.dense_queries(test.texts, kind), hw, test.depth, kind,
-                                      hybrid_queries=head)
+        queries = ctx.dense_queries(test.texts, kind)
+        lists = ctx.first_stage_lists(test.texts, queries, hw, test.depth, kind, hybrid_queries=head)
         systems[f"{prefix}dense"] = test.metrics(ctx.run_of(test.qids, lists["dense"]))
         systems[f"{prefix}hybrid"] = test.metrics(ctx.run_of(test.qids, lists["hybrid"]))
         if head is not None:  # the same hybrid fed the trained student's query vectors
-            student = ctx.first_stage_lists(test.texts, ctx.dense_queries(test.texts, kind), hw, test.depth, kind,
-                                            stages=("hybrid",))["hybrid"]
+            student = ctx.first_stage_lists(test.texts, queries, hw, test.depth, kind, stages=("hybrid",))["hybrid"]
             systems[f"{prefix}hybrid-student"] = test.metrics(ctx.run_of(test.qids, student))
         if kind == "asymmetric":  # its hybrid without the per-part fusion: two lists at equal weights
-            two = ctx.first_stage_lists(test.texts, ctx.dense_queries(test.texts, kind), 0.5, test.depth, kind,
-                                        stages=("hybrid",), by_parts=False)["hybrid"]
+            two = ctx.first_stage_lists(test.texts, queries, 0.5, test.depth, kind, stages=("hybrid",),
+                                        by_parts=False)["hybrid"]
             systems["asym-hybrid-lists"] = test.metrics(ctx.run_of(test.qids, two))
             # the same hybrid with the teacher's own query vectors: what a perfect imitation would serve
             assert test.teacher_queries is not None

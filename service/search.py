@@ -533,7 +533,7 @@ class SearchEngine:
 
     # -- encoding ---------------------------------------------------------------------------------
     def _encoder(self, kind: QueryModel) -> OnnxEncoder:
-        enc = self._encoders().get(kind) if kind != "cross-encoder" else None
+        enc = self._encoders().get(kind)
         if enc is None:
             raise InvalidRequest(f"this artifact has no {kind} query encoder")
         return enc
