@@ -126,9 +126,10 @@ class EncodedQueries:
 def first_stage_queries(encoded: Mapping[QueryModel, EncodedQueries]) -> np.ndarray | None:
     """The query vectors the first stage searches with among a request's encodings by model:
     the hybrid head's where it ran (a hybrid request), else the dense encoder's, else None."""
-    for model in ("hybrid", "dense"):
+    order: tuple[QueryModel, ...] = ("hybrid", "dense")
+    for model in order:
         if model in encoded:
-            return encoded[model].vectors  # type: ignore[index]
+            return encoded[model].vectors
     return None
 
 
