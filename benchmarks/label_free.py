@@ -46,6 +46,11 @@ VARIANTS = {
         'evaluate.name="labelfree-scifact-logdev"',
     ], "scifact-log with 80 of the logged queries held out as the dev slice, judged by the teacher, in place "
        "of the pseudo-query one: checkpoint, hybrid weight and served default chosen on real queries"),
+    "scifact-statements": ("scifact", [
+        "asymmetric.statements_per_doc=2", 'work_dir="work/labelfree-scifact-statements"',
+        'artifact_dir="artifacts/labelfree-scifact-statements"', 'evaluate.name="labelfree-scifact-statements"',
+    ], "the corpus-only build whose asymmetric student also trains on up to 2 statements per document (the "
+       "clause a reporting verb introduces: 'these results suggest that <statement>')"),
     # each TREC year's pool with the other year's MS MARCO questions as its log (no judgment read)
     **{f"{year}-log": (year, [
         f'label_free.query_log="../shared/data/trec-dl/{other}/queries.jsonl"', f"label_free.log_dev_queries={n_dev}",

@@ -133,6 +133,9 @@ class AsymmetricConfig:
     sentences_per_doc: int = 2      # sentence queries per document, the highest mean IDF first
     keyphrases_per_doc: int = 1     # key-phrase queries per document (the top terms, then samples of the top 2n)
     spans_per_doc: int = 0          # random spans of 4-12 words per document (distinct queries beyond the above)
+    # statements per document: the clause a reporting verb introduces ("... suggest that <statement>"),
+    # the corpus's own claims in the form of a fact-checking query
+    statements_per_doc: int = field(default=0, metadata=UNHASHED_AT_DEFAULT)
     # cap on training queries (0: all): every mined query is kept, pseudo-queries fill up to it
     max_queries: int = 0
     # times each mined query (a real training query, or a label-free generator's round-trip

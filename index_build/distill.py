@@ -97,6 +97,7 @@ def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], 
         KeyphraseGenerator,
         SentenceGenerator,
         SpanGenerator,
+        StatementGenerator,
         TitleGenerator,
         filter_queries,
     )
@@ -116,6 +117,8 @@ def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], 
         docs = ctx.collection.docs
         generators: list[Generator] = [TitleGenerator(), SentenceGenerator(per_doc=a.sentences_per_doc),
                                        KeyphraseGenerator(per_doc=a.keyphrases_per_doc)]
+        if a.statements_per_doc > 0:
+            generators.append(StatementGenerator(per_doc=a.statements_per_doc))
         if a.spans_per_doc > 0:
             generators.append(SpanGenerator(per_doc=a.spans_per_doc, seed=a.seed))
         generated = [q for g in generators for q in g.generate(docs)]

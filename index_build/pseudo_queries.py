@@ -6,6 +6,9 @@ Generators (pluggable, see :class:`Generator`):
 - :class:`SentenceGenerator`: salient sentences of the text (inverse-cloze style: a
   sentence as the query, its document as the positive), ranked by mean IDF.
 - :class:`KeyphraseGenerator`: the top BM25-weighted terms of a passage, in text order.
+- :class:`StatementGenerator`: the proposition a sentence reports ("... suggest that
+  <statement>"): a self-contained claim in the document's own words, the form of a
+  fact-checking or "is it true that" query.
 - :class:`SpanGenerator`: random spans of a few words (Contriever-style cropping): many
   distinct, unpolished queries per document, for a student whose labels come from the
   teacher's ranking rather than from the source document.
@@ -136,6 +139,43 @@ class KeyphraseGenerator:
         return out
 
 
+class StatementGenerator:
+    """Up to ``per_doc`` statements per document: the clause a reporting verb introduces
+    ("these results indicate that <statement>", "we found that <statement>"), cut at the end
+    of its sentence, the most informative first (mean IDF of its content words); clauses
+    outside ``[min_words, max_words]`` are skipped. Sentences without such a verb give none."""
+
+    name = "statement"
+    _REPORTING = re.compile(
+        r"\b(?:suggest|indicate|show|demonstrate|reveal|conclude|find|found|establish|confirm|support|report"
+        r"|propose|hypothesi[sz]e|argue|observe|predict|imply|prove|say|said|note|believe)(?:s|d|ed)?"
+        r"\s+(?:that|whether)\s+(.+)", re.IGNORECASE)
+
+    def __init__(self, per_doc: int = 2, min_words: int = 4, max_words: int = 40) -> None:
+        self.per_doc, self.min_words, self.max_words = per_doc, min_words, max_words
+
+    def statements(self, text: str) -> list[str]:
+        """Every reported clause of ``text``, in text order."""
+        out = []
+        for sentence in _SENT.split(text):
+            m = self._REPORTING.search(sentence.strip())
+            if m:
+                clause = m.group(1).strip().rstrip(".;:!?").strip()
+                if self.min_words <= len(words(clause)) <= self.max_words:
+                    out.append(clause)
+        return out
+
+    def generate(self, docs: Sequence[Doc]) -> list[PseudoQuery]:
+        df, n = document_frequencies(docs)
+        out: list[PseudoQuery] = []
+        for i, d in enumerate(docs):
+            scored = [(float(np.mean([idf(df, n, w) for w in ws])), s)
+                      for s in self.statements(d.text) if (ws := content_words(s))]
+            scored.sort(key=lambda x: -x[0])
+            out.extend(PseudoQuery(s, i, self.name) for _, s in scored[: self.per_doc])
+        return out
+
+
 class SpanGenerator:
     """``per_doc`` random spans of ``min_words`` to ``max_words`` consecutive words of each
     document's text (its title prefixed), each starting at a word boundary; seeded."""
@@ -206,11 +246,13 @@ def make_generator(spec: dict) -> Generator:
         return SentenceGenerator(**args)
     if kind == "keyphrase":
         return KeyphraseGenerator(**args)
+    if kind == "statement":
+        return StatementGenerator(**args)
     if kind == "span":
         return SpanGenerator(**args)
     if kind == "seq2seq":
         return Seq2SeqGenerator(**args)
-    raise ValueError(f"unknown pseudo-query generator {kind!r}; choose title, sentence, keyphrase, span, seq2seq")
+    raise ValueError(f"unknown pseudo-query generator {kind!r}; choose title, sentence, keyphrase, statement, span, seq2seq")
 
 
 def default_budget(n_docs: int) -> int:
