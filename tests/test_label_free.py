@@ -9,6 +9,7 @@ from index_build.pseudo_queries import (
     PseudoQuery,
     SentenceGenerator,
     SpanGenerator,
+    StatementGenerator,
     TitleGenerator,
     filter_queries,
     is_near_copy,
@@ -57,6 +58,23 @@ def test_span_generator_cuts_seeded_word_spans_of_each_document():
     assert make_generator({"kind": "span", "per_doc": 1}).generate(DOCS[:1])[0].generator == "span"
     with pytest.raises(ValueError, match="span lengths"):
         SpanGenerator(min_words=5, max_words=3)
+
+
+def test_statement_generator_keeps_the_reported_clause_most_informative_first():
+    docs = [
+        Doc("a", "Title", "We enrolled 40 mice. These results suggest that glycolysis provides ATP for vesicles. "
+            "Data showed that X rose. We conclude that loss of p53 causes thymic lymphoma in knockout mice."),
+        Doc("b", "", "Tumor cells spread by metastasis. It is unclear whether it spreads."),
+        Doc("c", "", "Glycolysis provides ATP for vesicles in yeast."),
+    ]
+    qs = StatementGenerator(per_doc=2).generate(docs)
+    # "X rose" is under 4 words; the p53 clause's words are rarer in the corpus than the glycolysis
+    # clause's (doc c), so it comes first; "whether" needs a reporting verb; doc c reports nothing
+    assert [(q.doc, q.text) for q in qs] == [(0, "loss of p53 causes thymic lymphoma in knockout mice"),
+                                             (0, "glycolysis provides ATP for vesicles")]
+    assert all(q.generator == "statement" for q in qs)
+    assert StatementGenerator(per_doc=1).generate(docs)[0].text == qs[0].text
+    assert make_generator({"kind": "statement", "per_doc": 1}).generate(docs)[0].generator == "statement"
 
 
 def test_seq2seq_generator_with_tiny_random_model(tiny_beir, tmp_path):
