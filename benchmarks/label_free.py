@@ -51,6 +51,11 @@ VARIANTS = {
         'artifact_dir="artifacts/labelfree-scifact-statements"', 'evaluate.name="labelfree-scifact-statements"',
     ], "the corpus-only build whose asymmetric student also trains on up to 2 statements per document (the "
        "clause a reporting verb introduces: 'these results suggest that <statement>')"),
+    "scifact-average": ("scifact", [
+        'asymmetric.checkpoint="average"', 'work_dir="work/labelfree-scifact-average"',
+        'artifact_dir="artifacts/labelfree-scifact-average"', 'evaluate.name="labelfree-scifact-average"',
+    ], "the corpus-only build whose asymmetric student keeps the average of its parameters at the checks in "
+       "the second half of training instead of the checkpoint that scored best on the pseudo-query dev slice"),
     # each TREC year's pool with the other year's MS MARCO questions as its log (no judgment read)
     **{f"{year}-log": (year, [
         f'label_free.query_log="../shared/data/trec-dl/{other}/queries.jsonl"', f"label_free.log_dev_queries={n_dev}",

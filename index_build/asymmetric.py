@@ -225,9 +225,10 @@ def train_asymmetric(
     progress: bool = False, draws: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Alignment MSE to ``q_teacher`` plus ``cfg.kl_weight`` times the listwise KL to the
-    teacher's pool scores; keeps the parameters that scored best on ``dev_eval`` (without
-    one, the last). A pass draws query ``i`` ``draws[i]`` times (default once each), in
-    random order."""
+    teacher's pool scores. Keeps (``cfg.checkpoint``) the parameters that scored best on
+    ``dev_eval`` (without one, the last), or the average of those at the checks in the
+    second half of training (its dev score logged as ``step: "average"``). A pass draws
+    query ``i`` ``draws[i]`` times (default once each), in random order."""
     import torch
     from tqdm import tqdm
 
@@ -251,6 +252,9 @@ def train_asymmetric(
     if dev_eval is not None:
         best_dev, best_state = dev_eval(student), copy.deepcopy(student.state_dict())
         log.append({"step": 0, "dev_nDCG@10": best_dev})
+    average = cfg.checkpoint == "average"
+    summed: dict[str, Any] = {}
+    averaged_steps: list[int] = []
     started = time.perf_counter()
     order, pos = rng.permutation(per_pass), 0
     for step in tqdm(range(1, steps + 1), desc="asymmetric student: training steps", unit="step",
@@ -277,15 +281,35 @@ def train_asymmetric(
                                      "seconds": round(time.perf_counter() - started, 1)}
             if dev_eval is not None:
                 entry["dev_nDCG@10"] = dev = dev_eval(student)
-                if best_dev is None or dev > best_dev:
+                if not average and (best_dev is None or dev > best_dev):
                     best_dev, best_step, best_state = dev, step, copy.deepcopy(student.state_dict())
+            if average and 2 * step >= steps:
+                _accumulate(summed, student.state_dict())
+                averaged_steps.append(step)
             log.append(entry)
+    seconds = round(time.perf_counter() - started, 1)
+    if average:
+        student.load_state_dict({k: v / len(averaged_steps) if v.is_floating_point() else v for k, v in summed.items()})
+        avg_dev = dev_eval(student) if dev_eval is not None else None
+        log.append({"step": "average", "of_steps": averaged_steps,
+                    **({"dev_nDCG@10": avg_dev} if avg_dev is not None else {})})
+        return {"steps": steps, "checkpoint": "average", "averaged_steps": averaged_steps, "dev_nDCG@10": avg_dev,
+                "train_seconds": seconds}
     if best_state is None:
         best_step = steps
     else:
         student.load_state_dict(best_state)
-    return {"steps": steps, "best_step": best_step, "best_dev_nDCG@10": best_dev,
-            "train_seconds": round(time.perf_counter() - started, 1)}
+    return {"steps": steps, "best_step": best_step, "best_dev_nDCG@10": best_dev, "train_seconds": seconds}
+
+
+def _accumulate(summed: dict[str, Any], state: dict[str, Any]) -> None:
+    """Add ``state``'s floating-point tensors into ``summed`` (copies on first use); other
+    tensors (integer buffers) keep their latest value."""
+    for k, v in state.items():
+        if k in summed and v.is_floating_point():
+            summed[k] += v
+        else:
+            summed[k] = v.detach().clone()
 
 
 def _pool_batch(idx: np.ndarray, pools: list[np.ndarray], t_scores: list[np.ndarray], size: int,

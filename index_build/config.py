@@ -107,6 +107,7 @@ KL_TARGETS = ("teacher", "dense")
 #: last layer; "layers-mlp", that plus a residual MLP per part from every layer's pooled states
 ASYM_HEADS = ("linear", "layers-mlp")
 HYBRID_HEADS = ("auto", "ridge", "student")
+CHECKPOINTS = ("best", "average")
 #: corpus documents whose token states a "pca" projection is fitted on
 PROJ_INIT_DOCS = 256
 
@@ -126,6 +127,11 @@ class AsymmetricConfig:
     pool_depth: int = 50            # each teacher member's top-k pooled per training query
     scale: float = 20.0             # student score multiplier in the KL
     eval_every: int = 200           # steps between dev evaluations (full-corpus retrieval)
+    # one of CHECKPOINTS: the parameters kept. "best": those that scored best on the dev slice;
+    # "average": the uniform average of those at the checks (every eval_every steps and the
+    # last) in the second half of training (SWA-style, Izmailov et al. 2018), for a dev slice
+    # that cannot tell checkpoints apart (pseudo-queries judged by their source document)
+    checkpoint: str = field(default="best", metadata=UNHASHED_AT_DEFAULT)
     seed: int = 13
     # pseudo-queries from every document (its title, its most informative sentences, key-phrase
     # queries) added to the training queries; at most this many per document (0: none)
@@ -393,6 +399,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if cfg.asymmetric.hybrid_head not in HYBRID_HEADS:
         raise ConfigError(f"config: asymmetric.hybrid_head must be one of {', '.join(HYBRID_HEADS)}, "
                           f"got {cfg.asymmetric.hybrid_head!r}")
+    if cfg.asymmetric.checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"config: asymmetric.checkpoint must be one of {', '.join(CHECKPOINTS)}, "
+                          f"got {cfg.asymmetric.checkpoint!r}")
     if cfg.asymmetric.head_hidden < 1 or cfg.asymmetric.head_init_epochs < 0:
         raise ConfigError("config: asymmetric.head_hidden must be >= 1 and asymmetric.head_init_epochs >= 0")
     if int(cfg.asymmetric.log_draws) < 1:

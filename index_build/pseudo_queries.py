@@ -252,7 +252,8 @@ def make_generator(spec: dict) -> Generator:
         return SpanGenerator(**args)
     if kind == "seq2seq":
         return Seq2SeqGenerator(**args)
-    raise ValueError(f"unknown pseudo-query generator {kind!r}; choose title, sentence, keyphrase, statement, span, seq2seq")
+    raise ValueError(f"unknown pseudo-query generator {kind!r}; choose title, sentence, keyphrase, statement, span, "
+                     "seq2seq")
 
 
 def default_budget(n_docs: int) -> int:

@@ -137,6 +137,35 @@ def test_student_trains_saves_and_exports_as_a_dense_model(space, tiny_bert, tmp
     np.testing.assert_allclose(served.encode_queries(texts[:4]), vecs, atol=1e-4)
 
 
+def test_average_checkpoint_is_the_mean_of_the_second_half_checks(space, tiny_bert):
+    """checkpoint = "average" keeps the mean of the parameters at the checks with step >= steps / 2."""
+    col, sp = space
+    texts = [d.title for d in col.docs] + list(col.queries.values())
+    parts = sp.query_parts(texts)
+    student = new_asymmetric_student(tiny_bert, sp.names, sp.dims)
+    init_maps_by_ridge(student, texts, parts)
+    pools, scores = teacher_pools(parts, sp.doc_parts(), BM25Index.build(col.doc_texts()), texts, 10)
+    seen: list[dict] = []
+
+    def dev_eval(model) -> float:
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return float(len(seen))  # rises at every check: "best" would keep the last
+
+    cfg = AsymmetricConfig(epochs=1, batch=len(texts) // 8, lr=3e-4, pool_size=8, eval_every=2, checkpoint="average")
+    log: list[dict] = []
+    result = train_asymmetric(student, texts, np.hstack(parts), pools, scores, sp.doc_vectors(), cfg, dev_eval, log)
+    assert result["steps"] == 8 and result["averaged_steps"] == [4, 6, 8] and result["checkpoint"] == "average"
+    assert [e["step"] for e in log] == [0, 2, 4, 6, 8, "average"] and log[-1]["of_steps"] == [4, 6, 8]
+    checks = seen[2:5]  # steps 4, 6, 8 (seen[0] is step 0; the last call scores the average)
+    final = student.state_dict()
+    for name, value in final.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, sum(c[name] for c in checks) / 3, rtol=1e-5, atol=1e-6)
+    # the average is none of the checks, and the last dev call scored it
+    assert any(not torch.equal(v, checks[-1][k]) for k, v in final.items() if v.is_floating_point())
+    assert all(torch.equal(v, seen[-1][k]) for k, v in final.items())
+
+
 def test_layers_mlp_head_starts_at_the_linear_head_then_fits_trains_and_exports(space, tiny_bert, tmp_path):
     """The residual MLPs start at zero (the linear head exactly), the frozen-state fit brings
     each part closer to its member, training moves them, and the graph serves the same vectors."""

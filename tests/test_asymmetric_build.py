@@ -323,3 +323,8 @@ def test_student_encoders_open_once_and_again_after_a_rewrite(built):
         np.testing.assert_allclose(again.encode_queries(texts), first.encode_queries(texts), atol=1e-6)
     finally:
         os.utime(graph, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_checkpoint_is_checked(tiny_beir, tiny_bert, tmp_path):
+    with pytest.raises(ValueError, match="checkpoint must be one of best, average"):
+        load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'asymmetric.checkpoint="last"'))
