@@ -328,3 +328,24 @@ def test_student_encoders_open_once_and_again_after_a_rewrite(built):
 def test_checkpoint_is_checked(tiny_beir, tiny_bert, tmp_path):
     with pytest.raises(ValueError, match="checkpoint must be one of best, average"):
         load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'asymmetric.checkpoint="last"'))
+
+
+def test_checkpoint_benchmark_retrains_the_build_student_and_applies_each_rule(built):
+    """benchmarks/asym_checkpoints.py on the tiny build: the retrained student's dev scores are
+    the build's own, its ``best`` row is the build's asym-dense row, and the build's stage is
+    left as it was."""
+    from benchmarks.asym_checkpoints import WISE_FT, measure
+
+    p, result = built
+    student = p.work / "distill-asymmetric" / "student"
+    before = {f.name: f.stat().st_mtime_ns for f in student.rglob("*")}
+    entry = measure(p)
+    stage = json.loads((p.work / "distill-asymmetric" / "stage.json").read_text())["result"]
+    checks, kept = entry["checks"], entry["kept"]
+    assert [c["step"] for c in checks] == [h["step"] for h in stage["dev_history"]]
+    assert [c["dev_nDCG@10"] for c in checks] == [h["dev_nDCG@10"] for h in stage["dev_history"]]
+    assert kept["best"]["steps"] == [stage["best_step"]] and kept["last"]["steps"] == [stage["steps"]]
+    assert kept["best"]["dense"] == pytest.approx(result["systems"]["asym-dense"]["nDCG@10"], abs=1e-4)
+    assert kept["average"]["steps"] == [c["step"] for c in checks if c["step"] > 0 and 2 * c["step"] >= entry["steps"]]
+    assert {f"wise-ft {a}" for a in WISE_FT} <= set(kept) and p.cfg.asymmetric.checkpoint == "best"
+    assert {f.name: f.stat().st_mtime_ns for f in student.rglob("*")} == before
