@@ -11,7 +11,9 @@ A variant (:data:`VARIANTS`) is one of those builds with overrides, reported und
 name: ``scifact-log`` adds a query log without judgments (``label_free.query_log``),
 ``scifact-logdev`` holds part of it out as the dev slice (``label_free.log_dev_queries``),
 ``dl19-log`` / ``dl20-log`` give each TREC pool the other year's questions as that log,
-``<collection>-kldense`` trains against the teacher's bi-encoder members alone.
+``<collection>-kldense`` trains against the teacher's bi-encoder members alone,
+``scifact-statements`` adds statement pseudo-queries (``asymmetric.statements_per_doc``),
+``scifact-average`` keeps the average of the student's late checks (``asymmetric.checkpoint``).
 """
 
 from __future__ import annotations
