@@ -249,10 +249,11 @@ def train_asymmetric(
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / steps))
     best_dev, best_step, best_state = None, 0, None
-    if dev_eval is not None:
-        best_dev, best_state = dev_eval(student), copy.deepcopy(student.state_dict())
-        log.append({"step": 0, "dev_nDCG@10": best_dev})
     average = cfg.checkpoint == "average"
+    if dev_eval is not None:
+        best_dev = dev_eval(student)
+        best_state = None if average else copy.deepcopy(student.state_dict())
+        log.append({"step": 0, "dev_nDCG@10": best_dev})
     summed: dict[str, Any] = {}
     averaged_steps: list[int] = []
     started = time.perf_counter()

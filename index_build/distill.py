@@ -90,7 +90,7 @@ def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], 
     label-free build's query log (``label_free.query_log``), ``asymmetric.log_draws`` times
     each; the mined training queries (labelled, or the label-free pseudo-queries), every one
     of them, ``asymmetric.mined_draws`` times; plus, with ``asymmetric.pseudo_per_doc`` > 0,
-    pseudo-queries from every document (titles, sentences, key-phrases, random spans) up to
+    pseudo-queries from every document (titles, sentences, key-phrases, statements, random spans) up to
     ``asymmetric.max_queries`` in all, once each; never a dev or test query."""
     from index_build.pseudo_queries import (
         Generator,

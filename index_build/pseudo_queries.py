@@ -77,6 +77,15 @@ def idf(df: Counter, n: int, w: str) -> float:
     return math.log(1 + (n - df.get(w, 0) + 0.5) / (df.get(w, 0) + 0.5))
 
 
+def most_informative(texts: Sequence[str], df: Counter, n: int, k: int, min_words: int, max_words: int) -> list[str]:
+    """The ``k`` texts of ``[min_words, max_words]`` words with the highest mean IDF of their
+    content words (ties in the given order); texts without content words are skipped."""
+    scored = [(float(np.mean([idf(df, n, w) for w in ws])), t) for t in texts
+              if min_words <= len(words(t)) <= max_words and (ws := content_words(t))]
+    scored.sort(key=lambda x: -x[0])
+    return [t for _, t in scored[:k]]
+
+
 class TitleGenerator:
     name = "title"
 
@@ -95,18 +104,9 @@ class SentenceGenerator:
 
     def generate(self, docs: Sequence[Doc]) -> list[PseudoQuery]:
         df, n = document_frequencies(docs)
-        out: list[PseudoQuery] = []
-        for i, d in enumerate(docs):
-            scored: list[tuple[float, str]] = []
-            for s in _SENT.split(d.text):
-                s = s.strip()
-                ws = content_words(s)
-                if not (self.min_words <= len(words(s)) <= self.max_words) or not ws:
-                    continue
-                scored.append((float(np.mean([idf(df, n, w) for w in ws])), s))
-            scored.sort(key=lambda x: -x[0])
-            out.extend(PseudoQuery(s, i, self.name) for _, s in scored[: self.per_doc])
-        return out
+        return [PseudoQuery(s, i, self.name) for i, d in enumerate(docs)
+                for s in most_informative([t.strip() for t in _SENT.split(d.text)], df, n, self.per_doc,
+                                          self.min_words, self.max_words)]
 
 
 class KeyphraseGenerator:
@@ -156,24 +156,14 @@ class StatementGenerator:
 
     def statements(self, text: str) -> list[str]:
         """Every reported clause of ``text``, in text order."""
-        out = []
-        for sentence in _SENT.split(text):
-            m = self._REPORTING.search(sentence.strip())
-            if m:
-                clause = m.group(1).strip().rstrip(".;:!?").strip()
-                if self.min_words <= len(words(clause)) <= self.max_words:
-                    out.append(clause)
-        return out
+        found = (self._REPORTING.search(sentence.strip()) for sentence in _SENT.split(text))
+        return [m.group(1).strip().rstrip(".;:!?").strip() for m in found if m]
 
     def generate(self, docs: Sequence[Doc]) -> list[PseudoQuery]:
         df, n = document_frequencies(docs)
-        out: list[PseudoQuery] = []
-        for i, d in enumerate(docs):
-            scored = [(float(np.mean([idf(df, n, w) for w in ws])), s)
-                      for s in self.statements(d.text) if (ws := content_words(s))]
-            scored.sort(key=lambda x: -x[0])
-            out.extend(PseudoQuery(s, i, self.name) for _, s in scored[: self.per_doc])
-        return out
+        return [PseudoQuery(s, i, self.name) for i, d in enumerate(docs)
+                for s in most_informative(self.statements(d.text), df, n, self.per_doc, self.min_words,
+                                          self.max_words)]
 
 
 class SpanGenerator:
