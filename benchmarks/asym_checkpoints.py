@@ -86,7 +86,7 @@ def measure(ctx: Pipeline) -> dict[str, Any]:
             return dev
 
         res = original(student, *args[:6], every_check, *args[7:], **kwargs)
-        trained.update(res, model=student)
+        trained.update(res, model=student, log=args[7])
         return res
 
     kept_rule = ctx.cfg.asymmetric
@@ -99,16 +99,15 @@ def measure(ctx: Pipeline) -> dict[str, Any]:
     finally:
         asym.train_asymmetric, ctx.cfg.asymmetric = original, kept_rule
     steps = trained["steps"]
-    every = ctx.cfg.asymmetric.eval_every
-    at = [0] + [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
+    at = [entry["step"] for entry in trained["log"]]  # one training-log entry per check, in order
     for step, row in zip(at, checks):
         row["step"] = step
     model = trained["model"]
     rows: dict[str, dict[str, Any]] = {}
-    best = max(range(len(checks)), key=lambda i: (checks[i]["dev_nDCG@10"], -i))  # the first best, as training keeps
+    best = at.index(trained["best_step"])
     rows["best"] = {"steps": [at[best]], **{k: checks[best][k] for k in ("dense", "hybrid")}}
     rows["last"] = {"steps": [steps], **{k: checks[-1][k] for k in ("dense", "hybrid")}}
-    half = [i for i, s in enumerate(at) if s > 0 and 2 * s >= steps]
+    half = [i for i, s in enumerate(at) if asym.in_average_window(s, steps)]
     model.load_state_dict(mixed([states[i] for i in half], [1.0 / len(half)] * len(half)))
     rows["average"] = {"steps": [at[i] for i in half], **score(model)}
     for alpha in WISE_FT:
@@ -116,7 +115,7 @@ def measure(ctx: Pipeline) -> dict[str, Any]:
         rows[f"wise-ft {alpha}"] = {"steps": [0, steps], **score(model)}
     return {"protocol": "TREC pool BM25 top-100" if ctx.cfg.evaluate.mode == "rerank" else "full-corpus retrieval",
             "test_queries": len(qids), "dev_queries": len(ctx.load_mined()["dev"]["qids"]), "steps": steps,
-            "eval_every": every, "checks": checks, "kept": rows,
+            "eval_every": ctx.cfg.asymmetric.eval_every, "checks": checks, "kept": rows,
             "seconds": round(time.perf_counter() - started, 1)}
 
 

@@ -284,7 +284,7 @@ def train_asymmetric(
                 entry["dev_nDCG@10"] = dev = dev_eval(student)
                 if not average and (best_dev is None or dev > best_dev):
                     best_dev, best_step, best_state = dev, step, copy.deepcopy(student.state_dict())
-            if average and 2 * step >= steps:
+            if average and in_average_window(step, steps):
                 _accumulate(summed, student.state_dict())
                 averaged_steps.append(step)
             log.append(entry)
@@ -301,6 +301,12 @@ def train_asymmetric(
     else:
         student.load_state_dict(best_state)
     return {"steps": steps, "best_step": best_step, "best_dev_nDCG@10": best_dev, "train_seconds": seconds}
+
+
+def in_average_window(step: int, steps: int) -> bool:
+    """Whether a check at ``step`` (of ``steps``) is among those ``checkpoint = "average"``
+    averages: the trained ones in the second half."""
+    return step > 0 and 2 * step >= steps
 
 
 def _accumulate(summed: dict[str, Any], state: dict[str, Any]) -> None:
