@@ -307,34 +307,46 @@ class BuildContext(ABC):
 
     @property
     def one_pass(self) -> bool:
-        """Whether ColBERT's query tokens are projected from the served asymmetric query
-        encoder's own pass (:meth:`query_token_map`) rather than encoded by ColBERT's query
-        encoder: a build with both students serves them so (one transformer pass a query)."""
+        """Whether ColBERT's query tokens are projected from the pass of the query encoder that
+        serves the first stage (:meth:`colbert_query_source`, :meth:`query_token_map`) rather
+        than encoded by ColBERT's query encoder: a build with both students serves them so
+        (one transformer pass a query)."""
         kinds = self.cfg.students.kinds
         return self.served_dense == "asymmetric" and "colbert" in kinds
 
-    def query_token_map(self) -> dict[str, Any]:
-        """The map from the asymmetric query encoder's token states to ColBERT's query tokens
+    def colbert_query_source(self, stage: str) -> str:
+        """The graph whose pass gives ColBERT's query tokens when it reranks first stage
+        ``stage``, as the artifact serves it: ``"colbert"`` (its own query encoder) unless
+        :attr:`one_pass`; then the hybrid head's (:data:`HYBRID_HEAD`) after the hybrid where
+        the head serves it, else the asymmetric student's."""
+        if not self.one_pass:
+            return "colbert"
+        return HYBRID_HEAD if stage == "hybrid" and self.hybrid_head() is not None else "asymmetric"
+
+    def query_token_map(self, source: str = "asymmetric") -> dict[str, Any]:
+        """The map from query encoder ``source``'s token states (the asymmetric student's or
+        the hybrid head's) to ColBERT's query tokens
         (:func:`index_build.asymmetric.fit_query_token_map`), fitted on the training queries
         (pseudo-queries on a label-free build; at most :data:`TOKEN_MAP_QUERIES`):
         ``{"map": [hidden, dim], "fit_queries", "token_cosine"}``. Computed once per build
         and exported models (seconds: queries only)."""
-        memo = ("query-token-map", self.export_key("asymmetric"), self.export_key("colbert"))
+        memo = ("query-token-map", self.export_key(source), self.export_key("colbert"))
         if memo not in self.tuning:
             from index_build.asymmetric import fit_query_token_map
             from models.encoders import ColbertEncoder
 
             texts = list(dict.fromkeys(ex.query for ex in self.load_mined()["examples"]))[:TOKEN_MAP_QUERIES]
             colbert = self.student_encoder(ColbertEncoder, "colbert")
-            w, cos = fit_query_token_map(self.query_token_states(texts), colbert.encode_queries(texts))
+            w, cos = fit_query_token_map(self.query_token_states(texts, source=source), colbert.encode_queries(texts))
             self.tuning[memo] = {"map": w, "fit_queries": len(texts), "token_cosine": round(cos, 4)}
         return self.tuning[memo]
 
-    def query_token_states(self, texts: list[str], onnx_file: str = ONNX_NAME) -> list[np.ndarray]:
-        """Per query, the asymmetric query encoder's last-layer states of its real tokens."""
+    def query_token_states(self, texts: list[str], onnx_file: str = ONNX_NAME,
+                           source: str = "asymmetric") -> list[np.ndarray]:
+        """Per query, query encoder ``source``'s last-layer states of its real tokens."""
         from models.encoders import DenseEncoder
 
-        enc = self.student_encoder(DenseEncoder, "asymmetric", onnx_file)
+        enc = self.student_encoder(DenseEncoder, source, onnx_file)
         out: list[np.ndarray] = []
         for start in range(0, len(texts), 128):
             _, states, mask = enc.encode_queries_with_states(texts[start : start + 128])
@@ -343,19 +355,22 @@ class BuildContext(ABC):
 
     def colbert_scores(self, texts: list[str], lists: Sequence[tuple[np.ndarray, np.ndarray]],
                        onnx_file: str = ONNX_NAME, query_onnx_file: str | None = None,
-                       one_pass: bool | None = None) -> list[np.ndarray]:
+                       source: str | None = None) -> list[np.ndarray]:
         """MaxSim of the ColBERT student over each query's candidates (``lists`` as from
         :meth:`first_stage_lists`): the corpus encoded with ``onnx_file``; the query tokens
-        projected from the asymmetric query encoder's pass when ``one_pass`` (default:
-        :attr:`one_pass`, as the artifact serves them), else from ColBERT's query encoder;
-        either graph ``query_onnx_file`` (default: ``onnx_file``)."""
+        from ``source`` (default: after the dense first stage as served,
+        :meth:`colbert_query_source`): ``"colbert"``, ColBERT's query encoder, else projected
+        from that query encoder's pass (:meth:`query_token_map`); either graph
+        ``query_onnx_file`` (default: ``onnx_file``)."""
         from models.encoders import ColbertEncoder, maxsim, project_query_tokens
 
         query_file = query_onnx_file or onnx_file
+        source = source or self.colbert_query_source("dense")
         toks = self.colbert_corpus(onnx_file, subset=np.concatenate([c for c, _ in lists] + [np.zeros(0, np.int64)]))
-        if self.one_pass if one_pass is None else one_pass:
-            w = self.query_token_map()["map"]
-            qv = [project_query_tokens(h, np.ones(len(h)), w) for h in self.query_token_states(texts, query_file)]
+        if source != "colbert":
+            w = self.query_token_map(source)["map"]
+            qv = [project_query_tokens(h, np.ones(len(h)), w)
+                  for h in self.query_token_states(texts, query_file, source=source)]
         else:
             enc = self.student_encoder(ColbertEncoder, "colbert", query_file)
             qv = list(enc.encode_queries(texts))

@@ -174,8 +174,9 @@ def _colbert_rows(ctx: BuildContext, test: JudgedQueries, firsts: dict[str, list
     """ColBERT reranking the served dense and hybrid first stages, its scores interpolated
     with the first stage's at the dev-tuned weights (``-maxsim``: MaxSim alone; ``-int8``:
     the int8 graph encoding the corpus too; ``-int8-query``: as served with NRS_USE_INT8).
-    With an asymmetric query encoder the query tokens are projected from its pass, as served
-    (``-2pass``: from ColBERT's own query encoder, a second pass, at the same weights)."""
+    With an asymmetric query encoder the query tokens are projected from the pass of the query
+    encoder that served the first stage (the student's, or the hybrid head's after the hybrid),
+    as served (``-2pass``: from ColBERT's own query encoder, a second pass, at the same weights)."""
     from index_build.export import INT8_NAME
 
     weights = tune_rerank_weights(ctx, "colbert", hybrid_weight, test.depth)["weights"]
@@ -189,12 +190,12 @@ def _colbert_rows(ctx: BuildContext, test: JudgedQueries, firsts: dict[str, list
     if q8_lists:
         cb = ctx.colbert_scores(test.texts, q8_lists, query_onnx_file=INT8_NAME)
         systems["dense+colbert-int8-query"] = test.metrics(ctx.run_of(test.qids, q8_lists, cb, weights["dense"]))
-    cb = ctx.colbert_scores(test.texts, firsts["hybrid"])
+    cb = ctx.colbert_scores(test.texts, firsts["hybrid"], source=ctx.colbert_query_source("hybrid"))
     systems["hybrid+colbert"] = test.metrics(ctx.run_of(test.qids, firsts["hybrid"], cb, weights["hybrid"]))
     systems["hybrid+colbert-maxsim"] = test.metrics(ctx.run_of(test.qids, firsts["hybrid"], cb, 1.0))
-    if ctx.one_pass:  # the rows above project ColBERT's query tokens from the query encoder's pass
+    if ctx.one_pass:  # the rows above project ColBERT's query tokens from the first stage's pass
         for stage in ("dense", "hybrid"):
-            cb = ctx.colbert_scores(test.texts, firsts[stage], one_pass=False)
+            cb = ctx.colbert_scores(test.texts, firsts[stage], source="colbert")
             systems[f"{stage}+colbert-2pass"] = test.metrics(
                 ctx.run_of(test.qids, firsts[stage], cb, weights[stage]))
 
@@ -437,26 +438,25 @@ def _trec_rerank_rows(ctx: BuildContext, pool: TrecPool, firsts: dict[str, Run],
                       record: dict[str, Any], systems: dict[str, dict[str, float]]) -> None:
     """ColBERT and the cross-encoder reranking the pool's candidates, their scores
     interpolated with each first stage's (as the service serves them; ``-maxsim`` /
-    ``-plain``: the reranker alone); the weights used go into ``record``."""
-    from models.encoders import ColbertEncoder, maxsim
-
+    ``-plain``: the reranker alone); the weights used go into ``record``. ColBERT's query
+    tokens come from each first stage's own pass where the build serves one pass
+    (:meth:`BuildContext.colbert_query_source`; ``-2pass``: from ColBERT's query encoder)."""
     kinds = ctx.cfg.students.kinds
     if "colbert" in kinds:
-        cb = ctx.student_encoder(ColbertEncoder, "colbert")
-
-        def colbert_fn(q: str, cs: list[str]) -> np.ndarray:
-            toks = cb.encode_docs([pool.docs[c] for c in cs])
-            offsets = np.cumsum([0] + [len(t) for t in toks])
-            return maxsim(cb.encode_queries([q])[0], np.concatenate(toks), offsets)
-
-        colbert_run = pool.score_all(colbert_fn)
+        sides = {stage: ctx.colbert_query_source(stage) for stage in firsts}
+        runs = _pool_colbert_runs(ctx, pool, {*sides.values(), "colbert"})
         if not firsts:
-            systems["dense+colbert"] = pool.metrics(colbert_run)
+            systems["dense+colbert"] = pool.metrics(runs["colbert"])
         else:
             weights = record["colbert_weight"] = tune_rerank_weights(ctx, "colbert", hw)["weights"]
             for stage, first_run in firsts.items():
-                systems[f"{stage}+colbert"] = pool.metrics(interpolated_run(first_run, colbert_run, weights[stage]))
-            systems["dense+colbert-maxsim"] = pool.metrics(colbert_run)
+                systems[f"{stage}+colbert"] = pool.metrics(
+                    interpolated_run(first_run, runs[sides[stage]], weights[stage]))
+            systems["dense+colbert-maxsim"] = pool.metrics(runs[sides["dense"]])
+            if ctx.one_pass:
+                for stage, first_run in firsts.items():
+                    systems[f"{stage}+colbert-2pass"] = pool.metrics(
+                        interpolated_run(first_run, runs["colbert"], weights[stage]))
     if "cross-encoder" in kinds:
         # as served: the cross-encoder rescores the first stage's top cross_encoder_depth
         depth = ctx.cfg.evaluate.served_cross_encoder_depth
@@ -473,6 +473,32 @@ def _trec_rerank_rows(ctx: BuildContext, pool: TrecPool, firsts: dict[str, Run],
             systems["dense+cross-encoder-plain"] = pool.metrics(with_tail(ce_run, base))
         else:
             systems["dense+cross-encoder"] = pool.metrics(with_tail(ce_run, base))
+
+
+def _pool_colbert_runs(ctx: BuildContext, pool: TrecPool, sides: set[str]) -> dict[str, Run]:
+    """ColBERT's MaxSim run over the pool's candidates per query side in ``sides`` (as
+    :meth:`BuildContext.colbert_scores` takes them: ``"colbert"``, its query encoder, or the
+    query encoder whose pass the query tokens are projected from); each query's candidates
+    are encoded once for all sides."""
+    from models.encoders import ColbertEncoder, maxsim, project_query_tokens
+
+    cb = ctx.student_encoder(ColbertEncoder, "colbert")
+    queries: dict[str, list[np.ndarray]] = {}
+    for side in sorted(sides):
+        if side == "colbert":
+            queries[side] = list(cb.encode_queries(pool.texts))
+        else:
+            w = ctx.query_token_map(side)["map"]
+            queries[side] = [project_query_tokens(h, np.ones(len(h)), w)
+                             for h in ctx.query_token_states(pool.texts, source=side)]
+    runs: dict[str, Run] = {side: {} for side in queries}
+    for r, (qid, cs) in enumerate(zip(pool.qids, pool.candidates)):
+        toks = cb.encode_docs([pool.docs[c] for c in cs])
+        offsets = np.cumsum([0] + [len(t) for t in toks])
+        tokens = np.concatenate(toks) if toks else np.zeros((0, cb.dim), np.float32)
+        for side, qv in queries.items():
+            runs[side][qid] = dict(zip(cs, map(float, maxsim(qv[r], tokens, offsets))))
+    return runs
 
 
 def interpolated_run(first: dict[str, dict[str, float]], rerank: dict[str, dict[str, float]],

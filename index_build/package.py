@@ -28,7 +28,7 @@ import numpy as np
 
 from index_build.data import Collection
 from index_build.distill_vq import DistillVQConfig, distill, index_parts
-from models.encoders import CONFIG_NAME, ONNX_NAME, QUERY_TOKEN_MAP, TOKENIZER_NAME
+from models.encoders import CONFIG_NAME, HYBRID_QUERY_TOKEN_MAP, ONNX_NAME, QUERY_TOKEN_MAP, TOKENIZER_NAME
 from models.token_index import KMEANS_NITER
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ def build_artifact(
     build: dict[str, Any] | None = None,
     serving: dict[str, Any] | None = None,
     query_token_map: dict[str, Any] | None = None,
+    hybrid_query_token_map: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> Path:
     from models.artifacts import ArtifactWriter
@@ -83,12 +84,15 @@ def build_artifact(
             models[kind] = {**enc, "path": f"models/{kind}", "onnx_file": ONNX_NAME,
                             "int8_onnx_file": INT8_NAME if (src / INT8_NAME).is_file() else None,
                             "tokenizer_file": TOKENIZER_NAME}
-        if query_token_map is not None and "colbert" in models:
-            # ColBERT's query tokens from the dense query encoder's pass (one pass a query)
-            np.save(root / "models" / "colbert" / QUERY_TOKEN_MAP, np.asarray(query_token_map["map"], np.float32))
-            models["colbert"]["query_token_map"] = {
-                "file": QUERY_TOKEN_MAP, "from": "dense",
-                **{k: v for k, v in query_token_map.items() if k != "map"}}
+        # ColBERT's query tokens from the pass of the query encoder that served the first
+        # stage: the dense model's, and the hybrid model's after the hybrid (one pass a query)
+        for entry, file, source, token_map in (("query_token_map", QUERY_TOKEN_MAP, "dense", query_token_map),
+                                               ("hybrid_query_token_map", HYBRID_QUERY_TOKEN_MAP, "hybrid",
+                                                hybrid_query_token_map)):
+            if token_map is not None and "colbert" in models and source in models:
+                np.save(root / "models" / "colbert" / file, np.asarray(token_map["map"], np.float32))
+                models["colbert"][entry] = {"file": file, "from": source,
+                                            **{k: v for k, v in token_map.items() if k != "map"}}
         dense = DenseIndex.build(dense_vectors, factory, progress=progress)
         trained_by = train_dense_index(dense, dense_vectors, distill_vq, distill_vq_queries, progress)
         calibration: dict[str, Any] | None = None
@@ -207,6 +211,8 @@ def artifact_stage(ctx: BuildContext, final: Path, key: str, records: Mapping[st
                     if "cross-encoder" in kinds else {})},
         training=training,
         query_token_map=ctx.query_token_map() if ctx.one_pass else None,
+        hybrid_query_token_map=(ctx.query_token_map(HYBRID_HEAD)
+                                if ctx.colbert_query_source("hybrid") == HYBRID_HEAD else None),
         build={"key": key, "config": config, "stages": stages},
         progress=ctx.progress,
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from index_build.cache import content_key
 from index_build.config import BuildConfig, ConfigError
-from index_build.context import BuildContext
+from index_build.context import HYBRID_HEAD, BuildContext
 from index_build.export import INT8_WEIGHTS_MARK, OUTLIER_RATIO
 from models.encoders import ONNX_NAME, TOKEN_STATES
 
@@ -45,7 +45,7 @@ STAGE_ABOUT = {
 #: The version of each stage's code, part of its key: bump a stage's number when what it
 #: writes changes, and that stage and every stage after it (their keys include its key)
 #: rebuild. The teacher's scores and encodings are cached by content, not by these keys.
-STAGE_VERSIONS = {"mine": 1, "pseudo": 1, "distill": 1, "export": 1, "head": 1, "evaluate": 6, "artifact": 5}
+STAGE_VERSIONS = {"mine": 1, "pseudo": 1, "distill": 1, "export": 1, "head": 1, "evaluate": 7, "artifact": 6}
 
 
 class PeakMemory:
@@ -197,7 +197,10 @@ class Pipeline(BuildContext):
 
     def export_key(self, kind: str, onnx_file: str | None = None) -> str:
         """The export stage's key; with ``onnx_file``, the key of that one graph (the fp32
-        graph's does not depend on how the int8 one is quantized, so its caches outlive a change)."""
+        graph's does not depend on how the int8 one is quantized, so its caches outlive a change);
+        for :data:`HYBRID_HEAD`, the head stage's key."""
+        if kind == HYBRID_HEAD:
+            return self.hybrid_head_key()
         extra = [f"wise_ft={self.wise_ft(kind)}"]
         if kind == "asymmetric":  # its graph outputs its token states too (one query pass with ColBERT)
             extra.append(TOKEN_STATES)

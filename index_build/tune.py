@@ -209,16 +209,24 @@ def _tune_rerank_weights(ctx: BuildContext, kind: str, hybrid_weight: float, dep
 def rerank_scores(ctx: BuildContext, kind: str, texts: list[str],
                   firsts: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]]) -> dict[str, list[np.ndarray]]:
     """Reranker ``kind``'s score of every candidate of every first stage in ``firsts`` (as
-    from :meth:`BuildContext.first_stage_lists`). Each query's candidates are scored once, over the
-    union of its lists (the stages overlap heavily, and a cross-encoder pass is costly)."""
-    unions = [np.unique(np.concatenate([lists[r][0] for lists in firsts.values()] + [np.zeros(0, np.int64)]))
-              for r in range(len(texts))]
-    if kind == "colbert":
-        scored = ctx.colbert_scores(texts, [(u, np.zeros(len(u))) for u in unions])
-    elif kind == "cross-encoder":
-        scored = ctx.cross_encoder_scores(texts, [[ctx.corpus_texts[int(j)] for j in u] for u in unions])
-    else:
+    from :meth:`BuildContext.first_stage_lists`), as served: ColBERT with the query tokens of
+    each stage's own pass (:meth:`BuildContext.colbert_query_source`). Each query's candidates
+    are scored once per query side, over the union of the lists it scores (the stages overlap
+    heavily, and a cross-encoder pass is costly)."""
+    if kind not in ("colbert", "cross-encoder"):
         raise ValueError(f"no reranker {kind!r}")
-    return {stage: [scored[r][np.searchsorted(unions[r], cands)] for r, (cands, _) in enumerate(lists)]
-            for stage, lists in firsts.items()}
+    by_side: dict[str, list[str]] = {}
+    for stage in firsts:
+        by_side.setdefault(ctx.colbert_query_source(stage) if kind == "colbert" else kind, []).append(stage)
+    out: dict[str, list[np.ndarray]] = {}
+    for side, stages in by_side.items():
+        unions = [np.unique(np.concatenate([firsts[s][r][0] for s in stages] + [np.zeros(0, np.int64)]))
+                  for r in range(len(texts))]
+        if kind == "colbert":
+            scored = ctx.colbert_scores(texts, [(u, np.zeros(len(u))) for u in unions], source=side)
+        else:
+            scored = ctx.cross_encoder_scores(texts, [[ctx.corpus_texts[int(j)] for j in u] for u in unions])
+        for stage in stages:
+            out[stage] = [scored[r][np.searchsorted(unions[r], cands)] for r, (cands, _) in enumerate(firsts[stage])]
+    return {stage: out[stage] for stage in firsts}
 

@@ -32,6 +32,8 @@ TOKEN_STATES = "token_states"
 #: an artifact's map from the dense query encoder's token states to ColBERT's query tokens
 #: (``[hidden, dim]`` float32, beside the ColBERT model: :func:`project_query_tokens`)
 QUERY_TOKEN_MAP = "query_token_map.npy"
+#: the same from the hybrid first stage's own query encoder (an artifact's ``hybrid`` model)
+HYBRID_QUERY_TOKEN_MAP = "hybrid_query_token_map.npy"
 QUERY_CHUNK = 256  # queries per ONNX run in encode_queries
 QUERY_BATCH = 64  # length-sorted queries per ONNX run when a dense encoder encodes many
 #: documents (or query-document pairs) per ONNX run on the document side: small batches pad

@@ -29,7 +29,9 @@ from models.artifacts import ArtifactError, Manifest, verify
 from models.dense_index import DenseIndex
 from models.docstore import DocStore
 from models.encoders import (
+    HYBRID_QUERY_TOKEN_MAP,
     QUERY_TOKEN_MAP,
+    TOKEN_STATES,
     ColbertEncoder,
     CrossEncoderScorer,
     DenseEncoder,
@@ -86,18 +88,23 @@ class SearchOptions:
     def depth(self) -> int:
         return max(self.k, self.candidates)
 
-    def encoders_needed(self, one_pass: bool = False, hybrid_head: bool = False) -> tuple[QueryModel, ...]:
+    def encoders_needed(self, one_pass: bool = False, hybrid_head: bool = False,
+                        hybrid_one_pass: bool = False) -> tuple[QueryModel, ...]:
         """Query encoders this request runs; ``one_pass``: ColBERT's query tokens come from
         the dense encoder's pass (:attr:`SearchEngine.one_pass`); ``hybrid_head``: the hybrid
-        first stage's dense parts come from their own encoder (:attr:`SearchEngine.hybrid_encoder`)."""
+        first stage's dense parts come from their own encoder (:attr:`SearchEngine.hybrid_encoder`);
+        ``hybrid_one_pass``: after that hybrid, from that encoder's pass
+        (:attr:`SearchEngine.hybrid_one_pass`)."""
         out: list[QueryModel] = []
         own_hybrid = self.first_stage == "hybrid" and hybrid_head
+        colbert = self.rerank == "colbert"
+        tokens_from_hybrid = colbert and own_hybrid and hybrid_one_pass
         if self.first_stage == "dense" or (self.first_stage == "hybrid" and not own_hybrid) or (
-                self.rerank == "colbert" and one_pass):
+                colbert and one_pass and not tokens_from_hybrid):
             out.append("dense")
         if own_hybrid:
             out.append("hybrid")
-        if self.rerank == "colbert" and not one_pass:
+        if colbert and not one_pass and not tokens_from_hybrid:
             out.append("colbert")
         return tuple(out)
 
@@ -115,7 +122,7 @@ class SearchResult:
 class EncodedQueries:
     """Query vectors (``[n, dim]`` dense or ``[n, Lq, dim]`` ColBERT) and the time they took;
     ``tokens``: ColBERT's query tokens (``[n, L, dim]``, zero rows past each query) projected
-    from the same pass as dense ``vectors`` when the engine serves one pass."""
+    from the same pass as the dense or hybrid ``vectors`` when the engine serves one pass."""
 
     vectors: np.ndarray
     tokenize_ms: float = 0.0
@@ -135,10 +142,14 @@ def first_stage_queries(encoded: Mapping[QueryModel, EncodedQueries]) -> np.ndar
 
 def colbert_queries(encoded: Mapping[QueryModel, EncodedQueries]) -> np.ndarray | None:
     """ColBERT's query tokens among a request's encodings by model: its ColBERT encoder's, or
-    those projected from its dense encoder's pass; None when it has neither."""
+    those projected from the hybrid head's pass (a hybrid request), else from the dense
+    encoder's; None when it has none."""
     if "colbert" in encoded:
         return encoded["colbert"].vectors
-    return encoded["dense"].tokens if "dense" in encoded else None
+    for model in ("hybrid", "dense"):
+        if model in encoded and encoded[model].tokens is not None:
+            return encoded[model].tokens
+    return None
 
 
 def validate_query(query: str, max_chars: int) -> str:
@@ -153,6 +164,24 @@ def validate_query(query: str, max_chars: int) -> str:
         return clean_query(query)
     except QueryTextError as exc:
         raise InvalidRequest(str(exc)) from None
+
+
+def _token_map(root: Path, manifest: Manifest, entry: str, encoder: DenseEncoder,
+               colbert_dim: int) -> np.ndarray | None:
+    """The map ``manifest.models.colbert[entry]`` names from ``encoder``'s token states to
+    ColBERT's query tokens (``[hidden, colbert_dim]``), or None where the artifact has none or
+    the encoder's graph gives no token states."""
+    info = (manifest.models.get("colbert") or {}).get(entry)
+    if not info or not encoder.has_token_states:
+        return None
+    default = QUERY_TOKEN_MAP if entry == "query_token_map" else HYBRID_QUERY_TOKEN_MAP
+    path = root / str(manifest.models["colbert"]["path"]) / str(info.get("file") or default)
+    with _loading(root, f"ColBERT's query token map ({path})"):
+        token_map = np.load(path, allow_pickle=False)
+    if token_map.ndim != 2 or token_map.shape[1] != colbert_dim:
+        raise ArtifactError(f"{path}: shape {token_map.shape}, expected [hidden, {colbert_dim}] "
+                            "(the ColBERT model's dim)")
+    return np.asarray(token_map)
 
 
 @contextmanager
@@ -199,6 +228,7 @@ class SearchEngine:
         model_files: dict[str, str] | None = None,
         query_token_map: np.ndarray | None = None,
         hybrid_encoder: DenseEncoder | None = None,
+        hybrid_token_map: np.ndarray | None = None,
     ) -> None:
         self.artifact_dir = Path(artifact_dir)
         self.manifest = manifest
@@ -217,6 +247,8 @@ class SearchEngine:
         self.model_files = dict(model_files or {})
         #: ``[hidden, dim]``: ColBERT's query tokens are projected from the dense encoder's pass
         self.query_token_map = query_token_map
+        #: ``[hidden, dim]``: after the hybrid, from the hybrid encoder's pass
+        self.hybrid_token_map = hybrid_token_map
         try:
             self.weights = retrieval_weights(settings, manifest)
         except (KeyError, TypeError, ValueError) as exc:
@@ -229,8 +261,13 @@ class SearchEngine:
             role: {i.name for i in enc.session.get_inputs()}
             for role, enc in self._encoders().items()
         }
-        self._dense_outputs = [o.name for o in dense_encoder.session.get_outputs()]
-        self._hybrid_output = None if hybrid_encoder is None else hybrid_encoder.session.get_outputs()[0].name
+        #: per query model with a token map: the graph's outputs (vectors, token states); else its vectors
+        self._outputs: dict[str, list[str]] = {}
+        for role, enc, token_map in (("dense", dense_encoder, query_token_map),
+                                     ("hybrid", hybrid_encoder, hybrid_token_map)):
+            if enc is not None:
+                first = enc.session.get_outputs()[0].name
+                self._outputs[role] = [first, TOKEN_STATES] if token_map is not None else [first]
 
     def _encoders(self) -> dict[str, OnnxEncoder]:
         """The loaded ONNX models by role (``dense``, ``hybrid``, ``colbert``, ``cross-encoder``)."""
@@ -304,15 +341,12 @@ class SearchEngine:
             with _loading(root, f"the ColBERT token index ({colbert_path})"):
                 token_index = TokenIndex.load(colbert_path, mmap=True)
                 token_index = token_index.to_memory(settings.colbert_tokens, threads=settings.threads)
-        query_token_map = None
-        map_info = (manifest.models.get("colbert") or {}).get("query_token_map")
-        if settings.one_pass and colbert_encoder is not None and map_info and dense_encoder.has_token_states:
-            map_path = root / str(manifest.models["colbert"]["path"]) / str(map_info.get("file") or QUERY_TOKEN_MAP)
-            with _loading(root, f"ColBERT's query token map ({map_path})"):
-                query_token_map = np.load(map_path, allow_pickle=False)
-            if query_token_map.ndim != 2 or query_token_map.shape[1] != colbert_encoder.dim:
-                raise ArtifactError(f"{map_path}: shape {query_token_map.shape}, expected [hidden, "
-                                    f"{colbert_encoder.dim}] (the ColBERT model's dim)")
+        query_token_map = hybrid_token_map = None
+        if settings.one_pass and colbert_encoder is not None:
+            query_token_map = _token_map(root, manifest, "query_token_map", dense_encoder, colbert_encoder.dim)
+            if query_token_map is not None and hybrid_encoder is not None:
+                hybrid_token_map = _token_map(root, manifest, "hybrid_query_token_map", hybrid_encoder,
+                                              colbert_encoder.dim)
         ce_model = model_dir("cross-encoder")
         if ce_model is not None:
             with _loading(root, f"the cross-encoder ({ce_model[0]})"):
@@ -328,7 +362,7 @@ class SearchEngine:
             artifact_dir=root, manifest=manifest, settings=settings, dense_encoder=dense_encoder,
             dense_index=dense_index, docstore=docstore, colbert_encoder=colbert_encoder, token_index=token_index,
             cross_encoder=cross_encoder, bm25=bm25, providers=providers, model_files=model_files,
-            query_token_map=query_token_map, hybrid_encoder=hybrid_encoder,
+            query_token_map=query_token_map, hybrid_encoder=hybrid_encoder, hybrid_token_map=hybrid_token_map,
         )
         engine._check_consistency()
         logger.info(
@@ -449,6 +483,8 @@ class SearchEngine:
                 entry["colbert_query_len"] = cfg.colbert_query_len
                 # where rerank=colbert takes its query tokens: the dense encoder's pass, or its own
                 entry["query_tokens"] = "dense pass" if self.one_pass else "colbert pass"
+                if self.hybrid_encoder is not None:  # after the hybrid: the hybrid encoder's pass, or as above
+                    entry["hybrid_query_tokens"] = "hybrid pass" if self.hybrid_one_pass else entry["query_tokens"]
             if role == "cross-encoder":
                 entry.pop("dim")
                 entry.pop("pooling")
@@ -555,12 +591,12 @@ class SearchEngine:
         started = time.perf_counter()
         names = self._input_names[kind]
         feed = {k: v for k, v in batch.as_dict().items() if k in names}
-        if kind == "dense" and self.query_token_map is not None:  # one pass: ColBERT's query tokens too
-            vectors, states = enc.session.run(self._dense_outputs, feed)
-            tokens = project_query_tokens(states, batch.attention_mask, self.query_token_map)
+        token_map = {"dense": self.query_token_map, "hybrid": self.hybrid_token_map}.get(kind)
+        if token_map is not None:  # one pass: ColBERT's query tokens too
+            vectors, states = enc.session.run(self._outputs[kind], feed)
+            tokens = project_query_tokens(states, batch.attention_mask, token_map)
             return EncodedQueries(np.asarray(vectors, dtype=np.float32), tokenize_ms, _ms(started), tokens)
-        outputs = {"dense": self._dense_outputs[:1], "hybrid": [self._hybrid_output]}.get(kind)
-        vectors = np.asarray(enc.session.run(outputs, feed)[0], dtype=np.float32)
+        vectors = np.asarray(enc.session.run(self._outputs.get(kind), feed)[0], dtype=np.float32)
         return EncodedQueries(vectors, tokenize_ms, _ms(started))
 
     @property
@@ -568,9 +604,15 @@ class SearchEngine:
         """Whether ColBERT's query tokens come from the dense encoder's pass (no second pass)."""
         return self.query_token_map is not None
 
+    @property
+    def hybrid_one_pass(self) -> bool:
+        """Whether, after the hybrid first stage, ColBERT's query tokens come from the hybrid
+        encoder's pass (no second pass)."""
+        return self.hybrid_token_map is not None
+
     def encoders_needed(self, opts: SearchOptions) -> tuple[QueryModel, ...]:
         """The query encoders request ``opts`` runs on this engine."""
-        return opts.encoders_needed(self.one_pass, self.hybrid_encoder is not None)
+        return opts.encoders_needed(self.one_pass, self.hybrid_encoder is not None, self.hybrid_one_pass)
 
     # -- first stage, rerank, fetch ---------------------------------------------------------------
     def _finish(

@@ -34,7 +34,11 @@ RECIPE = ['students.kinds=["asymmetric","colbert"]', "train.colbert.epochs=1", "
 def ridge_built(tiny_beir, tiny_bert, tmp_path_factory):
     """A tiny build whose hybrid is served by the ridge head."""
     root = tmp_path_factory.mktemp("hybrid-head")
-    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, root, *RECIPE, 'asymmetric.hybrid_head="ridge"'))
+    # a student that moves off its ridge start (the parameters averaged over the later checks),
+    # so the head and the student are different encoders
+    moved = ["asymmetric.lr=1e-3", 'asymmetric.checkpoint="average"']
+    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, root, *RECIPE, *moved,
+                                               'asymmetric.hybrid_head="ridge"'))
     p = Pipeline(cfg, progress=False)
     return p, p.run_all()
 
@@ -114,12 +118,59 @@ def test_the_service_runs_the_head_for_hybrid_requests_only(ridge_built, client,
             cands, scores = lists[stage][r]
             assert [h["id"] for h in hits] == [doc_ids[int(j)] for j in cands], (stage, text)
             np.testing.assert_allclose([h["score"] for h in hits], scores, rtol=1e-4, atol=1e-4)
-    # a ColBERT rerank of the hybrid takes its query tokens from the student's pass: two passes
-    runs.clear()
-    opts = engine.resolve_options(first_stage="hybrid", rerank="colbert")
-    assert engine.encoders_needed(opts) == ("dense", "hybrid")
-    got = client.post("/search", json={"query": queries[0], "first_stage": "hybrid", "rerank": "colbert"})
-    assert got.status_code == 200 and got.json()["hits"] and sorted(runs) == ["dense", "hybrid"]
+
+
+def test_a_colbert_rerank_of_the_hybrid_takes_its_tokens_from_the_heads_pass(ridge_built, client, monkeypatch):
+    """hybrid+colbert runs the hybrid head alone: the artifact carries a second token map,
+    fitted on the head's states, and the service ranks as the builder's tokens from that
+    pass rank through the same engine; the builder's hybrid+colbert row scores those tokens."""
+    from index_build.context import HYBRID_HEAD
+    from models.encoders import project_query_tokens
+
+    p, result = ridge_built
+    assert p.colbert_query_source("hybrid") == HYBRID_HEAD and p.colbert_query_source("dense") == "asymmetric"
+    manifest = json.loads((Path(p.cfg.artifact_dir) / "manifest.json").read_text())
+    entry = manifest["models"]["colbert"]["hybrid_query_token_map"]
+    assert entry["from"] == "hybrid" and 0.0 < entry["token_cosine"] <= 1.0
+    head_map = p.query_token_map(HYBRID_HEAD)["map"]
+    np.testing.assert_allclose(np.load(Path(p.cfg.artifact_dir) / "models" / "colbert" / entry["file"]), head_map,
+                               atol=1e-6)
+    assert not np.allclose(head_map, p.query_token_map()["map"])  # fitted on another encoder's states
+    engine = client.app.state.service.engine
+    assert engine.hybrid_one_pass and client.get("/info").json()["models"]["colbert"]["hybrid_query_tokens"] == (
+        "hybrid pass")
+    opts = engine.resolve_options(k=DEPTH, candidates=DEPTH, first_stage="hybrid", rerank="colbert")
+    assert engine.encoders_needed(opts) == ("hybrid",)
+    runs: list[str] = []
+    for role in ("dense", "hybrid", "colbert"):
+        session = getattr(engine, f"{role}_encoder").session
+        monkeypatch.setattr(session, "run", lambda *a, _run=session.run, _role=role, **k: (runs.append(_role),
+                                                                                            _run(*a, **k))[1])
+    queries = list(p.collection.split_queries("test").values())
+    for text in queries:
+        runs.clear()
+        body = {"query": text, "k": DEPTH, "candidates": DEPTH, "first_stage": "hybrid", "rerank": "colbert"}
+        got = client.post("/search", json=body)
+        assert got.status_code == 200, got.text
+        assert runs == ["hybrid"], runs  # one transformer pass
+        (states,) = p.query_token_states([text], source=HYBRID_HEAD)
+        tokens = project_query_tokens(states[None], np.ones((1, len(states))), head_map)
+        [(hits, _)] = engine.retrieve([text], opts, dense=p.hybrid_queries([text]), colbert=tokens)
+        assert [h["id"] for h in got.json()["hits"]] == [h.id for h in hits]
+        np.testing.assert_allclose([h["score"] for h in got.json()["hits"]], [h.score for h in hits], atol=1e-4)
+    # the builder's row scores the same tokens; the student's pass gives its -2pass neighbour another
+    hw = tune_hybrid(p, p.cfg.evaluate.rerank_depth)["dense_weight"]
+    depth = p.cfg.evaluate.rerank_depth
+    lists = p.first_stage_lists(queries, p.dense_queries(queries), hw, depth, stages=("hybrid",),
+                                hybrid_queries=p.hybrid_queries(queries))["hybrid"]
+    from index_build.metrics import metrics
+    from index_build.tune import tune_rerank_weights
+
+    weight = tune_rerank_weights(p, "colbert", hw, depth)["weights"]["hybrid"]
+    qids = list(p.collection.split_queries("test"))
+    cb = p.colbert_scores(queries, lists, source=HYBRID_HEAD)
+    assert metrics(p.collection.qrels["test"], p.run_of(qids, lists, cb, weight))["nDCG@10"] == pytest.approx(
+        result["systems"]["hybrid+colbert"]["nDCG@10"], abs=1e-4)
 
 
 def test_auto_serves_the_closer_copy_of_the_teachers_query_vectors(ridge_built, tmp_path):
@@ -145,3 +196,30 @@ def test_auto_serves_the_closer_copy_of_the_teachers_query_vectors(ridge_built, 
     student = Pipeline(load_config(overrides=[*p.cfg.overrides[:-1], 'asymmetric.hybrid_head="student"',
                                               f'artifact_dir="{tmp_path}/artifact"']), progress=False)
     assert student.hybrid_head() is None and student.hybrid_queries(["a query"]) is None
+
+
+def test_pool_colbert_rows_take_the_query_tokens_as_served(ridge_built, tmp_path):
+    """On a TREC pool, ColBERT's MaxSim per query side (the hybrid head's pass, the student's,
+    ColBERT's own query encoder) is the collection path's for the same candidates: the pool's
+    corpus is the build's, its documents encoded on the fly rather than read from the cache."""
+    from index_build.context import HYBRID_HEAD
+    from index_build.evaluate import TrecPool, _pool_colbert_runs, evaluate_trec
+    from tests.tiny import write_trec_pool
+
+    p, _ = ridge_built
+    path = write_trec_pool(tmp_path)
+    pool = TrecPool.load(path, 20)
+    sides = {HYBRID_HEAD, "asymmetric", "colbert"}
+    runs = _pool_colbert_runs(p, pool, sides)
+    index = {d.id: i for i, d in enumerate(p.collection.docs)}
+    lists = [(np.array([index[c] for c in cs], np.int64), np.zeros(len(cs))) for cs in pool.candidates]
+    expected = {side: p.colbert_scores(pool.texts, lists, source=side) for side in sorted(sides)}
+    for side, scores in expected.items():
+        for r, (qid, cs) in enumerate(zip(pool.qids, pool.candidates)):
+            np.testing.assert_allclose([runs[side][qid][c] for c in cs], scores[r], rtol=1e-4, atol=1e-4)
+    # three different query sides
+    assert not np.allclose(expected[HYBRID_HEAD][0], expected["asymmetric"][0])
+    assert not np.allclose(expected[HYBRID_HEAD][0], expected["colbert"][0])
+    systems = evaluate_trec(p, path)
+    assert {"dense+colbert", "hybrid+colbert", "dense+colbert-2pass", "hybrid+colbert-2pass"} <= set(systems)
+    p.trec_weights.clear()
