@@ -74,7 +74,9 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "scifact"
 #: ``default``: requests that name no mode, served in the artifact's default mode
 DEFAULT_MODE = "default"
-MODES = ("none", "colbert", "cross-encoder", DEFAULT_MODE)
+#: rerank modes after the dense first stage, the hybrid first stage alone and reranked by
+#: ColBERT, and the served default
+MODES = ("none", "colbert", "cross-encoder", "hybrid", "hybrid+colbert", DEFAULT_MODE)
 CONCURRENCY = (1, 16)
 STAGES = ("queue", "tokenize", "encode", "ann", "sparse", "rerank", "fetch", "total")
 
@@ -364,14 +366,24 @@ async def closed_loop(base_url: str, payloads: Sequence[dict[str, Any]], *, conc
     return samples, wall
 
 
+def mode_request(mode: str) -> tuple[str, str]:
+    """The ``(first_stage, rerank)`` a benchmark mode requests: ``hybrid`` and
+    ``hybrid+<rerank>`` the hybrid first stage, any other a rerank mode after the dense one."""
+    if mode == "hybrid":
+        return "hybrid", "none"
+    stage, _, rerank = mode.rpartition("+")
+    return (stage or "dense"), rerank
+
+
 def search_payloads(texts: Sequence[str], *, rerank: str, k: int, candidates: int | None) -> list[dict[str, Any]]:
-    """One ``/search`` body per query text: the dense first stage with rerank mode ``rerank``
-    (``candidates`` None: the service's default depth for that mode), or for ``default`` no
+    """One ``/search`` body per query text in benchmark mode ``rerank`` (:func:`mode_request`;
+    ``candidates`` None: the service's default depth for that mode), or for ``default`` no
     mode at all (the artifact's served default, see ``/info``)."""
     if rerank == DEFAULT_MODE:
         return [{"query": t, "k": k} for t in texts]
     depth = {} if candidates is None else {"candidates": candidates}
-    return [{"query": t, "k": k, "rerank": rerank, "first_stage": "dense", **depth} for t in texts]
+    first_stage, mode = mode_request(rerank)
+    return [{"query": t, "k": k, "rerank": mode, "first_stage": first_stage, **depth} for t in texts]
 
 
 async def ranked_lists(base_url: str, payloads: Sequence[dict[str, Any]], qids: Sequence[str], *,
@@ -561,7 +573,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                          log_path=args.server_log) as server:
         info = httpx.get(f"{server.base_url}/info", timeout=10).json()
         limits = info.get("limits", {})
-        available = [*info.get("rerank_modes", MODES), DEFAULT_MODE]
+        reranks, stages = info.get("rerank_modes", MODES), info.get("first_stages", ["dense"])
+        available = [m for m in MODES if m == DEFAULT_MODE or (
+            mode_request(m)[0] in stages and mode_request(m)[1] in reranks)]
         # the client waits longer than the server's own time budget, so a slow request is the
         # server's 504, not a client-side disconnect (status 0)
         client_timeout_s = float(limits.get("request_timeout_ms", 60000.0)) / 1000.0 + 10.0

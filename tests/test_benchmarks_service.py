@@ -282,9 +282,21 @@ def test_latency_script_end_to_end(artifacts, tiny_beir, tmp_path):
         assert data[mode]["c1"]["candidates"] == (20 if mode == "cross-encoder" else 100)
         assert 0.0 <= data[mode]["quality"]["nDCG@10"] <= 1.0 and data[mode]["quality"]["queries"] > 0
     assert "rerank" in data["colbert"]["c1"]["stages"] and "rerank" not in data["none"]["c1"]["stages"]
+    # the hybrid first stage, alone and reranked: BM25 runs beside the dense search
+    for mode in ("hybrid", "hybrid+colbert"):
+        assert data[mode]["c1"]["errors"] == 0 and "sparse" in data[mode]["c1"]["stages"], mode
+        assert ("rerank" in data[mode]["c1"]["stages"]) == (mode == "hybrid+colbert")
     assert data["live_check"]["queries"] == 3 and data["live_check"]["identical_top10"] == 3
     assert data["machine"]["cpu_count"] and "latency.py" in data["command"]
     assert data["settings"]["k"] == 10
+
+
+def test_latency_modes_name_the_first_stage_and_the_rerank():
+    assert [latency.mode_request(m) for m in ("none", "colbert", "hybrid", "hybrid+colbert")] == [
+        ("dense", "none"), ("dense", "colbert"), ("hybrid", "none"), ("hybrid", "colbert")]
+    [body] = latency.search_payloads(["q"], rerank="hybrid+colbert", k=5, candidates=None)
+    assert body == {"query": "q", "k": 5, "rerank": "colbert", "first_stage": "hybrid"}
+    assert latency.search_payloads(["q"], rerank="default", k=5, candidates=50) == [{"query": "q", "k": 5}]
 
 
 def test_latency_live_check_uses_the_served_int8_encoder(artifacts, tiny_beir, tmp_path):
