@@ -5,12 +5,15 @@ A FastAPI app with the same ``/search`` request and response shapes as the servi
 (:mod:`service.schemas`), backed by the builder's distilled **PyTorch** students instead of
 the ONNX exports and compressed indexes:
 
-- query encoding: the torch dense student (``work/<corpus>/distill-dense/student``,
+- query encoding: the torch student the artifact serves as its dense model
+  (:attr:`index_build.stages.Pipeline.served_dense`: the asymmetric query encoder or the
+  full-tower student, ``work/<corpus>/distill-<kind>/student``,
   :func:`index_build.students.load_student`, WiSE-FT-interpolated with the base as the
   builder exports it);
 - first stage: exact inner product in a FAISS ``IndexFlatIP`` over the builder's float32
-  corpus vectors (:meth:`index_build.stages.Pipeline.dense_corpus`, the same vectors the
-  IVF-PQ index of the artifact compresses);
+  corpus vectors (:meth:`index_build.stages.Pipeline.corpus_vectors`: the teacher members'
+  document vectors for the asymmetric student, the full-tower student's own encodings
+  otherwise; the same vectors the IVF-PQ index of the artifact compresses);
 - ``rerank=colbert``: the torch ColBERT student encodes the query, MaxSim in torch over the
   float32 token vectors of the candidates (:meth:`Pipeline.colbert_corpus`, uncompressed),
   mixed with the first-stage scores at the builder's dev-tuned weight, as the service does;
@@ -83,12 +86,12 @@ class BaselineEngine:
                 model = interpolate_with_base(model, resolve_model(cfg.students.base), alpha)
             return model.eval()
 
-        self.dense = student("dense")
+        self.dense = student(pipeline.served_dense)
         self.colbert = student("colbert") if "colbert" in kinds else None
         self.cross_encoder = student("cross-encoder") if "cross-encoder" in kinds else None
         self.ids: list[str] = list(pipeline.collection.doc_ids)
         self.texts: list[str] = list(pipeline.corpus_texts)
-        vectors = np.ascontiguousarray(pipeline.dense_corpus(), dtype=np.float32)
+        vectors = np.ascontiguousarray(pipeline.corpus_vectors(), dtype=np.float32)
         self.index = faiss.IndexFlatIP(vectors.shape[1])
         self.index.add(vectors)
         self.doc_tokens: list[Any] = []

@@ -349,3 +349,26 @@ def test_checkpoint_benchmark_retrains_the_build_student_and_applies_each_rule(b
     assert kept["average"]["steps"] == [c["step"] for c in checks if c["step"] > 0 and 2 * c["step"] >= entry["steps"]]
     assert {f"wise-ft {a}" for a in WISE_FT} <= set(kept) and p.cfg.asymmetric.checkpoint == "best"
     assert {f.name: f.stat().st_mtime_ns for f in student.rglob("*")} == before
+
+
+def test_the_torch_baseline_serves_the_builds_asymmetric_query_encoder(built, client):
+    """The load test's baseline serves what the artifact serves as its dense model: the torch
+    asymmetric student over the teacher's document vectors (exact search), so its dense
+    answers score every hit as the service does (IVF-PQ aside, which a tiny corpus searches
+    exhaustively)."""
+    from benchmarks.baseline_service import create_baseline_app
+
+    p, _ = built
+    assert p.served_dense == "asymmetric"
+    engine = client.app.state.service.engine
+    app = create_baseline_app(None, p.cfg.overrides, threads=1)
+    with TestClient(app) as baseline:
+        assert app.state.engine.index.d == engine.dense_index.dim == p.teacher_space.doc_vectors().shape[1]
+        for text in list(p.collection.split_queries("test").values())[:5]:
+            body = {"query": text, "k": 5, "rerank": "none", "candidates": 20}
+            got = baseline.post("/search", json=body)
+            assert got.status_code == 200, got.text
+            served = {h["id"]: h["score"] for h in client.post(
+                "/search", json={**body, "first_stage": "dense", "k": 20}).json()["hits"]}
+            hits = got.json()["hits"]
+            assert [served.get(h["id"]) for h in hits] == pytest.approx([h["score"] for h in hits], abs=1e-3)
