@@ -87,3 +87,22 @@ def test_dense_parts_that_do_not_fit_the_index_stop_start_up(artifacts, tmp_path
     broken = _with_hybrid(artifacts.first, tmp_path / "broken", dense_parts={"dims": [4, 4]})
     with pytest.raises(ArtifactError, match="malformed fusion weights"):
         SearchEngine.load(broken, make_settings(broken))
+
+
+@pytest.mark.parametrize(("first_stage", "rerank", "flags", "expected"), [
+    ("dense", "colbert", (True, True, True), ("dense",)),          # tokens from the dense pass
+    ("dense", "colbert", (False, True, True), ("dense", "colbert")),  # one pass off: ColBERT's own
+    ("hybrid", "none", (True, True, True), ("hybrid",)),
+    ("hybrid", "colbert", (True, True, True), ("hybrid",)),        # tokens from the head's pass
+    ("hybrid", "colbert", (True, True, False), ("dense", "hybrid")),  # an artifact without the head's map
+    ("hybrid", "colbert", (False, True, False), ("hybrid", "colbert")),
+    ("hybrid", "colbert", (True, False, False), ("dense",)),       # no head: the dense pass serves both
+    ("sparse", "colbert", (True, True, True), ("dense",)),
+    ("sparse", "none", (True, True, True), ()),
+])
+def test_a_request_runs_the_fewest_query_passes(first_stage, rerank, flags, expected):
+    """``(one_pass, hybrid_head, hybrid_one_pass)``: the query encoders a request runs."""
+    from service.search import SearchOptions
+
+    opts = SearchOptions(k=10, candidates=100, rerank=rerank, first_stage=first_stage)
+    assert opts.encoders_needed(*flags) == expected
