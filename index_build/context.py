@@ -353,6 +353,18 @@ class BuildContext(ABC):
             out.extend(h[: int(n)] for h, n in zip(states, mask.sum(1)))
         return out
 
+    def colbert_query_tokens(self, texts: list[str], source: str, onnx_file: str = ONNX_NAME) -> list[np.ndarray]:
+        """ColBERT's query tokens per query from ``source``: ``"colbert"``, ColBERT's query
+        encoder (graph ``onnx_file``), else projected from that query encoder's pass
+        (:meth:`query_token_map`, its graph ``onnx_file``)."""
+        from models.encoders import ColbertEncoder, project_query_tokens
+
+        if source == "colbert":
+            return list(self.student_encoder(ColbertEncoder, "colbert", onnx_file).encode_queries(texts))
+        w = self.query_token_map(source)["map"]
+        return [project_query_tokens(h, np.ones(len(h)), w)
+                for h in self.query_token_states(texts, onnx_file, source=source)]
+
     def colbert_scores(self, texts: list[str], lists: Sequence[tuple[np.ndarray, np.ndarray]],
                        onnx_file: str = ONNX_NAME, query_onnx_file: str | None = None,
                        source: str | None = None) -> list[np.ndarray]:
@@ -362,18 +374,11 @@ class BuildContext(ABC):
         :meth:`colbert_query_source`): ``"colbert"``, ColBERT's query encoder, else projected
         from that query encoder's pass (:meth:`query_token_map`); either graph
         ``query_onnx_file`` (default: ``onnx_file``)."""
-        from models.encoders import ColbertEncoder, maxsim, project_query_tokens
+        from models.encoders import maxsim
 
-        query_file = query_onnx_file or onnx_file
-        source = source or self.colbert_query_source("dense")
         toks = self.colbert_corpus(onnx_file, subset=np.concatenate([c for c, _ in lists] + [np.zeros(0, np.int64)]))
-        if source != "colbert":
-            w = self.query_token_map(source)["map"]
-            qv = [project_query_tokens(h, np.ones(len(h)), w)
-                  for h in self.query_token_states(texts, query_file, source=source)]
-        else:
-            enc = self.student_encoder(ColbertEncoder, "colbert", query_file)
-            qv = list(enc.encode_queries(texts))
+        qv = self.colbert_query_tokens(texts, source or self.colbert_query_source("dense"),
+                                       query_onnx_file or onnx_file)
         out = []
         for r, (cands, _) in enumerate(lists):
             offsets = np.cumsum([0] + [len(toks[int(j)]) for j in cands])

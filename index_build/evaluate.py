@@ -480,17 +480,10 @@ def _pool_colbert_runs(ctx: BuildContext, pool: TrecPool, sides: set[str]) -> di
     :meth:`BuildContext.colbert_scores` takes them: ``"colbert"``, its query encoder, or the
     query encoder whose pass the query tokens are projected from); each query's candidates
     are encoded once for all sides."""
-    from models.encoders import ColbertEncoder, maxsim, project_query_tokens
+    from models.encoders import ColbertEncoder, maxsim
 
     cb = ctx.student_encoder(ColbertEncoder, "colbert")
-    queries: dict[str, list[np.ndarray]] = {}
-    for side in sorted(sides):
-        if side == "colbert":
-            queries[side] = list(cb.encode_queries(pool.texts))
-        else:
-            w = ctx.query_token_map(side)["map"]
-            queries[side] = [project_query_tokens(h, np.ones(len(h)), w)
-                             for h in ctx.query_token_states(pool.texts, source=side)]
+    queries = {side: ctx.colbert_query_tokens(pool.texts, side) for side in sorted(sides)}
     runs: dict[str, Run] = {side: {} for side in queries}
     for r, (qid, cs) in enumerate(zip(pool.qids, pool.candidates)):
         toks = cb.encode_docs([pool.docs[c] for c in cs])
