@@ -28,7 +28,7 @@ import numpy as np
 
 from index_build.data import Collection
 from index_build.distill_vq import DistillVQConfig, distill, index_parts
-from models.encoders import CONFIG_NAME, HYBRID_QUERY_TOKEN_MAP, ONNX_NAME, QUERY_TOKEN_MAP, TOKENIZER_NAME
+from models.encoders import CONFIG_NAME, ONNX_NAME, QUERY_TOKEN_MAPS, TOKENIZER_NAME
 from models.token_index import KMEANS_NITER
 
 if TYPE_CHECKING:
@@ -86,9 +86,8 @@ def build_artifact(
                             "tokenizer_file": TOKENIZER_NAME}
         # ColBERT's query tokens from the pass of the query encoder that served the first
         # stage: the dense model's, and the hybrid model's after the hybrid (one pass a query)
-        for entry, file, source, token_map in (("query_token_map", QUERY_TOKEN_MAP, "dense", query_token_map),
-                                               ("hybrid_query_token_map", HYBRID_QUERY_TOKEN_MAP, "hybrid",
-                                                hybrid_query_token_map)):
+        for source, token_map in (("dense", query_token_map), ("hybrid", hybrid_query_token_map)):
+            entry, file = QUERY_TOKEN_MAPS[source]
             if token_map is not None and "colbert" in models and source in models:
                 np.save(root / "models" / "colbert" / file, np.asarray(token_map["map"], np.float32))
                 models["colbert"][entry] = {"file": file, "from": source,

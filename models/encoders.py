@@ -34,6 +34,10 @@ TOKEN_STATES = "token_states"
 QUERY_TOKEN_MAP = "query_token_map.npy"
 #: the same from the hybrid first stage's own query encoder (an artifact's ``hybrid`` model)
 HYBRID_QUERY_TOKEN_MAP = "hybrid_query_token_map.npy"
+#: per query model whose pass ColBERT's query tokens are projected from: the manifest entry
+#: under ``models.colbert`` that describes its map, and the map's default file name
+QUERY_TOKEN_MAPS = {"dense": ("query_token_map", QUERY_TOKEN_MAP),
+                    "hybrid": ("hybrid_query_token_map", HYBRID_QUERY_TOKEN_MAP)}
 QUERY_CHUNK = 256  # queries per ONNX run in encode_queries
 QUERY_BATCH = 64  # length-sorted queries per ONNX run when a dense encoder encodes many
 #: documents (or query-document pairs) per ONNX run on the document side: small batches pad

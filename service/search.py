@@ -29,8 +29,7 @@ from models.artifacts import ArtifactError, Manifest, verify
 from models.dense_index import DenseIndex
 from models.docstore import DocStore
 from models.encoders import (
-    HYBRID_QUERY_TOKEN_MAP,
-    QUERY_TOKEN_MAP,
+    QUERY_TOKEN_MAPS,
     TOKEN_STATES,
     ColbertEncoder,
     CrossEncoderScorer,
@@ -166,15 +165,16 @@ def validate_query(query: str, max_chars: int) -> str:
         raise InvalidRequest(str(exc)) from None
 
 
-def _token_map(root: Path, manifest: Manifest, entry: str, encoder: DenseEncoder,
+def _token_map(root: Path, manifest: Manifest, model: str, encoder: DenseEncoder,
                colbert_dim: int) -> np.ndarray | None:
-    """The map ``manifest.models.colbert[entry]`` names from ``encoder``'s token states to
-    ColBERT's query tokens (``[hidden, colbert_dim]``), or None where the artifact has none or
-    the encoder's graph gives no token states."""
+    """The map the manifest names (:data:`models.encoders.QUERY_TOKEN_MAPS`) from query model
+    ``model``'s token states (``encoder``'s) to ColBERT's query tokens
+    (``[hidden, colbert_dim]``), or None where the artifact has none or the encoder's graph
+    gives no token states."""
+    entry, default = QUERY_TOKEN_MAPS[model]
     info = (manifest.models.get("colbert") or {}).get(entry)
     if not info or not encoder.has_token_states:
         return None
-    default = QUERY_TOKEN_MAP if entry == "query_token_map" else HYBRID_QUERY_TOKEN_MAP
     path = root / str(manifest.models["colbert"]["path"]) / str(info.get("file") or default)
     with _loading(root, f"ColBERT's query token map ({path})"):
         token_map = np.load(path, allow_pickle=False)
@@ -343,10 +343,9 @@ class SearchEngine:
                 token_index = token_index.to_memory(settings.colbert_tokens, threads=settings.threads)
         query_token_map = hybrid_token_map = None
         if settings.one_pass and colbert_encoder is not None:
-            query_token_map = _token_map(root, manifest, "query_token_map", dense_encoder, colbert_encoder.dim)
+            query_token_map = _token_map(root, manifest, "dense", dense_encoder, colbert_encoder.dim)
             if query_token_map is not None and hybrid_encoder is not None:
-                hybrid_token_map = _token_map(root, manifest, "hybrid_query_token_map", hybrid_encoder,
-                                              colbert_encoder.dim)
+                hybrid_token_map = _token_map(root, manifest, "hybrid", hybrid_encoder, colbert_encoder.dim)
         ce_model = model_dir("cross-encoder")
         if ce_model is not None:
             with _loading(root, f"the cross-encoder ({ce_model[0]})"):
