@@ -16,7 +16,7 @@ import numpy as np
 
 from index_build.context import BuildContext
 from index_build.data import Collection, load_collection
-from index_build.metrics import Run, markdown_table, metrics, run_from_arrays, write_json_atomic
+from index_build.metrics import Run, Scores, markdown_table, metrics, run_from_arrays, write_json_atomic
 from index_build.tune import DENSE_ROW_PREFIX, choose_default, mode_row, tune_hybrid, tune_rerank_weights
 from models.dense_index import exact_search
 from models.encoders import ONNX_NAME
@@ -42,6 +42,9 @@ def evaluate(ctx: BuildContext, out: Path) -> dict:
         else:
             log.warning("TREC DL folder %s not found: skipped", path)
     (out / "eval.json").write_text(json.dumps({"collection": collection_result, "trec": trec}, indent=2))
+    write_json_atomic(out / PER_QUERY, {"metric": "nDCG@10", "mode": ctx.cfg.evaluate.mode,
+                                        "collection": per_query(collection_result),
+                                        "trec": {k: per_query(v) for k, v in trec.items()}})
     result = {"collection": collection_result, "trec": trec}
     if ctx.served_dense in ctx.cfg.students.kinds:
         # the default mode the served-default row scores, kept with the stage: a rebuild that
@@ -51,6 +54,14 @@ def evaluate(ctx: BuildContext, out: Path) -> dict:
         result["weights"] = ctx.trec_weights
     return result
 
+
+#: the evaluate stage's file of every row's nDCG@10 per judged query
+PER_QUERY = "per_query.json"
+
+
+def per_query(systems: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Each row's nDCG@10 per judged query (rows scored by :func:`index_build.metrics.metrics`)."""
+    return {name: row.per_query for name, row in systems.items() if isinstance(row, Scores)}
 
 
 @dataclass
@@ -65,10 +76,10 @@ class JudgedQueries:
     #: the teacher's own query vectors in its space (a build with an asymmetric student)
     teacher_queries: np.ndarray | None = None
 
-    def metrics(self, run: Run) -> dict[str, float]:
+    def metrics(self, run: Run) -> Scores:
         return metrics(self.qrels, run)
 
-    def arrays(self, scores: np.ndarray, indices: np.ndarray) -> dict[str, float]:
+    def arrays(self, scores: np.ndarray, indices: np.ndarray) -> Scores:
         """The metrics of ``[n_queries, k]`` score and corpus-index arrays."""
         return metrics(self.qrels, run_from_arrays(self.qids, self.doc_ids, scores, indices))
 
@@ -97,7 +108,7 @@ def evaluate_collection(ctx: BuildContext) -> dict[str, dict[str, float]]:
         _cross_encoder_rows(ctx, test, firsts, hybrid_weight, systems)
     row = mode_row(ctx, choose_default(ctx))
     if row in systems:
-        systems["served-default"] = dict(systems[row])
+        systems["served-default"] = systems[row].copy()
     return systems
 
 
@@ -109,7 +120,7 @@ def _reference_rows(ctx: BuildContext, test: JudgedQueries) -> dict[str, dict[st
     goes beyond it only through the ranking loss against the full teacher, BM25 included)."""
     from index_build.teachers import cached_teacher_scores
 
-    systems = {"bm25": test.arrays(*ctx.bm25.search(test.texts, test.depth)),
+    systems: dict[str, dict[str, float]] = {"bm25": test.arrays(*ctx.bm25.search(test.texts, test.depth)),
                "base-dense": test.arrays(*ctx.base_dense.retrieve(test.texts, test.depth))}
     pools, _ = ctx.candidate_pools(test.texts, ctx.cfg.teacher.pool_depth)
     t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, test.texts, pools, progress=ctx.progress)
@@ -270,7 +281,7 @@ class TrecPool:
         """The run of ``fn(query, candidate ids) -> scores`` over every query."""
         return {qid: dict(zip(cs, map(float, fn(q, cs)))) for qid, q, cs in zip(self.qids, self.texts, self.candidates)}
 
-    def metrics(self, run: Run) -> dict[str, float]:
+    def metrics(self, run: Run) -> Scores:
         """nDCG@10, RR@10 and R@100, grade >= 2 relevant for the last two (the TREC DL convention)."""
         return metrics(self.qrels, run, min_rel=2)
 
@@ -289,7 +300,7 @@ def evaluate_trec(ctx: BuildContext, path: Path) -> dict[str, dict[str, float]]:
     _trec_rerank_rows(ctx, pool, firsts, hw, record, systems)
     row = mode_row(ctx, choose_default(ctx)) if firsts else None
     if row in systems:
-        systems["served-default"] = dict(systems[row])
+        systems["served-default"] = systems[row].copy()
     return systems
 
 
@@ -314,7 +325,7 @@ def _trec_reference_rows(ctx: BuildContext, pool: TrecPool) -> tuple[dict[str, d
     from models.encoders import DenseEncoder
 
     col, s = pool.collection, ctx.cfg.students
-    systems = {"bm25": pool.metrics({q: dict(pool.bm25_run[q]) for q in pool.qids})}
+    systems: dict[str, dict[str, float]] = {"bm25": pool.metrics({q: dict(pool.bm25_run[q]) for q in pool.qids})}
     base = DenseEncoder(base_dense_onnx(s.base, max_doc_len=s.max_doc_len)[0], threads=ctx.cfg.threads)
     systems["base-dense"] = pool.metrics(pool.score_all(_dense_fn(base, pool.docs)))
     teacher = build_teacher(ctx.teacher_spec(), col.doc_texts(), col.checksum(), ctx.cache, threads=ctx.cfg.threads)
@@ -526,6 +537,9 @@ def write_results(ctx: BuildContext, evaluation: dict[str, Any], stages: dict[st
                            # the hybrid's query encoder, as the manifest names it (the stages' head-asymmetric record)
                            "hybrid_model": "hybrid" if ctx.hybrid_head() is not None else "dense"}
     write_json_atomic(results_dir / f"{name}.json", main)
+    if (per_query_file := ctx.work / "evaluate" / PER_QUERY).is_file():  # the evaluate stage's, beside eval.json
+        write_json_atomic(results_dir / f"{name}.per-query.json",
+                          {**json.loads(per_query_file.read_text()), "command": command})
     md = markdown_table(main["systems"], f"{name} ({cfg.data.test_split})")
     if evaluation["trec"]:
         trec: dict[str, Any] = {k: {"systems": v} for k, v in evaluation["trec"].items()}

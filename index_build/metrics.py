@@ -11,19 +11,37 @@ from ir_measures import RR, R, nDCG
 
 from models.artifacts import write_json_atomic
 
-__all__ = ["markdown_table", "metrics", "one_se_choice", "per_query_ndcg", "run_from_arrays", "write_json_atomic"]
+__all__ = ["Scores", "markdown_table", "metrics", "one_se_choice", "per_query_ndcg", "run_from_arrays",
+           "write_json_atomic"]
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
 K = TypeVar("K", bound=Any)
 
 
-def metrics(qrels: Qrels, run: Run, *, min_rel: int = 1) -> dict[str, float]:
-    """nDCG@10 (graded), RR@10 and R@100 (relevant = grade >= ``min_rel``), only over judged queries."""
+class Scores(dict[str, float]):
+    """A system's aggregate metrics (a plain mapping, as the results files hold them) that also
+    keeps its nDCG@10 per judged query (:attr:`per_query`, query id -> value, 0 for a query
+    the run misses): paired comparisons between systems scored on the same queries
+    (``benchmarks/significance.py``) read them from each build's ``<name>.per-query.json``."""
+
+    def __init__(self, values: Mapping[str, float], per_query: Mapping[str, float]) -> None:
+        super().__init__(values)
+        self.per_query = dict(per_query)
+
+    def copy(self) -> Scores:
+        return Scores(self, self.per_query)
+
+
+def metrics(qrels: Qrels, run: Run, *, min_rel: int = 1) -> Scores:
+    """nDCG@10 (graded), RR@10 and R@100 (relevant = grade >= ``min_rel``), only over judged
+    queries; with the nDCG@10 of each judged query (:class:`Scores`)."""
     run = {q: docs for q, docs in run.items() if q in qrels}
     measures = {"nDCG@10": nDCG @ 10, "RR@10": RR(rel=min_rel) @ 10, "R@100": R(rel=min_rel) @ 100}
     agg = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
-    return {name: round(float(agg[m]), 4) for name, m in measures.items()}
+    judged = sorted(qrels)
+    per_query = dict(zip(judged, per_query_ndcg(qrels, run, judged).round(6).tolist()))
+    return Scores({name: round(float(agg[m]), 4) for name, m in measures.items()}, per_query)
 
 
 def per_query_ndcg(qrels: Qrels, run: Run, queries: list[str]) -> np.ndarray:

@@ -62,6 +62,21 @@ def test_results_file_has_every_system(built, tiny_beir):
     assert "train.dense.epochs=2" in p.cfg.overrides
 
 
+def test_results_have_each_rows_ndcg_per_test_query(built, tiny_beir):
+    """``<name>.per-query.json``: every row's nDCG@10 on each judged test query, whose mean is
+    the row's nDCG@10 (the served-default row's are its mode's)."""
+    root, _, p, result = built
+    saved = json.loads((root / "results" / f"{tiny_beir.name}.per-query.json").read_text())
+    assert saved["metric"] == "nDCG@10" and saved["mode"] == "retrieval" and saved["command"]
+    rows = saved["collection"]
+    assert set(rows) == set(result["systems"])
+    judged = set(p.collection.qrels[p.cfg.data.test_split])
+    for name, per_query in rows.items():
+        assert set(per_query) == judged
+        assert result["systems"][name]["nDCG@10"] == pytest.approx(np.mean(list(per_query.values())), abs=1e-4)
+    assert rows["served-default"] == rows[mode_row(p, choose_default(p))]
+
+
 def test_int8_corpus_rows_are_optional(built, tiny_beir, tiny_bert, tmp_path):
     """``evaluate.int8_corpus=false`` drops the rows whose corpus is encoded by the int8 graphs
     (no int8 corpus pass), keeps every other row with its value (the int8-query rows are what

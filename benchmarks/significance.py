@@ -1,0 +1,115 @@
+"""How far apart are two rows of a build, given how few test queries it has?
+
+Every build writes each row's nDCG@10 per judged query beside its results
+(``<name>.per-query.json``, the evaluate stage's ``per_query.json``). This script reads those
+files and, for each pair of rows scored on the same queries, reports the mean paired
+difference ``a - b``, its 95% confidence interval (a bootstrap over queries, percentile
+method, fixed seed), the two-sided paired t-test p-value and the number of queries. Where a
+target is stated as a margin over a reference row (``a >= b + margin``), the interval says
+whether the test set can tell the target apart: met or missed beyond noise, or within it.
+
+Writes ``benchmarks/results/significance.json`` and ``.md``::
+
+    .venv/bin/python benchmarks/significance.py
+
+which reads every ``*.per-query.json`` under ``benchmarks/results`` (``--files`` to name them).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import typer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from index_build.metrics import write_json_atomic  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+#: (row a, row b, margin): a - b is compared with the margin; pairs missing from a file are skipped
+PAIRS = [
+    ("asym-dense", "base-dense", 0.02),
+    ("served-default", "teacher", -0.005),
+    ("asym-hybrid", "teacher", -0.005),
+    ("served-default", "asym-dense", 0.0),
+    ("teacher", "base-dense", 0.0),
+]
+#: margins on a TREC pool (a build in evaluate mode "rerank", or a build's ``evaluate.trec_dl`` pools):
+#: the student alone need only hold the base model's quality there
+POOL_MARGINS = {("asym-dense", "base-dense"): -0.005}
+
+
+def paired(a: np.ndarray, b: np.ndarray, margin: float, n_resamples: int = 10_000, seed: int = 0) -> dict:
+    """The paired comparison of per-query scores ``a`` and ``b`` (same queries, same order)."""
+    from scipy import stats
+
+    diff = a - b
+    if len(diff) < 2:
+        raise ValueError("a paired comparison needs at least two queries")
+    if np.allclose(diff, diff[0]):  # no spread: the interval and the test are degenerate
+        low = high = float(diff[0])
+        p = 1.0 if diff[0] == 0 else 0.0
+    else:
+        ci = stats.bootstrap((diff,), np.mean, n_resamples=n_resamples, confidence_level=0.95, method="percentile",
+                             rng=np.random.default_rng(seed)).confidence_interval
+        low, high = float(ci.low), float(ci.high)
+        p = float(stats.ttest_rel(a, b).pvalue)
+    if low >= margin:
+        verdict = "above the margin"
+    elif high < margin:
+        verdict = "below the margin"
+    else:
+        verdict = "within noise of the margin"
+    return {"a": round(float(a.mean()), 4), "b": round(float(b.mean()), 4), "diff": round(float(diff.mean()), 4),
+            "ci95": [round(low, 4), round(high, 4)], "p_paired_t": round(p, 4), "queries": len(diff),
+            "margin": margin, "verdict": verdict}
+
+
+def compare(rows: dict[str, dict[str, float]], pool: bool) -> dict[str, dict]:
+    """Every pair of :data:`PAIRS` present in ``rows`` (row -> query id -> nDCG@10)."""
+    out = {}
+    for a, b, margin in PAIRS:
+        if a in rows and b in rows:
+            qids = sorted(set(rows[a]) & set(rows[b]))
+            margin = POOL_MARGINS.get((a, b), margin) if pool else margin
+            out[f"{a} - {b}"] = paired(np.array([rows[a][q] for q in qids]), np.array([rows[b][q] for q in qids]),
+                                       margin)
+    return out
+
+
+def main(files: list[Path] = typer.Option(None, "--files", help="per-query files (default: all under results)"),
+         out: Path = typer.Option(RESULTS / "significance.json", help="where the results go")) -> None:
+    paths = sorted(files or RESULTS.rglob("*.per-query.json"))
+    if not paths:
+        raise typer.BadParameter("no *.per-query.json files: run a build (its evaluate stage writes them)")
+    report: dict = {"command": "python benchmarks/significance.py", "metric": "nDCG@10",
+                    "method": "mean paired difference a - b over the test queries; 95% bootstrap interval "
+                              "(10,000 resamples of queries, percentile); two-sided paired t-test",
+                    "builds": {}}
+    md = ["# Paired differences between rows of each build (nDCG@10)", "",
+          "`python benchmarks/significance.py`: 95% bootstrap interval over the test queries, paired t-test.", "",
+          "| build | pool | a - b | a | b | diff | 95% CI | p | queries | margin | verdict |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        data = json.loads(path.read_text())
+        name = str(path.relative_to(RESULTS)) if path.is_relative_to(RESULTS) else str(path)
+        entry = {"file": name, "command": data.get("command", ""),
+                 "collection": compare(data.get("collection", {}), data.get("mode") == "rerank"),
+                 "trec": {k: compare(v, True) for k, v in data.get("trec", {}).items()}}
+        report["builds"][name.removesuffix(".per-query.json")] = entry
+        for pool, pairs in [("", entry["collection"]), *entry["trec"].items()]:
+            for pair, r in pairs.items():
+                md.append(f"| {name.removesuffix('.per-query.json')} | {pool or '-'} | {pair} | {r['a']:.4f} | "
+                          f"{r['b']:.4f} | {r['diff']:+.4f} | [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | "
+                          f"{r['p_paired_t']:.4f} | {r['queries']} | {r['margin']:+.3f} | {r['verdict']} |")
+    write_json_atomic(out, report)
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    typer.echo(f"wrote {out} ({len(paths)} builds)")
+
+
+if __name__ == "__main__":
+    typer.run(main)
