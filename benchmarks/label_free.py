@@ -40,12 +40,13 @@ VARIANTS = {
     "scifact-log": ("scifact", [
         'label_free.query_log="../shared/data/scifact/queries.jsonl"', 'work_dir="work/labelfree-scifact-log"',
         'artifact_dir="artifacts/labelfree-scifact-log"', 'evaluate.name="labelfree-scifact-log"',
+        "evaluate.extra_splits=[]",  # its log holds the training claims
     ], "the corpus plus a query log: SciFact's queries without judgments (the build drops the 300 test "
        "queries; the 809 train and dev claims remain), teacher-labelled training queries for every student"),
     "scifact-logdev": ("scifact", [
         'label_free.query_log="../shared/data/scifact/queries.jsonl"', "label_free.log_dev_queries=80",
         'work_dir="work/labelfree-scifact-logdev"', 'artifact_dir="artifacts/labelfree-scifact-logdev"',
-        'evaluate.name="labelfree-scifact-logdev"',
+        'evaluate.name="labelfree-scifact-logdev"', "evaluate.extra_splits=[]",
     ], "scifact-log with 80 of the logged queries held out as the dev slice, judged by the teacher, in place "
        "of the pseudo-query one: checkpoint, hybrid weight and served default chosen on real queries"),
     "scifact-statements": ("scifact", [
@@ -92,6 +93,9 @@ def collect(name: str) -> dict:
     variant = {"variant": about, "overrides": overrides, "query_log": mine.get("query_log")} if about else {}
     return {
         "systems": {k: systems[k] for k in KEEP if k in systems},
+        # rows on the other judged splits the build never read (evaluate.extra_splits)
+        **({"splits": {split: {k: rows[k] for k in KEEP if k in rows}
+                       for split, rows in result["splits"].items()}} if result.get("splits") else {}),
         "pseudo_queries": mine["pseudo_queries"],
         "pseudo_query_filters": mine["filters"],
         "by_generator": mine["by_generator"],
@@ -116,6 +120,8 @@ def main(only: str = typer.Option(",".join(COLLECTIONS), help="comma-separated c
         data["command"] = "python benchmarks/label_free.py"
         write_json_atomic(out, data)
     md = "".join(markdown_table(v["systems"], f"{k} (label-free, {v['pseudo_queries']} pseudo-queries)") + "\n"
+                 + "".join(markdown_table(rows, f"{k}, {split} queries (a judged split the build never read)") + "\n"
+                           for split, rows in v.get("splits", {}).items())
                  for k, v in data.items() if isinstance(v, dict) and "systems" in v)
     (out.with_suffix(".md")).write_text(md)
 

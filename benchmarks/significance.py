@@ -12,7 +12,9 @@ Writes ``benchmarks/results/significance.json`` and ``.md``::
 
     .venv/bin/python benchmarks/significance.py
 
-which reads every ``*.per-query.json`` under ``benchmarks/results`` (``--files`` to name them).
+which reads every ``*.per-query.json`` under ``benchmarks/results`` (``--files`` to name them):
+the rows of each build's test split, of the other judged splits a label-free build reports
+on (``evaluate.extra_splits``) and of the TREC pools it reranks.
 """
 
 from __future__ import annotations
@@ -92,18 +94,19 @@ def main(files: list[Path] = typer.Option(None, "--files", help="per-query files
                     "builds": {}}
     md = ["# Paired differences between rows of each build (nDCG@10)", "",
           "`python benchmarks/significance.py`: 95% bootstrap interval over the test queries, paired t-test.", "",
-          "| build | pool | a - b | a | b | diff | 95% CI | p | queries | margin | verdict |",
+          "| build | queries of | a - b | a | b | diff | 95% CI | p | queries | margin | verdict |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         data = json.loads(path.read_text())
         name = str(path.relative_to(RESULTS)) if path.is_relative_to(RESULTS) else str(path)
         entry = {"file": name, "command": data.get("command", ""),
                  "collection": compare(data.get("collection", {}), data.get("mode") == "rerank"),
-                 "trec": {k: compare(v, True) for k, v in data.get("trec", {}).items()}}
+                 "trec": {k: compare(v, True) for k, v in data.get("trec", {}).items()},
+                 "splits": {k: compare(v, False) for k, v in data.get("splits", {}).items()}}
         report["builds"][name.removesuffix(".per-query.json")] = entry
-        for pool, pairs in [("", entry["collection"]), *entry["trec"].items()]:
+        for queries, pairs in [("", entry["collection"]), *entry["splits"].items(), *entry["trec"].items()]:
             for pair, r in pairs.items():
-                md.append(f"| {name.removesuffix('.per-query.json')} | {pool or '-'} | {pair} | {r['a']:.4f} | "
+                md.append(f"| {name.removesuffix('.per-query.json')} | {queries or 'test'} | {pair} | {r['a']:.4f} | "
                           f"{r['b']:.4f} | {r['diff']:+.4f} | [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | "
                           f"{r['p_paired_t']:.4f} | {r['queries']} | {r['margin']:+.3f} | {r['verdict']} |")
     write_json_atomic(out, report)

@@ -247,6 +247,11 @@ class EvalConfig:
     # its dev-tuned weight and the artifact use the same
     cross_encoder_depth: int = 20
     cross_encoder_max_len: int = 128
+    # judged splits besides data.test_split that a label-free build reports on too (its results'
+    # "splits"): it reads none of their queries or judgments, so they are unseen test queries as
+    # well, and more of them narrow each row's confidence interval (benchmarks/significance.py).
+    # A build that trains on judgments, or on a query log (which may hold them), cannot use them
+    extra_splits: list[str] = field(default_factory=list, metadata=UNHASHED_AT_DEFAULT)
 
     @property
     def served_cross_encoder_depth(self) -> int:
@@ -381,6 +386,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if int(cfg.label_free.log_dev_queries) > 0 and not cfg.label_free.query_log:
         raise ConfigError("config: label_free.log_dev_queries holds out logged queries, but label_free.query_log "
                           "names no log")
+    if cfg.evaluate.extra_splits and (cfg.data.test_split in cfg.evaluate.extra_splits
+                                      or len(set(cfg.evaluate.extra_splits)) < len(cfg.evaluate.extra_splits)):
+        raise ConfigError(f"config: evaluate.extra_splits must name distinct splits other than data.test_split "
+                          f"({cfg.data.test_split!r}), got {cfg.evaluate.extra_splits}")
     if int(cfg.index.colbert_kmeans_niter) < 1:
         raise ConfigError(
             f"config: index.colbert_kmeans_niter must be at least 1, got {cfg.index.colbert_kmeans_niter}")

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from index_build.cache import ArrayCache, content_key
-from index_build.config import BuildConfig
+from index_build.config import BuildConfig, ConfigError
 from index_build.data import Collection, load_collection
 from index_build.metrics import metrics, run_from_arrays
 from models.dense_index import exact_search
@@ -138,6 +138,20 @@ class BuildContext(ABC):
     def label_free(self) -> bool:
         c = self.collection
         return self.cfg.data.label_free or not (c.has_labels and self.cfg.data.train_split in c.qrels)
+
+    def extra_splits(self) -> list[str]:
+        """``evaluate.extra_splits``, checked: only a label-free build without a query log may
+        name them (it reads none of their queries), and each must be judged in the collection."""
+        extra = list(self.cfg.evaluate.extra_splits)
+        if extra and (not self.label_free or self.cfg.label_free.query_log):
+            trains_on = "its query log" if self.label_free else f"the {self.cfg.data.train_split!r} judgments"
+            raise ConfigError("evaluate.extra_splits: only a label-free build without a query log reads none of "
+                              f"a split's queries; this build trains on {trains_on}")
+        missing = [s for s in extra if s not in self.collection.qrels]
+        if missing:
+            raise ConfigError(f"evaluate.extra_splits: no judgments for {missing} in {self.cfg.data.path} "
+                              f"(judged splits: {sorted(self.collection.qrels)})")
+        return extra
 
     def candidate_pools(self, queries: list[str], depth: int, extra: list[list[int]] | None = None):
         """Union of BM25 and base-dense top-``depth`` per query, plus the two rankings."""

@@ -31,21 +31,25 @@ log = logging.getLogger(__name__)
 def evaluate(ctx: BuildContext, out: Path) -> dict:
     """Evaluate on the collection (or, in ``rerank`` mode, its own TREC DL pool) and on every
     ``evaluate.trec_dl`` pool; writes ``out/eval.json``."""
+    splits: dict[str, dict[str, dict[str, float]]] = {}
     if ctx.cfg.evaluate.mode == "rerank":  # a TREC DL pool: rerank its BM25 run
         collection_result = evaluate_trec(ctx, Path(ctx.cfg.data.path))
     else:
         collection_result = evaluate_collection(ctx)
+        # the label-free build's other judged splits, by the same rows (none of their queries read)
+        splits = {split: evaluate_collection(ctx, split) for split in ctx.extra_splits()}
     trec = {}
     for path in ctx.cfg.evaluate.trec_dl:
         if Path(path).is_dir():
             trec[Path(path).name] = evaluate_trec(ctx, Path(path))
         else:
             log.warning("TREC DL folder %s not found: skipped", path)
-    (out / "eval.json").write_text(json.dumps({"collection": collection_result, "trec": trec}, indent=2))
+    result: dict[str, Any] = {"collection": collection_result, "trec": trec, **({"splits": splits} if splits else {})}
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
     write_json_atomic(out / PER_QUERY, {"metric": "nDCG@10", "mode": ctx.cfg.evaluate.mode,
                                         "collection": per_query(collection_result),
-                                        "trec": {k: per_query(v) for k, v in trec.items()}})
-    result = {"collection": collection_result, "trec": trec}
+                                        "trec": {k: per_query(v) for k, v in trec.items()},
+                                        "splits": {k: per_query(v) for k, v in splits.items()}})
     if ctx.served_dense in ctx.cfg.students.kinds:
         # the default mode the served-default row scores, kept with the stage: a rebuild that
         # finds the stage up to date writes its results without tuning again
@@ -84,12 +88,13 @@ class JudgedQueries:
         return metrics(self.qrels, run_from_arrays(self.qids, self.doc_ids, scores, indices))
 
 
-def evaluate_collection(ctx: BuildContext) -> dict[str, dict[str, float]]:
-    """Every system on the test split: first stages over the whole corpus (the full-tower
-    dense student's rows ``dense``, ``hybrid``, ...; the asymmetric student's ``asym-*``),
-    rerankers on the served dense model's top-``rerank_depth``, and ``served-default``:
-    the row of the mode the artifact serves by default (:func:`index_build.tune.choose_default`)."""
-    col, split = ctx.collection, ctx.cfg.data.test_split
+def evaluate_collection(ctx: BuildContext, split: str | None = None) -> dict[str, dict[str, float]]:
+    """Every system on the test split (or another judged ``split``): first stages over the
+    whole corpus (the full-tower dense student's rows ``dense``, ``hybrid``, ...; the
+    asymmetric student's ``asym-*``), rerankers on the served dense model's
+    top-``rerank_depth``, and ``served-default``: the row of the mode the artifact serves by
+    default (:func:`index_build.tune.choose_default`)."""
+    col, split = ctx.collection, split or ctx.cfg.data.test_split
     if split not in col.qrels:
         log.warning("no %r judgments in %s: nothing to evaluate on this corpus", split, ctx.cfg.data.path)
         return {}
@@ -536,11 +541,15 @@ def write_results(ctx: BuildContext, evaluation: dict[str, Any], stages: dict[st
         main["serving"] = {"dense_model": ctx.served_dense, "default": evaluation.get("default") or choose_default(ctx),
                            # the hybrid's query encoder, as the manifest names it (the stages' head-asymmetric record)
                            "hybrid_model": "hybrid" if ctx.hybrid_head() is not None else "dense"}
+    if evaluation.get("splits"):
+        main["splits"] = evaluation["splits"]
     write_json_atomic(results_dir / f"{name}.json", main)
     if (per_query_file := ctx.work / "evaluate" / PER_QUERY).is_file():  # the evaluate stage's, beside eval.json
         write_json_atomic(results_dir / f"{name}.per-query.json",
                           {**json.loads(per_query_file.read_text()), "command": command})
     md = markdown_table(main["systems"], f"{name} ({cfg.data.test_split})")
+    for split, systems in main.get("splits", {}).items():
+        md += "\n" + markdown_table(systems, f"{name} ({split}: a judged split the build never read)")
     if evaluation["trec"]:
         trec: dict[str, Any] = {k: {"systems": v} for k, v in evaluation["trec"].items()}
         trec["note"] = ("every system reranks runs/BM25.trec top-100; RR@10 and R@100 count grade >= 2 "

@@ -320,6 +320,7 @@ class Pipeline(BuildContext):
                      *(["artifact"] if self.cfg.build_artifact else [])]
         from index_build.estimate import fmt_minutes
 
+        self.extra_splits()  # a split the build cannot evaluate fails now, not after training
         total = sum(self.estimates.get(n, 0.0) for n in self.plan)
         log.info("build %s: %d stages (%s); work dir %s; estimate %s on a cold cache", self.cfg.source or
                  "(default config)", len(self.plan), ", ".join(self.plan), self.work, fmt_minutes(total))
@@ -352,7 +353,7 @@ class Pipeline(BuildContext):
         if ev is None:
             raise RuntimeError("evaluate has not run")
         stages = {n: {"seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes, "cached": r.cached,
-                      **{k: v for k, v in r.result.items() if k not in {"collection", "trec"}}}
+                      **{k: v for k, v in r.result.items() if k not in {"collection", "trec", "splits"}}}
                   for n, r in self.records.items()}
         return write_results(self, ev.result, stages, self.command())
 

@@ -54,3 +54,14 @@ def test_pairs_use_the_queries_both_rows_have_and_the_pool_margins(tmp_path):
     assert build["collection"]["asym-dense - base-dense"]["margin"] == -0.005  # a pool build
     assert build["trec"]["dl19"]["teacher - base-dense"]["diff"] == pytest.approx(0.2)
     assert "| asym-dense - base-dense |" in (tmp_path / "sig.md").read_text()
+
+
+def test_a_label_free_builds_other_splits_are_compared_too(tmp_path):
+    rows = {"asym-dense": {"q1": 0.6, "q2": 0.8}, "base-dense": {"q1": 0.5, "q2": 0.7}}
+    f = tmp_path / "lf.per-query.json"
+    f.write_text(json.dumps({"metric": "nDCG@10", "mode": "retrieval", "collection": rows,
+                             "splits": {"train": rows}, "trec": {}, "command": "index-build all"}))
+    main(files=[f], out=tmp_path / "sig.json")
+    build = json.loads((tmp_path / "sig.json").read_text())["builds"][str(f).removesuffix(".per-query.json")]
+    assert build["splits"]["train"]["asym-dense - base-dense"]["margin"] == 0.02
+    assert "| train | asym-dense - base-dense |" in (tmp_path / "sig.md").read_text()

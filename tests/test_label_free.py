@@ -309,3 +309,55 @@ def test_logged_queries_held_out_as_a_teacher_judged_dev_slice(tmp_path, tiny_be
         load_config(overrides=[*bare, "label_free.log_dev_queries=3"])
     with pytest.raises(ConfigError, match="0 or more"):
         load_config(overrides=[*bare, f'label_free.query_log="{log}"', "label_free.log_dev_queries=-1"])
+
+
+def test_a_label_free_build_reports_on_the_judged_splits_it_never_read(tmp_path, tiny_beir, tiny_bert):
+    """``evaluate.extra_splits``: every row on another judged split, as on the test split, with
+    its per-query scores; only a label-free build without a query log may ask for them."""
+    pytest.importorskip("torch")
+    import json
+
+    from index_build.config import ConfigError, load_config
+    from index_build.evaluate import evaluate_collection
+    from index_build.stages import Pipeline
+    from tests.conftest import tiny_overrides
+
+    args = ["data.label_free=true", "label_free.dev_queries=5", 'students.kinds=["asymmetric"]', "asymmetric.epochs=1",
+            "asymmetric.batch=8", "asymmetric.eval_every=10", "asymmetric.pool_size=8", "asymmetric.pool_depth=10",
+            "build_artifact=false"]
+    extra = 'evaluate.extra_splits=["train"]'
+    cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, *args, extra))
+    p = Pipeline(cfg, progress=False)
+    result = p.run_all()
+    train = result["splits"]["train"]
+    assert {"bm25", "base-dense", "teacher", "asym-dense", "served-default"} <= set(train)
+    assert train == evaluate_collection(p, "train") and train != result["systems"]
+    per_query = json.loads((tmp_path / "results" / f"{tiny_beir.name}.per-query.json").read_text())
+    judged = set(p.collection.qrels["train"])
+    assert set(per_query["splits"]["train"]) == set(train)
+    for name, scores in per_query["splits"]["train"].items():
+        assert set(scores) == judged
+        assert train[name]["nDCG@10"] == pytest.approx(np.mean(list(scores.values())), abs=1e-4)
+    assert "never read" in (tmp_path / "results" / f"{tiny_beir.name}.md").read_text()
+    assert "splits" not in result["stages"]["evaluate"]
+    # the test split's own key is unchanged without extra splits (older builds stay up to date)
+    plain = Pipeline(load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, *args)), progress=False)
+    assert plain.mine_key() == p.mine_key() and plain.evaluate_key() != p.evaluate_key()
+    assert plain.evaluate_key() == Pipeline(load_config(overrides=tiny_overrides(
+        tiny_beir, tiny_bert, tmp_path, *args, "evaluate.extra_splits=[]")), progress=False).evaluate_key()
+    # checked before any stage runs
+    labelled = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path / "l", extra))
+    with pytest.raises(ConfigError, match="'train' judgments"):
+        Pipeline(labelled, progress=False).run_all()
+    unknown = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path / "u", *args,
+                                                   'evaluate.extra_splits=["dev"]'))
+    with pytest.raises(ConfigError, match="no judgments for"):
+        Pipeline(unknown, progress=False).run_all()
+    with pytest.raises(ConfigError, match="other than data.test_split"):
+        load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'evaluate.extra_splits=["test"]'))
+    log = tmp_path / "log.txt"
+    log.write_text("a logged query\n")
+    logged = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path / "g", *args,
+                                                  f'label_free.query_log="{log}"', extra))
+    with pytest.raises(ConfigError, match="its query log"):
+        Pipeline(logged, progress=False).run_all()
