@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(ctx: BuildContext, out: Path) -> dict:
-    """Evaluate on the collection (or, in ``rerank`` mode, its own TREC DL pool) and on every
-    ``evaluate.trec_dl`` pool; writes ``out/eval.json``."""
+    """Evaluate on the collection's test split (or, in ``rerank`` mode, its own TREC DL pool),
+    on the other judged splits of ``evaluate.extra_splits`` and on every ``evaluate.trec_dl``
+    pool; writes ``out/eval.json`` and every row's nDCG@10 per query, ``out/per_query.json``."""
     splits: dict[str, dict[str, dict[str, float]]] = {}
     if ctx.cfg.evaluate.mode == "rerank":  # a TREC DL pool: rerank its BM25 run
         collection_result = evaluate_trec(ctx, Path(ctx.cfg.data.path))
