@@ -14,7 +14,8 @@ Writes ``benchmarks/results/significance.json`` and ``.md``::
 
 which reads every ``*.per-query.json`` under ``benchmarks/results`` (``--files`` to name them):
 the rows of each build's test split, of the other judged splits a label-free build reports
-on (``evaluate.extra_splits``) and of the TREC pools it reranks.
+on (``evaluate.extra_splits``) and of all those queries together, and of the TREC pools it
+reranks.
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ def compare(rows: dict[str, dict[str, float]], pool: bool) -> dict[str, dict]:
     return out
 
 
+def pool_splits(splits: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """The rows every split has, over all their queries (ids prefixed by the split's position)."""
+    rows = set.intersection(*(set(s) for s in splits))
+    return {row: {f"{i}:{q}": v for i, s in enumerate(splits) for q, v in s[row].items()} for row in rows}
+
+
 def main(files: list[Path] = typer.Option(None, "--files", help="per-query files (default: all under results)"),
          out: Path = typer.Option(RESULTS / "significance.json", help="where the results go")) -> None:
     paths = sorted(files or RESULTS.rglob("*.per-query.json"))
@@ -103,6 +110,10 @@ def main(files: list[Path] = typer.Option(None, "--files", help="per-query files
                  "collection": compare(data.get("collection", {}), data.get("mode") == "rerank"),
                  "trec": {k: compare(v, True) for k, v in data.get("trec", {}).items()},
                  "splits": {k: compare(v, False) for k, v in data.get("splits", {}).items()}}
+        if data.get("splits") and data.get("mode") != "rerank":
+            # every judged query the build never read, its splits' and the test split's together
+            pooled = pool_splits([data.get("collection", {}), *data["splits"].values()])
+            entry["splits"]["+".join(["test", *data["splits"]])] = compare(pooled, False)
         report["builds"][name.removesuffix(".per-query.json")] = entry
         for queries, pairs in [("", entry["collection"]), *entry["splits"].items(), *entry["trec"].items()]:
             for pair, r in pairs.items():

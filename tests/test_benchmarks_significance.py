@@ -65,3 +65,6 @@ def test_a_label_free_builds_other_splits_are_compared_too(tmp_path):
     build = json.loads((tmp_path / "sig.json").read_text())["builds"][str(f).removesuffix(".per-query.json")]
     assert build["splits"]["train"]["asym-dense - base-dense"]["margin"] == 0.02
     assert "| train | asym-dense - base-dense |" in (tmp_path / "sig.md").read_text()
+    # every unseen query together: both splits' pairs, the same query id in each counted twice
+    both = build["splits"]["test+train"]["asym-dense - base-dense"]
+    assert both["queries"] == 4 and both["diff"] == pytest.approx(0.1)
