@@ -40,6 +40,10 @@ PAIRS = [
     ("asym-hybrid", "teacher", -0.005),
     ("served-default", "asym-dense", 0.0),
     ("teacher", "base-dense", 0.0),
+    # the hybrid's query encoder: its head (ridge maps on the base model) against the trained
+    # student in the same fusion, and against the two lists fused at equal weights
+    ("asym-hybrid", "asym-hybrid-student", 0.0),
+    ("asym-hybrid", "asym-hybrid-lists", 0.0),
 ]
 #: margins on a TREC pool (a build in evaluate mode "rerank", or a build's ``evaluate.trec_dl`` pools):
 #: the student alone need only hold the base model's quality there
