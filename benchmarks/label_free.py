@@ -81,6 +81,11 @@ KEEP = ["bm25", "base-dense", "teacher", "teacher-space", "labelfree-dense", "la
         "teacher-space-hybrid", "served-default"]
 
 
+def kept(rows: dict) -> dict:
+    """The rows of :data:`KEEP` a build has, in that order."""
+    return {k: rows[k] for k in KEEP if k in rows}
+
+
 def collect(name: str) -> dict:
     base, overrides, about = VARIANTS.get(name, (name, [], ""))
     config = f"configs/labelfree-{base}.toml"
@@ -92,10 +97,9 @@ def collect(name: str) -> dict:
     mine = p.records["mine"].result
     variant = {"variant": about, "overrides": overrides, "query_log": mine.get("query_log")} if about else {}
     return {
-        "systems": {k: systems[k] for k in KEEP if k in systems},
+        "systems": kept(systems),
         # rows on the other judged splits the build never read (evaluate.extra_splits)
-        **({"splits": {split: {k: rows[k] for k in KEEP if k in rows}
-                       for split, rows in result["splits"].items()}} if result.get("splits") else {}),
+        **({"splits": {split: kept(rows) for split, rows in result["splits"].items()}} if result.get("splits") else {}),
         "pseudo_queries": mine["pseudo_queries"],
         "pseudo_query_filters": mine["filters"],
         "by_generator": mine["by_generator"],

@@ -27,6 +27,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: the evaluate stage's file of every row's nDCG@10 per judged query
+PER_QUERY = "per_query.json"
+
+
+def per_query(systems: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Each row's nDCG@10 per judged query (rows scored by :func:`index_build.metrics.metrics`)."""
+    return {name: row.per_query for name, row in systems.items() if isinstance(row, Scores)}
+
 
 def evaluate(ctx: BuildContext, out: Path) -> dict:
     """Evaluate on the collection's test split (or, in ``rerank`` mode, its own TREC DL pool),
@@ -58,15 +66,6 @@ def evaluate(ctx: BuildContext, out: Path) -> dict:
     if ctx.trec_weights:  # dev-slice weights of a pool's own students (recorded with the stage)
         result["weights"] = ctx.trec_weights
     return result
-
-
-#: the evaluate stage's file of every row's nDCG@10 per judged query
-PER_QUERY = "per_query.json"
-
-
-def per_query(systems: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    """Each row's nDCG@10 per judged query (rows scored by :func:`index_build.metrics.metrics`)."""
-    return {name: row.per_query for name, row in systems.items() if isinstance(row, Scores)}
 
 
 @dataclass
