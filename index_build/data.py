@@ -150,25 +150,46 @@ def normalize_query(text: str) -> str:
     return " ".join(text.split())
 
 
-def load_query_log(path: str | Path) -> list[str]:
-    """The distinct query texts of a query log, in file order: a BEIR ``queries.jsonl`` (its
-    ``text`` fields), a ``.tsv`` of ``id<TAB>text`` lines (MS MARCO's ``queries.tsv``), or
-    any other text file with one query a line. Blank queries are skipped; a missing or empty
-    log, or a malformed line, is a :class:`DataError`."""
+#: the files of a query-log folder that are read (the service's rotated parts among them)
+QUERY_LOG_SUFFIXES = (".jsonl", ".tsv", ".txt")
+
+
+def query_log_files(path: str | Path) -> list[Path]:
+    """The files a query log is read from: ``path`` itself, or, for a folder (the service's
+    ``NRS_QUERY_LOG_PATH`` with its rotated parts), each ``.jsonl``/``.tsv``/``.txt`` file
+    in it, by name. A missing path or a folder with none of them is a :class:`DataError`."""
     path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in QUERY_LOG_SUFFIXES)
+        if not files:
+            raise DataError(f"query log folder {path} holds no {'/'.join(QUERY_LOG_SUFFIXES)} file")
+        return files
     if not path.is_file():
         raise DataError(f"query log {path} not found")
-    texts: list[str] = []
+    return [path]
+
+
+def _query_log_texts(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
-        texts = [_required_str(obj, "text", path, lineno, allow_empty=True) for lineno, obj in _iter_jsonl(path)]
-    else:
-        for lineno, line in text_lines(path):
-            line = line.rstrip("\r\n")
-            if path.suffix == ".tsv" and line.strip():
-                if "\t" not in line:
-                    raise DataError(f"{path}:{lineno}: expected id<TAB>text")
-                line = line.split("\t", 1)[1]
-            texts.append(line)
+        return [_required_str(obj, "text", path, lineno, allow_empty=True) for lineno, obj in _iter_jsonl(path)]
+    texts = []
+    for lineno, line in text_lines(path):
+        line = line.rstrip("\r\n")
+        if path.suffix == ".tsv" and line.strip():
+            if "\t" not in line:
+                raise DataError(f"{path}:{lineno}: expected id<TAB>text")
+            line = line.split("\t", 1)[1]
+        texts.append(line)
+    return texts
+
+
+def load_query_log(path: str | Path) -> list[str]:
+    """The distinct query texts of a query log, in file order: a BEIR ``queries.jsonl`` (its
+    ``text`` fields, as the service's query log writes them), a ``.tsv`` of ``id<TAB>text``
+    lines (MS MARCO's ``queries.tsv``), any other text file with one query a line, or a
+    folder of such files (:func:`query_log_files`). Blank queries are skipped; a missing or
+    empty log, or a malformed line, is a :class:`DataError`."""
+    texts = [t for f in query_log_files(path) for t in _query_log_texts(f)]
     out = list(dict.fromkeys(normalize_query(t) for t in texts if t.strip()))
     if not out:
         raise DataError(f"query log {path} holds no query")
@@ -176,12 +197,14 @@ def load_query_log(path: str | Path) -> list[str]:
 
 
 def query_log_checksum(path: str | Path) -> str:
-    """The SHA-256 of a query log's bytes (the mine stage's key holds it)."""
+    """The SHA-256 of a query log's bytes (the mine stage's key holds it); for a folder, of
+    each file's name and SHA-256."""
     from models.artifacts import sha256_file
 
-    if not Path(path).is_file():
-        raise DataError(f"query log {path} not found")
-    return sha256_file(path)
+    files = query_log_files(path)
+    if len(files) == 1 and not Path(path).is_dir():
+        return sha256_file(files[0])
+    return hashlib.sha256("".join(f"{f.name}\t{sha256_file(f)}\n" for f in files).encode()).hexdigest()
 
 
 def load_qrels(path: Path, doc_ids: set[str], query_ids: set[str] | None = None, *,

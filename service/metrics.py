@@ -13,6 +13,8 @@ Exposed at ``GET /metrics``:
 - ``nrs_index_documents``: documents in the served artifact
 - ``nrs_artifact_info{artifact_version, dense_factory, ...}``: the served artifact (no filesystem paths)
 - ``nrs_reloads_total{outcome}``, ``nrs_ready``
+- ``nrs_query_log_lines_total{outcome}``: query-log lines ``queued`` for writing or ``dropped``
+  (queue full); only with ``NRS_QUERY_LOG_PATH``
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ class ServiceMetrics:
         self.artifact = Info("nrs_artifact", "The served artifact.", registry=r)
         self.reloads = Counter("nrs_reloads", "Artifact reloads by outcome.", ["outcome"], registry=r)
         self.ready = Gauge("nrs_ready", "1 when artifacts are loaded and warmed up.", registry=r)
+        self.query_log_lines = Counter(
+            "nrs_query_log_lines", "Query-log lines queued for writing, or dropped with the queue full.",
+            ["outcome"], registry=r,
+        )
 
     def observe_timings(self, timings: StageTimings, rerank: str, first_stage: str) -> None:
         """One observation per stage of one query (stages that did not run are skipped)."""

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from models.retrieval import StageTimings
 from service.errors import Forbidden, NotReady, Unauthorized
+from service.middleware import request_id_of
 from service.schemas import (
     BatchSearchRequest,
     BatchSearchResponse,
@@ -90,17 +91,18 @@ def _result(r: SearchResult) -> SearchResponse:
 
 
 @protected.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
-async def search(body: SearchRequest, svc: ServiceDep, response: Response) -> SearchResponse:
+async def search(body: SearchRequest, svc: ServiceDep, request: Request, response: Response) -> SearchResponse:
     """Dense / sparse / hybrid first stage, optional ColBERT or cross-encoder rerank."""
-    outcome = await svc.search([body.query], body.options())
+    outcome = await svc.search([body.query], body.options(), request_id_of(request.scope))
     _timing_headers(response, outcome.timings)
     return _result(outcome.results[0])
 
 
 @protected.post("/search/batch", response_model=BatchSearchResponse, response_model_exclude_none=True)
-async def search_batch(body: BatchSearchRequest, svc: ServiceDep, response: Response) -> BatchSearchResponse:
+async def search_batch(body: BatchSearchRequest, svc: ServiceDep, request: Request,
+                       response: Response) -> BatchSearchResponse:
     """Several queries with the same options, encoded in one ONNX batch."""
-    outcome = await svc.search(body.queries, body.options())
+    outcome = await svc.search(body.queries, body.options(), request_id_of(request.scope))
     _timing_headers(response, outcome.timings)
     return BatchSearchResponse(results=[_result(r) for r in outcome.results],
                                timings_ms=StageTimings(**outcome.timings.as_dict()))

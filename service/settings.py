@@ -11,6 +11,7 @@ Groups (one flat object so every env var name is simply ``NRS_<FIELD>``):
 - dynamic batching: ``batch_max_size``, ``batch_max_wait_ms``
 - fusion: ``hybrid_dense_weight``, ``hybrid_sparse_weight``, ``colbert_weight``, ``cross_encoder_weight``
 - server: ``host``, ``port``, ``log_level``, ``api_key``, ``admin_key``, ``artifact_root``, ``graceful_shutdown_s``
+- query log (opt-in): ``query_log_path``, ``query_log_sample``, ``query_log_max_mb``, ``query_log_backups``
 """
 
 from __future__ import annotations
@@ -153,6 +154,16 @@ class Settings(BaseSettings):
         "(default: the directory that holds artifact_dir)."))
     graceful_shutdown_s: int = Field(10, ge=1, description="Time in-flight requests get after SIGTERM.")
 
+    # -- query log (service/query_log.py) ---------------------------------------------------------
+    query_log_path: Path | None = Field(None, description=(
+        "When set, every answered query is appended to this JSON-lines file (BEIR queries.jsonl "
+        "lines with time, artifact version and mode), which a later build reads as its "
+        "`label_free.query_log`. It holds raw query text. Off by default."))
+    query_log_sample: float = Field(1.0, gt=0, le=1, description="Share of search requests whose queries are logged.")
+    query_log_max_mb: float = Field(64.0, gt=0, description="Size at which the log file rotates.")
+    query_log_backups: int = Field(5, ge=1, le=1000, description=(
+        "Rotated parts kept (queries.1.jsonl ... queries.N.jsonl beside the file); the oldest is deleted."))
+
     @field_validator("max_concurrency")
     @classmethod
     def _permits_per_core(cls, value: int) -> int:
@@ -180,6 +191,8 @@ class Settings(BaseSettings):
             problems.append("api_key is set but empty (unset NRS_API_KEY to disable authentication)")
         if self.admin_key is not None and not self.admin_key.get_secret_value().strip():
             problems.append("admin_key is set but empty (unset NRS_ADMIN_KEY to disable /admin/*)")
+        if self.query_log_path is not None and self.query_log_path.suffix != ".jsonl":
+            problems.append(f"query_log_path={self.query_log_path} must end in .jsonl (the builder reads it by suffix)")
         if problems:
             raise ValueError("invalid service settings: " + "; ".join(problems))
         return self

@@ -3,7 +3,7 @@
 :class:`ServiceState` lives on ``app.state.service``. It owns the current
 :class:`~service.search.SearchEngine` (one reference, swapped atomically by a hot reload),
 the CPU thread pool, the encode batcher, admission control (bounded concurrency and wait
-queue), readiness and the metrics. A request takes the engine reference once when it
+queue), readiness, the metrics and the optional query log. A request takes the engine reference once when it
 starts and finishes on that engine even if a reload swaps in another meanwhile.
 """
 
@@ -41,6 +41,7 @@ from service.errors import (
 )
 from service.metrics import ServiceMetrics
 from service.native import libc
+from service.query_log import QueryLog
 from service.search import (
     EncodedQueries,
     SearchEngine,
@@ -199,6 +200,7 @@ class BatchOutcome:
     results: list[SearchResult]
     timings: StageTimings
     engine: SearchEngine
+    queries: list[str]  # the texts searched (cleaned), one per result
 
 
 def merge_timings(parts: Sequence[StageTimings], total_ms: float) -> StageTimings:
@@ -243,6 +245,7 @@ class ServiceState:
         self._admission: AdmissionControl | None = None
         self._reload_lock: asyncio.Lock | None = None
         self._warmup_task: asyncio.Task[None] | None = None
+        self.query_log: QueryLog | None = None
         self.batcher = EncodeBatcher(
             self.run_in_thread, max_size=settings.batch_max_size, max_wait_ms=settings.batch_max_wait_ms,
             on_batch=lambda kind, n: self.metrics.batch_size.labels(kind).observe(n),
@@ -306,6 +309,14 @@ class ServiceState:
                                                        thread_name_prefix="nrs-rerank", initializer=niced)
         self._admission = AdmissionControl(s.max_concurrency, s.max_queue, self.metrics, s.request_timeout_s)
         self._reload_lock = asyncio.Lock()
+        if s.query_log_path is not None:
+            self.query_log = QueryLog(s.query_log_path, sample=s.query_log_sample,
+                                      max_bytes=int(s.query_log_max_mb * (1 << 20)), backups=s.query_log_backups,
+                                      counter=self.metrics.query_log_lines)
+            try:
+                self.query_log.start()
+            except OSError as exc:
+                raise StartupError(f"cannot start: query_log_path {s.query_log_path} is not writable: {exc}") from exc
         self.batcher.start()
         try:
             engine = await self._run_admin(SearchEngine.load, self.artifact_dir, s)
@@ -342,6 +353,8 @@ class ServiceState:
                 pool.shutdown(wait=True, cancel_futures=True)
         if self.engine is not None:
             self.engine.close()
+        if self.query_log is not None:
+            self.query_log.close()
 
     def _set_ready(self, ready: bool) -> None:
         self.ready = ready
@@ -374,8 +387,9 @@ class ServiceState:
         return engine
 
     # -- search -----------------------------------------------------------------------------------
-    async def search(self, queries: Sequence[str], options: dict[str, Any]) -> BatchOutcome:
-        """Validate, admit, encode (batched), retrieve, all under ``request_timeout_ms``.
+    async def search(self, queries: Sequence[str], options: dict[str, Any], request_id: str = "") -> BatchOutcome:
+        """Validate, admit, encode (batched), retrieve, all under ``request_timeout_ms``; the
+        answered queries go to the query log when one is set.
 
         On a timeout the caller gets :class:`RequestTimeout` at once and the permit is
         released; CPU work already running in a thread finishes in the background and is
@@ -385,9 +399,14 @@ class ServiceState:
         engine = self.ready_engine()
         self._lease(engine)  # the engine stays open until this request is done with it
         try:
-            return await self._search_on(engine, queries, options, started)
+            outcome = await self._search_on(engine, queries, options, started)
         finally:
             self._release(engine)
+        if self.query_log is not None:
+            first = outcome.results[0]
+            self.query_log.record(outcome.queries, request_id, artifact_version=first.artifact_version,
+                                  first_stage=first.first_stage, rerank=first.rerank)
+        return outcome
 
     async def _search_on(
         self, engine: SearchEngine, queries: Sequence[str], options: dict[str, Any], started: float
@@ -415,7 +434,7 @@ class ServiceState:
         total_ms = (time.perf_counter() - started) * 1000.0
         for r in results:
             self.metrics.observe_timings(r.timings, r.rerank, r.first_stage)
-        return BatchOutcome(results, merge_timings([r.timings for r in results], total_ms), engine)
+        return BatchOutcome(results, merge_timings([r.timings for r in results], total_ms), engine, cleaned)
 
     async def _search(
         self, engine: SearchEngine, queries: list[str], opts: SearchOptions, started: float

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from index_build.data import DataError, load_collection, load_query_log, load_trec_run
+from index_build.data import DataError, load_collection, load_query_log, load_trec_run, query_log_checksum
+from models.artifacts import sha256_file
 
 
 def _write(root, corpus, queries=None, qrels=None):
@@ -106,6 +107,23 @@ def test_query_log_formats(tmp_path):
     txt = tmp_path / "log.txt"
     txt.write_text("boundary layer transition\r\n  \nshock wave\n")
     assert load_query_log(txt) == ["boundary layer transition", "shock wave"]
+
+
+def test_query_log_folder_reads_every_log_file_in_it(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "queries.jsonl").write_text('{"_id": "a", "text": "shock wave"}\n')
+    (logs / "queries.1.jsonl").write_text('{"_id": "b", "text": "wing flutter"}\n{"_id": "c", "text": "shock wave"}\n')
+    (logs / "notes.md").write_text("not a log\n")
+    assert load_query_log(logs) == ["wing flutter", "shock wave"]
+    before = query_log_checksum(logs)
+    assert before != query_log_checksum(logs / "queries.jsonl") == sha256_file(logs / "queries.jsonl")
+    (logs / "queries.2.jsonl").write_text('{"_id": "d", "text": "boundary layer"}\n')
+    assert query_log_checksum(logs) != before  # a new rotated part re-keys the mine stage
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="holds no .jsonl/.tsv/.txt file"):
+        load_query_log(empty)
 
 
 def test_query_log_errors_name_the_file(tmp_path):
