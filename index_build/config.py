@@ -248,9 +248,10 @@ class EvalConfig:
     cross_encoder_depth: int = 20
     cross_encoder_max_len: int = 128
     # judged splits besides data.test_split that a label-free build reports on too (its results'
-    # "splits"): it reads none of their queries or judgments, so they are unseen test queries as
-    # well, and more of them narrow each row's confidence interval (benchmarks/significance.py).
-    # A build that trains on judgments, or on a query log (which may hold them), cannot use them
+    # "splits"): it reads none of their judgments, so they are unseen test queries as well, and
+    # more of them narrow each row's confidence interval (benchmarks/significance.py). A query
+    # log's queries are left out of them (counts in the evaluate stage's "splits_logged"). A
+    # build that trains on judgments cannot use them
     extra_splits: list[str] = field(default_factory=list, metadata=UNHASHED_AT_DEFAULT)
 
     @property

@@ -140,18 +140,28 @@ class BuildContext(ABC):
         return self.cfg.data.label_free or not (c.has_labels and self.cfg.data.train_split in c.qrels)
 
     def extra_splits(self) -> list[str]:
-        """``evaluate.extra_splits``, checked: only a label-free build without a query log may
-        name them (it reads none of their queries), and each must be judged in the collection."""
+        """``evaluate.extra_splits``, checked: only a label-free build may name them (it reads
+        no judgments; a query log's queries are left out of them, :meth:`logged_queries`),
+        and each must be judged in the collection."""
         extra = list(self.cfg.evaluate.extra_splits)
-        if extra and (not self.label_free or self.cfg.label_free.query_log):
-            trains_on = "its query log" if self.label_free else f"the {self.cfg.data.train_split!r} judgments"
-            raise ConfigError("evaluate.extra_splits: only a label-free build without a query log reads none of "
-                              f"a split's queries; this build trains on {trains_on}")
+        if extra and not self.label_free:
+            raise ConfigError("evaluate.extra_splits: only a label-free build reads none of a split's judgments; "
+                              f"this build trains on the {self.cfg.data.train_split!r} judgments")
         missing = [s for s in extra if s not in self.collection.qrels]
         if missing:
             raise ConfigError(f"evaluate.extra_splits: no judgments for {missing} in {self.cfg.data.path} "
                               f"(judged splits: {sorted(self.collection.qrels)})")
         return extra
+
+    @cached_property
+    def logged_queries(self) -> frozenset[str]:
+        """The queries of ``label_free.query_log`` (:func:`index_build.data.query_key`; empty
+        without one): an extra split is evaluated on its other queries only, those the build
+        never read."""
+        from index_build.data import load_query_log, query_key
+
+        log = self.cfg.label_free.query_log
+        return frozenset(query_key(t) for t in load_query_log(log)) if log else frozenset()
 
     def candidate_pools(self, queries: list[str], depth: int, extra: list[list[int]] | None = None):
         """Union of BM25 and base-dense top-``depth`` per query, plus the two rankings."""

@@ -150,6 +150,16 @@ def normalize_query(text: str) -> str:
     return " ".join(text.split())
 
 
+def query_key(text: str) -> str:
+    """What decides that two queries are the same one (a logged query and an evaluated one):
+    the normalized text, case-folded, as the uncased encoders read it.
+
+    >>> query_key("  Does  TNF cause fever? ") == query_key("does tnf cause fever?")
+    True
+    """
+    return normalize_query(text).casefold()
+
+
 #: the files of a query-log folder that are read (the service's rotated parts among them)
 QUERY_LOG_SUFFIXES = (".jsonl", ".tsv", ".txt")
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from index_build.context import BuildContext
-from index_build.data import Collection, load_collection
+from index_build.data import Collection, load_collection, query_key
 from index_build.metrics import Run, Scores, markdown_table, metrics, run_from_arrays, write_json_atomic
 from index_build.tune import DENSE_ROW_PREFIX, choose_default, mode_row, tune_hybrid, tune_rerank_weights
 from models.dense_index import exact_search
@@ -45,8 +45,9 @@ def evaluate(ctx: BuildContext, out: Path) -> dict:
         collection_result = evaluate_trec(ctx, Path(ctx.cfg.data.path))
     else:
         collection_result = evaluate_collection(ctx)
-        # the label-free build's other judged splits, by the same rows (none of their queries read)
-        splits = {split: evaluate_collection(ctx, split) for split in ctx.extra_splits()}
+        # the label-free build's other judged splits, by the same rows, on the queries it never
+        # read (a query log's are left out)
+        splits = {split: rows for split in ctx.extra_splits() if (rows := evaluate_collection(ctx, split))}
     trec = {}
     for path in ctx.cfg.evaluate.trec_dl:
         if Path(path).is_dir():
@@ -54,6 +55,8 @@ def evaluate(ctx: BuildContext, out: Path) -> dict:
         else:
             log.warning("TREC DL folder %s not found: skipped", path)
     result: dict[str, Any] = {"collection": collection_result, "trec": trec, **({"splits": splits} if splits else {})}
+    if ctx.logged_queries and ctx.cfg.evaluate.extra_splits:
+        result["splits_logged"] = {split: _logged_count(ctx, split) for split in ctx.cfg.evaluate.extra_splits}
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     write_json_atomic(out / PER_QUERY, {"metric": "nDCG@10", "mode": ctx.cfg.evaluate.mode,
                                         "collection": per_query(collection_result),
@@ -98,8 +101,14 @@ def evaluate_collection(ctx: BuildContext, split: str | None = None) -> dict[str
     if split not in col.qrels:
         log.warning("no %r judgments in %s: nothing to evaluate on this corpus", split, ctx.cfg.data.path)
         return {}
-    tq = col.split_queries(split)
-    test = JudgedQueries(list(tq), list(tq.values()), col.qrels[split], col.doc_ids, ctx.cfg.evaluate.rerank_depth)
+    tq, qrels = col.split_queries(split), col.qrels[split]
+    if split != ctx.cfg.data.test_split and ctx.logged_queries:  # the test split's are never trained on
+        tq = {qid: text for qid, text in tq.items() if query_key(text) not in ctx.logged_queries}
+        qrels = {qid: rel for qid, rel in qrels.items() if qid in tq}
+        if not qrels:
+            log.warning("every judged %r query is in the query log: nothing of that split to evaluate", split)
+            return {}
+    test = JudgedQueries(list(tq), list(tq.values()), qrels, col.doc_ids, ctx.cfg.evaluate.rerank_depth)
     if "asymmetric" in ctx.cfg.students.kinds:
         test.teacher_queries = ctx.teacher_space.query_vectors(test.texts)
     systems = _reference_rows(ctx, test)
@@ -115,6 +124,13 @@ def evaluate_collection(ctx: BuildContext, split: str | None = None) -> dict[str
     if row in systems:
         systems["served-default"] = systems[row].copy()
     return systems
+
+
+def _logged_count(ctx: BuildContext, split: str) -> dict[str, int]:
+    """How many of ``split``'s judged queries the query log holds (left out of its rows)."""
+    judged = list(ctx.collection.split_queries(split).values())
+    logged = sum(query_key(t) in ctx.logged_queries for t in judged)
+    return {"judged": len(judged), "logged": logged, "evaluated": len(judged) - logged}
 
 
 def _reference_rows(ctx: BuildContext, test: JudgedQueries) -> dict[str, dict[str, float]]:

@@ -91,17 +91,17 @@ def query_log_examples(ctx: BuildContext, path: str, dev: dict,
     by the teacher (:func:`index_build.tune.teacher_judged` over each one's
     ``students.dev_pool_depth`` pool). Returns the examples, the trained texts, that dev
     slice and what the log held."""
-    from index_build.data import load_query_log, normalize_query
+    from index_build.data import load_query_log, query_key
     from index_build.sampling import make_examples
     from index_build.teachers import cached_teacher_scores
     from index_build.tune import teacher_judged
 
     logged = load_query_log(path)
-    held_out = {normalize_query(t) for t in dev["queries"]}
+    held_out = {query_key(t) for t in dev["queries"]}
     test = ctx.cfg.data.test_split
     if test in ctx.collection.qrels:
-        held_out |= {normalize_query(t) for t in ctx.collection.split_queries(test).values()}
-    kept = [t for t in logged if t not in held_out]
+        held_out |= {query_key(t) for t in ctx.collection.split_queries(test).values()}
+    kept = [t for t in logged if query_key(t) not in held_out]
     order = list(range(len(kept)))
     random.Random(0).shuffle(order)
     dev_idx = set(order[:min(n_dev, len(kept) // 5)])

@@ -215,15 +215,20 @@ def test_wise_ft_interpolates_the_encoder_with_the_base(tiny_bert, tmp_path):
 
 def test_query_log_trains_every_student_on_unjudged_queries_never_on_evaluated_ones(tmp_path, tiny_beir, tiny_bert):
     pytest.importorskip("torch")
+    import json
     import shutil
 
     from index_build.config import ConfigError, load_config
+    from index_build.data import load_collection
     from index_build.distill import asymmetric_training_texts
     from index_build.stages import Pipeline
     from tests.conftest import tiny_overrides
 
     log = tmp_path / "log.jsonl"  # the collection's queries, test ones included, read as a log without judgments
     shutil.copyfile(tiny_beir / "queries.jsonl", log)
+    first_test = next(iter(load_collection(tiny_beir).split_queries("test").values()))
+    with log.open("a") as f:  # a test query in other case and spacing is the same query: never trained on
+        f.write(json.dumps({"_id": "shout", "text": f"  {first_test.upper()}  "}) + "\n")
     cfg = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "data.label_free=true",
                                                "label_free.dev_queries=5", f'label_free.query_log="{log}"',
                                                'students.kinds=["asymmetric"]', "asymmetric.log_draws=4"))
@@ -313,7 +318,8 @@ def test_logged_queries_held_out_as_a_teacher_judged_dev_slice(tmp_path, tiny_be
 
 def test_a_label_free_build_reports_on_the_judged_splits_it_never_read(tmp_path, tiny_beir, tiny_bert):
     """``evaluate.extra_splits``: every row on another judged split, as on the test split, with
-    its per-query scores; only a label-free build without a query log may ask for them."""
+    its per-query scores, leaving out the queries of a query log; only a label-free build
+    may ask for them."""
     pytest.importorskip("torch")
     import json
 
@@ -355,9 +361,16 @@ def test_a_label_free_build_reports_on_the_judged_splits_it_never_read(tmp_path,
         Pipeline(unknown, progress=False).run_all()
     with pytest.raises(ConfigError, match="other than data.test_split"):
         load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'evaluate.extra_splits=["test"]'))
+    # with a query log, the extra split is evaluated on the queries the log does not hold
+    train_queries = p.collection.split_queries("train")
+    in_log = list(train_queries)[:2]
     log = tmp_path / "log.txt"
-    log.write_text("a logged query\n")
-    logged = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path / "g", *args,
-                                                  f'label_free.query_log="{log}"', extra))
-    with pytest.raises(ConfigError, match="its query log"):
-        Pipeline(logged, progress=False).run_all()
+    log.write_text("".join(f"  {train_queries[q].upper()} \n" for q in in_log) + "a logged query\n")
+    g = Pipeline(load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path / "g", *args,
+                                                      f'label_free.query_log="{log}"', extra)), progress=False)
+    logged = g.run_all()
+    assert logged["stages"]["evaluate"]["splits_logged"] == {
+        "train": {"judged": len(train_queries), "logged": 2, "evaluated": len(train_queries) - 2}}
+    per_query = json.loads((tmp_path / "g" / "results" / f"{tiny_beir.name}.per-query.json").read_text())
+    assert set(per_query["splits"]["train"]["asym-dense"]) == set(train_queries) - set(in_log)
+    assert set(per_query["collection"]["asym-dense"]) == set(p.collection.split_queries("test"))
