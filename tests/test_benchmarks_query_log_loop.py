@@ -1,0 +1,44 @@
+"""benchmarks/query_log_loop.py: which claims are sent and which held out, and the rows read
+from a build's per-query scores (the builds and the service run in the benchmark only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import typer
+
+from benchmarks.query_log_loop import split_claims, summarize
+
+
+def test_sent_claims_and_holdout_split_the_training_claims(tiny_beir):
+    from index_build.data import load_collection
+
+    train = load_collection(tiny_beir, splits=["train"]).split_queries("train")
+    sent, holdout = split_claims(tiny_beir, 5)
+    assert len(sent) == 5 and len(holdout) == len(train) - 5
+    assert {q for q, _ in sent} | set(holdout) == set(train) and not {q for q, _ in sent} & set(holdout)
+    assert all(train[q] == text for q, text in sent)
+    assert split_claims(tiny_beir, 5) == (sent, holdout)  # seeded
+    with pytest.raises(typer.BadParameter):
+        split_claims(tiny_beir, len(train))
+
+
+def test_rows_over_test_holdout_and_both_come_from_the_per_query_scores():
+    rng = np.random.default_rng(0)
+    rows = ["base-dense", "teacher", "asym-dense", "served-default"]
+    test = {r: {f"t{i}": float(v) for i, v in enumerate(rng.uniform(0, 1, 6))} for r in rows}
+    # the training split as a build that logged claims x0 and x1 evaluates it: the others only
+    train = {r: {f"x{i}": float(v) for i, v in enumerate(rng.uniform(0, 1, 8)) if i >= 2} for r in rows}
+    holdout = ["x5", "x3", "x7"]
+    out = summarize({"collection": test, "splits": {"train": train}}, holdout)
+    assert out["test"]["queries"] == 6 and out["holdout"]["queries"] == 3 and out["test+holdout"]["queries"] == 9
+    for r in rows:
+        assert out["test"]["nDCG@10"][r] == pytest.approx(np.mean(list(test[r].values())), abs=1e-4)
+        assert out["holdout"]["nDCG@10"][r] == pytest.approx(np.mean([train[r][q] for q in holdout]), abs=1e-4)
+        both = list(test[r].values()) + [train[r][q] for q in holdout]
+        assert out["test+holdout"]["nDCG@10"][r] == pytest.approx(np.mean(both), abs=1e-4)
+    pair = out["test+holdout"]["pairs"]["asym-dense - base-dense"]
+    diff = np.mean([test["asym-dense"][q] - test["base-dense"][q] for q in test["asym-dense"]]
+                   + [train["asym-dense"][q] - train["base-dense"][q] for q in holdout])
+    assert pair["diff"] == pytest.approx(diff, abs=1e-4) and pair["queries"] == 9 and pair["margin"] == 0.02
+    assert out["holdout"]["pairs"]["served-default - teacher"]["margin"] == -0.005
