@@ -42,3 +42,23 @@ def test_rows_over_test_holdout_and_both_come_from_the_per_query_scores():
                    + [train["asym-dense"][q] - train["base-dense"][q] for q in holdout])
     assert pair["diff"] == pytest.approx(diff, abs=1e-4) and pair["queries"] == 9 and pair["margin"] == 0.02
     assert out["holdout"]["pairs"]["served-default - teacher"]["margin"] == -0.005
+
+
+def test_gains_against_the_corpus_only_build_pair_the_same_claims():
+    rng = np.random.default_rng(1)
+    rows = ["base-dense", "asym-dense", "served-default"]
+
+    def build():
+        return {"collection": {r: {f"t{i}": float(v) for i, v in enumerate(rng.uniform(0, 1, 5))} for r in rows},
+                "splits": {"train": {r: {f"x{i}": float(v) for i, v in enumerate(rng.uniform(0, 1, 6))}
+                                     for r in rows}}}
+
+    before, after = build(), build()
+    holdout = ["x4", "x1"]
+    gains = summarize(after, holdout, before)["test+holdout"]["against_corpus_only"]
+    assert set(gains) == {"asym-dense", "served-default"}
+    for r in gains:
+        diff = [after["collection"][r][q] - before["collection"][r][q] for q in before["collection"][r]]
+        diff += [after["splits"]["train"][r][q] - before["splits"]["train"][r][q] for q in holdout]
+        assert gains[r]["diff"] == pytest.approx(np.mean(diff), abs=1e-4) and gains[r]["queries"] == 7
+    assert "against_corpus_only" not in summarize(after, holdout)["test"]
