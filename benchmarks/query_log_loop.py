@@ -45,7 +45,7 @@ from benchmarks.latency import running_service  # noqa: E402
 from benchmarks.publish_build import publish  # noqa: E402
 from benchmarks.significance import paired  # noqa: E402
 from index_build.config import load_config  # noqa: E402
-from index_build.data import load_collection  # noqa: E402
+from index_build.data import load_collection, query_key  # noqa: E402
 from index_build.metrics import markdown_table, write_json_atomic  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 
@@ -63,12 +63,14 @@ GAINS = ["asym-dense", "served-default"]
 
 def split_claims(data: Path, pool: int) -> tuple[list[tuple[str, str]], list[str]]:
     """The training claims sent to the service (``(id, text)``, in sending order) and the
-    ids of those never sent (the holdout)."""
+    ids of those never sent (the holdout), less any whose text is also a sent claim's
+    (SciFact repeats a few claims under two ids: a build drops both from its evaluation)."""
     claims = list(load_collection(data, splits=["train"]).split_queries("train").items())
     random.Random(0).shuffle(claims)
     if not 0 < pool < len(claims):
         raise typer.BadParameter(f"--pool must be between 1 and {len(claims) - 1}")
-    return claims[:pool], [qid for qid, _ in claims[pool:]]
+    sent = {query_key(text) for _, text in claims[:pool]}
+    return claims[:pool], [qid for qid, text in claims[pool:] if query_key(text) not in sent]
 
 
 def logged_texts(log_path: Path) -> list[str]:

@@ -3,6 +3,8 @@ from a build's per-query scores (the builds and the service run in the benchmark
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import typer
@@ -21,6 +23,25 @@ def test_sent_claims_and_holdout_split_the_training_claims(tiny_beir):
     assert split_claims(tiny_beir, 5) == (sent, holdout)  # seeded
     with pytest.raises(typer.BadParameter):
         split_claims(tiny_beir, len(train))
+
+
+def test_a_held_out_claim_repeating_a_sent_one_is_left_out(tmp_path, tiny_beir):
+    import shutil
+
+    from index_build.data import load_collection
+
+    data = tmp_path / "beir"
+    shutil.copytree(tiny_beir, data)
+    train = load_collection(data, splits=["train"]).split_queries("train")
+    sent, holdout = split_claims(data, 5)
+    twin = holdout[0]  # give a held-out claim the text of a sent one, in other case
+    lines = [json.loads(line) for line in (data / "queries.jsonl").read_text().splitlines() if line.strip()]
+    for q in lines:
+        if q["_id"] == twin:
+            q["text"] = sent[0][1].upper()
+    (data / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in lines))
+    sent2, holdout2 = split_claims(data, 5)
+    assert sent2 == sent and holdout2 == [q for q in holdout if q != twin] and len(train) == len(holdout) + 5
 
 
 def test_rows_over_test_holdout_and_both_come_from_the_per_query_scores():
