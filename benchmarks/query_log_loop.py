@@ -1,6 +1,6 @@
 """The query-log loop on SciFact: serve the corpus-only build, log the queries users send,
 rebuild on that log. Writes ``benchmarks/results/query-log-loop.json`` (+ ``.md``) and each
-build's own results files under ``benchmarks/results/query-log-loop/``.
+rebuild's own results files under ``benchmarks/results/query-log-loop/``.
 
     .venv/bin/python benchmarks/query_log_loop.py [--sizes 100,250,500] [--pool 500]
 
@@ -46,7 +46,7 @@ from benchmarks.publish_build import publish  # noqa: E402
 from benchmarks.significance import paired  # noqa: E402
 from index_build.config import load_config  # noqa: E402
 from index_build.data import load_collection, query_key  # noqa: E402
-from index_build.metrics import markdown_table, write_json_atomic  # noqa: E402
+from index_build.metrics import write_json_atomic  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 
 log = logging.getLogger("query_log_loop")
@@ -116,35 +116,47 @@ def build(size: int, served_log: Path) -> tuple[dict, dict, list[str]]:
                      f'artifact_dir="artifacts/{name}"', "build_artifact=false", f'evaluate.name="{name}"']
     cfg = load_config(CONFIG, overrides)
     result = Pipeline(cfg).run_all()
-    publish(cfg.results_path, RESULTS / "query-log-loop")
+    if size:  # the corpus-only build's files are published by benchmarks/label_free.py
+        publish(cfg.results_path, RESULTS / "query-log-loop")
     per_query = json.loads((Path(cfg.results_path) / f"{cfg.evaluate.name}.per-query.json").read_text())
     return result, per_query, overrides
 
 
-def query_sets(per_query: dict, holdout: list[str]) -> dict[str, dict[str, list[float]]]:
-    """Each row's per-query scores over the test claims, the holdout and both (fixed order)."""
-    test, train = per_query["collection"], per_query["splits"]["train"]
-    sets = {"test": {r: [test[r][q] for q in sorted(test[r])] for r in ROWS if r in test},
-            "holdout": {r: [train[r][q] for q in holdout] for r in ROWS if r in train}}
-    sets["test+holdout"] = {r: sets["test"][r] + sets["holdout"][r] for r in sets["test"] if r in sets["holdout"]}
-    return sets
+#: the claim sets rows are read over: split -> ids (``unlogged``: every training claim the
+#: build evaluated, i.e. not in its log; a different set for each size)
+SETS = ("test", "holdout", "test+holdout", "unlogged")
+
+
+def claim_ids(per_query: dict, holdout: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """``(split, query id)`` of each of :data:`SETS`, in a fixed order, for one build."""
+    test = [("collection", q) for q in sorted(per_query["collection"]["asym-dense"])]
+    held = [("train", q) for q in holdout]
+    unlogged = [("train", q) for q in sorted(per_query["splits"]["train"]["asym-dense"])]
+    return {"test": test, "holdout": held, "test+holdout": test + held, "unlogged": unlogged}
+
+
+def scores(per_query: dict, ids: list[tuple[str, str]]) -> dict[str, np.ndarray]:
+    """Each of :data:`ROWS`' nDCG@10 on the claims ``ids``."""
+    def split(name: str) -> dict:
+        return per_query["collection"] if name == "collection" else per_query["splits"][name]
+
+    return {r: np.array([split(s)[r][q] for s, q in ids]) for r in ROWS if r in per_query["collection"]}
 
 
 def summarize(per_query: dict, holdout: list[str], corpus_only: dict | None = None) -> dict:
-    """Each row's mean over the test claims, the holdout, and both; the paired :data:`PAIRS`;
-    and, given the corpus-only build's per-query scores, each of :data:`GAINS` against that
-    build's same row on the same claims."""
-    sets = query_sets(per_query, holdout)
-    before = query_sets(corpus_only, holdout) if corpus_only is not None else None
+    """Each row's mean over each of :data:`SETS`; the paired :data:`PAIRS`; and, given the
+    corpus-only build's per-query scores, each of :data:`GAINS` against that build's same
+    row on the same claims."""
     out = {}
-    for name, rows in sets.items():
-        out[name] = {"queries": len(next(iter(rows.values()))),
-                     "nDCG@10": {r: round(float(np.mean(v)), 4) for r, v in rows.items()},
-                     "pairs": {f"{a} - {b}": paired(np.array(rows[a]), np.array(rows[b]), margin)
+    for name, ids in claim_ids(per_query, holdout).items():
+        rows = scores(per_query, ids)
+        out[name] = {"queries": len(ids), "nDCG@10": {r: round(float(v.mean()), 4) for r, v in rows.items()},
+                     "pairs": {f"{a} - {b}": paired(rows[a], rows[b], margin)
                                for a, b, margin in PAIRS if a in rows and b in rows}}
-        if before is not None:
-            out[name]["against_corpus_only"] = {r: paired(np.array(rows[r]), np.array(before[name][r]), 0.0)
-                                                for r in GAINS if r in rows and r in before[name]}
+        if corpus_only is not None:
+            before = scores(corpus_only, ids)
+            out[name]["against_corpus_only"] = {r: paired(rows[r], before[r], 0.0) for r in GAINS
+                                                if r in rows and r in before}
     return out
 
 
@@ -180,14 +192,21 @@ def main(sizes: str = typer.Option("100,250,500", help="logged queries per rebui
         write_json_atomic(RESULTS / "query-log-loop.json", out)
     md = [f"# Query-log loop (SciFact, `{out['command']}`)\n",
           f"{pool} training claims sent to the service, {len(holdout)} held out; nDCG@10.\n"]
-    for name in ("test", "holdout", "test+holdout"):
-        table = {f"{b['logged']} logged": b[name]["nDCG@10"] for b in out["builds"].values()}
-        md.append(markdown_table(table, f"{name} ({next(iter(out['builds'].values()))[name]['queries']} claims)"))
-    md.append("Against the corpus-only build, claim by claim (test+holdout): mean difference [95% interval]\n")
-    for b in list(out["builds"].values())[1:]:
-        gains = b["test+holdout"]["against_corpus_only"]
-        md.append(f"- {b['logged']} logged: " + "; ".join(f"{r} {g['diff']:+.4f} [{g['ci95'][0]:+.4f}, "
-                                                           f"{g['ci95'][1]:+.4f}]" for r, g in gains.items()))
+    builds = list(out["builds"].values())
+    for name in SETS:
+        about = "the training claims each build did not log" if name == "unlogged" else \
+            f"{builds[0][name]['queries']} claims"
+        md += [f"### {name} ({about})\n", "| logged | claims | " + " | ".join(ROWS) + " |",
+               "|---" * (len(ROWS) + 2) + "|"]
+        md += [f"| {b['logged']} | {b[name]['queries']} | "
+               + " | ".join(f"{b[name]['nDCG@10'].get(r, float('nan')):.4f}" for r in ROWS) + " |" for b in builds]
+        md.append("")
+    md.append("Against the corpus-only build on the same claims: mean difference [95% interval over claims]\n")
+    for name in ("test+holdout", "unlogged"):
+        for b in builds[1:]:
+            gains = b[name]["against_corpus_only"]
+            md.append(f"- {name}, {b['logged']} logged: " + "; ".join(
+                f"{r} {g['diff']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" for r, g in gains.items()))
     (RESULTS / "query-log-loop.md").write_text("\n".join(md) + "\n")
 
 

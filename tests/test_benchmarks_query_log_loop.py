@@ -63,6 +63,10 @@ def test_rows_over_test_holdout_and_both_come_from_the_per_query_scores():
                    + [train["asym-dense"][q] - train["base-dense"][q] for q in holdout])
     assert pair["diff"] == pytest.approx(diff, abs=1e-4) and pair["queries"] == 9 and pair["margin"] == 0.02
     assert out["holdout"]["pairs"]["served-default - teacher"]["margin"] == -0.005
+    # every training claim the build evaluated (those it did not log)
+    assert out["unlogged"]["queries"] == 6
+    assert out["unlogged"]["nDCG@10"]["asym-dense"] == pytest.approx(np.mean(list(train["asym-dense"].values())),
+                                                                       abs=1e-4)
 
 
 def test_gains_against_the_corpus_only_build_pair_the_same_claims():
@@ -83,3 +87,11 @@ def test_gains_against_the_corpus_only_build_pair_the_same_claims():
         diff += [after["splits"]["train"][r][q] - before["splits"]["train"][r][q] for q in holdout]
         assert gains[r]["diff"] == pytest.approx(np.mean(diff), abs=1e-4) and gains[r]["queries"] == 7
     assert "against_corpus_only" not in summarize(after, holdout)["test"]
+    # the claims a build did not log, paired with the corpus-only build's scores on those claims
+    del after["splits"]["train"]["asym-dense"]["x0"], after["splits"]["train"]["served-default"]["x0"]
+    del after["splits"]["train"]["base-dense"]["x0"]
+    unlogged = summarize(after, holdout, before)["unlogged"]["against_corpus_only"]["asym-dense"]
+    ids = [f"x{i}" for i in range(1, 6)]
+    assert unlogged["queries"] == 5 and unlogged["diff"] == pytest.approx(
+        np.mean([after["splits"]["train"]["asym-dense"][q] - before["splits"]["train"]["asym-dense"][q] for q in ids]),
+        abs=1e-4)
