@@ -13,7 +13,8 @@ name: ``scifact-log`` adds a query log without judgments (``label_free.query_log
 ``dl19-log`` / ``dl20-log`` give each TREC pool the other year's questions as that log,
 ``<collection>-kldense`` trains against the teacher's bi-encoder members alone,
 ``scifact-statements`` adds statement pseudo-queries (``asymmetric.statements_per_doc``),
-``scifact-average`` keeps the average of the student's late checks (``asymmetric.checkpoint``).
+``scifact-average`` keeps the average of the student's late checks (``asymmetric.checkpoint``),
+``scifact-seed14`` / ``scifact-seed15`` train the student from another seed.
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ VARIANTS = {
         'artifact_dir="artifacts/labelfree-scifact-average"', 'evaluate.name="labelfree-scifact-average"',
     ], "the corpus-only build whose asymmetric student keeps the average of its parameters at the checks in "
        "the second half of training instead of the checkpoint that scored best on the pseudo-query dev slice"),
+    # the corpus-only build with the asymmetric student trained from other seeds: how far one
+    # training run's rows move with the seed alone (same mined queries and teacher labels)
+    **{f"scifact-seed{seed}": ("scifact", [
+        f"asymmetric.seed={seed}", f'work_dir="work/labelfree-scifact-seed{seed}"',
+        f'artifact_dir="artifacts/labelfree-scifact-seed{seed}"', f'evaluate.name="labelfree-scifact-seed{seed}"',
+        "build_artifact=false",
+    ], f"the corpus-only build with the asymmetric student's seed {seed} (13 by default): which pseudo-queries fill "
+       "its 20,000 under the cap, their order, candidate samples and dropout")
+       for seed in (14, 15)},
     # each TREC year's pool with the other year's MS MARCO questions as its log (no judgment read)
     **{f"{year}-log": (year, [
         f'label_free.query_log="../shared/data/trec-dl/{other}/queries.jsonl"', f"label_free.log_dev_queries={n_dev}",
