@@ -158,7 +158,8 @@ class Settings(BaseSettings):
     query_log_path: Path | None = Field(None, description=(
         "When set, every answered query is appended to this JSON-lines file (BEIR queries.jsonl "
         "lines with time, artifact version and mode), which a later build reads as its "
-        "`label_free.query_log`. It holds raw query text. Off by default."))
+        "`label_free.query_log`. It holds raw query text. One file per service process (each "
+        "rotates its own). Off by default."))
     query_log_sample: float = Field(1.0, gt=0, le=1, description="Share of search requests whose queries are logged.")
     query_log_max_mb: float = Field(64.0, gt=0, description="Size at which the log file rotates.")
     query_log_backups: int = Field(5, ge=1, le=1000, description=(
