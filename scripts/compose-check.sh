@@ -6,7 +6,8 @@
 #   2. the four images (builder, service, locust, prometheus) are built and timed, one by one;
 #   3. `up -d api prometheus` with docker/compose.quickstart.yml: the one-shot builder runs
 #      `index-build quickstart` on the slice, then the api starts; the api's health check is polled;
-#   4. /info and /search are asked from a container on the compose network (http://api:8000);
+#   4. /info and /search are asked from a container on the compose network (http://api:8000),
+#      and the answered query is found in the api's query log (/logs/queries.jsonl, its volume);
 #   5. the `load` profile's locust runs headless for --run-time with --users users;
 #   6. Prometheus' HTTP API is asked for up{job="nrs-api"}, nrs_index_documents and
 #      nrs_requests_total, and for every expression of the Grafana dashboard;
@@ -249,6 +250,15 @@ probe=$(echo "$probe" | tail -n 1)
 fact search "$probe"
 hits=$(echo "$probe" | "$PY" -c 'import json, sys; d = json.load(sys.stdin); print(d["hits"] if d["status"] == 200 else 0)')
 check search_through_network "$([ "$hits" -gt 0 ] && echo 1 || echo 0)" "/search answered with $hits hits"
+# the answered query is in the api's query log on its volume (written by a background thread)
+logged=0
+for _ in $(seq 50); do
+  logged=$(docker exec "$api_id" sh -c 'wc -l < /logs/queries.jsonl' 2>/dev/null || echo 0)
+  [ "$logged" -gt 0 ] && break
+  sleep 0.1
+done
+fact query_log.lines_after_probe "$logged"
+check query_log_written "$([ "$logged" -gt 0 ] && echo 1 || echo 0)" "/logs/queries.jsonl holds $logged line(s)"
 
 # -- 5. locust, headless ------------------------------------------------------------------------
 log "locust: $USERS users for $RUN_TIME (mix $LOCUST_MIX)"
