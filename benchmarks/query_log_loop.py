@@ -18,7 +18,8 @@ that loop and measures what each amount of logged traffic buys:
    corpus-only build itself; its stages are cached).
 3. Every build is evaluated on the 300 test claims, and on the training claims it did not
    log (``evaluate.extra_splits``); the rows here are read from its per-query scores, over
-   the test claims, over the holdout (the same claims for every N) and over both, with a
+   the test claims, over the holdout (the same claims for every N), over both, and over
+   every training claim the build did not log, with a
    paired bootstrap interval of each difference (``benchmarks/significance.py``), and each
    build's student alone and served default against the corpus-only build's, claim by claim.
 
@@ -59,6 +60,9 @@ ROWS = ["base-dense", "teacher", "teacher-space", "asym-dense", "asym-hybrid", "
 PAIRS = [("asym-dense", "base-dense", 0.02), ("served-default", "teacher", -0.005)]
 #: rows compared with the corpus-only build's own, query by query
 GAINS = ["asym-dense", "served-default"]
+#: the claim sets rows are read over (``unlogged``: every training claim the build evaluated,
+#: i.e. not in its log; a different set for each size)
+SETS = ("test", "holdout", "test+holdout", "unlogged")
 
 
 def split_claims(data: Path, pool: int) -> tuple[list[tuple[str, str]], list[str]]:
@@ -120,11 +124,6 @@ def build(size: int, served_log: Path) -> tuple[dict, dict, list[str]]:
         publish(cfg.results_path, RESULTS / "query-log-loop")
     per_query = json.loads((Path(cfg.results_path) / f"{cfg.evaluate.name}.per-query.json").read_text())
     return result, per_query, overrides
-
-
-#: the claim sets rows are read over: split -> ids (``unlogged``: every training claim the
-#: build evaluated, i.e. not in its log; a different set for each size)
-SETS = ("test", "holdout", "test+holdout", "unlogged")
 
 
 def claim_ids(per_query: dict, holdout: list[str]) -> dict[str, list[tuple[str, str]]]:

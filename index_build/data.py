@@ -212,8 +212,8 @@ def query_log_checksum(path: str | Path) -> str:
     from models.artifacts import sha256_file
 
     files = query_log_files(path)
-    if len(files) == 1 and not Path(path).is_dir():
-        return sha256_file(files[0])
+    if not Path(path).is_dir():
+        return sha256_file(path)
     return hashlib.sha256("".join(f"{f.name}\t{sha256_file(f)}\n" for f in files).encode()).hexdigest()
 
 
