@@ -3,8 +3,9 @@
 :class:`ServiceState` lives on ``app.state.service``. It owns the current
 :class:`~service.search.SearchEngine` (one reference, swapped atomically by a hot reload),
 the CPU thread pool, the encode batcher, admission control (bounded concurrency and wait
-queue), readiness, the metrics and the optional query log. A request takes the engine reference once when it
-starts and finishes on that engine even if a reload swaps in another meanwhile.
+queue), readiness, the metrics and the optional query log. A request takes the engine
+reference once when it starts and finishes on that engine even if a reload swaps in another
+meanwhile.
 """
 
 from __future__ import annotations
