@@ -45,6 +45,12 @@ PAIRS = [
     ("asym-hybrid", "asym-hybrid-student", 0.0),
     ("asym-hybrid", "asym-hybrid-lists", 0.0),
 ]
+#: builds that differ only in their training seed: each row's per-query nDCG@10 averaged over
+#: the seeds (the recipe's expected score on each query) is compared like a build's own rows
+SEED_GROUPS = {
+    "label-free/labelfree-scifact (asymmetric.seed 13, 14, 15)": [
+        "label-free/labelfree-scifact", "label-free/labelfree-scifact-seed14", "label-free/labelfree-scifact-seed15"],
+}
 #: margins on a TREC pool (a build in evaluate mode "rerank", or a build's ``evaluate.trec_dl`` pools):
 #: the student alone need only hold the base model's quality there
 POOL_MARGINS = {("asym-dense", "base-dense"): -0.005}
@@ -94,6 +100,32 @@ def pool_splits(splits: list[dict[str, dict[str, float]]]) -> dict[str, dict[str
     return {row: {f"{i}:{q}": v for i, s in enumerate(splits) for q, v in s[row].items()} for row in rows}
 
 
+def seed_average(datas: list[dict]) -> dict:
+    """A per-query file's content whose rows are those every one of ``datas`` has, each query's
+    score the mean over them (of the test split and of each extra split all of them have)."""
+    def mean_rows(tables: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+        rows = set.intersection(*(set(t) for t in tables))
+        return {row: {q: float(np.mean([t[row][q] for t in tables])) for q in tables[0][row]} for row in sorted(rows)}
+
+    splits = set.intersection(*(set(d.get("splits", {})) for d in datas))
+    return {"mode": datas[0].get("mode"), "collection": mean_rows([d.get("collection", {}) for d in datas]),
+            "trec": {}, "splits": {s: mean_rows([d["splits"][s] for d in datas]) for s in sorted(splits)},
+            "command": " ; ".join(d.get("command", "") for d in datas)}
+
+
+def build_entry(name: str, data: dict) -> dict:
+    """Every pair of :data:`PAIRS` on each set of queries a build (or a seed group) reports."""
+    entry = {"file": name, "command": data.get("command", ""),
+             "collection": compare(data.get("collection", {}), data.get("mode") == "rerank"),
+             "trec": {k: compare(v, True) for k, v in data.get("trec", {}).items()},
+             "splits": {k: compare(v, False) for k, v in data.get("splits", {}).items()}}
+    if data.get("splits") and data.get("mode") != "rerank":
+        # every judged query the build never read, its splits' and the test split's together
+        pooled = pool_splits([data.get("collection", {}), *data["splits"].values()])
+        entry["splits"]["+".join(["test", *data["splits"]])] = compare(pooled, False)
+    return entry
+
+
 def main(files: list[Path] = typer.Option(None, "--files", help="per-query files (default: all under results)"),
          out: Path = typer.Option(RESULTS / "significance.json", help="where the results go")) -> None:
     paths = sorted(files or RESULTS.rglob("*.per-query.json"))
@@ -107,18 +139,17 @@ def main(files: list[Path] = typer.Option(None, "--files", help="per-query files
           "`python benchmarks/significance.py`: 95% bootstrap interval over the test queries, paired t-test.", "",
           "| build | queries of | a - b | a | b | diff | 95% CI | p | queries | margin | verdict |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    datas = {}
     for path in paths:
-        data = json.loads(path.read_text())
         name = str(path.relative_to(RESULTS)) if path.is_relative_to(RESULTS) else str(path)
-        entry = {"file": name, "command": data.get("command", ""),
-                 "collection": compare(data.get("collection", {}), data.get("mode") == "rerank"),
-                 "trec": {k: compare(v, True) for k, v in data.get("trec", {}).items()},
-                 "splits": {k: compare(v, False) for k, v in data.get("splits", {}).items()}}
-        if data.get("splits") and data.get("mode") != "rerank":
-            # every judged query the build never read, its splits' and the test split's together
-            pooled = pool_splits([data.get("collection", {}), *data["splits"].values()])
-            entry["splits"]["+".join(["test", *data["splits"]])] = compare(pooled, False)
-        report["builds"][name.removesuffix(".per-query.json")] = entry
+        datas[name.removesuffix(".per-query.json")] = json.loads(path.read_text())
+    for group, members in SEED_GROUPS.items():
+        if all(m in datas for m in members):
+            datas[group] = seed_average([datas[m] for m in members])
+    for key, data in datas.items():
+        name = key if key in SEED_GROUPS else key + ".per-query.json"
+        entry = build_entry(name, data)
+        report["builds"][key] = entry
         for queries, pairs in [("", entry["collection"]), *entry["splits"].items(), *entry["trec"].items()]:
             for pair, r in pairs.items():
                 md.append(f"| {name.removesuffix('.per-query.json')} | {queries or 'test'} | {pair} | {r['a']:.4f} | "

@@ -197,10 +197,14 @@ def load_query_log(path: str | Path) -> list[str]:
     """The distinct query texts of a query log, in file order: a BEIR ``queries.jsonl`` (its
     ``text`` fields, as the service's query log writes them), a ``.tsv`` of ``id<TAB>text``
     lines (MS MARCO's ``queries.tsv``), any other text file with one query a line, or a
-    folder of such files (:func:`query_log_files`). Blank queries are skipped; a missing or
-    empty log, or a malformed line, is a :class:`DataError`."""
-    texts = [t for f in query_log_files(path) for t in _query_log_texts(f)]
-    out = list(dict.fromkeys(normalize_query(t) for t in texts if t.strip()))
+    folder of such files (:func:`query_log_files`). Queries that differ only in case or
+    spacing (:func:`query_key`) are one query, in its first form. Blank queries are skipped; a
+    missing or empty log, or a malformed line, is a :class:`DataError`."""
+    texts = [normalize_query(t) for f in query_log_files(path) for t in _query_log_texts(f) if t.strip()]
+    first: dict[str, str] = {}
+    for t in texts:
+        first.setdefault(query_key(t), t)
+    out = list(first.values())
     if not out:
         raise DataError(f"query log {path} holds no query")
     return out

@@ -38,10 +38,15 @@ def metrics(qrels: Qrels, run: Run, *, min_rel: int = 1) -> Scores:
     queries; with the nDCG@10 of each judged query (:class:`Scores`)."""
     run = {q: docs for q, docs in run.items() if q in qrels}
     measures = {"nDCG@10": nDCG @ 10, "RR@10": RR(rel=min_rel) @ 10, "R@100": R(rel=min_rel) @ 100}
-    agg = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
-    judged = sorted(qrels)
-    per_query = dict(zip(judged, per_query_ndcg(qrels, run, judged).round(6).tolist()))
-    return Scores({name: round(float(agg[m]), 4) for name, m in measures.items()}, per_query)
+    # one evaluation pass; the aggregates are the means over the judged queries the run holds
+    # (as ir_measures.calc_aggregate), the per-query nDCG@10 counts a judged query it misses as 0
+    got: dict[Any, dict[str, float]] = {m: {} for m in measures.values()}
+    for r in ir_measures.iter_calc(list(measures.values()), qrels, run):
+        got[r.measure][r.query_id] = float(r.value)
+    agg = {name: round(float(np.mean(list(got[m].values()))), 4) if got[m] else 0.0 for name, m in measures.items()}
+    ndcg = got[measures["nDCG@10"]]
+    per_query = {q: round(ndcg.get(q, 0.0), 6) for q in sorted(qrels)}
+    return Scores(agg, per_query)
 
 
 def per_query_ndcg(qrels: Qrels, run: Run, queries: list[str]) -> np.ndarray:

@@ -68,3 +68,29 @@ def test_a_label_free_builds_other_splits_are_compared_too(tmp_path):
     # every unseen query together: both splits' pairs, the same query id in each counted twice
     both = build["splits"]["test+train"]["asym-dense - base-dense"]
     assert both["queries"] == 4 and both["diff"] == pytest.approx(0.1)
+
+
+def test_seed_groups_average_each_query_over_the_seeds(tmp_path, monkeypatch):
+    import benchmarks.significance as sig
+
+    def build(dense: list[float], extra: list[float]) -> dict:
+        rows = {"asym-dense": dict(zip(["q1", "q2"], dense)), "base-dense": {"q1": 0.5, "q2": 0.5}}
+        train = {"asym-dense": dict(zip(["t1", "t2"], extra)), "base-dense": {"t1": 0.4, "t2": 0.4}}
+        return {"metric": "nDCG@10", "mode": "retrieval", "collection": rows, "splits": {"train": train},
+                "trec": {}, "command": "index-build all"}
+
+    seeds = [build([0.6, 0.5], [0.4, 0.6]), build([0.8, 0.5], [0.5, 0.4])]
+    averaged = sig.seed_average(seeds)
+    assert averaged["collection"]["asym-dense"] == pytest.approx({"q1": 0.7, "q2": 0.5})
+    assert averaged["splits"]["train"]["asym-dense"] == pytest.approx({"t1": 0.45, "t2": 0.5})
+    files = []
+    for i, data in enumerate(seeds):
+        files.append(tmp_path / f"s{i}.per-query.json")
+        files[-1].write_text(json.dumps(data))
+    monkeypatch.setattr(sig, "SEED_GROUPS", {"both seeds": [str(f).removesuffix(".per-query.json") for f in files]})
+    main(files=files, out=tmp_path / "sig.json")
+    group = json.loads((tmp_path / "sig.json").read_text())["builds"]["both seeds"]
+    assert group["collection"]["asym-dense - base-dense"]["diff"] == pytest.approx(0.1)
+    assert group["splits"]["test+train"]["asym-dense - base-dense"]["queries"] == 4
+    assert group["splits"]["test+train"]["asym-dense - base-dense"]["diff"] == pytest.approx((0.2 + 0.0 + 0.05 + 0.1) / 4)
+    assert "| both seeds | test |" in (tmp_path / "sig.md").read_text()

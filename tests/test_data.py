@@ -99,8 +99,9 @@ def test_pool_corpus_keeps_outside_judgments(tmp_path):
 def test_query_log_formats(tmp_path):
     beir = tmp_path / "log.jsonl"
     beir.write_text('{"_id": "1", "text": "what is  a  spline"}\n\n{"_id": "2", "text": "wing flutter"}\n'
-                    '{"_id": "3", "text": "what is a spline"}\n')
-    assert load_query_log(beir) == ["what is a spline", "wing flutter"]  # whitespace folded, duplicates once
+                    '{"_id": "3", "text": "what is a spline"}\n{"_id": "4", "text": "Wing  Flutter"}\n')
+    # whitespace folded; duplicates, case variants included, once in their first form
+    assert load_query_log(beir) == ["what is a spline", "wing flutter"]
     tsv = tmp_path / "queries.tsv"
     tsv.write_text("19335\tanthropological definition of environment\n47923\taxon\tterminal\n\n")
     assert load_query_log(tsv) == ["anthropological definition of environment", "axon terminal"]
