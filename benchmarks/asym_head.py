@@ -93,7 +93,7 @@ def measure(ctx: Pipeline, max_train: int = 20000, epochs: int = 8) -> dict[str,
 
     started = time.perf_counter()
     dev = ctx.load_mined()["dev"]
-    train, _, _ = asymmetric_training_texts(ctx, dev)
+    train, _, _, _ = asymmetric_training_texts(ctx, dev)
     train = train[:: max(1, -(-len(train) // max_train))]
     qids, test, judged, runs = test_queries(ctx)
     sets = {"train": train, "dev": list(dev["queries"]), "test": test}

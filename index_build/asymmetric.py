@@ -222,13 +222,15 @@ def train_asymmetric(
     student: AsymmetricStudent, texts: list[str], q_teacher: np.ndarray, pools: list[np.ndarray],
     t_scores: list[np.ndarray], docs: np.ndarray, cfg: AsymmetricConfig,
     dev_eval: Callable[[AsymmetricStudent], float] | None, log: list[dict[str, Any]],
-    progress: bool = False, draws: np.ndarray | None = None,
+    progress: bool = False, draws: np.ndarray | None = None, sources: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Alignment MSE to ``q_teacher`` plus ``cfg.kl_weight`` times the listwise KL to the
     teacher's pool scores. Keeps (``cfg.checkpoint``) the parameters that scored best on
     ``dev_eval`` (without one, the last), or the average of those at the checks in the
     second half of training (its dev score logged as ``step: "average"``). A pass draws
-    query ``i`` ``draws[i]`` times (default once each), in random order."""
+    query ``i`` ``draws[i]`` times (default once each), in random order. ``sources[i]`` is
+    the corpus index of the document pseudo-query ``i`` was cut from (-1: a real query); the
+    KL of such a query follows ``cfg.pseudo_kl_pool`` and ``cfg.pseudo_kl_temperature``."""
     import torch
     from tqdm import tqdm
 
@@ -244,6 +246,9 @@ def train_asymmetric(
     draws = np.ones(len(texts), np.int64) if draws is None else np.asarray(draws, np.int64)
     if draws.shape != (len(texts),) or (draws < 0).any():
         raise ValueError(f"draws must be {len(texts)} non-negative counts, one per query")
+    sources = np.full(len(texts), -1, np.int64) if sources is None else np.asarray(sources, np.int64)
+    if sources.shape != (len(texts),):
+        raise ValueError(f"sources must be {len(texts)} corpus indices (-1: none), one per query")
     per_pass = np.repeat(np.arange(len(texts)), draws)
     steps = max(1, int(cfg.epochs * len(per_pass) / cfg.batch))
     warmup = max(1, steps // 10)
@@ -268,7 +273,8 @@ def train_asymmetric(
         q = student.encode_queries([texts[i] for i in idx])
         loss = alignment_mse(q, torch.from_numpy(q_teacher[idx]))
         if cfg.kl_weight > 0:
-            cand, target = _pool_batch(idx, pools, t_scores, cfg.pool_size, rng)
+            cand, target = _pool_batch(idx, pools, t_scores, cfg.pool_size, rng, sources,
+                                       cfg.pseudo_kl_pool == "without-source", cfg.pseudo_kl_temperature)
             mask = cand >= 0
             s = torch.einsum("bnd,bd->bn", docs_t[torch.from_numpy(np.where(mask, cand, 0))], q)
             loss = loss + cfg.kl_weight * listwise_kl(s, torch.from_numpy(target), cfg.scale, torch.from_numpy(mask))
@@ -320,13 +326,21 @@ def _accumulate(summed: dict[str, Any], state: dict[str, Any]) -> None:
 
 
 def _pool_batch(idx: np.ndarray, pools: list[np.ndarray], t_scores: list[np.ndarray], size: int,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                rng: np.random.Generator, sources: np.ndarray | None = None, drop_source: bool = False,
+                temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """``[batch, size]`` candidates (-1: padding) and teacher scores for the queries ``idx``:
-    a pool larger than ``size`` keeps the teacher's top half and a random sample of the rest."""
+    a pool larger than ``size`` keeps the teacher's top half and a random sample of the rest.
+    A pseudo-query (``sources[i] >= 0``) loses its source document with ``drop_source`` and has
+    its teacher scores divided by ``temperature``."""
     cand = np.full((len(idx), size), -1, np.int64)
     target = np.zeros((len(idx), size), np.float32)
     for row, i in enumerate(idx):
         pool, ts = pools[i], t_scores[i]
+        if sources is not None and sources[i] >= 0:
+            if drop_source:
+                keep = pool != sources[i]
+                pool, ts = pool[keep], ts[keep]
+            ts = ts / temperature
         if len(pool) > size:
             top = np.argsort(-ts)[: size // 2]
             rest = rng.choice(np.setdiff1d(np.arange(len(pool)), top), size - len(top), replace=False)

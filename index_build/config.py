@@ -107,6 +107,10 @@ KL_TARGETS = ("teacher", "dense")
 #: last layer; "layers-mlp", that plus a residual MLP per part from every layer's pooled states
 ASYM_HEADS = ("linear", "layers-mlp")
 HYBRID_HEADS = ("auto", "ridge", "student")
+#: the KL pool of a pseudo-query cut from a document: "full", every candidate; "without-source",
+#: the source document left out, so the KL teaches the teacher's ranking of the other candidates
+#: (with it, the teacher puts nearly all its softmax mass on the source: benchmarks/kl_targets.py)
+PSEUDO_KL_POOLS = ("full", "without-source")
 CHECKPOINTS = ("best", "average")
 #: corpus documents whose token states a "pca" projection is fitted on
 PROJ_INIT_DOCS = 256
@@ -123,6 +127,11 @@ class AsymmetricConfig:
     map_lr_factor: float = 10.0     # the maps learn this many times faster than the transformer
     kl_weight: float = 1.0          # weight of the listwise KL (0: alignment only)
     kl_target: str = "teacher"      # one of KL_TARGETS
+    # one of PSEUDO_KL_POOLS: the KL pool of a pseudo-query whose source document is known
+    pseudo_kl_pool: str = field(default="full", metadata=UNHASHED_AT_DEFAULT)
+    # the teacher's scores of such a pseudo-query are divided by this in the KL (> 1 flattens
+    # its softmax, which puts most of the mass on the source document)
+    pseudo_kl_temperature: float = field(default=1.0, metadata=UNHASHED_AT_DEFAULT)
     pool_size: int = 64             # candidates per query in the KL: the teacher's top half, the rest sampled
     pool_depth: int = 50            # each teacher member's top-k pooled per training query
     scale: float = 20.0             # student score multiplier in the KL
@@ -419,6 +428,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if cfg.asymmetric.kl_target not in KL_TARGETS:
         raise ConfigError(f"config: asymmetric.kl_target must be one of {', '.join(KL_TARGETS)}, "
                           f"got {cfg.asymmetric.kl_target!r}")
+    if cfg.asymmetric.pseudo_kl_pool not in PSEUDO_KL_POOLS:
+        raise ConfigError(f"config: asymmetric.pseudo_kl_pool must be one of {', '.join(PSEUDO_KL_POOLS)}, "
+                          f"got {cfg.asymmetric.pseudo_kl_pool!r}")
+    if not float(cfg.asymmetric.pseudo_kl_temperature) > 0:
+        raise ConfigError(f"config: asymmetric.pseudo_kl_temperature must be > 0, "
+                          f"got {cfg.asymmetric.pseudo_kl_temperature}")
     unknown_kinds = [k for k in cfg.students.kinds if k not in STUDENT_KINDS]
     if unknown_kinds:
         raise ConfigError(f"config: students.kinds: unknown {', '.join(map(repr, unknown_kinds))}; "

@@ -85,13 +85,15 @@ def base_dense_dev_score(ctx: BuildContext, dev: dict, student, retrieval: bool 
     return metrics(ctx.dev_qrels(dev), run_from_arrays(dev["qids"], ctx.collection.doc_ids, s, i))["nDCG@10"]
 
 
-def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """The asymmetric student's training queries and how often each is drawn per pass: a
-    label-free build's query log (``label_free.query_log``), ``asymmetric.log_draws`` times
-    each; the mined training queries (labelled, or the label-free pseudo-queries), every one
-    of them, ``asymmetric.mined_draws`` times; plus, with ``asymmetric.pseudo_per_doc`` > 0,
-    pseudo-queries from every document (titles, sentences, key-phrases, statements, random spans) up to
-    ``asymmetric.max_queries`` in all, once each; never a dev or test query."""
+def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], np.ndarray, dict[str, Any], np.ndarray]:
+    """The asymmetric student's training queries, how often each is drawn per pass, what they
+    are (counts) and, per query, the corpus index of the document it was cut from (-1 for a
+    real query): a label-free build's query log (``label_free.query_log``),
+    ``asymmetric.log_draws`` times each; the mined training queries (labelled, or the
+    label-free pseudo-queries), every one of them, ``asymmetric.mined_draws`` times; plus, with
+    ``asymmetric.pseudo_per_doc`` > 0, pseudo-queries from every document (titles, sentences,
+    key-phrases, statements, random spans) up to ``asymmetric.max_queries`` in all, once each;
+    never a dev or test query."""
     from index_build.pseudo_queries import (
         Generator,
         KeyphraseGenerator,
@@ -108,6 +110,11 @@ def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], 
         held_out |= set(ctx.collection.split_queries(ctx.cfg.data.test_split).values())
     mined_file = ctx.load_mined()
     logged = set(mined_file.get("query_log", ()))
+    source: dict[str, int] = {}
+    if ctx.label_free:  # a label-free build's mined queries are pseudo-queries, their positive the source
+        for e in mined_file["examples"]:
+            if e.query not in logged and e.positives:
+                source.setdefault(e.query, int(e.pool[e.positives[0]]))
     mined_all = [t for t in dict.fromkeys(e.query for e in mined_file["examples"]) if t not in held_out]
     mined = [t for t in mined_all if t not in logged]
     from_log = [t for t in mined_all if t in logged]
@@ -123,6 +130,8 @@ def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], 
             generators.append(SpanGenerator(per_doc=a.spans_per_doc, seed=a.seed))
         generated = [q for g in generators for q in g.generate(docs)]
         kept, stats = filter_queries(generated, docs, per_doc=a.pseudo_per_doc)
+        for q in kept:
+            source.setdefault(q.text, q.doc)
         taken = set(mined_all)
         pseudo = [t for t in dict.fromkeys(q.text for q in kept) if t not in held_out and t not in taken]
     random.Random(a.seed).shuffle(pseudo)
@@ -134,7 +143,7 @@ def asymmetric_training_texts(ctx: BuildContext, dev: dict) -> tuple[list[str], 
              "pseudo_filters": stats}
     if logged:
         about.update(query_log=len(from_log), log_draws=a.log_draws)
-    return texts, draws, about
+    return texts, draws, about, np.array([source.get(t, -1) for t in texts], np.int64)
 
 
 def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
@@ -155,7 +164,7 @@ def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
 
     a, space = ctx.cfg.asymmetric, ctx.teacher_space
     dev = ctx.load_mined()["dev"]
-    texts, draws, about = asymmetric_training_texts(ctx, dev)
+    texts, draws, about, sources = asymmetric_training_texts(ctx, dev)
     log.info("asymmetric student: %d training queries (%d mined, %d pseudo), %d dev; teacher space %s, dims %s",
              len(texts), about["mined"], about["pseudo"], len(dev["qids"]), space.names, space.dims)
     doc_parts = space.doc_parts()
@@ -184,7 +193,7 @@ def distill_asymmetric(ctx: BuildContext, out: Path) -> dict:
 
     history: list[dict[str, Any]] = []
     res = train_asymmetric(student, texts, np.hstack(q_parts), pools, t_scores, docs, a, dev_eval, history,
-                           progress=ctx.progress, draws=draws)
+                           progress=ctx.progress, draws=draws, sources=sources)
     student.save(out / "student")
     return {**about, **res, "space": {"members": space.names, "dims": space.dims},
             "head": a.head, "head_init_cos": head_init,
@@ -216,7 +225,7 @@ def hybrid_head_stage(ctx: BuildContext, out: Path) -> dict:
 
     space, choice = ctx.teacher_space, ctx.cfg.asymmetric.hybrid_head
     dev = ctx.load_mined()["dev"]
-    texts, _, _ = asymmetric_training_texts(ctx, dev)
+    texts, _, _, _ = asymmetric_training_texts(ctx, dev)
     texts = texts[:: max(1, -(-len(texts) // HYBRID_HEAD_QUERIES))]
     head = new_asymmetric_student(resolve_model(ctx.cfg.students.base), space.names, space.dims,
                                   max_query_len=ctx.cfg.students.max_query_len)

@@ -225,3 +225,21 @@ def test_query_token_map_recovers_a_linear_map_and_aligns_tokens():
     tokens = project_query_tokens(np.stack([np.vstack([states[0], np.ones((1, hidden))])]), mask, w)
     np.testing.assert_allclose(np.linalg.norm(tokens[0, :3], axis=1), 1.0, atol=1e-5)
     assert not tokens[0, 3].any()
+
+
+def test_pool_batch_leaves_a_pseudo_querys_source_out_and_flattens_its_teacher():
+    from index_build.asymmetric import _pool_batch
+
+    pools = [np.array([4, 7, 9]), np.array([1, 2, 3])]
+    t_scores = [np.array([9.0, 1.0, 2.0], np.float32), np.array([3.0, 1.0, 2.0], np.float32)]
+    sources = np.array([4, -1])  # query 0 was cut from document 4; query 1 is a real query
+    rng = np.random.default_rng(0)
+    cand, target = _pool_batch(np.array([0, 1]), pools, t_scores, 4, rng)
+    assert cand.tolist() == [[4, 7, 9, -1], [1, 2, 3, -1]] and target[0, :3].tolist() == [9.0, 1.0, 2.0]
+    cand, target = _pool_batch(np.array([0, 1]), pools, t_scores, 4, rng, sources, drop_source=True, temperature=2.0)
+    assert cand.tolist() == [[7, 9, -1, -1], [1, 2, 3, -1]]
+    assert target[0, :2].tolist() == [0.5, 1.0] and target[1, :3].tolist() == [3.0, 1.0, 2.0]  # real: as it was
+    # a larger pool than asked for keeps the teacher's top half of what remains, then samples the rest
+    big = [np.arange(10)]
+    cand, _ = _pool_batch(np.array([0]), big, [np.arange(10, 0, -1).astype(np.float32)], 4, rng, np.array([0]), True)
+    assert 0 not in cand[0] and cand[0, :2].tolist() == [1, 2]

@@ -65,7 +65,7 @@ def test_asymmetric_rows_beside_the_full_tower_rows(built):
     assert record["queries"] > record["mined"] and record["pseudo"] > 0
     assert record["space"]["dims"] == [32] and record["dev_history"][0]["step"] == 0
     dev = p.load_mined()["dev"]
-    texts, draws, _ = asymmetric_training_texts(p, dev)
+    texts, draws, _, _ = asymmetric_training_texts(p, dev)
     assert not set(texts) & set(dev["queries"])
     assert not set(texts) & set(p.collection.split_queries("test").values())
     assert len(set(texts)) == len(texts) == len(draws) and (draws == 1).all()
@@ -96,20 +96,20 @@ def test_a_query_cap_keeps_every_mined_query_and_mined_draws_weights_them(built)
     many times per pass."""
     p, _ = built
     dev = p.load_mined()["dev"]
-    texts, _, about = asymmetric_training_texts(p, dev)
+    texts, _, about, _ = asymmetric_training_texts(p, dev)
     mined = {e.query for e in p.load_mined()["examples"]} - set(dev["queries"])
     assert mined and about["mined"] == len(mined) and about["pseudo"] == len(texts) - len(mined)
     cap = len(mined) + 3
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(p.cfg.asymmetric, "max_queries", cap)
         mp.setattr(p.cfg.asymmetric, "mined_draws", 3)
-        capped, draws, capped_about = asymmetric_training_texts(p, dev)
+        capped, draws, capped_about, _ = asymmetric_training_texts(p, dev)
     assert len(capped) == cap and mined <= set(capped) and capped_about["pseudo"] == 3
     assert {t: int(d) for t, d in zip(capped, draws)} == {t: 3 if t in mined else 1 for t in capped}
     with pytest.MonkeyPatch.context() as mp:  # more queries per document when asked for
         mp.setattr(p.cfg.asymmetric, "keyphrases_per_doc", 2)
         mp.setattr(p.cfg.asymmetric, "pseudo_per_doc", 10)
-        _, _, more = asymmetric_training_texts(p, dev)
+        _, _, more, _ = asymmetric_training_texts(p, dev)
     assert more["pseudo"] > about["pseudo"] + 3
 
 

@@ -245,10 +245,15 @@ def test_query_log_trains_every_student_on_unjudged_queries_never_on_evaluated_o
     # no judgment is read: the teacher's top candidates are each logged query's positives
     for e in from_log[:3]:
         assert set(e.positives) == set(np.argsort(-e.teacher)[:3].tolist())
-    texts, draws, about = asymmetric_training_texts(p, mined["dev"])
+    texts, draws, about, sources = asymmetric_training_texts(p, mined["dev"])
     n = about["query_log"]
     assert n == len({e.query for e in from_log}) and set(texts[:n]) <= set(expected)
     assert (draws[:n] == 4).all() and (draws[n:] <= cfg.asymmetric.mined_draws).all()
+    # a logged query has no source document; every pseudo-query's words are its source's
+    from index_build.pseudo_queries import words
+    assert (sources[:n] == -1).all() and (sources[n:] >= 0).all() and len(texts) > n
+    for t, src in zip(texts[n:], sources[n:]):
+        assert set(words(t)) <= set(words(p.collection.docs[src].full_text))
     assert not test & set(texts)
     # the log is part of the mine stage's key by content, and no part of it when unset
     key = p.mine_key()
@@ -293,7 +298,7 @@ def test_logged_queries_held_out_as_a_teacher_judged_dev_slice(tmp_path, tiny_be
     logged = set(p.collection.queries.values()) - set(p.collection.split_queries("test").values())
     assert set(dev["queries"]) <= logged and not set(dev["queries"]) & set(mined["query_log"])
     assert not any(e.qid.startswith("pq") for e in mined["examples"] if e.query in set(dev["queries"]))
-    texts, _, _ = asymmetric_training_texts(p, dev)
+    texts, _, _, _ = asymmetric_training_texts(p, dev)
     assert not set(dev["queries"]) & set(texts)
     # judged by the teacher: its top TEACHER_JUDGED of each pool, graded by rank
     from index_build.teachers import cached_teacher_scores
