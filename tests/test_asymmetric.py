@@ -243,3 +243,27 @@ def test_pool_batch_leaves_a_pseudo_querys_source_out_and_flattens_its_teacher()
     big = [np.arange(10)]
     cand, _ = _pool_batch(np.array([0]), big, [np.arange(10, 0, -1).astype(np.float32)], 4, rng, np.array([0]), True)
     assert 0 not in cand[0] and cand[0, :2].tolist() == [1, 2]
+
+
+def test_training_passes_each_querys_source_and_the_pseudo_kl_settings(space, tiny_bert):
+    import index_build.asymmetric as asym
+
+    col, sp = space
+    texts = [d.title for d in col.docs][:6]
+    parts = sp.query_parts(texts)
+    pools, scores = teacher_pools(parts, sp.doc_parts(), BM25Index.build(col.doc_texts()), texts, 5)
+    student = new_asymmetric_student(tiny_bert, sp.names, sp.dims)
+    sources = np.arange(len(texts))  # each title's source is its own document
+    calls: list[tuple] = []
+    real = asym._pool_batch
+    cfg = AsymmetricConfig(epochs=1, batch=3, pool_size=4, eval_every=100, pseudo_kl_pool="without-source",
+                           pseudo_kl_temperature=2.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(asym, "_pool_batch", lambda *a: calls.append(a[5:]) or real(*a))
+        train_asymmetric(student, texts, np.hstack(parts), pools, scores, sp.doc_vectors(), cfg, None, [],
+                         sources=sources)
+    assert len(calls) == 2 and all(c[0] is sources or (c[0] == sources).all() for c in calls)
+    assert {c[1:] for c in calls} == {(True, 2.0)}
+    with pytest.raises(ValueError, match="sources"):
+        train_asymmetric(student, texts, np.hstack(parts), pools, scores, sp.doc_vectors(), cfg, None, [],
+                         sources=sources[:2])

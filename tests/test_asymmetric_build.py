@@ -156,9 +156,33 @@ def test_head_capacity_benchmark_reads_the_build(built):
     assert entry["train_queries"] <= 300 and entry["protocol"] == "full-corpus retrieval"
 
 
-def test_kl_target_is_checked(tiny_beir, tiny_bert, tmp_path):
+def test_kl_targets_benchmark_reads_the_build(built):
+    """benchmarks/kl_targets.py on the tiny (labelled) build: its training queries are real
+    (no source document), the document pseudo-queries grouped by generator, each with its source."""
+    from benchmarks.kl_targets import measure
+
+    p, _ = built
+    entry = measure(p)
+    groups = entry["groups"]
+    assert {"training (real queries)", "title", "real (train split)"} <= set(groups)
+    assert "source_first" in groups["title"] and "source_first" not in groups["training (real queries)"]
+    assert 0 < groups["title"]["top1_mass"] <= 1 and groups["title"]["effective_candidates"] >= 1
+    assert set(entry["groups_without_source"]) == {n for n, g in groups.items() if "source_first" in g}
+    assert entry["temperature"] > 0 and set(entry["groups_at_temperature"]) == set(entry["groups_without_source"])
+
+
+def test_kl_target_and_pseudo_kl_are_checked(tiny_beir, tiny_bert, tmp_path):
     with pytest.raises(ValueError, match="kl_target must be one of teacher, dense"):
         load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'asymmetric.kl_target="bm25"'))
+    with pytest.raises(ValueError, match="pseudo_kl_pool must be one of full, without-source"):
+        load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, 'asymmetric.pseudo_kl_pool="rest"'))
+    with pytest.raises(ValueError, match="pseudo_kl_temperature must be > 0"):
+        load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path, "asymmetric.pseudo_kl_temperature=0"))
+    default = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path))
+    rest = load_config(overrides=tiny_overrides(tiny_beir, tiny_bert, tmp_path,
+                                                'asymmetric.pseudo_kl_pool="without-source"'))
+    assert "pseudo_kl" not in json.dumps(hashed_section(default.asymmetric))  # earlier builds stay cached
+    assert rest.section_hash("asymmetric") != default.section_hash("asymmetric")
 
 
 def test_asymmetric_head_is_checked_and_keyed_only_when_not_the_default(tiny_beir, tiny_bert, tmp_path):
