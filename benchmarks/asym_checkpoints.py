@@ -41,9 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.asym_head import test_queries  # noqa: E402
-from benchmarks.latency import command_line, machine_info  # noqa: E402
+from benchmarks.latency import command_line, record_entry  # noqa: E402
 from index_build.config import load_config  # noqa: E402
-from index_build.metrics import metrics, write_json_atomic  # noqa: E402
+from index_build.metrics import metrics  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "asym-checkpoints.json"
@@ -125,10 +125,7 @@ def main(config: Path = typer.Option(..., help="a build config whose mine stage 
     if not (ctx.work / "mine" / "examples.pkl").is_file():
         raise typer.BadParameter(f"{config}: run its build first ({ctx.work} holds no mined queries)")
     entry = {"config": str(config), "command": command_line(__file__), **measure(ctx)}
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    results[config.stem] = entry
-    results["machine"] = machine_info()
-    write_json_atomic(out, results)
+    results = record_entry(out, config.stem, entry)
     out.with_suffix(".md").write_text("\n\n".join(markdown(name, e) for name, e in results.items()
                                                   if isinstance(e, dict) and "checks" in e) + "\n")
     typer.echo(json.dumps(entry["kept"], indent=1))

@@ -41,9 +41,9 @@ import typer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.latency import command_line, machine_info  # noqa: E402
+from benchmarks.latency import command_line, record_entry  # noqa: E402
 from index_build.config import load_config  # noqa: E402
-from index_build.metrics import metrics, write_json_atomic  # noqa: E402
+from index_build.metrics import metrics  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 from index_build.students import ridge_map  # noqa: E402
 
@@ -145,11 +145,7 @@ def main(config: Path = typer.Option(..., help="a build config whose asymmetric 
         raise typer.BadParameter(f"{config}: run its build first ({ctx.work} holds no asymmetric student "
                                  "exported for this config)")
     entry = {"config": str(config), "command": command_line(__file__), **measure(ctx, max_train, epochs)}
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    results.pop("command", None)
-    results[config.stem] = entry
-    results["machine"] = machine_info()
-    write_json_atomic(out, results)
+    results = record_entry(out, config.stem, entry)
     md = [f"### {name}\n\n{e['protocol']}; heads fitted on {e['train_queries']} training queries of the build "
           f"(frozen base model); teacher space {e['members']} {e['dims']}\n\n" + table(e["heads"])
           for name, e in results.items() if isinstance(e, dict) and "heads" in e]

@@ -38,9 +38,8 @@ import typer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.latency import command_line, machine_info  # noqa: E402
+from benchmarks.latency import command_line, record_entry  # noqa: E402
 from index_build.config import load_config  # noqa: E402
-from index_build.metrics import write_json_atomic  # noqa: E402
 from index_build.stages import Pipeline  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "kl-targets.json"
@@ -154,10 +153,7 @@ def main(config: Path = typer.Option(..., help="a build config whose mine stage 
     if ctx.up_to_date("mine", ctx.mine_key()) is None:
         raise typer.BadParameter(f"{config}: run its mine stage first (index-build mine --config {config})")
     entry = {"config": str(config), "command": command_line(__file__), **measure(ctx)}
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    results[config.stem] = entry
-    results["machine"] = machine_info()
-    write_json_atomic(out, results)
+    results = record_entry(out, config.stem, entry)
     md = []
     for name, e in results.items():
         if not isinstance(e, dict) or "groups" not in e:

@@ -192,6 +192,18 @@ def command_line(script: str, argv: Sequence[str] | None = None) -> str:
     return shlex.join(["python", shown, *(sys.argv[1:] if argv is None else argv)])
 
 
+def record_entry(out: Path, key: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Put ``entry`` under ``key`` in the results file ``out`` (one entry per build config,
+    each with its own command), with this machine's :func:`machine_info`; written atomically.
+    Returns every entry the file now holds."""
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results.pop("command", None)
+    results[key] = entry
+    results["machine"] = machine_info()
+    write_json_atomic(out, results)
+    return results
+
+
 def require_artifact(parser: argparse.ArgumentParser, artifact: Path) -> None:
     """Stop with a usage error when ``artifact`` holds no manifest."""
     if not (artifact / "manifest.json").is_file():
