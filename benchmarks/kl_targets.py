@@ -9,10 +9,11 @@ document first by a wide margin and the softmax may put nearly all its mass ther
 then teaches little beyond "rank the source first", which the base model already does for
 copied text. This script measures that, after a build's mine stage, on:
 
-- the build's asymmetric training queries by generator (title, sentence, key-phrase, and the
-  mined round-trip pseudo-queries), each with its source document;
+- the build's asymmetric training queries: its pseudo-queries by generator (title, sentence,
+  key-phrase), each with its source document, and its real training queries (a labelled
+  build's, or a query log's), if any;
 - the collection's judged training queries (``data.train_split``), real queries the
-  corpus-only build never trains on (read here only for these statistics).
+  corpus-only build never trains on (their texts read here only for these statistics).
 
 Per group: the teacher's top-1 softmax mass, its entropy (and ``exp`` of it, the effective
 number of candidates), how often the source document is the teacher's first, and the KL
@@ -100,9 +101,10 @@ def measure(ctx: Pipeline) -> dict[str, Any]:
         for q in g.generate(ctx.collection.docs):
             kind.setdefault(q.text, g.name)
     source = dict(zip(texts, sources_of.tolist()))
+    real_training = "training (real queries)"
     groups: dict[str, list[str]] = {}
     for t in texts:
-        groups.setdefault(kind.get(t, "other") if source[t] >= 0 else "training (real queries)", []).append(t)
+        groups.setdefault(kind.get(t, "other") if source[t] >= 0 else real_training, []).append(t)
     real_name = f"real ({ctx.cfg.data.train_split} split)"
     real = list(ctx.collection.split_queries(ctx.cfg.data.train_split).values())
     if real:
@@ -116,7 +118,7 @@ def measure(ctx: Pipeline) -> dict[str, Any]:
         t_scores = cached_teacher_scores(ctx.teacher, ctx.cache, qs, pools, progress=ctx.progress)
         # the base MiniLM's own scores (the space's first part), as the student scores at the start
         s_scores = [a.scale * (doc_parts[0][pool] @ q_parts[0][r]) for r, pool in enumerate(pools)]
-        sources = [source[t] for t in qs] if name in kind.values() or name == "other" else None
+        sources = None if name in (real_training, real_name) else [source[t] for t in qs]
         scored[name] = (t_scores, s_scores, pools, sources)
     rows = {name: distribution_stats(*v) for name, v in scored.items()}
     # the same pools without each pseudo-query's source document: what the KL teaches about the rest
