@@ -6,8 +6,8 @@ listwise KL to the softmax of the full teacher's scores over each query's pool (
 each member's top ``asymmetric.pool_depth``; the score is the sum of the members' per-query
 z-scores). A pseudo-query is cut from its source document, so every member ranks that
 document first by a wide margin and the softmax may put nearly all its mass there; the KL
-then teaches little beyond "rank the source first", which the base model already does for
-copied text. This script measures that, after a build's mine stage, on:
+then teaches little beyond "rank the source first". This script measures that, after a
+build's mine stage, on:
 
 - the build's asymmetric training queries: its pseudo-queries by generator (title, sentence,
   key-phrase), each with its source document, and its real training queries (a labelled
